@@ -1,0 +1,141 @@
+"""Resolve MODEL_OR_CONFIG to a HF config, and build the backbone: on the meta device (for
+planning: candidate counts of an 11B model without its weights), randomly initialised (tests),
+or from pretrained weights (optionally sharded by ZeRO-3 from the start, see ``engine.zero``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import BackboneError
+from . import Family, family_for
+
+# Keys that do not change a model's shapes or numerics; left out of the config hash so that a
+# config re-saved by another transformers version (or under another name) hashes the same.
+_VOLATILE_KEYS = {
+    "transformers_version", "architectures", "torch_dtype", "dtype", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "id2label", "label2id", "task_specific_params", "finetuning_task",
+    "problem_type", "tokenizer_class", "prefix", "gradient_checkpointing", "n_positions",
+}
+
+
+def builtin_shapes() -> dict[str, Path]:
+    """Shipped config-only shapes (``t5-large``, ``t5-v1_1-xxl``, ``llama-2-70b``, ``tiny-t5`` ...)
+    keyed by name and by their hub ids, so structures for big models can be planned offline."""
+    root = resources.files("s3delta_ds") / "shapes"
+    out = {p.name[: -len(".json")]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".json")}
+    out.pop("aliases")
+    aliases = json.loads((root / "aliases.json").read_text())
+    for name, names in aliases.items():
+        for alias in names:
+            out[alias] = out[name]
+    return out
+
+
+def _config_from_dict(d: dict, source: str):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise BackboneError(f"{source}: config has no 'model_type' field, so its architecture is unknown")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except ValueError as e:
+        raise BackboneError(f"{source}: {e}") from e
+
+
+def load_config(model_or_config: str | os.PathLike):
+    """A HF config from a model directory, a ``config.json`` file, a shipped shape name, or a hub id.
+
+    Raises:
+        BackboneError: nothing readable was found (the message says what was tried).
+    """
+    from transformers import AutoConfig
+
+    spec = str(model_or_config)
+    path = Path(spec)
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BackboneError(f"{spec}: not a readable JSON config ({e})") from e
+        if not isinstance(d, dict):
+            raise BackboneError(f"{spec}: a config file must hold a JSON object")
+        config = _config_from_dict(d, spec)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"{spec}: directory has no config.json")
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as e:
+            raise BackboneError(f"{spec}: cannot read its config.json ({e})") from e
+    elif spec in builtin_shapes():
+        config = _config_from_dict(json.loads(builtin_shapes()[spec].read_text()), spec)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as e:
+            raise BackboneError(
+                f"cannot find a model or config called {spec!r}: not a file, not a directory, not a shipped shape "
+                f"({', '.join(sorted(k for k in builtin_shapes() if '/' not in k))}), and the hub lookup failed: {e}"
+            ) from e
+    config._name_or_path = spec
+    return config
+
+
+def config_hash(config) -> str:
+    """sha256 over the shape-relevant fields of a config (stable across transformers versions)."""
+    d = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_KEYS}
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def build_model(config, *, device: str | torch.device = "cpu", family: Family | None = None) -> nn.Module:
+    """A randomly initialised training model of the config's family (``device="meta"``: no memory).
+
+    The model class is the family's task class (seq2seq LM for T5, causal LM for LLaMA, sequence
+    classification for BERT).
+    """
+    family = family or family_for(config)
+    cls = family.auto_model_class()
+    with torch.device(device):
+        model = cls.from_config(config)
+    return model
+
+
+def count_params(model: nn.Module, exclude_prefixes: tuple[str, ...] = ()) -> int:
+    """All parameters (shared ones once; ZeRO-3-partitioned ones at full size) outside ``exclude``."""
+    total = 0
+    for name, p in model.named_parameters():
+        if any(name == e or name.startswith(e + ".") for e in exclude_prefixes):
+            continue
+        total += int(getattr(p, "ds_numel", p.numel()))
+    return total
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a structure file records about the backbone it was made for."""
+
+    family: str
+    name_or_path: str
+    model_type: str
+    config_hash: str
+    num_params: int
+    depths: dict[str, int]
+    hidden_size: int
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family, "name_or_path": self.name_or_path, "model_type": self.model_type,
+            "config_hash": self.config_hash, "num_params": self.num_params, "depths": dict(self.depths),
+            "hidden_size": self.hidden_size,
+        }

@@ -1,0 +1,126 @@
+"""Make structures: from gate probabilities (a search), at random (the baseline), or from the
+standard manual recipes (LoRA r=8 on q,v; BitFit; LNFit; LowRankAdapter; Adapter), so that
+every kind goes through one retrain path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch.nn as nn
+
+from .backbones import Family, SiteMap, family_for
+from .backbones.loading import BackboneInfo, build_model, config_hash, load_config
+from .errors import BudgetError, SearchSpaceError
+from .gates import discretise, random_structure
+from .space import Rule, SearchSpace, backbone_params, enumerate_rules, enumerate_space
+from .structure import Budget, CandidateRecord, ModuleChoice, Structure
+
+_MATMUL = ("attn.proj", "mlp.in", "mlp.out")
+
+#: The original repo's manual baselines, in roles/components so they fit every family.
+MANUAL_PRESETS: dict[str, tuple[Rule, ...]] = {
+    "lora": (Rule((), "lora", {"r": 8, "alpha": 16.0}, components=("attn.q", "attn.v")),),
+    "bitfit": (Rule(_MATMUL + ("norm",), "bitfit"),),
+    "lnfit": (Rule(("norm",), "lnfit"),),
+    "lra": (Rule(("attn.block", "mlp.block"), "lra", {"reduction": 32, "rank": 1}),),
+    "adapter": (Rule(("attn.block", "mlp.block"), "adapter", {"bottleneck": 24}),),
+    "lora-all-r1": (Rule(_MATMUL, "lora", {"r": 1, "alpha": 16.0}),),
+}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A backbone as the planners see it: config, family, a model instance (meta device unless
+    given), its site map and the info a structure records."""
+
+    config: Any
+    family: Family
+    model: nn.Module
+    site_map: SiteMap
+    info: BackboneInfo
+
+    @classmethod
+    def from_model(cls, model: nn.Module, name_or_path: str | None = None) -> Backbone:
+        config = model.config
+        family = family_for(config)
+        site_map = SiteMap(model, family, config)
+        info = BackboneInfo(
+            family=family.name, name_or_path=name_or_path or str(getattr(config, "_name_or_path", "") or "unknown"),
+            model_type=config.model_type, config_hash=config_hash(config), num_params=backbone_params(model, family),
+            depths=dict(site_map.depths), hidden_size=family.hidden_size(config),
+        )
+        return cls(config, family, model, site_map, info)
+
+    @classmethod
+    def plan(cls, model_or_config: str) -> Backbone:
+        """From a model name/path or a bare config, on the meta device: no weights, no memory."""
+        config = load_config(model_or_config)
+        return cls.from_model(build_model(config, device="meta"), str(model_or_config))
+
+    def space(self, name: str) -> SearchSpace:
+        return enumerate_space(self.model, name, family=self.family, site_map=self.site_map)
+
+
+def absolute_budget(relative: float, num_params: int) -> float:
+    """relative × backbone parameters, checked to be a fraction in (0, 1)."""
+    if isinstance(relative, bool) or not isinstance(relative, (int, float)) or not math.isfinite(relative):
+        raise BudgetError(f"budget must be a number, got {relative!r}")
+    if not 0 < relative < 1:
+        raise BudgetError(
+            f"budget {relative!r} must be a fraction of the backbone's parameters in (0, 1), e.g. 1e-4 for 0.01%"
+        )
+    return relative * num_params
+
+
+def from_indices(space: SearchSpace, info: BackboneInfo, chosen: Sequence[int], *, kind: str,
+                 relative: float | None, absolute: float | None, p: Sequence[float] | None = None,
+                 alpha: Sequence[float] | None = None, search: Mapping[str, Any] | None = None,
+                 provenance: Mapping[str, Any] | None = None) -> Structure:
+    """A structure choosing ``chosen`` (candidate indices) of ``space``; with ``p`` (and ``alpha``)
+    every candidate's gate is recorded too."""
+    cands = space.candidates
+    modules = tuple(ModuleChoice(cands[i].site, cands[i].type, cands[i].kwargs, cands[i].params) for i in sorted(chosen))
+    records: tuple[CandidateRecord, ...] = ()
+    if p is not None:
+        records = tuple(
+            CandidateRecord(c.site, c.type, c.kwargs, c.params, None if alpha is None else float(alpha[c.index]),
+                            float(p[c.index]))
+            for c in cands
+        )
+    used = sum(m.params for m in modules)
+    return Structure(kind=kind, backbone=info, budget=Budget(relative, absolute, used), modules=modules,
+                     space=space.name, candidates=records, search=dict(search or {}), provenance=dict(provenance or {}))
+
+
+def searched(space: SearchSpace, info: BackboneInfo, p: Sequence[float], alpha: Sequence[float] | None,
+             relative: float, search: Mapping[str, Any] | None = None) -> Structure:
+    """Discretise gate probabilities at the budget (greedy knapsack by p)."""
+    absolute = absolute_budget(relative, info.num_params)
+    chosen = discretise(list(p), space.params, absolute)
+    return from_indices(space, info, chosen, kind="searched", relative=relative, absolute=absolute, p=p, alpha=alpha,
+                        search=search)
+
+
+def random_baseline(space: SearchSpace, info: BackboneInfo, relative: float, seed: int) -> Structure:
+    """Random candidates of ``space`` until nothing more fits the budget."""
+    absolute = absolute_budget(relative, info.num_params)
+    chosen = random_structure(space.params, absolute, seed)
+    return from_indices(space, info, chosen, kind="random", relative=relative, absolute=absolute,
+                        search={"method": "random", "seed": seed})
+
+
+def manual(backbone: Backbone, preset: str) -> Structure:
+    """One of the standard manual structures (``MANUAL_PRESETS``), at its own parameter count."""
+    try:
+        rules = MANUAL_PRESETS[preset]
+    except KeyError:
+        raise SearchSpaceError(f"unknown manual preset {preset!r}; presets: {', '.join(MANUAL_PRESETS)}") from None
+    cands = enumerate_rules(backbone.site_map, rules)
+    if not cands:
+        raise SearchSpaceError(f"manual preset {preset!r} has no sites on this {backbone.family.name} backbone")
+    modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in cands)
+    used = sum(m.params for m in modules)
+    return Structure(kind="manual", backbone=backbone.info, budget=Budget(used / backbone.info.num_params, None, used),
+                     modules=modules, space=None, search={"method": "manual", "preset": preset})

@@ -1,0 +1,43 @@
+"""The ``s3delta`` console script: thin subcommands over typed Python functions.
+
+Every ``S3DeltaError`` becomes ``error: <message>`` on stderr and exit code 2; nothing is written
+on failure (outputs are written atomically, last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import S3DeltaError
+from . import inspect_cmd, space_cmd, structure_cmd
+
+COMMANDS = (space_cmd, structure_cmd, inspect_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="s3delta", description="Sparse structure search for delta tuning (S3Delta) on DeepSpeed ZeRO-3."
+    )
+    parser.add_argument("--version", action="version", version=f"s3delta_ds {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS:
+        cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except S3DeltaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `s3delta space ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

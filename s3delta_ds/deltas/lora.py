@@ -1,0 +1,64 @@
+"""LoRA (Hu et al. 2021), parallel on an ``nn.Linear``: Δy = (alpha/r) · x Aᵀ Bᵀ.
+
+Init as in the original S3Delta/loralib: A kaiming-uniform(a=√5), B = 0, so the delta starts at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Delta, Slot
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input (training only)."""
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class LoRA(Delta):
+    type_name = "lora"
+    slot = Slot.PARALLEL
+    site_kinds = frozenset({"linear"})
+    Config = LoRAConfig
+    mergeable = True
+
+    def __init__(self, dims, cfg: LoRAConfig):
+        super().__init__(dims, cfg)
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, dims.in_dim))
+        self.lora_B = nn.Parameter(torch.empty(dims.out_dim, cfg.r))
+        self.scaling = cfg.alpha / cfg.r
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @classmethod
+    def num_params(cls, dims, cfg):
+        return cfg.r * (dims.in_dim + dims.out_dim)
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        return F.linear(F.linear(self.drop(x), self.lora_A), self.lora_B) * self.scaling
+
+    def merged_weight_delta(self) -> torch.Tensor:
+        """ΔW (out, in) such that the merged Linear computes x (W + ΔW)ᵀ."""
+        return (self.lora_B @ self.lora_A) * self.scaling

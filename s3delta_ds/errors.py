@@ -1,0 +1,42 @@
+"""The exception hierarchy: every error a user can cause is an ``S3DeltaError`` with a message
+that names the bad value and what to do about it. The CLI turns these into exit code 2."""
+
+
+class S3DeltaError(Exception):
+    """Base class of every error s3delta_ds raises on purpose."""
+
+
+class ConfigError(S3DeltaError):
+    """A setting (YAML, CLI flag, DeepSpeed json) is missing, misspelt or out of range."""
+
+
+class BackboneError(S3DeltaError):
+    """The backbone cannot be used: unknown architecture, missing module, unreadable config."""
+
+
+class SearchSpaceError(S3DeltaError):
+    """A search space, site name or delta type does not fit the backbone."""
+
+
+class BudgetError(S3DeltaError):
+    """A parameter budget that no structure of the space can meet."""
+
+
+class StructureError(S3DeltaError):
+    """A structure JSON file is malformed or does not match the backbone it is used with."""
+
+
+class CheckpointError(S3DeltaError):
+    """A checkpoint or delta file is missing, incomplete or from a different run."""
+
+
+class DistributedSetupError(S3DeltaError):
+    """The distributed launch or the ZeRO configuration cannot run what was asked."""
+
+
+class DataError(S3DeltaError):
+    """Training or evaluation data is missing, empty or lacks a needed field."""
+
+
+class TrainingError(S3DeltaError):
+    """Training diverged (NaN/inf loss) or otherwise cannot continue."""

@@ -1,0 +1,163 @@
+"""Attach deltas to a frozen backbone, gated (the search supernet) or not (a fixed structure).
+
+Each site with deltas gets one :class:`DeltaSlot` child (attribute ``s3delta``) and a forward hook
+on the site's module; the backbone's own modules and parameter names stay untouched, so merging,
+export and ZeRO-3 (which partitions the backbone before we attach) all see the original model.
+With input x and module output y0 the hook returns
+
+    y1 = y0 + Σ_parallel   z_i · D_i(x)
+    y  = y1 + Σ_sequential z_j · D_j(y1)      (sequential deltas all see y1; outputs are summed)
+
+When the module returns a tuple (attention), only element 0 is modified. Gate values come from a
+:class:`GateContext` shared by all slots: a plain object, never an ``nn.Module`` attribute holding
+parameters, so ZeRO never sees or partitions the gates. ``z = None`` means ungated (z = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .backbones import SiteMap
+from .deltas import Delta, Slot, resolve
+
+SLOT_ATTR = "s3delta"
+
+
+class GateContext:
+    """The gate values of the current forward: ``z`` (num_candidates,) or None for ungated."""
+
+    def __init__(self, z: torch.Tensor | None = None):
+        self.z = z
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaSpec:
+    """One delta to attach: where, what, and (gated) its candidate index."""
+
+    site: str
+    type: str
+    kwargs: Mapping[str, Any]
+    gate_index: int | None = None
+
+
+class DeltaSlot(nn.Module):
+    """All deltas of one site. Holds the deltas as children so ZeRO treats them as modules."""
+
+    def __init__(self, site: str, ctx: GateContext | None):
+        super().__init__()
+        self.site = site
+        self.deltas = nn.ModuleDict()
+        self._gate_index: dict[str, int | None] = {}
+        self._ctx = ctx
+        self._parallel: list[str] = []
+        self._sequential: list[str] = []
+        self._handle = None
+
+    def add(self, key: str, delta: Delta, gate_index: int | None) -> None:
+        self.deltas[key] = delta
+        self._gate_index[key] = gate_index
+        (self._parallel if delta.slot is Slot.PARALLEL else self._sequential).append(key)
+
+    def _scale(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        ctx = self._ctx
+        idx = self._gate_index[key]
+        if ctx is None or ctx.z is None or idx is None:
+            return out
+        return out * ctx.z[idx].to(out.dtype)
+
+    def forward(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        y = y0
+        for key in self._parallel:
+            y = y + self._scale(key, self.deltas[key](x))
+        if self._sequential:
+            y1 = y
+            for key in self._sequential:
+                y = y + self._scale(key, self.deltas[key](y1))
+        return y
+
+
+def _hook(slot: DeltaSlot):
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+        if isinstance(output, tuple):
+            return (slot(x, output[0]),) + output[1:]
+        return slot(x, output)
+
+    return hook
+
+
+def attach(model: nn.Module, site_map: SiteMap, specs: Iterable[DeltaSpec], ctx: GateContext | None = None) -> list[str]:
+    """Attach ``specs`` to ``model`` (in place). Returns the sites that received a slot.
+
+    Deltas are built on the CPU in fp32 with their exact init; move/cast the model afterwards (or
+    let DeepSpeed do it). Attaching twice to one site, or the same (site, type) twice, is an error.
+    """
+    from .errors import SearchSpaceError
+
+    by_site: dict[str, list[DeltaSpec]] = {}
+    for spec in specs:
+        by_site.setdefault(spec.site, []).append(spec)
+    for site_name, site_specs in by_site.items():
+        site = site_map.site(site_name)
+        module = model.get_submodule(site.path)
+        if hasattr(module, SLOT_ATTR):
+            raise SearchSpaceError(f"site {site_name!r} already has deltas attached; detach() first")
+        slot = DeltaSlot(site_name, ctx)
+        for spec in site_specs:
+            cls, cfg, _ = resolve(spec.type, spec.kwargs, site.dims, site_name)
+            if spec.type in slot.deltas:
+                raise SearchSpaceError(f"delta type {spec.type!r} appears twice on site {site_name!r}")
+            slot.add(spec.type, cls(site.dims, cfg), spec.gate_index)
+        setattr(module, SLOT_ATTR, slot)
+        slot._handle = module.register_forward_hook(_hook(slot), with_kwargs=True)
+    return list(by_site)
+
+
+def slots(model: nn.Module) -> dict[str, DeltaSlot]:
+    """Site name → slot, for every attached slot."""
+    return {m.site: m for m in model.modules() if isinstance(m, DeltaSlot)}
+
+
+def detach(model: nn.Module) -> int:
+    """Remove every slot and hook; the model is the plain backbone again. Returns how many."""
+    count = 0
+    for module in list(model.modules()):
+        slot = getattr(module, SLOT_ATTR, None)
+        if isinstance(slot, DeltaSlot):
+            slot._handle.remove()
+            delattr(module, SLOT_ATTR)
+            count += 1
+    return count
+
+
+def delta_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every delta weight, in module order."""
+    return [(n, p) for n, p in model.named_parameters() if f".{SLOT_ATTR}." in f".{n}"]
+
+
+def freeze_backbone(model: nn.Module, trainable_prefixes: tuple[str, ...] = ()) -> int:
+    """requires_grad only for delta weights (and modules under ``trainable_prefixes``, e.g. a
+    classification head). Must run before ``deepspeed.initialize``: ZeRO fixes the trainable set
+    there. Returns the number of trainable elements."""
+    n = 0
+    for name, p in model.named_parameters():
+        train = f".{SLOT_ATTR}." in f".{name}" or any(name == t or name.startswith(t + ".") for t in trainable_prefixes)
+        p.requires_grad_(train)
+        if train:
+            n += int(getattr(p, "ds_numel", p.numel()))
+    return n
+
+
+def site_state_key(site: str, param_name: str) -> str:
+    """Family-neutral name of a delta weight: ``{site}/{type}.{param}``, e.g.
+    ``encoder.3.attn.q/lora.lora_A`` (what delta files store, independent of module paths)."""
+    return f"{site}/{param_name}"
+
+
+def named_delta_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(family-neutral key, parameter) of every delta weight, e.g. ``encoder.3.attn.q/lora.lora_A``."""
+    return [(site_state_key(site, name), p) for site, slot in slots(model).items() for name, p in slot.deltas.named_parameters()]
