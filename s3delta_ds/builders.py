@@ -5,8 +5,9 @@ every kind goes through one retrain path."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -47,9 +48,13 @@ class Backbone:
         family = family_for(config)
         site_map = SiteMap(model, family, config)
         info = BackboneInfo(
-            family=family.name, name_or_path=name_or_path or str(getattr(config, "_name_or_path", "") or "unknown"),
-            model_type=config.model_type, config_hash=config_hash(config), num_params=backbone_params(model, family),
-            depths=dict(site_map.depths), hidden_size=family.hidden_size(config),
+            family=family.name,
+            name_or_path=name_or_path or str(getattr(config, "_name_or_path", "") or "unknown"),
+            model_type=config.model_type,
+            config_hash=config_hash(config),
+            num_params=backbone_params(model, family),
+            depths=dict(site_map.depths),
+            hidden_size=family.hidden_size(config),
         )
         return cls(config, family, model, site_map, info)
 
@@ -74,41 +79,75 @@ def absolute_budget(relative: float, num_params: int) -> float:
     return relative * num_params
 
 
-def from_indices(space: SearchSpace, info: BackboneInfo, chosen: Sequence[int], *, kind: str,
-                 relative: float | None, absolute: float | None, p: Sequence[float] | None = None,
-                 alpha: Sequence[float] | None = None, search: Mapping[str, Any] | None = None,
-                 provenance: Mapping[str, Any] | None = None) -> Structure:
+def from_indices(
+    space: SearchSpace,
+    info: BackboneInfo,
+    chosen: Sequence[int],
+    *,
+    kind: str,
+    relative: float | None,
+    absolute: float | None,
+    p: Sequence[float] | None = None,
+    alpha: Sequence[float] | None = None,
+    search: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Structure:
     """A structure choosing ``chosen`` (candidate indices) of ``space``; with ``p`` (and ``alpha``)
     every candidate's gate is recorded too."""
     cands = space.candidates
-    modules = tuple(ModuleChoice(cands[i].site, cands[i].type, cands[i].kwargs, cands[i].params) for i in sorted(chosen))
+    modules = tuple(
+        ModuleChoice(cands[i].site, cands[i].type, cands[i].kwargs, cands[i].params) for i in sorted(chosen)
+    )
     records: tuple[CandidateRecord, ...] = ()
     if p is not None:
         records = tuple(
-            CandidateRecord(c.site, c.type, c.kwargs, c.params, None if alpha is None else float(alpha[c.index]),
-                            float(p[c.index]))
+            CandidateRecord(
+                c.site, c.type, c.kwargs, c.params, None if alpha is None else float(alpha[c.index]), float(p[c.index])
+            )
             for c in cands
         )
     used = sum(m.params for m in modules)
-    return Structure(kind=kind, backbone=info, budget=Budget(relative, absolute, used), modules=modules,
-                     space=space.name, candidates=records, search=dict(search or {}), provenance=dict(provenance or {}))
+    return Structure(
+        kind=kind,
+        backbone=info,
+        budget=Budget(relative, absolute, used),
+        modules=modules,
+        space=space.name,
+        candidates=records,
+        search=dict(search or {}),
+        provenance=dict(provenance or {}),
+    )
 
 
-def searched(space: SearchSpace, info: BackboneInfo, p: Sequence[float], alpha: Sequence[float] | None,
-             relative: float, search: Mapping[str, Any] | None = None) -> Structure:
+def searched(
+    space: SearchSpace,
+    info: BackboneInfo,
+    p: Sequence[float],
+    alpha: Sequence[float] | None,
+    relative: float,
+    search: Mapping[str, Any] | None = None,
+) -> Structure:
     """Discretise gate probabilities at the budget (greedy knapsack by p)."""
     absolute = absolute_budget(relative, info.num_params)
     chosen = discretise(list(p), space.params, absolute)
-    return from_indices(space, info, chosen, kind="searched", relative=relative, absolute=absolute, p=p, alpha=alpha,
-                        search=search)
+    return from_indices(
+        space, info, chosen, kind="searched", relative=relative, absolute=absolute, p=p, alpha=alpha, search=search
+    )
 
 
 def random_baseline(space: SearchSpace, info: BackboneInfo, relative: float, seed: int) -> Structure:
     """Random candidates of ``space`` until nothing more fits the budget."""
     absolute = absolute_budget(relative, info.num_params)
     chosen = random_structure(space.params, absolute, seed)
-    return from_indices(space, info, chosen, kind="random", relative=relative, absolute=absolute,
-                        search={"method": "random", "seed": seed})
+    return from_indices(
+        space,
+        info,
+        chosen,
+        kind="random",
+        relative=relative,
+        absolute=absolute,
+        search={"method": "random", "seed": seed},
+    )
 
 
 def manual(backbone: Backbone, preset: str) -> Structure:
@@ -122,5 +161,11 @@ def manual(backbone: Backbone, preset: str) -> Structure:
         raise SearchSpaceError(f"manual preset {preset!r} has no sites on this {backbone.family.name} backbone")
     modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in cands)
     used = sum(m.params for m in modules)
-    return Structure(kind="manual", backbone=backbone.info, budget=Budget(used / backbone.info.num_params, None, used),
-                     modules=modules, space=None, search={"method": "manual", "preset": preset})
+    return Structure(
+        kind="manual",
+        backbone=backbone.info,
+        budget=Budget(used / backbone.info.num_params, None, used),
+        modules=modules,
+        space=None,
+        search={"method": "manual", "preset": preset},
+    )

@@ -46,8 +46,9 @@ def check_budget(n: Sequence[int], budget: float) -> None:
         )
 
 
-def solve_shift(logits: torch.Tensor, n: torch.Tensor, budget: float, beta: float = 1.0,
-                tol: float = 1e-10, max_iter: int = 200) -> float:
+def solve_shift(
+    logits: torch.Tensor, n: torch.Tensor, budget: float, beta: float = 1.0, tol: float = 1e-10, max_iter: int = 200
+) -> float:
     """The global shift b with Σ n_i sigmoid((α_i − b)/β) = B(1 − 1e-7), exact to ``tol`` relative.
 
     The left side decreases strictly in b, from Σn (b → −∞) to 0 (b → +∞), so a bracket always
@@ -93,8 +94,14 @@ def solve_shift(logits: torch.Tensor, n: torch.Tensor, budget: float, beta: floa
     return b
 
 
-def probabilities(logits: torch.Tensor, n: torch.Tensor, budget: float, beta: float = 1.0,
-                  shift: float | None = None, renormalise: bool = True) -> tuple[torch.Tensor, float]:
+def probabilities(
+    logits: torch.Tensor,
+    n: torch.Tensor,
+    budget: float,
+    beta: float = 1.0,
+    shift: float | None = None,
+    renormalise: bool = True,
+) -> tuple[torch.Tensor, float]:
     """Gate means p (differentiable in ``logits``) and the shift b used.
 
     ``renormalise`` applies the original's sum-preserving stop-gradient step p ← p·sg(Σp)/Σp: the

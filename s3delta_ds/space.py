@@ -8,8 +8,9 @@ they give 460 / 916 and 144 / 288 candidates.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch.nn as nn
 
@@ -130,8 +131,9 @@ def rules_of(space: str) -> tuple[Rule, ...]:
         raise SearchSpaceError(f"unknown search space {space!r}; known spaces: {', '.join(SPACES)}") from None
 
 
-def enumerate_space(model: nn.Module, space: str, *, family: Family | None = None,
-                    site_map: SiteMap | None = None) -> SearchSpace:
+def enumerate_space(
+    model: nn.Module, space: str, *, family: Family | None = None, site_map: SiteMap | None = None
+) -> SearchSpace:
     """Every candidate of ``space`` on ``model`` (any device, meta included; ZeRO-3-partitioned too).
 
     Candidates are ordered by site (stacks, then layers, then the family's component order) and,

@@ -13,10 +13,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .backbones import FAMILIES, SiteMap, parse_site
 from .backbones.loading import BackboneInfo
@@ -27,8 +28,20 @@ from .supernet import DeltaSpec
 FORMAT = "s3delta-structure"
 VERSION = 1
 KINDS = ("searched", "random", "manual", "transferred")
-_TOP_KEYS = ("format", "version", "kind", "backbone", "space", "budget", "search", "modules", "candidates",
-             "provenance", "versions", "created")
+_TOP_KEYS = (
+    "format",
+    "version",
+    "kind",
+    "backbone",
+    "space",
+    "budget",
+    "search",
+    "modules",
+    "candidates",
+    "provenance",
+    "versions",
+    "created",
+)
 _REQUIRED = ("format", "version", "kind", "backbone", "budget", "modules")
 
 
@@ -55,8 +68,14 @@ class CandidateRecord:
     p: float
 
     def to_dict(self) -> dict:
-        return {"site": self.site, "type": self.type, "kwargs": dict(self.kwargs), "params": self.params,
-                "alpha": self.alpha, "p": self.p}
+        return {
+            "site": self.site,
+            "type": self.type,
+            "kwargs": dict(self.kwargs),
+            "params": self.params,
+            "alpha": self.alpha,
+            "p": self.p,
+        }
 
 
 @dataclass(frozen=True)
@@ -101,10 +120,18 @@ class Structure:
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": VERSION, "kind": self.kind, "backbone": self.backbone.to_dict(),
-            "space": self.space, "budget": self.budget.to_dict(), "search": dict(self.search),
-            "modules": [m.to_dict() for m in self.modules], "candidates": [c.to_dict() for c in self.candidates],
-            "provenance": dict(self.provenance), "versions": dict(self.versions), "created": self.created,
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": self.kind,
+            "backbone": self.backbone.to_dict(),
+            "space": self.space,
+            "budget": self.budget.to_dict(),
+            "search": dict(self.search),
+            "modules": [m.to_dict() for m in self.modules],
+            "candidates": [c.to_dict() for c in self.candidates],
+            "provenance": dict(self.provenance),
+            "versions": dict(self.versions),
+            "created": self.created,
         }
 
     def dumps(self) -> str:
@@ -195,11 +222,18 @@ class Structure:
             key = f"{stack}.{layer}" if layer is not None else f"{stack}.-"
             per_layer[key] = per_layer.get(key, 0) + 1
         return {
-            "kind": self.kind, "family": self.backbone.family, "backbone": self.backbone.name_or_path,
-            "backbone_params": self.backbone.num_params, "space": self.space,
-            "budget_relative": self.budget.relative, "budget_absolute": self.budget.absolute,
-            "params_used": self.budget.used, "used_relative": self.budget.used / self.backbone.num_params,
-            "modules": len(self.modules), "candidates": len(self.candidates), "by_type": per_type,
+            "kind": self.kind,
+            "family": self.backbone.family,
+            "backbone": self.backbone.name_or_path,
+            "backbone_params": self.backbone.num_params,
+            "space": self.space,
+            "budget_relative": self.budget.relative,
+            "budget_absolute": self.budget.absolute,
+            "params_used": self.budget.used,
+            "used_relative": self.budget.used / self.backbone.num_params,
+            "modules": len(self.modules),
+            "candidates": len(self.candidates),
+            "by_type": per_type,
             "modules_per_layer": per_layer,
         }
 
@@ -282,8 +316,15 @@ class _Validator:
         created = d.get("created") or _now()
         self.string(created, "created")
         return Structure(
-            kind=d["kind"], backbone=backbone, budget=budget, modules=modules, space=space, candidates=candidates,
-            search=d.get("search") or {}, provenance=d.get("provenance") or {}, versions=d.get("versions") or {},
+            kind=d["kind"],
+            backbone=backbone,
+            budget=budget,
+            modules=modules,
+            space=space,
+            candidates=candidates,
+            search=d.get("search") or {},
+            provenance=d.get("provenance") or {},
+            versions=d.get("versions") or {},
             created=created,
         )
 
@@ -303,9 +344,12 @@ class _Validator:
         if not h.startswith("sha256:"):
             self.fail("backbone.config_hash", f"expected 'sha256:<hex>', got {h!r}")
         return BackboneInfo(
-            family=b["family"], name_or_path=self.string(b["name_or_path"], "backbone.name_or_path"),
-            model_type=self.string(b["model_type"], "backbone.model_type"), config_hash=h,
-            num_params=self.pos_int(b["num_params"], "backbone.num_params"), depths=dict(depths),
+            family=b["family"],
+            name_or_path=self.string(b["name_or_path"], "backbone.name_or_path"),
+            model_type=self.string(b["model_type"], "backbone.model_type"),
+            config_hash=h,
+            num_params=self.pos_int(b["num_params"], "backbone.num_params"),
+            depths=dict(depths),
             hidden_size=self.pos_int(b["hidden_size"], "backbone.hidden_size"),
         )
 
@@ -332,7 +376,9 @@ class _Validator:
             if stack not in backbone.depths:
                 self.fail(f"{where}.site", f"stack {stack!r} is not in backbone.depths {sorted(backbone.depths)}")
             if layer is not None and layer >= backbone.depths[stack]:
-                self.fail(f"{where}.site", f"layer {layer} is out of range: {stack} has {backbone.depths[stack]} layers")
+                self.fail(
+                    f"{where}.site", f"layer {layer} is out of range: {stack} has {backbone.depths[stack]} layers"
+                )
             type_name = row["type"]
             if type_name not in DELTAS:
                 self.fail(f"{where}.type", f"unknown delta type {type_name!r}; known: {', '.join(DELTAS)}")

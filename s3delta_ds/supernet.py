@@ -15,8 +15,9 @@ parameters, so ZeRO never sees or partitions the gates. ``z = None`` means ungat
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -90,7 +91,9 @@ def _hook(slot: DeltaSlot):
     return hook
 
 
-def attach(model: nn.Module, site_map: SiteMap, specs: Iterable[DeltaSpec], ctx: GateContext | None = None) -> list[str]:
+def attach(
+    model: nn.Module, site_map: SiteMap, specs: Iterable[DeltaSpec], ctx: GateContext | None = None
+) -> list[str]:
     """Attach ``specs`` to ``model`` (in place). Returns the sites that received a slot.
 
     Deltas are built on the CPU in fp32 with their exact init; move/cast the model afterwards (or
@@ -160,4 +163,8 @@ def site_state_key(site: str, param_name: str) -> str:
 
 def named_delta_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(family-neutral key, parameter) of every delta weight, e.g. ``encoder.3.attn.q/lora.lora_A``."""
-    return [(site_state_key(site, name), p) for site, slot in slots(model).items() for name, p in slot.deltas.named_parameters()]
+    return [
+        (site_state_key(site, name), p)
+        for site, slot in slots(model).items()
+        for name, p in slot.deltas.named_parameters()
+    ]

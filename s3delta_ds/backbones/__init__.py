@@ -35,11 +35,20 @@ def family_for(config) -> Family:
             return family
     arch = ", ".join(getattr(config, "architectures", None) or []) or "?"
     raise BackboneError(
-        f"unsupported architecture: model_type {model_type!r} (architectures: {arch}); supported families: {supported()}"
+        f"unsupported architecture: model_type {model_type!r} (architectures: {arch}); "
+        f"supported families: {supported()}"
     )
 
 
 __all__ = [
-    "FAMILIES", "Family", "Site", "SiteDims", "SiteMap", "family_for", "format_site", "get_family", "parse_site",
+    "FAMILIES",
+    "Family",
+    "Site",
+    "SiteDims",
+    "SiteMap",
+    "family_for",
+    "format_site",
+    "get_family",
+    "parse_site",
     "supported",
 ]

@@ -82,7 +82,13 @@ class Family(ABC):
     #: Role → components. Search spaces are written in roles so one space fits every family.
     #: Roles: attn.proj, cross_attn.proj, mlp.in, mlp.out, norm, attn.block, mlp.block.
     role_names: ClassVar[tuple[str, ...]] = (
-        "attn.proj", "cross_attn.proj", "mlp.in", "mlp.out", "norm", "attn.block", "mlp.block",
+        "attn.proj",
+        "cross_attn.proj",
+        "mlp.in",
+        "mlp.out",
+        "norm",
+        "attn.block",
+        "mlp.block",
     )
 
     @abstractmethod
@@ -217,7 +223,9 @@ class SiteMap:
             close = difflib.get_close_matches(name, self.sites, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             depths = ", ".join(f"{s}: {d} layers" for s, d in self.depths.items())
-            raise SearchSpaceError(f"unknown site {name!r} on this {self.family.name} backbone ({depths}){hint}") from None
+            raise SearchSpaceError(
+                f"unknown site {name!r} on this {self.family.name} backbone ({depths}){hint}"
+            ) from None
 
     def path(self, name: str) -> str:
         return self.site(name).path

@@ -20,9 +20,23 @@ from . import Family, family_for
 # Keys that do not change a model's shapes or numerics; left out of the config hash so that a
 # config re-saved by another transformers version (or under another name) hashes the same.
 _VOLATILE_KEYS = {
-    "transformers_version", "architectures", "torch_dtype", "dtype", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "id2label", "label2id", "task_specific_params", "finetuning_task",
-    "problem_type", "tokenizer_class", "prefix", "gradient_checkpointing", "n_positions",
+    "transformers_version",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "id2label",
+    "label2id",
+    "task_specific_params",
+    "finetuning_task",
+    "problem_type",
+    "tokenizer_class",
+    "prefix",
+    "gradient_checkpointing",
+    "n_positions",
 }
 
 
@@ -135,7 +149,11 @@ class BackboneInfo:
 
     def to_dict(self) -> dict:
         return {
-            "family": self.family, "name_or_path": self.name_or_path, "model_type": self.model_type,
-            "config_hash": self.config_hash, "num_params": self.num_params, "depths": dict(self.depths),
+            "family": self.family,
+            "name_or_path": self.name_or_path,
+            "model_type": self.model_type,
+            "config_hash": self.config_hash,
+            "num_params": self.num_params,
+            "depths": dict(self.depths),
             "hidden_size": self.hidden_size,
         }

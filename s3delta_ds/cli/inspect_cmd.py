@@ -19,13 +19,24 @@ def run(args) -> int:
     if args.json:
         print_json(s)
         return 0
-    budget = "" if s["budget_absolute"] is None else (
-        f" of a budget of {fmt_int(s['budget_absolute'])} ({s['budget_relative']:.3g} of the backbone)")
-    print(f"{args.structure}: valid {s['kind']} structure for {s['backbone']} ({s['family']}, "
-          f"{fmt_int(s['backbone_params'])} parameters), space {s['space']}")
-    print(f"{s['modules']} modules, {fmt_int(s['params_used'])} parameters used{budget}; "
-          f"{s['candidates']} candidates recorded\n")
-    print(table([[t, str(v["count"]), fmt_int(v["params"])] for t, v in s["by_type"].items()], ["type", "modules", "params"]))
+    budget = (
+        ""
+        if s["budget_absolute"] is None
+        else (f" of a budget of {fmt_int(s['budget_absolute'])} ({s['budget_relative']:.3g} of the backbone)")
+    )
+    print(
+        f"{args.structure}: valid {s['kind']} structure for {s['backbone']} ({s['family']}, "
+        f"{fmt_int(s['backbone_params'])} parameters), space {s['space']}"
+    )
+    print(
+        f"{s['modules']} modules, {fmt_int(s['params_used'])} parameters used{budget}; "
+        f"{s['candidates']} candidates recorded\n"
+    )
+    print(
+        table(
+            [[t, str(v["count"]), fmt_int(v["params"])] for t, v in s["by_type"].items()], ["type", "modules", "params"]
+        )
+    )
     print()
     print(table([[k, str(v)] for k, v in s["modules_per_layer"].items()], ["layer", "modules"]))
     return 0

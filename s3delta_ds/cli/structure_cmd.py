@@ -27,8 +27,10 @@ def register(sub) -> None:
 
 def _report(structure, path) -> None:
     s = structure.summary()
-    print(f"wrote {path}: {s['modules']} modules, {fmt_int(s['params_used'])} parameters "
-          f"({100 * s['used_relative']:.5f}% of {fmt_int(s['backbone_params'])})")
+    print(
+        f"wrote {path}: {s['modules']} modules, {fmt_int(s['params_used'])} parameters "
+        f"({100 * s['used_relative']:.5f}% of {fmt_int(s['backbone_params'])})"
+    )
 
 
 def run_random(args) -> int:

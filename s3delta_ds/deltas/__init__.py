@@ -3,7 +3,8 @@ its key here."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..backbones.base import SiteDims
 from ..errors import SearchSpaceError

@@ -9,8 +9,9 @@ module input; sequential: to the parallel-updated output, computed from that out
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from enum import Enum
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
@@ -66,7 +67,9 @@ def build_config(delta_cls: type[Delta], kwargs: Mapping[str, Any] | None, where
     prefix = f"{where}: " if where else ""
     if unknown:
         valid = ", ".join(fields) or "none"
-        raise SearchSpaceError(f"{prefix}unknown kwargs {unknown} for delta type {delta_cls.type_name!r}; valid: {valid}")
+        raise SearchSpaceError(
+            f"{prefix}unknown kwargs {unknown} for delta type {delta_cls.type_name!r}; valid: {valid}"
+        )
     for name, value in kwargs.items():
         expected = fields[name].type
         ok = {
