@@ -165,9 +165,11 @@ class Structure:
         """
         src = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise StructureError(f"{src}: cannot read ({e.strerror or e})") from e
+        except UnicodeDecodeError as e:
+            raise StructureError(f"{src}: not a text file (invalid UTF-8 at byte {e.start})") from e
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -183,7 +185,7 @@ class Structure:
         """The chosen modules as ungated delta specs (for retraining)."""
         return [DeltaSpec(m.site, m.type, m.kwargs) for m in self.modules]
 
-    def check_backbone(self, site_map: SiteMap, backbone_params: int) -> None:
+    def check_backbone(self, site_map: SiteMap) -> None:
         """Raise unless every module fits ``site_map`` with exactly the recorded parameter count.
 
         A structure made for another backbone (other family, depth or widths) must go through
@@ -300,7 +302,7 @@ class _Validator:
                 self.fail(key, "missing required field")
         if d["format"] != FORMAT:
             self.fail("format", f"expected {FORMAT!r}, got {d['format']!r} (is this a structure file?)")
-        if d["version"] != VERSION:
+        if type(d["version"]) is not int or d["version"] != VERSION:
             self.fail("version", f"unsupported version {d['version']!r}; this s3delta_ds reads version {VERSION}")
         if d["kind"] not in KINDS:
             self.fail("kind", f"expected one of {', '.join(KINDS)}, got {d['kind']!r}")

@@ -132,7 +132,9 @@ def _norm_dims(module: nn.Module) -> SiteDims:
         return SiteDims("norm", shape[-1], shape[-1], norm="layer", eps=float(module.eps))
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
-        eps = getattr(module, "eps", None) or 1e-6
+        eps = getattr(module, "eps", None)
+    if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon; 1e-6 is what HF norms use
+        eps = 1e-6
     return SiteDims("norm", shape[-1], shape[-1], norm="rms", eps=float(eps))
 
 

@@ -1,0 +1,256 @@
+"""Run configuration: frozen, kw-only dataclasses validated at construction, loaded from YAML with
+``key=value`` CLI overrides. Unknown or misspelt keys are errors that list the valid ones; there is
+no ``dict.get(key, default)`` for user settings anywhere.
+
+A YAML file has the sections ``model``, ``data``, ``search``, ``retrain`` and the top-level keys
+``output_dir``, ``deepspeed`` (a json in ``ds_configs/`` or any path) and ``seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+MODES = ("first-order", "second-order")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelConfig:
+    name_or_path: str = "tiny-t5"
+    """Model directory (weights + config.json), hub id, or a shipped shape with ``random_init``.
+    ``tiny-t5`` / ``tiny-llama`` / ``tiny-bert`` name the embedded defaults."""
+    tokenizer: str | None = None
+    """Tokenizer directory; default: the model directory (or the embedded tokenizer)."""
+    random_init: bool = False
+    """Build from the config with random weights instead of loading weights (tests, planning)."""
+    dtype: str = "auto"
+    """Backbone dtype: auto (bf16/fp16 when the DeepSpeed config enables it, else fp32), fp32, bf16."""
+    gguf_file: str | None = None
+    """GGUF file inside ``name_or_path`` to load (e.g. SmolLM2's), dequantised by transformers."""
+    quantize: str | None = None
+    """Load the frozen backbone quantized with bitsandbytes: 4bit (NF4) or 8bit."""
+
+    def __post_init__(self):
+        _check(bool(self.name_or_path), "model.name_or_path must be set")
+        _check(self.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.quantize in (None, "4bit", "8bit"), f"model.quantize must be 4bit or 8bit, got {self.quantize!r}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class DataConfig:
+    task: str = "tiny-sentiment"
+    """A registered task (see ``s3delta_ds.data.TASKS``) or ``local`` with the fields below."""
+    data_dir: str | None = None
+    """Directory with ``train`` / ``validation`` / ``test`` files (.jsonl, .json, .csv, .parquet)."""
+    max_source_length: int | None = None
+    """Default: the task's own (128 for GLUE, 256 for SuperGLUE/RTE)."""
+    max_target_length: int = 16
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_source_length", "max_train_examples", "max_eval_examples"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"data.{name} must be > 0, got {v}")
+        _check(self.max_target_length > 0, f"data.max_target_length must be > 0, got {self.max_target_length}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TrainConfig:
+    """What search and retrain share: batch geometry, schedule, evaluation, checkpoints."""
+
+    steps: int = 100
+    """Optimizer steps (each consumes micro_batch_size × grad_accum × world examples per phase)."""
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    eval_batch_size: int = 32
+    eval_every: int = 50
+    """Validate every N steps (and at the end); the best validation score is kept."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: at every evaluation)."""
+    lr: float = 3e-4
+    """Delta-weight learning rate (AdamW, linear decay to 0, no warm-up)."""
+    weight_decay: float = 0.0
+    clip: float = 2.0
+    """Gradient-norm clipping of the delta weights (DeepSpeed's gradient_clipping)."""
+    log_every: int = 10
+
+    def _validate(self, section: str):
+        for name in ("steps", "micro_batch_size", "grad_accum", "eval_batch_size", "eval_every", "log_every"):
+            _check(getattr(self, name) >= 1, f"{section}.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.checkpoint_every >= 0, f"{section}.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _check(self.lr > 0, f"{section}.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"{section}.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.clip >= 0, f"{section}.clip must be >= 0 (0 disables), got {self.clip}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SearchConfig(TrainConfig):
+    space: str = "mixed"
+    budget: float = 1.389e-4
+    """Trainable-parameter budget as a fraction of the backbone's parameters."""
+    mode: str = "first-order"
+    """first-order: alternate a delta step (weights half) and a gate step (gates half);
+    second-order: DARTS finite-difference correction of the gate gradient (ZeRO stages 0-2)."""
+    gate_lr: float = 0.1
+    gate_clip: float = 2.0
+    beta: float = 1.0
+    """Sigmoid temperature of the shifted global sigmoid."""
+    temperature: float = 1.0
+    """Binary-concrete temperature of the gate samples."""
+
+    def __post_init__(self):
+        self._validate("search")
+        _check(0 < self.budget < 1, f"search.budget must be a fraction in (0, 1), e.g. 1e-4; got {self.budget}")
+        _check(self.mode in MODES, f"search.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check(self.gate_lr > 0, f"search.gate_lr must be > 0, got {self.gate_lr}")
+        _check(self.gate_clip >= 0, f"search.gate_clip must be >= 0, got {self.gate_clip}")
+        _check(self.beta > 0, f"search.beta must be > 0, got {self.beta}")
+        _check(self.temperature > 0, f"search.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RetrainConfig(TrainConfig):
+    structure: str | None = None
+    """Structure JSON to retrain (searched, random, manual or transferred)."""
+    full_finetune: bool = False
+    """Train every backbone weight instead of a structure (the full fine-tuning baseline)."""
+
+    def __post_init__(self):
+        self._validate("retrain")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    output_dir: str = "runs/default"
+    deepspeed: str = "zero3_cpu"
+    """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload, zero3_cpu) or a json path."""
+    zero_stage: int | None = None
+    """Override the DeepSpeed config's ZeRO stage (0-3)."""
+    seed: int = 0
+    overwrite: bool = False
+    """Allow writing into an existing output directory (its old files are removed first)."""
+
+    def __post_init__(self):
+        _check(self.zero_stage in (None, 0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "search": SearchConfig, "retrain": RetrainConfig}
+
+
+def _type_ok(value: Any, annotation: str) -> tuple[bool, Any]:
+    """Check ``value`` against a field annotation string; ints are accepted for floats."""
+    hint = eval(annotation, {"Any": Any}, {})  # noqa: S307 - annotations of our own dataclasses
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for opt in options:
+        if opt is type(None) and value is None:
+            return True, None
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if opt is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                pass
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if opt in (str, bool) and isinstance(value, opt):
+            return True, value
+    return False, value
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {where}{key}{hint}; valid keys: {', '.join(fields)}")
+        if key in _SECTIONS and cls is RunConfig:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping, got {value!r}")
+            kwargs[key] = _build(_SECTIONS[key], value, f"{key}.")
+            continue
+        ok, value = _type_ok(value, fields[key].type)
+        if not ok:
+            raise ConfigError(f"{where}{key} must be {fields[key].type}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"cannot set {dotted}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["search.steps=50", "output_dir=runs/x"]`` → nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. search.steps=50)")
+        key, raw = item.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (optional) and apply ``key=value`` overrides; validate everything.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types or out-of-range values.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a YAML mapping at the top level")
+        values = loaded or {}
+    values = _merge(values, parse_overrides(overrides or []))
+    try:
+        return _build(RunConfig, values, "")
+    except TypeError as e:  # a required field of a frozen dataclass left out
+        raise ConfigError(str(e)) from e
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

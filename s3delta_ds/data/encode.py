@@ -1,0 +1,111 @@
+"""Turn task rows into token ids for the three objectives, and pad them into batches.
+
+* ``seq2seq`` (T5): source → encoder, label word (+ eos) → decoder targets.
+* ``causal`` (LLaMA): ``source + " " + word + eos`` with the loss only on the word and eos.
+* ``classify`` (BERT): source → encoder, integer label → classification head.
+
+Every example also carries one encoded *choice* per label word, so evaluation can score each
+label (rank classification): a fixed number of forward passes, the same on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from ..errors import DataError
+from .tasks import Task
+
+OBJECTIVES = {"t5": "seq2seq", "llama": "causal", "bert": "classify"}
+_EMBEDDED_TOKENIZERS = {"tiny-t5": "t5", "tiny-t5-v1_1": "t5", "tiny-llama": "llama", "tiny-bert": "bert"}
+
+
+def load_tokenizer(family: str, name_or_path: str, tokenizer: str | None = None, gguf_file: str | None = None):
+    """The tokenizer of a model directory / hub id, or the embedded one for ``tiny-*`` defaults."""
+    from transformers import AutoTokenizer, BertTokenizer, LlamaTokenizer, T5Tokenizer
+
+    source = tokenizer or name_or_path
+    embedded = _EMBEDDED_TOKENIZERS.get(source)
+    if embedded is not None:
+        path = str(resources.files("s3delta_ds") / "assets" / "tiny" / embedded)
+        if embedded == "t5":
+            return T5Tokenizer.from_pretrained(path, extra_ids=0)
+        if embedded == "llama":
+            tok = LlamaTokenizer.from_pretrained(path, add_bos_token=True)
+            tok.pad_token = tok.unk_token
+            return tok
+        return BertTokenizer.from_pretrained(path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load a tokenizer from {source!r}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Encodes rows of one task for one objective."""
+
+    task: Task
+    tokenizer: object
+    objective: str
+    max_source_length: int
+    max_target_length: int
+
+    def _ids(self, text: str, max_len: int, special: bool = True) -> list[int]:
+        return self.tokenizer(text, truncation=True, max_length=max_len, add_special_tokens=special)["input_ids"]
+
+    def _choice(self, source_ids: list[int], word: str) -> dict:
+        if self.objective == "seq2seq":
+            return {"input_ids": source_ids, "labels": self._ids(word, self.max_target_length)}
+        # causal: prompt + word + eos, loss on word and eos only
+        word_ids = self._ids(" " + word, self.max_target_length, special=False) + [self.tokenizer.eos_token_id]
+        return {"input_ids": source_ids + word_ids, "labels": [-100] * len(source_ids) + word_ids}
+
+    def encode(self, row: dict) -> dict:
+        label = row[self.task.label_column]
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(self.task.label_words):
+            raise DataError(
+                f"task {self.task.name!r}: label {label!r} is not an integer in [0, {len(self.task.label_words)})"
+            )
+        source_ids = self._ids(self.task.source(row), self.max_source_length)
+        if self.objective == "classify":
+            return {"input_ids": source_ids, "label": label, "choices": None}
+        choices = [self._choice(source_ids, w) for w in self.task.label_words]
+        return {**choices[label], "label": label, "choices": choices}
+
+
+def _pad(seqs: list[list[int]], value: int, multiple: int = 8) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    width = -(-width // multiple) * multiple
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Pads a list of encoded examples into model inputs (widths rounded up to a multiple of 8)."""
+
+    objective: str
+    pad_id: int
+    decoder_start_id: int = 0
+
+    def __call__(self, examples: list[dict], choice: int | None = None) -> dict[str, torch.Tensor]:
+        rows = examples if choice is None else [e["choices"][choice] for e in examples]
+        ids = _pad([r["input_ids"] for r in rows], self.pad_id)
+        batch = {"input_ids": ids, "attention_mask": _pad([[1] * len(r["input_ids"]) for r in rows], 0)}
+        if self.objective == "classify":
+            batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+            return batch
+        labels = _pad([r["labels"] for r in rows], -100)
+        batch["labels"] = labels
+        if self.objective == "seq2seq":
+            dec = torch.full_like(labels, self.pad_id)
+            dec[:, 0] = self.decoder_start_id
+            dec[:, 1:] = labels[:, :-1].clamp(min=0).masked_fill(labels[:, :-1] == -100, self.pad_id)
+            batch["decoder_input_ids"] = dec
+        return batch

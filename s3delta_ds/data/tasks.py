@@ -1,0 +1,146 @@
+"""Tasks: where the rows come from, which columns they need, how they read as text, and their
+label words and metric. The embedded ``tiny-sentiment`` task ships with the package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+
+_EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task read as text.
+
+    ``template`` formats a row into the source text (``{column}`` placeholders); ``label_words``
+    are what text-to-text and decoder models must produce (label i ↔ word i); encoders use the
+    integer label with a classification head.
+    """
+
+    name: str
+    template: str
+    label_words: tuple[str, ...]
+    columns: tuple[str, ...]
+    label_column: str = "label"
+    metric: str = "accuracy"
+    max_source_length: int = 128
+    #: Split protocol when the data has no test split: "small" halves validation into val/test,
+    #: "large" takes 2,000 training rows as validation and uses validation as test (Compacter).
+    protocol: str = "given"
+    hub: tuple[str, str | None] | None = None
+    hub_splits: dict[str, str] = field(default_factory=dict)
+    builtin_dir: str | None = None
+
+    def source(self, row: dict[str, Any]) -> str:
+        return self.template.format(**{c: row[c] for c in self.columns})
+
+    def check_columns(self, rows_columns: list[str], where: str) -> None:
+        for col in (*self.columns, self.label_column):
+            if col not in rows_columns:
+                raise DataError(
+                    f"{where}: task {self.name!r} needs a column {col!r}, but the data has only "
+                    f"{', '.join(rows_columns) or 'no columns'}"
+                )
+
+
+TASKS: dict[str, Task] = {
+    "tiny-sentiment": Task(
+        name="tiny-sentiment",
+        template="sentiment: {sentence}",
+        label_words=("negative", "positive"),
+        columns=("sentence",),
+        max_source_length=64,
+        builtin_dir="assets/tiny/data",
+    ),
+}
+
+
+def register(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def _split_file(data_dir: Path, split: str) -> Path | None:
+    found = [data_dir / f"{split}{ext}" for ext in _EXTENSIONS if (data_dir / f"{split}{ext}").is_file()]
+    if len(found) > 1:
+        raise DataError(f"{data_dir}: several files for split {split!r}: {', '.join(p.name for p in found)}")
+    return found[0] if found else None
+
+
+def _read(path: Path) -> list[dict]:
+    import datasets
+
+    ds = datasets.load_dataset(_EXTENSIONS[path.suffix], data_files={"x": str(path)}, split="x")
+    return [dict(r) for r in ds]
+
+
+def load_rows(task: Task, data_dir: str | None, seed: int = 0) -> dict[str, list[dict]]:
+    """Rows of ``train``, ``validation`` and ``test`` for ``task``.
+
+    From ``data_dir`` (local files, the path that works everywhere), else the task's shipped data,
+    else the hub through ``datasets``. Missing test splits follow the task's protocol.
+
+    Raises:
+        DataError: no data found, an empty split, or a missing column (named).
+    """
+    if data_dir is None and task.builtin_dir is not None:
+        data_dir = str(resources.files("s3delta_ds") / task.builtin_dir)
+    if data_dir is not None:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise DataError(f"data directory {data_dir} does not exist")
+        files = {s: _split_file(root, s) for s in ("train", "validation", "test")}
+        if files["train"] is None or files["validation"] is None:
+            raise DataError(
+                f"{data_dir}: need at least train and validation files "
+                f"({'/'.join(_EXTENSIONS)}); found {sorted(p.name for p in root.iterdir())}"
+            )
+        rows = {s: _read(p) for s, p in files.items() if p is not None}
+        where = {s: str(p) for s, p in files.items() if p is not None}
+    elif task.hub is not None:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(task.hub[0], task.hub[1])
+        except Exception as e:  # noqa: BLE001 - datasets raises many types when the hub is unreachable
+            raise DataError(
+                f"task {task.name!r}: cannot load {task.hub} from the hub ({type(e).__name__}: {e}); "
+                "pass data.data_dir with local train/validation files"
+            ) from e
+        rows = {ours: [dict(r) for r in ds[theirs]] for ours, theirs in task.hub_splits.items() if theirs in ds}
+        where = {s: f"hub:{task.hub[0]}/{task.hub[1]}:{s}" for s in rows}
+    else:
+        raise DataError(f"task {task.name!r} has no shipped data: pass data.data_dir")
+    for split, split_rows in rows.items():
+        if not split_rows:
+            raise DataError(f"{where[split]}: split {split!r} is empty")
+        task.check_columns(list(split_rows[0].keys()), where[split])
+    return apply_protocol(task, rows, seed)
+
+
+def apply_protocol(task: Task, rows: dict[str, list[dict]], seed: int) -> dict[str, list[dict]]:
+    """Make train/validation/test from what exists, the way the original (Compacter) code does."""
+    import random
+
+    if "test" in rows:
+        return rows
+    if task.protocol == "large":
+        train = list(rows["train"])
+        random.Random(seed).shuffle(train)
+        return {"train": train[2000:], "validation": train[:2000], "test": rows["validation"]}
+    val = list(rows["validation"])
+    random.Random(seed).shuffle(val)
+    half = len(val) // 2
+    return {"train": rows["train"], "validation": val[:half], "test": val[half:]}

@@ -1,0 +1,96 @@
+"""Load the frozen backbone for training: sharded by ZeRO-3 from the start when the DeepSpeed
+config says stage 3 (a live ``HfDeepSpeedConfig`` makes ``from_pretrained`` partition weights as
+it reads them), frozen, with deltas attached afterwards from ``ds_shape``.
+
+``tiny-t5`` / ``tiny-t5-v1_1`` / ``tiny-llama`` / ``tiny-bert`` are the embedded defaults: a
+seeded random model, saved once into a cache directory and then loaded like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..backbones import family_for
+from ..backbones.loading import build_model, config_hash, load_config
+from ..config import ModelConfig
+from ..errors import BackboneError
+from . import zero
+
+EMBEDDED = ("tiny-t5", "tiny-t5-v1_1", "tiny-llama", "tiny-bert")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("S3DELTA_CACHE", Path.home() / ".cache" / "s3delta_ds"))
+
+
+def materialise_embedded(name: str, seed: int = 1234) -> Path:
+    """The embedded tiny default as a model directory (created once, atomically, by whoever comes first)."""
+    config = load_config(name)
+    target = cache_dir() / "models" / f"{name}-{config_hash(config)[7:19]}-s{seed}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        torch.manual_seed(seed)
+        model = build_model(config)
+        model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: use its copy
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    """Where the weights come from (a directory or hub id). Rank 0 materialises embedded defaults;
+    call it on rank 0 first, then on the others after a barrier."""
+    if cfg.name_or_path in EMBEDDED and not cfg.random_init:
+        return str(materialise_embedded(cfg.name_or_path))
+    return cfg.name_or_path
+
+
+def load_backbone(cfg: ModelConfig, *, source: str, dtype: str, ds_config: dict) -> nn.Module:
+    """The frozen backbone: every parameter has requires_grad=False.
+
+    Under ZeRO-3 the weights are partitioned while loading (never a full copy per rank), except
+    for quantized models, which transformers loads whole on each rank first.
+    """
+    torch_dtype = _DTYPES[dtype]
+    keep_alive = zero.hf_deepspeed_config(ds_config) if zero.zero_stage(ds_config) == 3 else None
+    try:
+        if cfg.random_init:
+            config = load_config(source)
+            cls = family_for(config).auto_model_class()
+            model = cls.from_config(config, dtype=torch_dtype)
+        else:
+            config = load_config(source) if cfg.gguf_file is None else None
+            cls = family_for(config).auto_model_class() if config is not None else _gguf_class(source, cfg.gguf_file)
+            kwargs = {"dtype": torch_dtype}
+            if cfg.gguf_file:
+                kwargs["gguf_file"] = cfg.gguf_file
+            model = cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"cannot load backbone weights from {source!r}: {e}") from e
+    model.requires_grad_(False)
+    model.config._name_or_path = cfg.name_or_path
+    # transformers holds the DeepSpeed config by weakref and consults it again later (generate,
+    # resizing): keep it alive as long as the model.
+    model._s3delta_hf_ds_config = keep_alive
+    return model
+
+
+def _gguf_class(source: str, gguf_file: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    return family_for(config).auto_model_class()

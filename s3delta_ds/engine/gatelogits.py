@@ -1,0 +1,73 @@
+"""The gate logits of a search: one fp32 tensor replicated on every rank, kept outside the module
+tree (ZeRO must never see or partition it), with its own AdamW, linear decay and clipping.
+
+Ranks keep bit-identical logits because they start equal (zeros), apply the same all-reduced
+gradient and run the same deterministic optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..gates import concrete_sample, probabilities, step_generator
+from . import zero
+
+
+class GateLogits:
+    def __init__(
+        self,
+        params: list[int],
+        budget: float,
+        *,
+        lr: float,
+        clip: float,
+        total_steps: int,
+        beta: float,
+        temperature: float,
+        seed: int,
+        device: torch.device,
+    ):
+        self.n = torch.tensor(params, dtype=torch.float64)
+        self.budget, self.beta, self.temperature, self.seed, self.clip = budget, beta, temperature, seed, clip
+        self.logits = torch.zeros(len(params), dtype=torch.float32, device=device, requires_grad=True)
+        self.optimizer = torch.optim.AdamW([self.logits], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        self.scheduler = zero.linear_decay(self.optimizer, total_steps)
+        self.last_grad_norm = 0.0
+
+    def __len__(self) -> int:
+        return self.logits.numel()
+
+    def probs(self) -> torch.Tensor:
+        """p (num_candidates,), differentiable in the logits; Σ n_i p_i = budget."""
+        p, _ = probabilities(self.logits, self.n, self.budget, self.beta)
+        return p
+
+    def sample(self, step: int, phase: int) -> torch.Tensor:
+        """Concrete gates z for (step, phase), differentiable in the logits, the same on every rank."""
+        return concrete_sample(self.probs(), step_generator(self.seed, step, phase), self.temperature)
+
+    @torch.no_grad()
+    def eval_p(self) -> torch.Tensor:
+        return self.probs().detach()
+
+    def apply(self, grad: torch.Tensor) -> None:
+        """One optimizer step with ``grad`` (already averaged over ranks and micro-batches)."""
+        self.logits.grad = grad.to(self.logits.dtype)
+        norm = torch.nn.utils.clip_grad_norm_([self.logits], self.clip) if self.clip > 0 else grad.norm()
+        self.last_grad_norm = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {
+            "logits": self.logits.detach().cpu().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state["logits"].to(self.logits.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

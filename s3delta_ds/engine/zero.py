@@ -1,0 +1,293 @@
+"""The one module that imports DeepSpeed: config resolution ("auto" filled in from our settings),
+distributed setup, the engine that owns the delta weights, ZeRO-3 gathers, and rank helpers.
+
+Everything else in s3delta_ds sees ``nn.Module``s and tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+import torch.nn as nn
+from deepspeed.accelerator import get_accelerator
+
+from ..errors import ConfigError, DistributedSetupError
+
+# Sections s3delta_ds owns: the delta optimizer (AdamW) and its schedule (linear decay) come from the
+# run config, and a second definition in the DeepSpeed json would silently disagree with it.
+_OWNED_SECTIONS = ("optimizer", "scheduler")
+
+
+def shipped_ds_configs() -> dict[str, Path]:
+    root = resources.files("s3delta_ds") / "ds_configs"
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".json")}
+
+
+def read_ds_config(name_or_path: str) -> tuple[dict, str]:
+    """A DeepSpeed json by path, or by name (``zero2``, ``zero3``, ``zero3_offload``, ``zero3_cpu``)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        shipped = shipped_ds_configs()
+        key = path.name[:-5] if path.name.endswith(".json") else path.name
+        if key not in shipped:
+            raise ConfigError(
+                f"DeepSpeed config {name_or_path!r} is not a file nor a shipped config ({', '.join(sorted(shipped))})"
+            )
+        path = shipped[key]
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    return cfg, str(path)
+
+
+def _resolve_value(cfg: dict, key: str, value: Any, where: str) -> None:
+    current = cfg.get(key, "auto")
+    if current == "auto":
+        cfg[key] = value
+    elif current != value:
+        raise ConfigError(
+            f'DeepSpeed config sets {where}{key}={current!r} but the run uses {value!r}; set it to "auto" '
+            "(s3delta_ds fills it in) or change the run config to match"
+        )
+
+
+def _find_auto(obj: Any, path: str = "") -> list[str]:
+    if obj == "auto":
+        return [path]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _find_auto(v, f"{path}.{k}" if path else k)]
+    return []
+
+
+def resolve_ds_config(
+    template: dict,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world: int,
+    clip: float,
+    dtype: str,
+    hidden_size: int,
+    zero_stage: int | None = None,
+) -> dict:
+    """Fill every "auto" of a DeepSpeed config from the run's settings and check the rest agree.
+
+    ``dtype`` is the resolved backbone dtype (fp32 | bf16 | fp16). Raises :class:`ConfigError` on a
+    disagreement, on an optimizer/scheduler section, or on an "auto" this function cannot fill.
+    """
+    cfg = copy.deepcopy(template)
+    owned = [s for s in _OWNED_SECTIONS if s in cfg]
+    if owned:
+        raise ConfigError(
+            f"remove the {' and '.join(owned)} section(s) from the DeepSpeed config: s3delta_ds runs AdamW with a "
+            "linear decay for the deltas and its own optimizer for the gates (set lr, weight_decay in the run config)"
+        )
+    _resolve_value(cfg, "train_micro_batch_size_per_gpu", micro_batch, "")
+    _resolve_value(cfg, "gradient_accumulation_steps", grad_accum, "")
+    _resolve_value(cfg, "train_batch_size", micro_batch * grad_accum * world, "")
+    _resolve_value(cfg, "gradient_clipping", float(clip), "")
+    for key, want in (("bf16", dtype == "bf16"), ("fp16", dtype == "fp16")):
+        section = cfg.setdefault(key, {"enabled": False})
+        if section.get("enabled", False) == "auto":
+            section["enabled"] = want
+        elif bool(section.get("enabled", False)) != want:
+            raise ConfigError(f"DeepSpeed config has {key}.enabled={section.get('enabled')} but model.dtype is {dtype}")
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if zero_stage is not None:
+        zero["stage"] = zero_stage
+    h = int(hidden_size)
+    for key, value in (
+        ("reduce_bucket_size", h * h),
+        ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+        ("stage3_param_persistence_threshold", 10 * h),
+    ):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    left = _find_auto(cfg)
+    if left:
+        raise ConfigError(f'cannot resolve "auto" for {", ".join(left)} in the DeepSpeed config; set explicit values')
+    cfg.setdefault("steps_per_print", 10**6)
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def resolve_dtype(model_dtype: str, template: dict) -> str:
+    """``model.dtype=auto``: follow the DeepSpeed config when it says bf16/fp16 explicitly; with
+    "auto" there, bf16 on accelerators that support it and fp32 on the CPU."""
+    if model_dtype != "auto":
+        return model_dtype
+    for key in ("bf16", "fp16"):
+        enabled = template.get(key, {}).get("enabled", False)
+        if enabled is True:
+            return key
+    if template.get("bf16", {}).get("enabled") == "auto" and device_type() != "cpu":
+        return "bf16" if get_accelerator().is_bf16_supported() else "fp32"
+    return "fp32"
+
+
+# -- distributed setup -------------------------------------------------------------------------
+
+
+def device_type() -> str:
+    return get_accelerator().device_name()
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    """One Slurm task per rank (``srun --ntasks-per-node=G``): map SLURM_* to the torch variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    if int(os.environ["SLURM_NTASKS"]) == 1 and "SLURM_STEP_ID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    if "MASTER_ADDR" not in os.environ:
+        raise DistributedSetupError("running one Slurm task per rank but MASTER_ADDR is not set (see slurm/*.sh)")
+
+
+def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
+    """Join (or create, for a plain ``python`` run) the process group. Returns (rank, world).
+
+    Works under the ``deepspeed`` launcher, ``torchrun``, ``srun`` (one task per rank) and a bare
+    single process. CPU uses gloo. ``timeout_s`` bounds how long a rank waits for a dead peer.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    _env_from_slurm()
+    if "RANK" not in os.environ:  # a single plain process: be a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    backend = "gloo" if device_type() == "cpu" else None
+    try:
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False, auto_mpi_discovery=False
+        )
+    except (RuntimeError, ValueError) as e:
+        raise DistributedSetupError(f"cannot initialise the process group ({backend or 'default'} backend): {e}") from e
+    if device_type() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if world() == 1:
+        return [obj]
+    out: list[Any] = [None] * world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if world() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# -- engine and ZeRO helpers -------------------------------------------------------------------
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear decay to 0 over ``total_steps``, no warm-up (the original's schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, total_steps)))
+
+
+def build_engine(
+    module: nn.Module, params: list[nn.Parameter], *, lr: float, weight_decay: float, total_steps: int, ds_config: dict
+):
+    """One DeepSpeed engine owning ``params`` (the delta weights) with AdamW + linear decay."""
+    if not params:
+        raise ConfigError("nothing to train: the structure has no delta parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    scheduler = linear_decay(optimizer, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full parameters inside the block (ZeRO-3), a no-op otherwise. With ``modifier_rank`` set,
+    that rank's in-place edits are re-partitioned to every rank on exit."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def hf_deepspeed_config(ds_config: dict):
+    """Keep the returned object alive while loading: transformers holds it by weakref, and while
+    it lives ``from_pretrained`` shards weights under ZeRO-3 as it reads them."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def local_numel(p: torch.Tensor) -> int:
+    """Elements this rank holds (its ZeRO-3 partition, or the whole tensor)."""
+    return int(p.ds_tensor.numel()) if is_partitioned(p) and hasattr(p, "ds_tensor") else int(p.numel())
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))

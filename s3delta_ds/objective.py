@@ -1,0 +1,62 @@
+"""The module DeepSpeed trains: the backbone (deltas attached) plus the task's loss, returned as
+per-example *sums* and item counts so the engine can normalise by the item count of the whole
+accumulated global batch. That makes k micro-batches × b equal one batch of k·b exactly, even when
+micro-batches hold different numbers of target tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .supernet import GateContext
+
+
+def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ token NLL per example and the number of scored tokens (labels == -100 are ignored)."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = labels != -100
+    return (nll * mask).sum(-1), mask.sum(-1)
+
+
+class DeltaModel(nn.Module):
+    """forward(batch) → (loss sum per example (B,), scored items per example (B,)).
+
+    The gate context is a plain attribute (never a parameter), set by the engine before each
+    forward: ``gate_ctx.z`` (num_candidates,) or None for an ungated structure.
+    """
+
+    def __init__(self, backbone: nn.Module, objective: str, gate_ctx: GateContext | None = None):
+        super().__init__()
+        if objective not in ("seq2seq", "causal", "classify"):
+            raise ValueError(f"unknown objective {objective!r}")
+        self.backbone = backbone
+        self.objective = objective
+        self.gate_ctx = gate_ctx if gate_ctx is not None else GateContext()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        if self.objective == "seq2seq":
+            out = self.backbone(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"],
+                use_cache=False,
+            )
+            return per_example_nll(out.logits, labels)
+        if self.objective == "causal":
+            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            return per_example_nll(out.logits[:, :-1], labels[:, 1:])
+        out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        nll = F.cross_entropy(out.logits.float(), labels, reduction="none")
+        return nll, torch.ones_like(labels)
+
+    @torch.no_grad()
+    def class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Encoder classification: the head's logits (B, num_labels)."""
+        return self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

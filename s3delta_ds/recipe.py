@@ -1,0 +1,188 @@
+"""What the search and retrain entry points share: distributed setup, the resolved DeepSpeed
+config, the task's encoded data, the frozen backbone, and the output directory rules."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbones import Family, SiteMap, family_for
+from .builders import Backbone
+from .config import RunConfig, TrainConfig, dump_yaml
+from .data import OBJECTIVES, Collator, Encoder, Task, get_task, load_rows, load_tokenizer
+from .engine import zero
+from .engine.backbone import load_backbone, resolve_source
+from .errors import ConfigError, DataError
+from .structure import atomic_write_text
+
+
+@dataclass
+class Runtime:
+    cfg: RunConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    ds_config: dict
+    ds_source: str
+    dtype: str
+    family: Family
+    objective: str
+    task: Task
+    tokenizer: object
+    collate: Collator
+    data: dict[str, list[dict]]
+    model: torch.nn.Module
+    backbone: Backbone
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def site_map(self) -> SiteMap:
+        return self.backbone.site_map
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: an existing non-empty directory needs --resume or overwrite=true. Rank 0 only."""
+    if resume:
+        if not out.is_dir():
+            raise ConfigError(f"--resume: output directory {out} does not exist")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"output directory {out} is not empty; pass --resume to continue it, or overwrite=true to replace it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _encode(encoder: Encoder, rows: list[dict], limit: int | None, where: str) -> list[dict]:
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise DataError(f"{where}: no examples")
+    return [encoder.encode(r) for r in rows]
+
+
+def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> Runtime:
+    """Everything up to (not including) attaching deltas. Collective: call on every rank."""
+    rank, world = zero.init_distributed()
+    out = Path(cfg.output_dir)
+    err = None
+    if rank == 0:
+        try:
+            prepare_output_dir(out, resume=resume, overwrite=cfg.overwrite)
+        except ConfigError as e:
+            err = str(e)
+    err = zero.broadcast_object(err)
+    if err:
+        raise ConfigError(err)
+
+    template, ds_source = zero.read_ds_config(cfg.deepspeed)
+    dtype = zero.resolve_dtype(cfg.model.dtype, template)
+    source = resolve_source(cfg.model) if rank == 0 else None  # rank 0 materialises the embedded default
+    zero.barrier()
+    source = resolve_source(cfg.model) if rank != 0 else source
+
+    from .backbones.loading import load_config
+
+    config = load_config(source)
+    family = family_for(config)
+    ds_config = zero.resolve_ds_config(
+        template,
+        micro_batch=train.micro_batch_size,
+        grad_accum=train.grad_accum,
+        world=world,
+        clip=train.clip,
+        dtype=dtype,
+        hidden_size=family.hidden_size(config),
+        zero_stage=cfg.zero_stage,
+    )
+
+    task = get_task(cfg.data.task)
+    objective = OBJECTIVES[family.name]
+    tokenizer = load_tokenizer(family.name, cfg.model.name_or_path, cfg.model.tokenizer, cfg.model.gguf_file)
+    encoder = Encoder(
+        task, tokenizer, objective, cfg.data.max_source_length or task.max_source_length, cfg.data.max_target_length
+    )
+    rows = load_rows(task, cfg.data.data_dir, seed=cfg.seed)
+    data = {
+        "train": _encode(encoder, rows["train"], cfg.data.max_train_examples, "train"),
+        "validation": _encode(encoder, rows["validation"], cfg.data.max_eval_examples, "validation"),
+        "test": _encode(encoder, rows["test"], cfg.data.max_eval_examples, "test"),
+    }
+    collate = Collator(objective, tokenizer.pad_token_id, getattr(config, "decoder_start_token_id", 0) or 0)
+
+    t0 = time.time()
+    model = load_backbone(cfg.model, source=source, dtype=dtype, ds_config=ds_config)
+    backbone = Backbone.from_model(model, cfg.model.name_or_path)
+    rt = Runtime(
+        cfg,
+        out,
+        rank,
+        world,
+        zero.device(),
+        ds_config,
+        ds_source,
+        dtype,
+        family,
+        objective,
+        task,
+        tokenizer,
+        collate,
+        data,
+        model,
+        backbone,
+    )
+    rt.log(
+        f"[s3delta {kind}] {world} rank(s) on {zero.device_type()}, ZeRO stage {zero.zero_stage(ds_config)}, "
+        f"{dtype}; backbone {cfg.model.name_or_path} ({backbone.info.num_params:,} parameters, family "
+        f"{family.name}) loaded in {time.time() - t0:.1f}s; task {task.name}: "
+        f"{len(data['train'])}/{len(data['validation'])}/{len(data['test'])} train/validation/test examples"
+    )
+    if rank == 0:
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
+        rt.log(
+            "resolved config:\n"
+            + dump_yaml(cfg)
+            + f"resolved DeepSpeed config ({ds_source}):\n"
+            + json.dumps(ds_config, indent=2)
+        )
+    return rt
+
+
+def script_main(run, argv: list[str] | None, prog: str) -> int:
+    """Shared argument handling of search.py / retrain.py (every launcher passes --local_rank)."""
+    import argparse
+
+    from .config import load_run_config
+    from .errors import S3DeltaError
+
+    p = argparse.ArgumentParser(prog=prog, description="Keys of the YAML config can be overridden as section.key=value")
+    p.add_argument("--config", help="YAML run config (see examples/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        run(cfg, resume=args.resume)
+        return 0
+    except S3DeltaError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        zero.destroy()

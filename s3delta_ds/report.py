@@ -1,0 +1,96 @@
+"""Run outputs a user reads: metrics (JSON lines + tensorboard), gates.csv and the gate heatmap."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .backbones import parse_site
+from .space import SearchSpace
+from .structure import atomic_write_text
+
+
+class MetricsLog:
+    """Rank-0 writer of ``metrics.jsonl`` and tensorboard events under ``tb/``; no-op on other ranks."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out_dir / "tb"))
+
+    def log(self, step: int, phase: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "phase": phase, "time": round(time.time(), 3), **values}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self._tb.add_scalar(f"{phase}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def gates_csv(path: Path, space: SearchSpace, logits: torch.Tensor, p: torch.Tensor, chosen: set[int]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["index", "site", "type", "params", "alpha", "p", "chosen"])
+    for c in space.candidates:
+        w.writerow(
+            [
+                c.index,
+                c.site,
+                c.type,
+                c.params,
+                f"{float(logits[c.index]):.6g}",
+                f"{float(p[c.index]):.6g}",
+                int(c.index in chosen),
+            ]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
+def heatmap(path: Path, space: SearchSpace, p: torch.Tensor, title: str = "") -> None:
+    """Gate probabilities p as a (delta type @ component) × layer image, stacks side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns: list[tuple[str, int | None]] = []
+    for stack, depth in space.site_map.depths.items():
+        columns += [(stack, i) for i in range(depth)] + [(stack, None)]
+    rows: list[str] = []
+    cells: dict[tuple[str, tuple[str, int | None]], float] = {}
+    for c in space.candidates:
+        stack, layer, component = parse_site(c.site)
+        row = f"{c.type} @ {component}"
+        if row not in rows:
+            rows.append(row)
+        cells[(row, (stack, layer))] = float(p[c.index])
+    grid = torch.full((len(rows), len(columns)), float("nan"))
+    for (row, col), value in cells.items():
+        grid[rows.index(row), columns.index(col)] = value
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(columns) + 3), max(3, 0.25 * len(rows) + 1.5)))
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-6, float(p.max())))
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    labels = [f"{s[0].upper()}{'f' if i is None else i}" for s, i in columns]
+    ax.set_xticks(range(len(columns)), labels, fontsize=6, rotation=90)
+    ax.set_xlabel("layer (E = encoder, D = decoder; f = per-stack module)")
+    ax.set_title(title or "gate probability p per candidate")
+    fig.colorbar(im, ax=ax, label="p")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

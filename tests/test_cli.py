@@ -1,0 +1,450 @@
+"""The ``s3delta`` console script: space / structure / inspect, in-process, plus the installed entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from s3delta_ds import __version__
+from s3delta_ds.backbones.loading import load_config
+from s3delta_ds.cli import main
+from s3delta_ds.structure import Structure
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_json(capsys, *argv):
+    rc, out, err = run(capsys, *argv)
+    assert (rc, err) == (0, ""), err
+    return json.loads(out)
+
+
+# -- space -----------------------------------------------------------------------------------------
+
+
+def test_space_t5_base_mixed_json(capsys):
+    s = run_json(capsys, "space", "t5-base", "--space", "mixed", "--json")
+    assert s["family"] == "t5"
+    assert s["space"] == "mixed"
+    assert s["candidates"] == 460
+    assert s["params"] == 706944
+    assert s["backbone_params"] == 222903552
+    assert s["depths"] == {"encoder": 12, "decoder": 12}
+    assert {t: v["count"] for t, v in s["by_type"].items()} == {"lora": 144, "bitfit": 206, "lnfit": 62, "lra": 48}
+    assert {t: v["params"] for t, v in s["by_type"].items()} == {
+        "lora": 331776,
+        "bitfit": 213504,
+        "lnfit": 47616,
+        "lra": 114048,
+    }
+    assert sum(v["params"] for v in s["by_type"].values()) == 706944
+    assert s["fraction_of_backbone"] == pytest.approx(706944 / 222903552)
+    assert "candidate_list" not in s
+
+
+def test_space_t5_large_lora_json(capsys):
+    s = run_json(capsys, "space", "t5-large", "--space", "lora", "--json")
+    assert (s["family"], s["space"], s["candidates"], s["params"]) == ("t5", "lora", 288, 884736)
+    assert s["backbone_params"] == 737668096
+    assert s["by_type"] == {"lora": {"count": 288, "params": 884736}}
+
+
+def test_space_default_is_mixed(capsys):
+    s = run_json(capsys, "space", "t5-large", "--json")
+    assert (s["space"], s["candidates"]) == ("mixed", 916)
+
+
+def _type_rows(out: str) -> dict[str, tuple[int, int]]:
+    rows = {}
+    for line in out.splitlines():
+        m = re.fullmatch(r"(lora|bitfit|lnfit|lra|adapter)\s+(\d+)\s+([\d,]+)", line)
+        if m:
+            rows[m[1]] = (int(m[2]), int(m[3].replace(",", "")))
+    return rows
+
+
+def test_space_table_t5_base(capsys):
+    rc, out, err = run(capsys, "space", "t5-base")
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "t5-base: family t5, 222,903,552 parameters, layers: encoder 12, decoder 12"
+    assert lines[1] == "space 'mixed': 460 candidates, 706,944 parameters (0.3172% of the backbone) if all were on"
+    assert _type_rows(out) == {
+        "bitfit": (206, 213504),
+        "lnfit": (62, 47616),
+        "lra": (48, 114048),
+        "lora": (144, 331776),
+    }
+
+
+def test_space_table_t5_large_lora(capsys):
+    rc, out, err = run(capsys, "space", "t5-large", "--space", "lora")
+    assert (rc, err) == (0, "")
+    assert out.splitlines()[0] == "t5-large: family t5, 737,668,096 parameters, layers: encoder 24, decoder 24"
+    assert "space 'lora': 288 candidates, 884,736 parameters" in out
+    assert _type_rows(out) == {"lora": (288, 884736)}
+
+
+def test_space_candidates_json_lists_every_candidate(capsys):
+    s = run_json(capsys, "space", "tiny-t5", "--space", "mixed", "--json", "--candidates")
+    cands = s["candidate_list"]
+    assert len(cands) == s["candidates"] == 80
+    assert [c["index"] for c in cands] == list(range(80))
+    assert sum(c["params"] for c in cands) == s["params"] == 8496
+    assert len({(c["site"], c["type"]) for c in cands}) == 80
+    first = cands[0]
+    assert first == {"index": 0, "site": "encoder.0.attn_norm", "type": "bitfit", "kwargs": {}, "params": 64}
+    lora = next(c for c in cands if c["type"] == "lora")
+    assert lora["kwargs"] == {"r": 1, "alpha": 16.0, "dropout": 0.0}
+    assert {c["type"] for c in cands} == {"lora", "bitfit", "lnfit", "lra"}
+
+
+def test_space_candidates_table_lists_every_candidate(capsys):
+    listed = run_json(capsys, "space", "tiny-t5", "--space", "mixed", "--json", "--candidates")["candidate_list"]
+    rc, out, err = run(capsys, "space", "tiny-t5", "--space", "mixed", "--candidates")
+    assert (rc, err) == (0, "")
+    rows = [m.groups() for m in re.finditer(r"^(\d+)\s+(\S+)\s+(lora|bitfit|lnfit|lra)\s+([\d,]+)$", out, re.M)]
+    assert [(int(i), site, t, int(n.replace(",", ""))) for i, site, t, n in rows] == [
+        (c["index"], c["site"], c["type"], c["params"]) for c in listed
+    ]
+    # without --candidates there is no candidate table
+    _, plain, _ = run(capsys, "space", "tiny-t5", "--space", "mixed")
+    assert "encoder.0.attn_norm" not in plain
+
+
+def test_space_on_a_directory_with_only_config_json(capsys, tmp_path):
+    load_config("tiny-llama").save_pretrained(tmp_path / "model")
+    assert os.listdir(tmp_path / "model") == ["config.json"]
+    s = run_json(capsys, "space", tmp_path / "model", "--space", "lora", "--json")
+    # LoRA r=1 on q (64->64), k, v (64->32), o, gate, up (64->128), down (128->64) of 2 layers
+    per_layer = 128 + 96 + 96 + 128 + 192 + 192 + 192
+    assert (s["family"], s["depths"], s["candidates"], s["params"]) == ("llama", {"decoder": 2}, 14, 2 * per_layer)
+    rc, out, _ = run(capsys, "space", tmp_path / "model", "--space", "lora")
+    assert rc == 0
+    assert out.startswith(f"{tmp_path / 'model'}: family llama, ")
+
+
+def test_space_on_a_bare_config_file(capsys, tmp_path):
+    path = tmp_path / "shape.json"
+    path.write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "vocab_size": 64,
+            }
+        )
+    )
+    s = run_json(capsys, "space", path, "--space", "bias", "--json")
+    # bitfit on q,k,v,o (32), up (64), down (32) and 2 norms (32); lnfit on the 2 norms; 3 layers
+    assert (s["family"], s["depths"]) == ("bert", {"encoder": 3})
+    assert s["by_type"] == {
+        "bitfit": {"count": 3 * 8, "params": 3 * (7 * 32 + 64)},
+        "lnfit": {"count": 3 * 2, "params": 3 * 2 * 32},
+    }
+
+
+# -- structure random / manual, inspect ------------------------------------------------------------
+
+
+def _random(capsys, out: Path, seed: int, budget: float = 0.02, space: str = "mixed"):
+    rc, stdout, err = run(
+        capsys, "structure", "random", "tiny-t5", "--space", space, "--budget", budget, "--seed", seed, "-o", out
+    )
+    assert (rc, err) == (0, ""), err
+    return stdout
+
+
+def test_structure_random_writes_a_valid_file(capsys, tmp_path):
+    out = tmp_path / "out.json"
+    stdout = _random(capsys, out, seed=1)
+    assert out.is_file()
+    s = Structure.load(out)
+    assert (
+        stdout == f"wrote {out}: {len(s.modules)} modules, {s.budget.used:,} parameters "
+        f"({100 * s.budget.used / 181056:.5f}% of 181,056)\n"
+    )
+    summary = run_json(capsys, "inspect", out, "--json")
+    assert summary["kind"] == "random"
+    assert summary["space"] == "mixed"
+    assert summary["backbone"] == "tiny-t5"
+    assert summary["backbone_params"] == 181056
+    assert summary["params_used"] <= 0.02 * summary["backbone_params"]
+    assert summary["params_used"] == sum(m.params for m in s.modules)
+    assert summary["modules"] == len(s.modules) > 0
+    assert summary["budget_relative"] == 0.02
+    assert summary["budget_absolute"] == pytest.approx(0.02 * 181056)
+    assert s.search == {"method": "random", "seed": 1}
+    assert sorted(os.listdir(tmp_path)) == ["out.json"]
+
+
+def test_inspect_text(capsys, tmp_path):
+    out = tmp_path / "out.json"
+    _random(capsys, out, seed=1)
+    s = Structure.load(out)
+    rc, stdout, err = run(capsys, "inspect", out)
+    assert (rc, err) == (0, "")
+    lines = stdout.splitlines()
+    assert lines[0] == f"{out}: valid random structure for tiny-t5 (t5, 181,056 parameters), space mixed"
+    assert (
+        lines[1] == f"{len(s.modules)} modules, {s.budget.used:,} parameters used of a budget of 3,621 "
+        "(0.02 of the backbone); 0 candidates recorded"
+    )
+    rows = _type_rows(stdout)
+    assert sum(c for c, _ in rows.values()) == len(s.modules)
+    assert sum(n for _, n in rows.values()) == s.budget.used
+
+
+def test_structure_random_same_seed_same_modules(capsys, tmp_path):
+    _random(capsys, tmp_path / "a.json", seed=1)
+    _random(capsys, tmp_path / "b.json", seed=1)
+    _random(capsys, tmp_path / "c.json", seed=2)
+    a, b, c = (json.loads((tmp_path / f"{x}.json").read_text())["modules"] for x in "abc")
+    assert a == b
+    assert a != c
+    assert (len(a), len(c)) == (34, 32)  # tiny-t5, mixed, 2% budget
+
+
+def test_structure_random_lora_space(capsys, tmp_path):
+    _random(capsys, tmp_path / "l.json", seed=3, budget=0.01, space="lora")
+    s = Structure.load(tmp_path / "l.json")
+    assert {m.type for m in s.modules} == {"lora"}
+    assert s.space == "lora"
+    assert s.budget.used <= 0.01 * 181056
+
+
+T5_BASE_LORA_SITES = {f"{stack}.{i}.attn.{x}" for stack in ("encoder", "decoder") for i in range(12) for x in "qv"}
+
+
+def test_structure_manual_lora_t5_base(capsys, tmp_path):
+    out = tmp_path / "f.json"
+    rc, stdout, err = run(capsys, "structure", "manual", "t5-base", "--preset", "lora", "-o", out)
+    assert (rc, err) == (0, "")
+    assert stdout.startswith(f"wrote {out}: 48 modules, 589,824 parameters (")
+    s = Structure.load(out)
+    assert len(s.modules) == 48
+    assert {m.site for m in s.modules} == T5_BASE_LORA_SITES
+    assert all(m.type == "lora" and dict(m.kwargs) == {"r": 8, "alpha": 16.0, "dropout": 0.0} for m in s.modules)
+    assert all(m.params == 8 * (768 + 768) for m in s.modules)
+    assert s.budget.used == 48 * 8 * (768 + 768) == 589824
+    assert s.kind == "manual"
+    assert s.space is None
+    assert s.search == {"method": "manual", "preset": "lora"}
+
+
+@pytest.mark.parametrize(
+    "preset, count, params",
+    [
+        ("bitfit", 206, 213504),
+        ("lnfit", 62, 47616),
+        ("lra", 48, 114048),
+        ("adapter", 48, 48 * (2 * 768 * 24 + 24 + 768)),
+        ("lora-all-r1", 144, 331776),
+    ],
+)
+def test_structure_manual_presets_t5_base(capsys, tmp_path, preset, count, params):
+    out = tmp_path / "f.json"
+    rc, _, err = run(capsys, "structure", "manual", "t5-base", "--preset", preset, "-o", out)
+    assert (rc, err) == (0, "")
+    summary = run_json(capsys, "inspect", out, "--json")
+    assert summary["by_type"] == {("lora" if preset.startswith("lora") else preset): {"count": count, "params": params}}
+    assert summary["params_used"] == params
+    assert summary["modules"] == count
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def _assert_fails(capsys, tmp_path, argv, *expected, out_name="out.json"):
+    before = sorted(os.listdir(tmp_path))
+    t0 = time.monotonic()
+    rc, out, err = run(capsys, *argv)
+    elapsed = time.monotonic() - t0
+    assert rc == 2
+    assert out == ""
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") >= 1
+    for e in expected:
+        assert e in err, err
+    assert not (tmp_path / out_name).exists()
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no temp file
+    return err, elapsed
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        ("1e-9", "is smaller than the cheapest candidate (64 parameters): no structure fits; raise the budget"),
+        ("0.9999", "is not below the total of all candidates (8,496): every candidate fits"),
+        ("1.0", "budget 1.0 must be a fraction of the backbone's parameters in (0, 1)"),
+        ("0", "budget 0.0 must be a fraction of the backbone's parameters in (0, 1)"),
+        ("-0.01", "budget -0.01 must be a fraction"),
+        ("nan", "budget must be a number, got nan"),
+    ],
+)
+def test_structure_random_impossible_budget(capsys, tmp_path, budget, expected):
+    _assert_fails(
+        capsys, tmp_path, ["structure", "random", "tiny-t5", "--budget", budget, "-o", tmp_path / "out.json"], expected
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["space", "{nope}"],
+        ["space", "{nope}", "--json"],
+        ["structure", "random", "{nope}", "--budget", "0.01", "-o", "{out}"],
+        ["structure", "manual", "{nope}", "--preset", "lora", "-o", "{out}"],
+    ],
+)
+def test_unknown_model_path(capsys, tmp_path, command):
+    nope = tmp_path / "nope"
+    argv = [str(a).format(nope=nope, out=tmp_path / "out.json") for a in command]
+    err, elapsed = _assert_fails(
+        capsys,
+        tmp_path,
+        argv,
+        f"error: cannot find a model or config called {str(nope)!r}: not a file, "
+        "not a directory, not a shipped shape (",
+    )
+    assert elapsed < 10, f"a missing local path took {elapsed:.1f}s (hub retries?)"
+
+
+def test_unknown_bare_name_fails_fast_offline(capsys, tmp_path):
+    """A name that is neither a path nor a shape goes to the hub; offline (scripts/test.sh) that fails at once."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        pytest.skip("needs HF_HUB_OFFLINE=1 (set by scripts/test.sh); see the subprocess test for the same check")
+    err, elapsed = _assert_fails(
+        capsys,
+        tmp_path,
+        ["space", "no-such-model-s3delta-test"],
+        "error: cannot find a model or config called 'no-such-model-s3delta-test'",
+        "the hub lookup failed",
+    )
+    assert elapsed < 10
+
+
+def test_inspect_malformed_file(capsys, tmp_path):
+    good = tmp_path / "good.json"
+    _random(capsys, good, seed=1)
+    d = json.loads(good.read_text())
+    d["modules"][2]["params"] = -1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    _assert_fails(
+        capsys, tmp_path, ["inspect", bad], f"error: {bad}: modules[2].params: expected a positive integer, got -1"
+    )
+    d = json.loads(good.read_text())
+    d["budget"]["used"] += 1
+    bad.write_text(json.dumps(d))
+    _assert_fails(capsys, tmp_path, ["inspect", bad, "--json"], f"error: {bad}: budget.used: is ")
+
+
+def test_inspect_not_json_and_missing(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "format": ,\n}')
+    _assert_fails(capsys, tmp_path, ["inspect", bad], f"error: {bad}: not valid JSON: ", "at line 2 column 13")
+    _assert_fails(
+        capsys, tmp_path, ["inspect", tmp_path / "missing.json"], f"error: {tmp_path / 'missing.json'}: cannot read ("
+    )
+
+
+def test_inspect_binary_file(capsys, tmp_path):
+    """A non-UTF-8 file is a user error like any other: exit 2 with a message, not a traceback."""
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b"\xff\xfe\x00\x01binary")
+    _assert_fails(capsys, tmp_path, ["inspect", bad], f"error: {bad}: ")
+
+
+def test_failed_run_keeps_an_existing_output(capsys, tmp_path):
+    """An existing output file survives a failed run (the budget error happens before anything is written)."""
+    out = tmp_path / "out.json"
+    out.write_text("KEEP")
+    rc, _, err = run(capsys, "structure", "random", "tiny-t5", "--budget", "1e-9", "-o", out)
+    assert rc == 2 and err.startswith("error: budget ")
+    assert out.read_text() == "KEEP"
+    assert os.listdir(tmp_path) == ["out.json"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["space", "t5-base", "--space", "nonsense"],
+        ["structure", "manual", "t5-base", "--preset", "nonsense", "-o", "x.json"],
+        ["structure", "random", "t5-base", "-o", "x.json"],  # --budget is required
+        ["structure", "random", "t5-base", "--budget", "lots", "-o", "x.json"],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_usage_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "usage: s3delta" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"s3delta_ds {__version__}\n"
+
+
+# -- the installed console script ------------------------------------------------------------------
+
+
+def _script() -> str:
+    path = Path(sys.executable).parent / "s3delta"
+    assert path.is_file(), f"console script not installed at {path} (pip install -e .)"
+    return str(path)
+
+
+def test_console_script_is_installed(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.run(
+        [_script(), "space", "t5-base", "--space", "lora", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert (s["family"], s["candidates"], s["params"]) == ("t5", 144, 331776)
+
+
+def test_console_script_error_exit_code_and_offline_speed(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [_script(), "structure", "random", "no-such-model-s3delta-test", "--budget", "0.01", "-o", "out.json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("error: cannot find a model or config called 'no-such-model-s3delta-test'")
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+    assert elapsed < 60, f"offline hub lookup took {elapsed:.1f}s"
