@@ -73,6 +73,7 @@ def save_deltas(
         os.close(fd)
         try:
             save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
+            os.chmod(tmp, 0o644)
             verify_delta_file(tmp, {k: _full_shape(p) for k, p in named})
             os.replace(tmp, path)
         finally:

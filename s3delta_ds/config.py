@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 MODES = ("first-order", "second-order")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+SELECT = ("metric", "loss", "last")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -89,11 +90,15 @@ class TrainConfig:
     clip: float = 2.0
     """Gradient-norm clipping of the delta weights (DeepSpeed's gradient_clipping)."""
     log_every: int = 10
+    stop_after: int = 0
+    """Stop this launch after N steps (checkpointing first) and exit; continue with --resume. For
+    job time limits and preemptible queues. 0: run to the end."""
 
     def _validate(self, section: str):
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_batch_size", "eval_every", "log_every"):
             _check(getattr(self, name) >= 1, f"{section}.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.checkpoint_every >= 0, f"{section}.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _check(self.stop_after >= 0, f"{section}.stop_after must be >= 0, got {self.stop_after}")
         _check(self.lr > 0, f"{section}.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"{section}.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.clip >= 0, f"{section}.clip must be >= 0 (0 disables), got {self.clip}")
@@ -113,6 +118,9 @@ class SearchConfig(TrainConfig):
     """Sigmoid temperature of the shifted global sigmoid."""
     temperature: float = 1.0
     """Binary-concrete temperature of the gate samples."""
+    select: str = "metric"
+    """Which gates define the structure: "metric" (best validation score of the soft-gated supernet,
+    as the original; ties go to the lower validation loss), "loss" (lowest validation loss) or "last"."""
 
     def __post_init__(self):
         self._validate("search")
@@ -122,6 +130,7 @@ class SearchConfig(TrainConfig):
         _check(self.gate_clip >= 0, f"search.gate_clip must be >= 0, got {self.gate_clip}")
         _check(self.beta > 0, f"search.beta must be > 0, got {self.beta}")
         _check(self.temperature > 0, f"search.temperature must be > 0, got {self.temperature}")
+        _check(self.select in SELECT, f"search.select must be one of {', '.join(SELECT)}, got {self.select!r}")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -186,3 +186,69 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
         return 2
     finally:
         zero.destroy()
+
+
+def is_better(result: dict, state: dict, metric: str, select: str = "metric") -> bool:
+    """Model selection on validation: the metric (ties → lower loss), the loss, or always the latest."""
+    if select == "last":
+        return True
+    if select == "loss":
+        return result["loss"] <= state["best_loss"]
+    if result[metric] != state["best_score"]:
+        return result[metric] > state["best_score"]
+    return result["loss"] <= state["best_loss"]
+
+
+def new_state(**extra) -> dict:
+    """Loop state that goes into every checkpoint."""
+    return {
+        "step": 0,
+        "best_score": float("-inf"),
+        "best_loss": float("inf"),
+        "best_step": -1,
+        "step_times": [],
+        **extra,
+    }
+
+
+def train_loop(
+    rt: Runtime, tc: TrainConfig, state: dict, *, desc: str, step_fn, eval_fn, checkpoint_fn, metrics
+) -> bool:
+    """The loop both entry points share: step, log, validate, checkpoint, honour ``stop_after``.
+
+    ``step_fn(step) -> dict`` runs one optimizer step and returns numbers to log; ``eval_fn()`` runs
+    validation (and updates the best); ``checkpoint_fn()`` saves. Returns False when the launch
+    stopped early (``stop_after``), True when all steps are done.
+    """
+    from tqdm import tqdm
+
+    start = state["step"]
+    bar = tqdm(total=tc.steps, initial=start, disable=not rt.is_main, desc=desc, dynamic_ncols=True, mininterval=2)
+    try:
+        while state["step"] < tc.steps:
+            t0 = time.perf_counter()
+            stats = step_fn(state["step"])
+            state["step_times"].append(time.perf_counter() - t0)
+            state["step"] += 1
+            step = state["step"]
+            bar.update(1)
+            if step % tc.log_every == 0:
+                metrics.log(step, desc, stats)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k.endswith("loss")})
+            saved = False
+            if step % tc.eval_every == 0 or step == tc.steps:
+                eval_fn()
+                if tc.checkpoint_every == 0:
+                    checkpoint_fn()
+                    saved = True
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not saved:
+                checkpoint_fn()
+                saved = True
+            if tc.stop_after and step - start >= tc.stop_after and step < tc.steps:
+                if not saved:
+                    checkpoint_fn()
+                rt.log(f"stopping after {tc.stop_after} steps (stop_after) at step {step}; continue with --resume")
+                return False
+        return True
+    finally:
+        bar.close()

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 2 s3delta_ds/search.py --config ...
     python -m s3delta_ds.search --config ...            # one process
 
-Writes to ``output_dir``: structure.json, gates.csv, heatmap.png, metrics.jsonl, tb/, summary.json,
-config.yaml, ds_config.json and checkpoints/ (``--resume`` continues from the newest).
+Writes to ``output_dir``: structure.json, gates.csv, heatmap.png, supernet_deltas.safetensors,
+metrics.jsonl, tb/, summary.json, config.yaml, ds_config.json and checkpoints/ (``--resume``
+continues from the newest complete one).
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a file by a launcher: import the package, not siblings
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
-from tqdm import tqdm
 
 from s3delta_ds import builders
-from s3delta_ds.checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
+from s3delta_ds.checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
 from s3delta_ds.config import RunConfig
 from s3delta_ds.data import BatchStream, split_halves
 from s3delta_ds.engine import zero
@@ -32,14 +31,17 @@ from s3delta_ds.engine.gatelogits import GateLogits
 from s3delta_ds.evaluate import evaluate
 from s3delta_ds.gates import check_budget, discretise, probabilities
 from s3delta_ds.objective import DeltaModel
-from s3delta_ds.recipe import prepare, script_main
+from s3delta_ds.recipe import is_better, new_state, prepare, script_main, train_loop
 from s3delta_ds.report import MetricsLog, gates_csv, heatmap
 from s3delta_ds.structure import atomic_write_text
 from s3delta_ds.supernet import DeltaSpec, GateContext, attach, freeze_backbone
 
+SUPERNET_DELTAS = "supernet_deltas.safetensors"
 
-def run_search(cfg: RunConfig, *, resume: bool = False) -> dict:
-    """The whole search on this rank (collective). Returns the summary (on every rank)."""
+
+def run_search(cfg: RunConfig, *, resume: bool = False) -> dict | None:
+    """The whole search on this rank (collective). Returns the summary on every rank (None when the
+    launch stopped early because of ``search.stop_after``)."""
     sc = cfg.search
     rt = prepare(cfg, sc, resume=resume, kind="search")
     stage = zero.zero_stage(rt.ds_config)
@@ -88,7 +90,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict:
         )
         for k, (name, half) in enumerate((("weights", weights_half), ("gates", gates_half)))
     }
-    state = {"step": 0, "best_score": float("-inf"), "best_step": -1, "best_logits": None, "step_times": []}
+    state = new_state(best_logits=None)
     ckpt_dir = rt.out / "checkpoints"
     if resume:
         client = load_run_checkpoint(engine, ckpt_dir)
@@ -97,11 +99,31 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict:
             s.load_state_dict(client["streams"][name])
         state = client["state"]
         rt.log(f"resumed from {latest_checkpoint(ckpt_dir)} at step {state['step']}")
-
     metrics = MetricsLog(rt.out, rt.is_main)
-    main_metric = rt.task.metric
 
-    def checkpoint() -> None:
+    def step_fn(step: int) -> dict:
+        stats = bilevel.step(streams["weights"].next(), streams["gates"].next(), step)
+        return {**stats, "lr": float(engine.get_lr()[0])}
+
+    def eval_fn() -> None:
+        ctx.z = gates.eval_p()  # the supernet with z = p, as the original evaluates during search
+        result = evaluate(
+            module, rt.data["validation"], rt.collate, rt.task, batch_size=sc.eval_batch_size, device=rt.device
+        )
+        if is_better(result, state, rt.task.metric, sc.select):
+            state.update(
+                best_score=result[rt.task.metric],
+                best_loss=result["loss"],
+                best_step=state["step"],
+                best_logits=gates.logits.detach().cpu().clone(),
+            )
+        metrics.log(state["step"], "validation", {**result, "best": state["best_score"]})
+        rt.log(
+            f"step {state['step']}: validation {rt.task.metric} {result[rt.task.metric]:.4f} loss "
+            f"{result['loss']:.4f} (selected: step {state['best_step']})"
+        )
+
+    def checkpoint_fn() -> None:
         client = {
             "gates": gates.state_dict(),
             "streams": {k: s.state_dict() for k, s in streams.items()},
@@ -109,46 +131,24 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict:
         }
         save_run_checkpoint(engine, ckpt_dir, state["step"], client)
 
-    bar = tqdm(total=sc.steps, initial=state["step"], disable=not rt.is_main, desc="search", dynamic_ncols=True)
     module.train()
-    while state["step"] < sc.steps:
-        step = state["step"]
-        t0 = time.perf_counter()
-        stats = bilevel.step(streams["weights"].next(), streams["gates"].next(), step)
-        state["step_times"].append(time.perf_counter() - t0)
-        state["step"] = step + 1
-        bar.update(1)
-        if state["step"] % sc.log_every == 0:
-            stats["lr"] = float(engine.get_lr()[0])
-            metrics.log(state["step"], "search", stats)
-            bar.set_postfix(delta=f"{stats['delta_loss']:.3f}", gate=f"{stats['gate_loss']:.3f}")
-        if state["step"] % sc.eval_every == 0 or state["step"] == sc.steps:
-            ctx.z = gates.eval_p()  # evaluate the supernet with z = p, as the original does
-            result = evaluate(
-                module, rt.data["validation"], rt.collate, rt.task, batch_size=sc.eval_batch_size, device=rt.device
-            )
-            if result[main_metric] >= state["best_score"]:
-                state.update(
-                    best_score=result[main_metric],
-                    best_step=state["step"],
-                    best_logits=gates.logits.detach().cpu().clone(),
-                )
-            metrics.log(state["step"], "validation", {**result, "best": state["best_score"]})
-            bar.write(
-                f"step {state['step']}: validation {main_metric} {result[main_metric]:.4f} "
-                f"(best {state['best_score']:.4f} @ {state['best_step']})"
-            ) if rt.is_main else None
-            if sc.checkpoint_every == 0:
-                checkpoint()
-        if sc.checkpoint_every and state["step"] % sc.checkpoint_every == 0:
-            checkpoint()
-    bar.close()
+    finished = train_loop(
+        rt, sc, state, desc="search", step_fn=step_fn, eval_fn=eval_fn, checkpoint_fn=checkpoint_fn, metrics=metrics
+    )
     metrics.close()
-    return finish(rt, cfg, space, gates, state, engine_stage=stage)
+    if not finished:
+        return None
+    save_deltas(
+        rt.model,
+        rt.out / SUPERNET_DELTAS,
+        head_prefixes=rt.family.head_modules,
+        metadata={"kind": "supernet", "step": str(state["step"])},
+    )
+    return finish(rt, cfg, space, gates, state, stage)
 
 
-def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, engine_stage: int) -> dict:
-    """Discretise the best-validation gates at the budget and write the run's outputs (rank 0)."""
+def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, stage: int) -> dict:
+    """Discretise the selected gates at the budget and write the run's outputs (rank 0)."""
     sc = cfg.search
     logits = state["best_logits"]
     p, _ = probabilities(logits.double(), gates.n, gates.budget, sc.beta)
@@ -162,15 +162,17 @@ def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, engine_sta
         "micro_batch_size": sc.micro_batch_size,
         "grad_accum": sc.grad_accum,
         "world_size": rt.world,
-        "zero_stage": engine_stage,
+        "zero_stage": stage,
         "dtype": rt.dtype,
         "lr": sc.lr,
         "gate_lr": sc.gate_lr,
         "beta": sc.beta,
         "temperature": sc.temperature,
+        "select": sc.select,
         "metric": rt.task.metric,
         "score": state["best_score"],
-        "best_step": state["best_step"],
+        "validation_loss": state["best_loss"],
+        "selected_step": state["best_step"],
         "deepspeed": rt.ds_source,
     }
     structure = builders.searched(space, rt.backbone.info, p.tolist(), logits.tolist(), sc.budget, search=search_meta)
@@ -181,12 +183,13 @@ def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, engine_sta
         "params_used": structure.budget.used,
         "modules": len(structure.modules),
         "search_score": state["best_score"],
-        "best_step": state["best_step"],
+        "selected_step": state["best_step"],
         "metric": rt.task.metric,
         "median_step_s": statistics.median(times),
         "world_size": rt.world,
-        "zero_stage": engine_stage,
+        "zero_stage": stage,
         "steps": sc.steps,
+        "candidates": len(space),
     }
     if rt.is_main:
         structure.save(rt.out / "structure.json")
@@ -196,8 +199,8 @@ def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, engine_sta
         atomic_write_text(rt.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         rt.log(
             f"structure: {len(structure.modules)} modules, {structure.budget.used:,} of {gates.budget:,.0f} "
-            f"parameters; best validation {rt.task.metric} {state['best_score']:.4f} at step {state['best_step']}; "
-            f"median step {summary['median_step_s']:.3f}s -> {rt.out / 'structure.json'}"
+            f"parameters (gates of step {state['best_step']}, validation {rt.task.metric} "
+            f"{state['best_score']:.4f}); median step {summary['median_step_s']:.3f}s -> {rt.out / 'structure.json'}"
         )
     zero.barrier()
     return summary

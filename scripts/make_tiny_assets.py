@@ -104,7 +104,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def train_sentencepiece(lines: list[str], model_type: str, vocab_size: int, **ids) -> bytes:
+def train_sentencepiece(lines: list[str], model_type: str, vocab_size: int, **options) -> bytes:
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
@@ -114,7 +114,7 @@ def train_sentencepiece(lines: list[str], model_type: str, vocab_size: int, **id
         character_coverage=1.0,
         num_threads=1,
         minloglevel=2,
-        **ids,
+        **options,
     )
     return buf.getvalue()
 
@@ -129,17 +129,21 @@ def main() -> None:
     corpus = [r["sentence"] for rows in splits.values() for r in rows]
     corpus += [f"sentiment: {s}" for s in corpus[:500]] + ["positive", "negative", "sentiment:"] * 50
 
+    words = sorted({w for line in corpus for w in line.split()})
+    # T5: a word-level model, so every word (label words included) is one token and a tiny random
+    # backbone can learn the task from a few thousand parameters.
     t5 = OUT / "t5"
     t5.mkdir(exist_ok=True)
     (t5 / "spiece.model").write_bytes(
-        train_sentencepiece(corpus, "unigram", 128, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+        train_sentencepiece(corpus, "word", len(words) + 3, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
     )
     llama = OUT / "llama"
     llama.mkdir(exist_ok=True)
     (llama / "tokenizer.model").write_bytes(
-        train_sentencepiece(corpus, "bpe", 128, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+        train_sentencepiece(
+            corpus, "bpe", 250, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=["positive", "negative"]
+        )
     )
-    words = sorted({w for line in corpus for w in line.split()})
     bert = OUT / "bert"
     bert.mkdir(exist_ok=True)
     (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")

@@ -28,6 +28,36 @@ from .gatelogits import GateLogits
 DELTA_PHASE, GATE_PHASE = 0, 1
 
 
+def global_items(micro_batches, device: torch.device) -> float:
+    """Items scored in this step on all ranks (the loss normaliser). One tiny all-reduce."""
+    local = sum(float((mb["labels"] != -100).sum()) for mb in micro_batches)
+    return float(zero.all_reduce_sum_(torch.tensor([local], dtype=torch.float64, device=device)).item())
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss).all():
+        raise TrainingError(f"non-finite loss in the {where}: lower the learning rate or check the data")
+
+
+def delta_update(engine, model: DeltaModel, micro_batches, device: torch.device) -> float:
+    """One optimizer step of the DeepSpeed-owned weights over ``micro_batches``; returns the mean loss.
+
+    DeepSpeed divides each backward by grad_accum and averages over ranks, so scaling the summed
+    loss by grad_accum · world / (global items) gives exactly the mean over the global batch.
+    """
+    items = global_items(micro_batches, device)
+    scale = engine.gradient_accumulation_steps() * zero.world() / items
+    total = 0.0
+    for mb in micro_batches:
+        loss_sum, _ = engine(move(mb, device))
+        loss = loss_sum.sum()
+        check_finite(loss, "delta phase")
+        engine.backward(loss * scale)
+        engine.step()
+        total += float(loss.detach())
+    return float(zero.all_reduce_sum_(torch.tensor([total], dtype=torch.float64, device=device)).item()) / items
+
+
 def check_mode(mode: str, stage: int) -> None:
     if mode == "second-order" and stage >= 3:
         raise DistributedSetupError(
@@ -40,19 +70,11 @@ class BiLevel:
     def __init__(self, engine, gates: GateLogits, *, mode: str, device: torch.device):
         self.engine, self.gates, self.mode, self.device = engine, gates, mode, device
         self.model: DeltaModel = engine.module
-        self.grad_accum = engine.gradient_accumulation_steps()
         self.delta_params = [p for p in self.model.parameters() if p.requires_grad]
 
     # -- helpers -------------------------------------------------------------------------------
     def _global_items(self, micro_batches) -> float:
-        """Items scored in this step on all ranks: the loss normaliser. One tiny all-reduce."""
-        local = sum(float((mb["labels"] != -100).sum()) for mb in micro_batches)
-        return float(zero.all_reduce_sum_(torch.tensor([local], dtype=torch.float64, device=self.device)).item())
-
-    @staticmethod
-    def _check(loss_sum: torch.Tensor, where: str) -> None:
-        if not torch.isfinite(loss_sum).all():
-            raise TrainingError(f"non-finite loss in the {where}: lower the learning rate or check the data")
+        return global_items(micro_batches, self.device)
 
     def _mean(self, total: float, items: float) -> float:
         t = zero.all_reduce_sum_(torch.tensor([total], dtype=torch.float64, device=self.device))
@@ -64,18 +86,8 @@ class BiLevel:
 
         ``z``: gate values to use (default: a fresh concrete sample, as the original does).
         """
-        items = self._global_items(micro_batches)
-        scale = self.grad_accum * zero.world() / items  # DeepSpeed divides by grad_accum and averages ranks
         self.model.gate_ctx.z = (self.gates.sample(step, DELTA_PHASE) if z is None else z).detach()
-        total = 0.0
-        for mb in micro_batches:
-            loss_sum, _ = self.engine(move(mb, self.device))
-            loss = loss_sum.sum()
-            self._check(loss, "delta phase")
-            self.engine.backward(loss * scale)
-            self.engine.step()
-            total += float(loss.detach())
-        return self._mean(total, items)
+        return delta_update(self.engine, self.model, micro_batches, self.device)
 
     def _z_grad(self, micro_batches, z_leaf: torch.Tensor, items: float, want_w: bool = False):
         """Σ over micro-batches of ∂(loss / items)/∂z (and ∂/∂w), summed over ranks."""
@@ -86,7 +98,7 @@ class BiLevel:
         for mb in micro_batches:
             loss_sum, _ = self.model(move(mb, self.device))
             loss = loss_sum.sum()
-            self._check(loss, "gate phase")
+            check_finite(loss, "gate phase")
             inputs = [z_leaf] + (self.delta_params if want_w else [])
             grads = torch.autograd.grad(loss / items, inputs, allow_unused=True)
             gz += grads[0]
