@@ -1,0 +1,117 @@
+"""Search → structure.json → retrain on 2 ZeRO-3 ranks, the saved delta file, and retrain resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from s3delta_ds.backbones import SiteMap, family_for
+from s3delta_ds.checkpoint import load_deltas, verify_delta_file
+from s3delta_ds.config import load_run_config
+from s3delta_ds.data import Collator, Encoder, get_task, load_rows, load_tokenizer
+from s3delta_ds.engine.backbone import load_backbone, materialise_embedded
+from s3delta_ds.errors import CheckpointError
+from s3delta_ds.evaluate import evaluate
+from s3delta_ds.objective import DeltaModel
+from s3delta_ds.structure import Structure
+from s3delta_ds.supernet import attach, named_delta_parameters
+
+from .launching import TINY, deltas, max_diff, run
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    run("deepspeed", "search", [*TINY, "search.micro_batch_size=2", f"output_dir={out}"])
+    return out / "structure.json"
+
+
+@pytest.fixture(scope="module")
+def retrained(searched, tmp_path_factory):
+    out = tmp_path_factory.mktemp("retrain")
+    run(
+        "deepspeed",
+        "retrain",
+        [*TINY, "retrain.micro_batch_size=2", f"retrain.structure={searched}", f"output_dir={out}"],
+    )
+    return out
+
+
+def test_delta_file_is_complete(searched, retrained):
+    structure = Structure.load(searched)
+    d = deltas(retrained / "deltas.safetensors")
+    sites = {k.split("/")[0] + "/" + k.split("/")[1].split(".")[0] for k in d}
+    assert sites == {f"{m.site}/{m.type}" for m in structure.modules}
+    assert sum(v.numel() for v in d.values()) == structure.budget.used
+    assert all(v.numel() > 0 and torch.isfinite(v).all() for v in d.values())
+    summary = json.loads((retrained / "summary.json").read_text())
+    assert summary["trainable_params"] == structure.budget.used and summary["zero_stage"] == 3
+
+
+def test_deltas_reload_into_a_fresh_model_with_identical_outputs(searched, retrained):
+    """Load the file into a plain (no DeepSpeed) model: the test loss equals the one the 2-rank ZeRO-3
+    run measured with the same weights."""
+    cfg = load_run_config(None, [*TINY, f"retrain.structure={searched}"])
+    model = load_backbone(cfg.model, source=str(materialise_embedded("tiny-t5")), dtype="fp32", ds_config={})
+    site_map = SiteMap(model, family_for(model.config))
+    structure = Structure.load(searched)
+    attach(model, site_map, structure.specs())
+    with torch.no_grad():
+        for _, p in named_delta_parameters(model):
+            p.fill_(123.0)  # prove the load overwrites every tensor
+    assert load_deltas(model, retrained / "deltas.safetensors") == len(named_delta_parameters(model))
+    task = get_task("tiny-sentiment")
+    tok = load_tokenizer("t5", "tiny-t5")
+    enc = Encoder(task, tok, "seq2seq", task.max_source_length, 16)
+    test = [enc.encode(r) for r in load_rows(task, None)["test"][:24]]
+    result = evaluate(
+        DeltaModel(model, "seq2seq"),
+        test,
+        Collator("seq2seq", tok.pad_token_id),
+        task,
+        batch_size=8,
+        device=torch.device("cpu"),
+    )
+    summary = json.loads((retrained / "summary.json").read_text())
+    assert result["loss"] == pytest.approx(summary["test"]["loss"], abs=1e-5)
+    assert result["accuracy"] == summary["test"]["accuracy"]
+
+
+def test_incomplete_delta_file_is_refused(retrained, tmp_path):
+    from safetensors.torch import save_file
+
+    d = deltas(retrained / "deltas.safetensors")
+    key = sorted(d)[0]
+    partial = dict(d)
+    partial.pop(key)
+    save_file(partial, str(tmp_path / "partial.safetensors"), metadata={"format": "s3delta-deltas"})
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        verify_delta_file(tmp_path / "partial.safetensors", {k: tuple(v.shape) for k, v in d.items()})
+
+
+def test_interrupted_retrain_resumes_to_the_same_deltas(searched, retrained, tmp_path):
+    args = [*TINY, "retrain.micro_batch_size=2", f"retrain.structure={searched}", f"output_dir={tmp_path}"]
+    run("deepspeed", "retrain", [*args, "retrain.stop_after=4"])
+    assert not (tmp_path / "summary.json").exists()
+    run("deepspeed", "retrain", ["--resume", *args])
+    a = json.loads((tmp_path / "summary.json").read_text())
+    b = json.loads((retrained / "summary.json").read_text())
+    assert a["best_step"] == b["best_step"] and a["test"] == b["test"]
+    assert max_diff(deltas(tmp_path / "deltas.safetensors"), deltas(retrained / "deltas.safetensors")) < 1e-7
+
+
+def test_nan_loss_stops_with_a_clear_error_and_no_outputs(searched, tmp_path):
+    proc = run(
+        "python",
+        "retrain",
+        [*TINY, f"retrain.structure={searched}", "retrain.lr=1e30", "retrain.clip=0", f"output_dir={tmp_path}"],
+        1,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "non-finite loss" in proc.stderr
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "deltas.safetensors").exists()
