@@ -94,3 +94,30 @@ def heatmap(path: Path, space: SearchSpace, p: torch.Tensor, title: str = "") ->
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def budget_sweep_plot(path: Path, rows: list[tuple[float, dict]]) -> None:
+    """Parameters per delta type of the structure at each budget (stacked bars, log-spaced budgets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = sorted({t for _, s in rows for t in s["by_type"]})
+    labels = [f"{b:g}" for b, _ in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
+    bottom = [0.0] * len(rows)
+    for t in types:
+        values = [s["by_type"].get(t, {}).get("params", 0) for _, s in rows]
+        ax.bar(labels, values, bottom=bottom, label=t)
+        bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+    ax.set_xlabel("budget (fraction of backbone parameters)")
+    ax.set_ylabel("parameters used")
+    ax.legend(fontsize=8)
+    ax.set_title("structure at each budget (from the stored gate probabilities)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

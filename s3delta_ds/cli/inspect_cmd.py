@@ -10,11 +10,63 @@ def register(sub) -> None:
     p = sub.add_parser("inspect", help="validate and summarise a structure JSON")
     p.add_argument("structure", metavar="STRUCTURE.json")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.add_argument(
+        "--budgets",
+        metavar="R1,R2,...",
+        help="also show the structures the same search gives at these relative budgets (from stored p)",
+    )
+    p.add_argument("--plot", metavar="PNG", help="with --budgets: plot parameters per delta type against the budget")
+    p.add_argument("--write", metavar="DIR", help="with --budgets: write each structure as DIR/structure_<budget>.json")
     p.set_defaults(func=run)
+
+
+def _budgets(text: str) -> list[float]:
+    from ..errors import ConfigError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--budgets must be comma-separated numbers, e.g. 1e-4,5e-5; got {text!r}") from None
+    if not values:
+        raise ConfigError("--budgets is empty")
+    return values
+
+
+def sweep(args, structure: Structure) -> int:
+    from pathlib import Path
+
+    from ..builders import Backbone
+    from ..transfer import rediscretise
+
+    target = Backbone.plan(structure.backbone.name_or_path)
+    results = [(b, rediscretise(structure, b, target)) for b in _budgets(args.budgets)]
+    if args.write:
+        for b, s in results:
+            s.save(Path(args.write) / f"structure_{b:g}.json")
+    if args.plot:
+        from ..report import budget_sweep_plot
+
+        budget_sweep_plot(Path(args.plot), [(b, s.summary()) for b, s in results])
+    if args.json:
+        print_json([{"budget": b, **s.summary()} for b, s in results])
+        return 0
+    types = sorted({t for _, s in results for t in s.summary()["by_type"]})
+    rows = []
+    for b, s in results:
+        summ = s.summary()
+        rows.append(
+            [f"{b:g}", fmt_int(b * summ["backbone_params"]), fmt_int(summ["params_used"]), str(summ["modules"])]
+            + [str(summ["by_type"].get(t, {}).get("count", 0)) for t in types]
+        )
+    print(f"{args.structure}: structures at other budgets from the stored gate probabilities (no re-search)\n")
+    print(table(rows, ["budget", "budget params", "params used", "modules", *types]))
+    return 0
 
 
 def run(args) -> int:
     structure = Structure.load(args.structure)
+    if args.budgets:
+        return sweep(args, structure)
     s = structure.summary()
     if args.json:
         print_json(s)

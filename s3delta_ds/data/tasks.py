@@ -82,7 +82,13 @@ def _split_file(data_dir: Path, split: str) -> Path | None:
 def _read(path: Path) -> list[dict]:
     import datasets
 
-    ds = datasets.load_dataset(_EXTENSIONS[path.suffix], data_files={"x": str(path)}, split="x")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    try:
+        ds = datasets.load_dataset(_EXTENSIONS[path.suffix], data_files={"x": str(path)}, split="x")
+    except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        # datasets reports a header-only CSV or a row-less parquet file in several ways
+        raise DataError(f"{path}: cannot read any rows ({type(e).__name__}: {e})") from e
     return [dict(r) for r in ds]
 
 
@@ -137,6 +143,11 @@ def apply_protocol(task: Task, rows: dict[str, list[dict]], seed: int) -> dict[s
     if "test" in rows:
         return rows
     if task.protocol == "large":
+        if len(rows["train"]) <= 2000:
+            raise DataError(
+                f"task {task.name!r}: the 'large' split protocol takes 2,000 training rows as validation, but "
+                f"there are only {len(rows['train'])}; provide a test split or use a smaller task"
+            )
         train = list(rows["train"])
         random.Random(seed).shuffle(train)
         return {"train": train[2000:], "validation": train[:2000], "test": rows["validation"]}

@@ -71,6 +71,8 @@ def _find_auto(obj: Any, path: str = "") -> list[str]:
         return [path]
     if isinstance(obj, dict):
         return [p for k, v in obj.items() for p in _find_auto(v, f"{path}.{k}" if path else k)]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _find_auto(v, f"{path}[{i}]")]
     return []
 
 

@@ -1,0 +1,200 @@
+"""Transfer a structure to another backbone of the same family (T5-base 12+12 → T5-XXL 24+24,
+LLaMA 32 → 80 layers), or re-discretise it at other budgets, from the gate probabilities it stores.
+
+Mapping rule (``overlap-mean``): layer t of a stack with T layers covers the relative-depth interval
+[t/T, (t+1)/T). A target candidate's p is the overlap-weighted mean of the p of the source
+candidates with the same component and delta type whose layer intervals overlap its own. So
+12 → 24 copies each p to two layers, 24 → 12 averages pairs, and 32 → 80 blends neighbours.
+Per-stack candidates (``final_norm``) map one to one. A target component the source lacks (T5
+v1.0 → v1.1 adds ``mlp.gate``) takes the p of the source components with the same role. Parameter
+counts are recomputed on the target's shapes, then the greedy knapsack re-discretises at the budget.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .backbones import parse_site
+from .builders import Backbone, absolute_budget, from_indices
+from .deltas import resolve
+from .errors import StructureError
+from .gates import discretise
+from .space import Candidate, SearchSpace, rules_of
+from .structure import Structure
+
+RULE = "overlap-mean"
+
+
+def _interval(layer: int, depth: int) -> tuple[float, float]:
+    return layer / depth, (layer + 1) / depth
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def _source_p(source: Structure) -> dict[tuple[str, str, str], dict[int | None, float]]:
+    """(stack, component, type) → {layer: p}, from the candidates (or, lacking them, the modules: p=1)."""
+    table: dict[tuple[str, str, str], dict[int | None, float]] = defaultdict(dict)
+    if source.candidates:
+        for c in source.candidates:
+            stack, layer, component = parse_site(c.site)
+            table[(stack, component, c.type)][layer] = c.p
+        return table
+    for m in source.modules:
+        stack, layer, component = parse_site(m.site)
+        table[(stack, component, m.type)][layer] = 1.0
+    return table
+
+
+def map_probabilities(source: Structure, space: SearchSpace) -> tuple[list[float], dict[str, int]]:
+    """p for every candidate of the target ``space`` (see the module docstring for the rule)."""
+    table = _source_p(source)
+    depths = source.backbone.depths
+    roles = space.family.roles(space.site_map.config)
+    role_of = {c: r for r, comps in roles.items() for c in comps}
+    stats = {"matched": 0, "by_role": 0, "unmatched": 0}
+    p_out = []
+    for cand in space.candidates:
+        stack, layer, component = parse_site(cand.site)
+        keys = [(stack, component, cand.type)]
+        if keys[0] not in table and component in role_of:  # same role, e.g. v1.1's mlp.gate from v1.0's mlp.up
+            keys = [(stack, c, cand.type) for c in roles[role_of[component]] if (stack, c, cand.type) in table]
+        keys = [k for k in keys if k in table]
+        if not keys:
+            p_out.append(0.0)
+            stats["unmatched"] += 1
+            continue
+        stats["matched" if keys[0][1] == component else "by_role"] += 1
+        values = []
+        for key in keys:
+            src = table[key]
+            if layer is None:
+                values.append(src.get(None, 0.0))
+                continue
+            target = _interval(layer, space.site_map.depths[stack])
+            weights = {s: _overlap(target, _interval(s, depths[stack])) for s in src if s is not None}
+            total = sum(weights.values())
+            values.append(sum(w * src[s] for s, w in weights.items()) / total if total > 0 else 0.0)
+        p_out.append(sum(values) / len(values))
+    return p_out, stats
+
+
+def _check_compatible(source: Structure, target: Backbone) -> None:
+    if source.backbone.family != target.family.name:
+        raise StructureError(
+            f"cannot transfer a {source.backbone.family} structure to a {target.family.name} backbone: no mapping "
+            f"between these families (sites are only mapped within a family)"
+        )
+    missing = sorted(set(source.backbone.depths) - set(target.site_map.depths))
+    if missing:
+        raise StructureError(f"the target backbone has no {', '.join(missing)} stack(s), which the structure uses")
+    target_components = {s.component for s in target.site_map.sites.values()}
+    role_components = {c for comps in target.family.roles(target.config).values() for c in comps}
+    unknown = sorted(
+        {m.site for m in source.modules if parse_site(m.site)[2] not in target_components | role_components}
+    )
+    if unknown:
+        raise StructureError(f"sites unknown on the target backbone: {', '.join(unknown[:8])}")
+
+
+def transfer(source: Structure, target: Backbone, budget: float | None = None) -> Structure:
+    """Map ``source`` onto ``target`` and re-discretise at ``budget`` (relative; default: the
+    source's relative budget).
+
+    Raises:
+        StructureError: other family, a missing stack, sites the target does not have, or a source
+            without gate probabilities asked to meet a new budget.
+        BudgetError: the budget is impossible on the target.
+    """
+    _check_compatible(source, target)
+    if source.space is None and budget is not None:  # a manual structure: no probabilities to re-discretise
+        raise StructureError(
+            "the source structure has no search space and no gate probabilities, so it cannot be "
+            "re-discretised at a new budget: transfer it without --budget"
+        )
+    provenance = {
+        "source": {
+            "digest": source.digest(),
+            "backbone": source.backbone.name_or_path,
+            "config_hash": source.backbone.config_hash,
+            "depths": dict(source.backbone.depths),
+            "kind": source.kind,
+            "budget": source.budget.relative,
+        },
+        "rule": RULE,
+    }
+    if source.space is None:
+        return _transfer_modules(source, target, provenance)
+    rules_of(source.space)
+    space = target.space(source.space)
+    p, stats = map_probabilities(source, space)
+    relative = budget if budget is not None else source.budget.relative
+    if relative is None:
+        raise StructureError("the source structure records no relative budget: pass --budget")
+    absolute = absolute_budget(relative, target.info.num_params)
+    chosen = discretise(p, space.params, absolute)
+    provenance |= {"budget_rule": "explicit" if budget is not None else "same relative budget", **stats}
+    return from_indices(
+        space,
+        target.info,
+        chosen,
+        kind="transferred",
+        relative=relative,
+        absolute=absolute,
+        p=p,
+        search=dict(source.search),
+        provenance=provenance,
+    )
+
+
+def _transfer_modules(source: Structure, target: Backbone, provenance: dict) -> Structure:
+    """A structure without probabilities (manual): every target layer whose interval overlaps a
+    chosen source layer gets the module (p = 1 there), at the target's own parameter counts."""
+    table = _source_p(source)
+    candidates = []
+    for key in sorted(table, key=str):
+        stack, component, type_name = key
+        kwargs = next(m.kwargs for m in source.modules if m.type == type_name and parse_site(m.site)[2] == component)
+        layers = [None] if None in table[key] else range(target.site_map.depths[stack])
+        for layer in layers:
+            if layer is not None:
+                t = _interval(layer, target.site_map.depths[stack])
+                if not any(_overlap(t, _interval(s, source.backbone.depths[stack])) > 0 for s in table[key]):
+                    continue
+            site = f"{stack}.{component}" if layer is None else f"{stack}.{layer}.{component}"
+            dims = target.site_map.site(site).dims
+            _, _, n = resolve(type_name, kwargs, dims, site)
+            candidates.append(Candidate(len(candidates), site, type_name, kwargs, n))
+    order = {name: i for i, name in enumerate(target.site_map.sites)}
+    candidates.sort(key=lambda c: (order[c.site], c.type))
+    candidates = [Candidate(i, c.site, c.type, c.kwargs, c.params) for i, c in enumerate(candidates)]
+    space = SearchSpace("manual", target.family, target.site_map, target.info.num_params, tuple(candidates))
+    used = sum(c.params for c in candidates)
+    structure = from_indices(
+        space,
+        target.info,
+        range(len(candidates)),
+        kind="transferred",
+        relative=used / target.info.num_params,
+        absolute=None,
+        search=dict(source.search),
+        provenance=provenance,
+    )
+    return Structure(
+        kind=structure.kind,
+        backbone=structure.backbone,
+        budget=structure.budget,
+        modules=structure.modules,
+        space=None,
+        search=structure.search,
+        provenance=structure.provenance,
+    )
+
+
+def rediscretise(structure: Structure, relative: float, target: Backbone | None = None) -> Structure:
+    """The structure the same search gives at another budget, from its stored p (no re-search)."""
+    if not structure.candidates:
+        raise StructureError("the structure stores no gate probabilities (candidates): it cannot be re-discretised")
+    target = target or Backbone.plan(structure.backbone.name_or_path)
+    return transfer(structure, target, budget=relative)

@@ -1,0 +1,172 @@
+"""Structure transfer across sizes (meta-device shapes, no weights) and budget sweeps."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from s3delta_ds import builders
+from s3delta_ds.builders import Backbone
+from s3delta_ds.cli import main
+from s3delta_ds.errors import BudgetError, StructureError
+from s3delta_ds.structure import Structure
+from s3delta_ds.transfer import RULE, map_probabilities, rediscretise, transfer
+
+
+def _searched(shape: str, budget: float, seed: int = 0, space: str = "mixed") -> Structure:
+    plan = Backbone.plan(shape)
+    s = plan.space(space)
+    rng = random.Random(seed)
+    p = [rng.random() for _ in s.candidates]
+    return builders.searched(s, plan.info, p, [0.0] * len(p), budget, search={"method": "test"})
+
+
+@pytest.fixture(scope="module")
+def base():
+    return _searched("t5-base", 1e-4)
+
+
+@pytest.fixture(scope="module")
+def xxl():
+    return Backbone.plan("flan-t5-xxl")
+
+
+def _p_table(structure: Structure) -> dict[tuple[str, str], float]:
+    return {(c.site, c.type): c.p for c in structure.candidates}
+
+
+def _assert_greedy_full(structure: Structure) -> None:
+    """Within budget, and as close as the greedy fill allows: nothing unchosen still fits."""
+    used, budget = structure.budget.used, structure.budget.absolute
+    assert used <= budget
+    chosen = {(m.site, m.type) for m in structure.modules}
+    leftover = [c.params for c in structure.candidates if (c.site, c.type) not in chosen]
+    assert all(n > budget - used for n in leftover)
+
+
+def test_t5_base_to_xxl_maps_by_relative_depth(base, xxl):
+    out = transfer(base, xxl)
+    assert out.kind == "transferred" and out.backbone.depths == {"encoder": 24, "decoder": 24}
+    assert len(out.candidates) == 24 * 20 + 24 * 22 + 4  # the XXL (gated FFN) mixed space
+    src, dst = _p_table(base), _p_table(out)
+    for layer in range(24):  # 12 -> 24: target layers 2s and 2s+1 take source layer s
+        for comp, typ in (("attn.q", "lora"), ("mlp.down", "lora"), ("cross_attn_norm", "lnfit"), ("attn", "lra")):
+            stack = "decoder" if comp == "cross_attn_norm" else "encoder"
+            assert dst[(f"{stack}.{layer}.{comp}", typ)] == pytest.approx(src[(f"{stack}.{layer // 2}.{comp}", typ)])
+    # T5 v1.0 has no mlp.gate: the gated FFN's gate takes the p of the FFN input (same role)
+    assert dst[("encoder.5.mlp.gate", "lora")] == pytest.approx(src[("encoder.2.mlp.up", "lora")])
+    assert dst[("decoder.final_norm", "bitfit")] == src[("decoder.final_norm", "bitfit")]
+    # parameter counts are the target's: XXL q is 4096 -> 4096, so LoRA r=1 has 8192 parameters
+    params = {(c.site, c.type): c.params for c in out.candidates}
+    assert params[("encoder.0.attn.q", "lora")] == 8192
+    assert params[("encoder.0.mlp.gate", "lora")] == 4096 + 10240
+    assert params[("decoder.3.attn", "lra")] == 2 * (4096 + 128) + 128 + 4096
+    assert out.budget.relative == base.budget.relative
+    assert out.budget.absolute == pytest.approx(1e-4 * xxl.info.num_params)
+    _assert_greedy_full(out)
+    assert out.provenance["source"]["digest"] == base.digest() and out.provenance["rule"] == RULE
+    assert (
+        out.provenance["by_role"] == 96
+    )  # lora and bitfit on mlp.gate, 48 layers and out.provenance["unmatched"] == 0
+
+
+def test_explicit_budget_and_greedy_fill(base, xxl):
+    for budget in (1e-5, 3e-5, 2e-4):
+        out = transfer(base, xxl, budget)
+        assert out.budget.relative == budget
+        _assert_greedy_full(out)
+    small, large = transfer(base, xxl, 1e-5), transfer(base, xxl, 2e-4)
+    assert small.budget.used < large.budget.used
+
+
+def test_llama_32_to_80_layers_blends_neighbours():
+    src = _searched("llama-2-7b", 1e-4, seed=3)
+    out = transfer(src, Backbone.plan("llama-2-70b"))
+    assert out.backbone.depths == {"decoder": 80}
+    p_src, p_dst = _p_table(src), _p_table(out)
+    q = lambda layer, table: table[(f"decoder.{layer}.attn.q", "lora")]  # noqa: E731
+    # layer 1 of 80 = [0.0125, 0.025) lies inside source layer 0 = [0, 0.03125)
+    assert q(1, p_dst) == pytest.approx(q(0, p_src))
+    # layer 2 of 80 = [0.025, 0.0375) overlaps source layers 0 and 1 equally
+    assert q(2, p_dst) == pytest.approx((q(0, p_src) + q(1, p_src)) / 2)
+    # layer 79 = [0.9875, 1) lies inside source layer 31
+    assert q(79, p_dst) == pytest.approx(q(31, p_src))
+    assert len(out.candidates) == 80 * 20 + 2
+    _assert_greedy_full(out)
+
+
+def test_deeper_to_shallower_averages(base):
+    large = _searched("t5-large", 1e-4, seed=5)
+    out = transfer(large, Backbone.plan("t5-base"))
+    p_src, p_dst = _p_table(large), _p_table(out)
+    for layer in range(12):
+        key = lambda lay: (f"decoder.{lay}.mlp_norm", "bitfit")  # noqa: E731
+        assert p_dst[key(layer)] == pytest.approx((p_src[key(2 * layer)] + p_src[key(2 * layer + 1)]) / 2)
+
+
+def test_same_backbone_same_budget_reproduces_the_structure(base):
+    again = rediscretise(base, 1e-4, Backbone.plan("t5-base"))
+    assert [(m.site, m.type) for m in again.modules] == [(m.site, m.type) for m in base.modules]
+    assert again.budget.used == base.budget.used
+
+
+def test_manual_structure_transfers_its_modules():
+    plan = Backbone.plan("t5-base")
+    lora = builders.manual(plan, "lora")
+    out = transfer(lora, Backbone.plan("t5-large"))
+    assert len(out.modules) == 2 * 48 and out.space is None
+    assert all(m.params == 8 * (1024 + 1024) for m in out.modules)
+    with pytest.raises(StructureError, match="no gate probabilities"):
+        transfer(lora, Backbone.plan("t5-large"), budget=1e-4)
+
+
+def test_transfer_errors(base, tmp_path):
+    with pytest.raises(StructureError, match="no mapping between these families"):
+        transfer(base, Backbone.plan("llama-2-7b"))
+    with pytest.raises(BudgetError, match="cheapest candidate"):
+        transfer(base, Backbone.plan("t5-large"), budget=1e-9)
+    d = base.to_dict()
+    d["modules"][0]["site"] = "encoder.0.attn.z"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(StructureError, match="unknown on the target"):
+        transfer(Structure.load(bad), Backbone.plan("t5-large"))
+
+
+def test_map_probabilities_counts_role_matches(base, xxl):
+    p, stats = map_probabilities(base, xxl.space("mixed"))
+    assert len(p) == len(xxl.space("mixed")) and all(0 <= x <= 1 for x in p)
+    assert stats == {"matched": 1012 - 96, "by_role": 96, "unmatched": 0}
+
+
+def test_cli_transfer_and_budget_sweep(base, tmp_path, capsys):
+    src = base.save(tmp_path / "base.json")
+    out = tmp_path / "xxl.json"
+    assert main(["transfer", str(src), "--to", "t5-v1_1-xxl", "--budget", "5e-5", "-o", str(out)]) == 0
+    assert Structure.load(out).budget.relative == 5e-5
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "inspect",
+                str(src),
+                "--budgets",
+                "1e-4,5e-5,1e-5",
+                "--json",
+                "--plot",
+                str(tmp_path / "p.png"),
+                "--write",
+                str(tmp_path / "sweep"),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["budget"] for r in rows] == [1e-4, 5e-5, 1e-5]
+    assert rows[0]["params_used"] == base.budget.used
+    assert rows[0]["params_used"] > rows[1]["params_used"] > rows[2]["params_used"]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert Structure.load(tmp_path / "sweep" / "structure_5e-05.json").budget.used == rows[1]["params_used"]
+    assert main(["inspect", str(src), "--budgets", "1e-4,x"]) == 2
