@@ -1,0 +1,121 @@
+"""Slurm glue: one ``srun`` task per node runs this module, which starts torchrun with the node's
+ranks (``slurm/search.sh`` and ``slurm/retrain.sh`` do exactly that), and a hostfile generator
+for ``deepspeed --num_nodes N --hostfile H``.
+
+Why torchrun per node rather than ``deepspeed --launcher slurm``: DeepSpeed's slurm launcher needs
+a hostfile anyway and does not set RANK/LOCAL_RANK (it falls back to MPI discovery). torchrun needs
+only the first node's address, a port and this node's index, all of which Slurm provides.
+The other robust pattern, one Slurm task per rank (``srun --ntasks-per-node=G python -m
+s3delta_ds.search``), also works: ``engine.zero.init_distributed`` maps SLURM_PROCID/SLURM_LOCALID/
+SLURM_NTASKS to RANK/LOCAL_RANK/WORLD_SIZE when MASTER_ADDR/MASTER_PORT are exported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from .errors import DistributedSetupError
+
+SCRIPTS = ("search", "retrain")
+
+
+def hostnames(nodelist: str | None = None) -> list[str]:
+    """Expand a Slurm node list (default: this job's) with ``scontrol show hostnames``."""
+    nodelist = nodelist or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise DistributedSetupError("no node list: run inside a Slurm allocation or pass one (e.g. 'gpu[01-04]')")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise DistributedSetupError(f"cannot expand the node list {nodelist!r} with scontrol: {e}") from e
+    hosts = [h for h in out.stdout.split() if h]
+    if not hosts:
+        raise DistributedSetupError(f"scontrol returned no hosts for {nodelist!r}")
+    return hosts
+
+
+def local_slots() -> int:
+    """Ranks per node: $NPROC_PER_NODE, else the GPUs here, else $SLURM_GPUS_ON_NODE, else 2 (CPU)."""
+    if os.environ.get("NPROC_PER_NODE"):
+        return int(os.environ["NPROC_PER_NODE"])
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return torch.cuda.device_count()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    if os.environ.get("SLURM_GPUS_ON_NODE"):
+        return int(os.environ["SLURM_GPUS_ON_NODE"])
+    return 2
+
+
+def hostfile(nodelist: str | None = None, slots: int | None = None) -> str:
+    """DeepSpeed hostfile text (``host slots=N`` per line) for a Slurm allocation."""
+    slots = slots or local_slots()
+    return "".join(f"{h} slots={slots}\n" for h in hostnames(nodelist))
+
+
+def master_port() -> int:
+    """$MASTER_PORT, else a port derived from the job id (every node computes the same one)."""
+    if os.environ.get("MASTER_PORT"):
+        return int(os.environ["MASTER_PORT"])
+    return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+
+
+def torchrun_command(script: str, args: list[str]) -> list[str]:
+    """The torchrun command for this node of the job (run once per node by srun)."""
+    if script not in SCRIPTS:
+        raise DistributedSetupError(f"unknown entry point {script!r}; one of {', '.join(SCRIPTS)}")
+    for var in ("SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_NODEID"):
+        if var not in os.environ:
+            raise DistributedSetupError(f"{var} is not set: run this through srun inside sbatch/salloc")
+    master = os.environ.get("MASTER_ADDR") or hostnames()[0]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        os.environ["SLURM_NNODES"],
+        "--node_rank",
+        os.environ["SLURM_NODEID"],
+        "--nproc_per_node",
+        str(local_slots()),
+        "--master_addr",
+        master,
+        "--master_port",
+        str(master_port()),
+        "--max_restarts",
+        "0",
+        "--module",
+        f"s3delta_ds.{script}",
+        *args,
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SCRIPTS:
+        print(
+            f"usage: srun python -m s3delta_ds.slurm {{{','.join(SCRIPTS)}}} [--config C.yaml] [key=value ...]",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        cmd = torchrun_command(argv[0], argv[1:])
+    except DistributedSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Fail fast instead of hanging when a peer dies: NCCL errors become exceptions.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    print(
+        f"[s3delta slurm] node {os.environ['SLURM_NODEID']}/{os.environ['SLURM_NNODES']}: {' '.join(cmd)}", flush=True
+    )
+    os.execv(cmd[0], cmd)
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Fault behaviour: a rank killed with SIGKILL ends the whole job (non-zero, within 60 s) instead of
+leaving its peers hanging in a collective, and ``--resume`` then finishes with exactly the
+structure of an uninterrupted run. Also the multi-"node" launch without ssh (``--no_ssh
+--node_rank``) on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .launching import ROOT, TINY, alphas, command, env, free_port, run
+
+pytestmark = pytest.mark.distributed
+
+FAULT = [
+    *TINY,
+    "search.steps=16",
+    "search.eval_every=16",
+    "search.checkpoint_every=2",
+    "search.micro_batch_size=2",
+    "zero_stage=3",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    run("deepspeed", "search", [*FAULT, f"output_dir={out}"])
+    return out
+
+
+def _rank_pid(out: Path, rank: int) -> int | None:
+    """The pid of the worker process of ``rank`` of the run writing to ``out``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            f"output_dir={out}".encode() in cmdline
+            and f"RANK={rank}".encode() in environ
+            and any(b"search" in c for c in cmdline)
+            and b"torch.distributed.run" not in cmdline
+            and b"deepspeed.launcher.runner" not in cmdline
+        ):
+            if not any(c.startswith(b"--world_info") for c in cmdline):  # not deepspeed's per-node launcher
+                return int(pid)
+    return None
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_killed_rank_ends_the_job_and_resume_matches(launcher, reference, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAULT, f"output_dir={out}"]
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen(
+        command(launcher, "search", args),
+        env=env(),
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step-00000004" / "COMPLETE").exists():
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint at step 4 within 300 s"
+            time.sleep(0.1)
+        pid = _rank_pid(out, 1)
+        assert pid is not None, "could not find rank 1"
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        rc = proc.wait(timeout=120)
+        elapsed = time.time() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    assert rc != 0, "the job must fail when a rank dies"
+    assert elapsed < 60, f"the job took {elapsed:.1f}s to exit after a rank died"
+    assert not (out / "structure.json").exists()
+
+    run(launcher, "search", ["--resume", *args])
+    ours, ref = json.loads((out / "structure.json").read_text()), json.loads((reference / "structure.json").read_text())
+    assert [(m["site"], m["type"]) for m in ours["modules"]] == [(m["site"], m["type"]) for m in ref["modules"]]
+    assert (alphas(out) - alphas(reference)).abs().max() < 1e-6
+
+
+def test_two_nodes_without_ssh_on_one_machine(tmp_path):
+    """``deepspeed --hostfile H --no_ssh --node_rank i``: one launcher per "node" (here both local)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out = tmp_path / "run"
+    port = str(free_port())
+    base = [*TINY, "search.micro_batch_size=2", f"output_dir={out}"]
+    script = str(ROOT / "s3delta_ds" / "search.py")
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = command("deepspeed", "search", [])[:3] + [
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            script,
+            *base,
+        ]
+        return subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    nodes = [node(1), node(0)]
+    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[1][-3000:] + outputs[0][-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
