@@ -169,3 +169,40 @@ def manual(backbone: Backbone, preset: str) -> Structure:
         space=None,
         search={"method": "manual", "preset": preset},
     )
+
+
+#: Presets whose size has a knob: (kwarg, values from largest to smallest structure).
+SCALABLE: dict[str, tuple[str, tuple[int, ...]]] = {
+    "lora": ("r", tuple(range(64, 0, -1))),
+    "adapter": ("bottleneck", tuple(range(256, 0, -1))),
+    "lra": ("reduction", tuple(range(1, 1025))),
+}
+
+
+def scaled_manual(backbone: Backbone, preset: str, relative: float) -> Structure | None:
+    """A manual preset resized to the largest version that fits the budget (LoRA rank, adapter
+    bottleneck, LRA reduction); None when even the smallest version does not fit."""
+    if preset not in SCALABLE:
+        raise SearchSpaceError(f"preset {preset!r} has no size knob; scalable presets: {', '.join(SCALABLE)}")
+    absolute = absolute_budget(relative, backbone.info.num_params)
+    key, values = SCALABLE[preset]
+    for value in values:
+        rules = tuple(
+            Rule(r.roles, r.delta, {**r.kwargs, key: value}, components=r.components) for r in MANUAL_PRESETS[preset]
+        )
+        try:
+            cands = enumerate_rules(backbone.site_map, rules)
+        except SearchSpaceError:  # e.g. a reduction that leaves no bottleneck
+            continue
+        used = sum(c.params for c in cands)
+        if cands and used <= absolute:
+            modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in cands)
+            return Structure(
+                kind="manual",
+                backbone=backbone.info,
+                budget=Budget(relative, absolute, used),
+                modules=modules,
+                space=None,
+                search={"method": "manual", "preset": preset, "scaled": {key: value}},
+            )
+    return None

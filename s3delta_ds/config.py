@@ -63,9 +63,11 @@ class DataConfig:
     max_target_length: int = 16
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    """Cap on validation examples (and on test examples unless max_test_examples is set)."""
+    max_test_examples: int | None = None
 
     def __post_init__(self):
-        for name in ("max_source_length", "max_train_examples", "max_eval_examples"):
+        for name in ("max_source_length", "max_train_examples", "max_eval_examples", "max_test_examples"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"data.{name} must be > 0, got {v}")
         _check(self.max_target_length > 0, f"data.max_target_length must be > 0, got {self.max_target_length}")

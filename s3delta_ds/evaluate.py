@@ -49,7 +49,7 @@ def evaluate(
     merged = dict(p for part in zero.all_gather_object(preds) for p in part)
     loss = zero.all_reduce_sum_(loss.to(device)).cpu()
     order = sorted(merged)
-    scores = compute(task.metric, [merged[i] for i in order], [examples[i]["label"] for i in order])
+    scores = compute(task.metric, [merged[i] for i in order], [examples[i]["label"] for i in order], task.label_words)
     if was_training:
         model.train()
     return {**scores, "loss": float(loss[0] / loss[1]), "n": len(order)}

@@ -1,22 +1,43 @@
-"""Task metrics. Each returns a dict of named scores; ``main`` names the one used for model selection."""
+"""Task metrics from scikit-learn and SciPy. Each returns named scores; the task's ``metric`` is the
+main score (model selection), and the secondary scores the original reports come along."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 
-def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
-    if not labels:
+def _sk():
+    from sklearn import metrics
+
+    return metrics
+
+
+def _values(task_words: Sequence[str] | None, ids: Sequence[int]) -> list[float]:
+    return [float(task_words[i]) for i in ids] if task_words else [float(i) for i in ids]
+
+
+def compute(
+    metric: str, preds: Sequence[int], labels: Sequence[int], label_words: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Scores of ``preds`` against ``labels`` (class indices). For "pearson" (STS-B) the classes are
+    read back as the numbers their label words spell."""
+    if len(labels) == 0:
         raise ValueError("no examples to score")
-    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / len(labels)
+    m = _sk()
+    acc = float(m.accuracy_score(labels, preds))
+    if metric == "accuracy":
+        return {"accuracy": acc}
+    if metric == "f1":
+        return {"f1": float(m.f1_score(labels, preds, pos_label=1, zero_division=0)), "accuracy": acc}
+    if metric == "f1_macro":
+        return {"f1_macro": float(m.f1_score(labels, preds, average="macro", zero_division=0)), "accuracy": acc}
+    if metric == "matthews":
+        return {"matthews": float(m.matthews_corrcoef(labels, preds)), "accuracy": acc}
+    if metric == "pearson":
+        from scipy import stats
 
-
-METRICS = {"accuracy": accuracy}
-
-
-def compute(metric: str, preds: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
-    try:
-        fn = METRICS[metric]
-    except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}") from None
-    return {metric: float(fn(preds, labels))}
+        x, y = _values(label_words, preds), _values(label_words, labels)
+        if len(set(x)) < 2 or len(set(y)) < 2:  # a constant prediction has no correlation: score it 0
+            return {"pearson": 0.0, "spearman": 0.0}
+        return {"pearson": float(stats.pearsonr(x, y)[0]), "spearman": float(stats.spearmanr(x, y)[0])}
+    raise ValueError(f"unknown metric {metric!r}; known: accuracy, f1, f1_macro, matthews, pearson")

@@ -121,12 +121,15 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
     data = {
         "train": _encode(encoder, rows["train"], cfg.data.max_train_examples, "train"),
         "validation": _encode(encoder, rows["validation"], cfg.data.max_eval_examples, "validation"),
-        "test": _encode(encoder, rows["test"], cfg.data.max_eval_examples, "test"),
+        "test": _encode(encoder, rows["test"], cfg.data.max_test_examples or cfg.data.max_eval_examples, "test"),
     }
     collate = Collator(objective, tokenizer.pad_token_id, getattr(config, "decoder_start_token_id", 0) or 0)
 
     t0 = time.time()
-    model = load_backbone(cfg.model, source=source, dtype=dtype, ds_config=ds_config)
+    num_labels = len(task.label_words) if objective == "classify" else None
+    model = load_backbone(
+        cfg.model, source=source, dtype=dtype, ds_config=ds_config, num_labels=num_labels, seed=cfg.seed
+    )
     backbone = Backbone.from_model(model, cfg.model.name_or_path)
     rt = Runtime(
         cfg,

@@ -10,9 +10,18 @@ import argparse
 import sys
 
 from ..errors import S3DeltaError
-from . import demo_cmd, hostfile_cmd, inspect_cmd, space_cmd, structure_cmd, train_cmd, transfer_cmd
+from . import assets_cmd, demo_cmd, hostfile_cmd, inspect_cmd, space_cmd, structure_cmd, train_cmd, transfer_cmd
 
-COMMANDS = (space_cmd, structure_cmd, inspect_cmd, transfer_cmd, train_cmd, demo_cmd, hostfile_cmd)
+COMMANDS = (
+    space_cmd,
+    structure_cmd,
+    inspect_cmd,
+    transfer_cmd,
+    train_cmd,
+    demo_cmd,
+    hostfile_cmd,
+    assets_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,18 @@ class Task:
     hub: tuple[str, str | None] | None = None
     hub_splits: dict[str, str] = field(default_factory=dict)
     builtin_dir: str | None = None
+    #: Directory under the asset cache (``s3delta fetch-assets``) holding this task's files.
+    asset_dir: str | None = None
+
+    def label_index(self, value: Any) -> int:
+        """Integer class of a raw label: ints as they are; a float score (STS-B) rounded to the
+        nearest label word; a string that is one of the label words."""
+        if self.metric == "pearson" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            words = [float(w) for w in self.label_words]
+            return min(range(len(words)), key=lambda i: abs(words[i] - float(value)))
+        if isinstance(value, str) and value in self.label_words:
+            return self.label_words.index(value)
+        return value
 
     def source(self, row: dict[str, Any]) -> str:
         return self.template.format(**{c: row[c] for c in self.columns})
@@ -66,6 +78,8 @@ def register(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
+    from . import glue  # noqa: F401  (registers GLUE, SuperGLUE and the offline tasks)
+
     try:
         return TASKS[name]
     except KeyError:
@@ -103,6 +117,15 @@ def load_rows(task: Task, data_dir: str | None, seed: int = 0) -> dict[str, list
     """
     if data_dir is None and task.builtin_dir is not None:
         data_dir = str(resources.files("s3delta_ds") / task.builtin_dir)
+    if data_dir is None and task.asset_dir is not None:
+        from ..assets import asset_path
+
+        data_dir = str(asset_path("data", task.asset_dir))
+        if not Path(data_dir).is_dir():
+            raise DataError(
+                f"task {task.name!r} reads files that `s3delta fetch-assets` prepares; {data_dir} does not exist: "
+                "run `s3delta fetch-assets` (or pass data.data_dir)"
+            )
     if data_dir is not None:
         root = Path(data_dir)
         if not root.is_dir():
@@ -133,6 +156,8 @@ def load_rows(task: Task, data_dir: str | None, seed: int = 0) -> dict[str, list
         if not split_rows:
             raise DataError(f"{where[split]}: split {split!r} is empty")
         task.check_columns(list(split_rows[0].keys()), where[split])
+        for row in split_rows:
+            row[task.label_column] = task.label_index(row[task.label_column])
     return apply_protocol(task, rows, seed)
 
 

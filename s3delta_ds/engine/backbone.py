@@ -59,23 +59,32 @@ def resolve_source(cfg: ModelConfig) -> str:
     return cfg.name_or_path
 
 
-def load_backbone(cfg: ModelConfig, *, source: str, dtype: str, ds_config: dict) -> nn.Module:
+def load_backbone(
+    cfg: ModelConfig, *, source: str, dtype: str, ds_config: dict, num_labels: int | None = None, seed: int = 0
+) -> nn.Module:
     """The frozen backbone: every parameter has requires_grad=False.
 
     Under ZeRO-3 the weights are partitioned while loading (never a full copy per rank), except
-    for quantized models, which transformers loads whole on each rank first.
+    for quantized models, which transformers loads whole on each rank first. ``num_labels`` sizes
+    a classification head (a new head, or a resized one, is initialised from ``seed``).
     """
     torch_dtype = _DTYPES[dtype]
+    torch.manual_seed(seed)  # a freshly initialised head is the same on every rank and every run
+    head = {} if num_labels is None else {"num_labels": num_labels}
     keep_alive = zero.hf_deepspeed_config(ds_config) if zero.zero_stage(ds_config) == 3 else None
     try:
         if cfg.random_init:
             config = load_config(source)
+            for key, value in head.items():
+                setattr(config, key, value)
             cls = family_for(config).auto_model_class()
             model = cls.from_config(config, dtype=torch_dtype)
         else:
             config = load_config(source) if cfg.gguf_file is None else None
             cls = family_for(config).auto_model_class() if config is not None else _gguf_class(source, cfg.gguf_file)
-            kwargs = {"dtype": torch_dtype}
+            kwargs = {"dtype": torch_dtype, **head}
+            if head:
+                kwargs["ignore_mismatched_sizes"] = True  # a head for another label count is re-initialised
             if cfg.gguf_file:
                 kwargs["gguf_file"] = cfg.gguf_file
             model = cls.from_pretrained(source, **kwargs)

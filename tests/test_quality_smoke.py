@@ -1,0 +1,34 @@
+"""benchmarks/quality.py --smoke: every method of the benchmark, end to end, on the tiny defaults."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .launching import ROOT, env
+
+
+def test_quality_smoke(tmp_path):
+    out = tmp_path / "q"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", "--smoke", "--out", str(out), "--work", str(tmp_path / "w")],
+        cwd=ROOT,
+        env=env({"OMP_NUM_THREADS": "2"}),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in out.rglob("*.json")]
+    assert len(records) == 2 * (
+        6 + 2 * 5
+    )  # 2 backbones x (full + 5 manual + 2 budgets x (3 scaled + random + searched))
+    done = [r for r in records if "test" in r]
+    assert {r["method"] for r in done} == {"full", "lora", "bitfit", "lnfit", "lra", "adapter", "random", "searched"}
+    for r in done:
+        assert 0.0 <= r["test"] <= 1.0 and r["trainable_params"] > 0
+        if r["method"] in ("random", "searched") or r.get("scaled"):
+            assert r["delta_params"] <= r["budget"] * (181_056 if "t5" in r["backbone"] else 10**9)
+    table = (tmp_path / "q.md").read_text()
+    assert "## tiny-bert · tiny-sentiment (accuracy)" in table and "| 0.02 | searched |" in table
