@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from .engine import zero
 from .errors import CheckpointError
-from .supernet import named_delta_parameters
+from .supernet import named_delta_buffers, named_delta_parameters
 
 DELTA_FORMAT = "s3delta-deltas"
 COMPLETE = "COMPLETE"
@@ -64,8 +64,11 @@ def save_deltas(
     if not named:
         raise CheckpointError("no trainable weights to save")
     path = Path(path)
+    buffers = named_delta_buffers(model)  # never partitioned: the same on every rank
     with zero.gathered([p for _, p in named]):
         state = {k: p.detach().to("cpu", torch.float32).clone() for k, p in named} if zero.rank() == 0 else None
+    if state is not None:
+        state.update({k: b.detach().cpu().clone() for k, b in buffers})
     if zero.rank() == 0:
         meta = {"format": DELTA_FORMAT, "version": "1", **(metadata or {})}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +77,7 @@ def save_deltas(
         try:
             save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
             os.chmod(tmp, 0o644)
-            verify_delta_file(tmp, {k: _full_shape(p) for k, p in named})
+            verify_delta_file(tmp, {k: _full_shape(p) for k, p in [*named, *buffers]})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -110,7 +113,8 @@ def read_delta_metadata(path: str | os.PathLike) -> dict[str, str]:
 def load_deltas(model: nn.Module, path: str | os.PathLike, *, head_prefixes: tuple[str, ...] = ()) -> int:
     """Load a delta file into a model with the same structure attached (ZeRO-3 aware). Returns #tensors."""
     named = trainable_named(model, head_prefixes)
-    verify_delta_file(path, {k: _full_shape(p) for k, p in named})
+    buffers = named_delta_buffers(model)
+    verify_delta_file(path, {k: _full_shape(p) for k, p in [*named, *buffers]})
     meta = read_delta_metadata(path)
     if meta.get("format") != DELTA_FORMAT:
         raise CheckpointError(f"{path}: not an s3delta delta file (format {meta.get('format')!r})")
@@ -120,6 +124,8 @@ def load_deltas(model: nn.Module, path: str | os.PathLike, *, head_prefixes: tup
     with zero.gathered(params, modifier_rank=0), torch.no_grad():
         for k, p in named:
             p.copy_(values[k].to(p.dtype))
+        for k, b in buffers:
+            b.copy_(values[k].to(b.dtype))
     return len(named)
 
 

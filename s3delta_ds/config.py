@@ -141,6 +141,8 @@ class RetrainConfig(TrainConfig):
     """Structure JSON to retrain (searched, random, manual or transferred)."""
     full_finetune: bool = False
     """Train every backbone weight instead of a structure (the full fine-tuning baseline)."""
+    pafi_mask: str | None = None
+    """PaFi mask file (``s3delta pafi-mask``) for structures with globally ranked PaFi modules."""
 
     def __post_init__(self):
         self._validate("retrain")

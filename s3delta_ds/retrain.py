@@ -50,7 +50,19 @@ def run_retrain(cfg: RunConfig, *, resume: bool = False) -> dict | None:
     if structure is not None:
         structure.check_backbone(rt.site_map)
         torch.manual_seed(cfg.seed)  # fresh init, identical on every rank
-        attach(rt.model, rt.site_map, structure.specs())
+        masks = None
+        if rc.pafi_mask:
+            from s3delta_ds.pafi import load_mask
+
+            masks, _ = load_mask(rc.pafi_mask, rt.backbone)
+        attach(
+            rt.model,
+            rt.site_map,
+            structure.specs(),
+            gather=zero.gathered,
+            register_external=zero.register_external,
+            masks=masks,
+        )
         trainable = freeze_backbone(rt.model, head)
     else:
         rt.model.requires_grad_(True)

@@ -56,7 +56,8 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict | None:
 
     ctx = GateContext()
     torch.manual_seed(cfg.seed)  # identical delta init on every rank and in every ZeRO stage
-    attach(rt.model, rt.site_map, [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates], ctx)
+    specs = [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates]
+    attach(rt.model, rt.site_map, specs, ctx, gather=zero.gathered, register_external=zero.register_external)
     freeze_backbone(rt.model, rt.family.head_modules)
     module = DeltaModel(rt.model, rt.objective, ctx)
     params = [p for p in module.parameters() if p.requires_grad]

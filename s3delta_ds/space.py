@@ -57,6 +57,16 @@ SPACES: dict[str, tuple[Rule, ...]] = {
         Rule(("attn.block", "mlp.block"), "lra", {"reduction": 32, "rank": 1}),
         Rule(("attn.block", "mlp.block"), "adapter", {"bottleneck": 24}),
     ),
+    # mixed plus the zero-latency types of Liao et al. 2023: PaFi (sparse smallest-|w| entries of
+    # every projection, per-matrix ranking so counts come from shapes) and HiWi on FFN weights.
+    "mixed+pafi+hiwi": (
+        Rule(_MATMULS, "lora", {"r": 1, "alpha": 16.0}),
+        Rule(_MATMULS + ("norm",), "bitfit"),
+        Rule(("norm",), "lnfit"),
+        Rule(("attn.block", "mlp.block"), "lra", {"reduction": 32, "rank": 1}),
+        Rule(_MATMULS, "pafi", {"density": 1 / 512}),
+        Rule(("mlp.in", "mlp.out"), "hiwi", {"target": "weight", "bottleneck": 1}),
+    ),
     # Cheap vector-only deltas: BitFit and LNFit.
     "bias": (Rule(_MATMULS + ("norm",), "bitfit"), Rule(("norm",), "lnfit")),
 }

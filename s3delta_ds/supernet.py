@@ -15,6 +15,7 @@ parameters, so ZeRO never sees or partitions the gates. ``z = None`` means ungat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -91,13 +92,29 @@ def _hook(slot: DeltaSlot):
     return hook
 
 
+def _no_gather(params):
+    return contextlib.nullcontext()
+
+
 def attach(
-    model: nn.Module, site_map: SiteMap, specs: Iterable[DeltaSpec], ctx: GateContext | None = None
+    model: nn.Module,
+    site_map: SiteMap,
+    specs: Iterable[DeltaSpec],
+    ctx: GateContext | None = None,
+    *,
+    gather=_no_gather,
+    register_external=None,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Attach ``specs`` to ``model`` (in place). Returns the sites that received a slot.
 
     Deltas are built on the CPU in fp32 with their exact init; move/cast the model afterwards (or
     let DeepSpeed do it). Attaching twice to one site, or the same (site, type) twice, is an error.
+
+    Deltas that depend on the frozen weights get them here: PaFi picks its positions from the site's
+    weight (``gather(params)`` makes ZeRO-3-partitioned weights whole for that; ``masks`` gives
+    positions from a backbone-wide PaFi mask instead), and HiWi, which reads the weight in every
+    forward, is announced to ZeRO-3 with ``register_external(delta_module, param)``.
     """
     from .errors import SearchSpaceError
 
@@ -114,10 +131,30 @@ def attach(
             cls, cfg, _ = resolve(spec.type, spec.kwargs, site.dims, site_name)
             if spec.type in slot.deltas:
                 raise SearchSpaceError(f"delta type {spec.type!r} appears twice on site {site_name!r}")
-            slot.add(spec.type, cls(site.dims, cfg), spec.gate_index)
+            delta = cls(site.dims, cfg)
+            try:
+                _bind(delta, module, site_name, gather, register_external, masks)
+            except ValueError as e:
+                raise SearchSpaceError(f"{site_name}: {spec.type}: {e}") from e
+            slot.add(spec.type, delta, spec.gate_index)
         setattr(module, SLOT_ATTR, slot)
         slot._handle = module.register_forward_hook(_hook(slot), with_kwargs=True)
     return list(by_site)
+
+
+def _bind(delta, module, site, gather, register_external, masks) -> None:
+    if getattr(delta, "binds_to_weight", False):
+        indices = None
+        if getattr(delta.cfg, "ranking", "") == "global":
+            if masks is None or site not in masks:
+                raise ValueError("ranking=global needs the backbone's PaFi mask (s3delta pafi-mask)")
+            indices = masks[site]
+        with gather([module.weight]):
+            delta.bind(module.weight, indices)
+    if getattr(delta, "uses_base_weight", False):
+        delta.bind_base(module)
+        if register_external is not None:
+            register_external(delta, delta.base_tensor())
 
 
 def slots(model: nn.Module) -> dict[str, DeltaSlot]:
@@ -159,6 +196,15 @@ def site_state_key(site: str, param_name: str) -> str:
     """Family-neutral name of a delta weight: ``{site}/{type}.{param}``, e.g.
     ``encoder.3.attn.q/lora.lora_A`` (what delta files store, independent of module paths)."""
     return f"{site}/{param_name}"
+
+
+def named_delta_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(family-neutral key, buffer) of delta state that is not trained but saved (PaFi positions)."""
+    return [
+        (site_state_key(site, name), b)
+        for site, slot in slots(model).items()
+        for name, b in slot.deltas.named_buffers()
+    ]
 
 
 def named_delta_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

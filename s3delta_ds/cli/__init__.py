@@ -10,7 +10,18 @@ import argparse
 import sys
 
 from ..errors import S3DeltaError
-from . import assets_cmd, demo_cmd, hostfile_cmd, inspect_cmd, space_cmd, structure_cmd, train_cmd, transfer_cmd
+from . import (
+    assets_cmd,
+    demo_cmd,
+    export_cmd,
+    hostfile_cmd,
+    inspect_cmd,
+    pafi_cmd,
+    space_cmd,
+    structure_cmd,
+    train_cmd,
+    transfer_cmd,
+)
 
 COMMANDS = (
     space_cmd,
@@ -18,9 +29,11 @@ COMMANDS = (
     inspect_cmd,
     transfer_cmd,
     train_cmd,
+    export_cmd,
     demo_cmd,
     hostfile_cmd,
     assets_cmd,
+    pafi_cmd,
 )
 
 

@@ -11,8 +11,10 @@ from ..errors import SearchSpaceError
 from .adapters import Adapter, LowRankAdapter
 from .base import Delta, Slot, build_config, config_kwargs
 from .bitfit import BitFit
+from .hiwi import HiWi
 from .lnfit import LNFit
 from .lora import LoRA
+from .pafi import PaFi
 
 DELTAS: dict[str, type[Delta]] = {
     "lora": LoRA,
@@ -20,6 +22,8 @@ DELTAS: dict[str, type[Delta]] = {
     "lnfit": LNFit,
     "lra": LowRankAdapter,
     "adapter": Adapter,
+    "pafi": PaFi,
+    "hiwi": HiWi,
 }
 
 

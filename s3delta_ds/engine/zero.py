@@ -278,6 +278,13 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -
         yield
 
 
+def register_external(module: nn.Module, param: torch.Tensor) -> None:
+    """Tell ZeRO-3 that ``module``'s forward reads ``param`` (owned by another module), so it is
+    gathered for that forward and its backward (HiWi reads the frozen weight it modifies)."""
+    if is_partitioned(param):
+        deepspeed.zero.register_external_parameter(module, param)
+
+
 def hf_deepspeed_config(ds_config: dict):
     """Keep the returned object alive while loading: transformers holds it by weakref, and while
     it lives ``from_pretrained`` shards weights under ZeRO-3 as it reads them."""

@@ -1,0 +1,48 @@
+"""``s3delta export RUN (--merge [--keep-unmergeable] | --peft [--partial]) -o OUT``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="merge a retrained structure into the backbone, or export it for PEFT")
+    p.add_argument("run", metavar="RUN", help="a retrain output directory (structure.json + deltas.safetensors)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--merge", action="store_true", help="fold the deltas into the weights: a plain HF model")
+    mode.add_argument("--peft", action="store_true", help="a PEFT LoRA (+ LN-tuning) adapter")
+    p.add_argument(
+        "--keep-unmergeable",
+        action="store_true",
+        help="with --merge: write deltas that cannot be folded beside the model instead of refusing",
+    )
+    p.add_argument("--partial", action="store_true", help="with --peft: export only what PEFT can express")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="with --merge: safetensors shard size")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..export import export_merged, export_peft
+
+    out = Path(args.output)
+    if args.merge:
+        r = export_merged(
+            Path(args.run),
+            out,
+            keep_unmergeable=args.keep_unmergeable,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+        )
+        print(
+            f"merged {r['merged']} deltas into {out} ({len(r['files'])} safetensors file(s)); loads with "
+            f"AutoModel*.from_pretrained({str(out)!r})"
+        )
+        if r["kept"]:
+            print(f"kept {len(r['kept'])} unmergeable deltas in {out / 'unmerged'}: {', '.join(r['kept'][:8])}")
+        return 0
+    r = export_peft(Path(args.run), out, partial=args.partial)
+    for kind, path in r["adapters"].items():
+        print(f"PEFT {kind} adapter -> {path} (PeftModel.from_pretrained(base, {path!r}))")
+    if r["not_exported"]:
+        print(f"not expressible in PEFT, left out: {', '.join(r['not_exported'][:10])}")
+    return 0

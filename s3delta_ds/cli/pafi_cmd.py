@@ -1,0 +1,37 @@
+"""``s3delta pafi-mask MODEL --density D [--ranking global] [--eligible linear,norm] -o MASK [--structure S]``."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pafi-mask", help="the task-agnostic PaFi mask of a backbone (smallest |w|), once per backbone")
+    p.add_argument("model", metavar="MODEL", help="model directory or hub id (needs the weights)")
+    p.add_argument("--density", type=float, required=True, help="fraction of eligible entries that train")
+    p.add_argument("--ranking", default="global", choices=("global", "per-matrix"))
+    p.add_argument("--eligible", default="linear", help="comma-separated site kinds: linear, norm")
+    p.add_argument("-o", "--output", required=True, metavar="MASK.safetensors")
+    p.add_argument("--structure", metavar="S.json", help="also write the PaFi baseline structure for this mask")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..builders import Backbone
+    from ..config import ModelConfig
+    from ..engine.backbone import load_backbone, resolve_source
+    from ..pafi import compute_mask, mask_structure, save_mask
+
+    cfg = ModelConfig(name_or_path=args.model)
+    model = load_backbone(cfg, source=resolve_source(cfg), dtype="fp32", ds_config={})
+    backbone = Backbone.from_model(model, args.model)
+    eligible = tuple(e.strip() for e in args.eligible.split(",") if e.strip())
+    mask = compute_mask(model, backbone.site_map, args.density, args.ranking, eligible)
+    save_mask(mask, args.output, backbone=backbone, density=args.density, ranking=args.ranking, eligible=eligible)
+    n = sum(int(v.numel()) for v in mask.values())
+    print(f"wrote {args.output}: {n:,} trainable entries over {len(mask)} tensors ({args.ranking} ranking)")
+    if args.structure:
+        from ..pafi import load_mask
+
+        mask, meta = load_mask(args.output, backbone)
+        mask_structure(backbone, mask, meta).save(args.structure)
+        print(f"wrote {args.structure}: retrain it with retrain.pafi_mask={args.output}")
+    return 0

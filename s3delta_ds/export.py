@@ -1,0 +1,317 @@
+"""``s3delta export RUN``: a retrained structure in the formats users already load.
+
+* ``--merge``: every mergeable delta folded into the backbone (``merge.py``), saved as a plain HF
+  model (config + sharded safetensors + index) that loads with ``from_pretrained`` and no
+  s3delta_ds installed. Deltas that cannot be folded are refused, or with ``--keep-unmergeable``
+  written beside it (``unmerged/structure.json`` + ``unmerged/deltas.safetensors``, to attach with
+  s3delta_ds on top of the merged model).
+* ``--peft``: the LoRA part as a PEFT LoRA adapter (per-module ranks in ``rank_pattern``) and the
+  LNFit part as a PEFT LN-tuning adapter (``ln_tuning/``), each loadable with
+  ``PeftModel.from_pretrained`` (PEFT cannot hold both types in one model: load ``ln_tuning``,
+  ``merge_and_unload()``, then load the LoRA adapter). PEFT has no added-bias, LRA, Adapter-at-sites, PaFi or HiWi
+  method: those are listed and refused (``--partial`` exports the expressible part anyway).
+
+Weights are gathered one parameter at a time (ZeRO-3: ``GatheredParameters`` per tensor), so the
+whole model never sits on one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .builders import Backbone
+from .checkpoint import load_deltas, save_deltas
+from .config import load_run_config
+from .engine import zero
+from .engine.backbone import load_backbone, resolve_source
+from .errors import CheckpointError, StructureError
+from .merge import merge, plan_merge
+from .structure import Budget, ModuleChoice, Structure, atomic_write_text
+from .supernet import SLOT_ATTR, attach, slots
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+_TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
+
+
+def load_run(run: Path, *, ds_config: dict | None = None):
+    """(model with the run's trained deltas attached, backbone, structure) from a retrain directory."""
+    for name in ("config.yaml", "structure.json", "deltas.safetensors"):
+        if not (run / name).is_file():
+            raise CheckpointError(f"{run} is not a finished retrain run: {name} is missing")
+    cfg = load_run_config(run / "config.yaml")
+    structure = Structure.load(run / "structure.json")
+    ds_config = ds_config or {}
+    model = load_backbone(
+        cfg.model,
+        source=resolve_source(cfg.model),
+        dtype="fp32",
+        ds_config=ds_config,
+        num_labels=_num_labels(cfg),
+        seed=cfg.seed,
+    )
+    backbone = Backbone.from_model(model, cfg.model.name_or_path)
+    structure.check_backbone(backbone.site_map)
+    attach(model, backbone.site_map, structure.specs(), gather=zero.gathered)
+    load_deltas(model, run / "deltas.safetensors", head_prefixes=backbone.family.head_modules)
+    model.eval()
+    return model, backbone, structure
+
+
+def _family(cfg):
+    from .backbones import family_for
+    from .backbones.loading import load_config
+
+    return family_for(load_config(resolve_source(cfg.model)))
+
+
+def _num_labels(cfg) -> int | None:
+    from .data import OBJECTIVES, get_task
+
+    return len(get_task(cfg.data.task).label_words) if OBJECTIVES[_family(cfg).name] == "classify" else None
+
+
+def save_hf(model: nn.Module, out: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+    """Save a plain HF checkpoint, gathering one tensor at a time. Collective; rank 0 writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = [(n, p) for n, p in model.named_parameters() if f".{SLOT_ATTR}." not in f".{n}"]
+    persistent = set(model.state_dict().keys())
+    names += [(n, b) for n, b in model.named_buffers() if n in persistent and f".{SLOT_ATTR}." not in f".{n}"]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in names:
+        with zero.gathered([t] if isinstance(t, nn.Parameter) else []):
+            value = t.detach().to("cpu").clone().contiguous() if zero.rank() == 0 else None
+        if value is None:
+            continue
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += nbytes
+    files = []
+    if zero.rank() == 0:
+        for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+            old.unlink()
+        if len(shards) == 1:
+            files = [out / "model.safetensors"]
+            save_file(shards[0], str(files[0]), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                path = out / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(path), metadata={"format": "pt"})
+                files.append(path)
+                weight_map |= {k: path.name for k in shard}
+            total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        config = model.config
+        config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(out)
+    zero.barrier()
+    return files
+
+
+def _copy_tokenizer(run: Path, out: Path) -> None:
+    from .data import load_tokenizer
+
+    cfg = load_run_config(run / "config.yaml")
+    try:
+        load_tokenizer(
+            _family(cfg).name, cfg.model.name_or_path, cfg.model.tokenizer, cfg.model.gguf_file
+        ).save_pretrained(out)
+    except Exception as e:  # noqa: BLE001 - a missing tokenizer must not lose the exported weights
+        print(f"warning: tokenizer not copied ({e})")
+
+
+def export_merged(
+    run: Path,
+    out: Path,
+    *,
+    keep_unmergeable: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ds_config: dict | None = None,
+) -> dict:
+    """Merge a retrain run into its backbone and save it. Returns a report. Collective when the
+    backbone is partitioned (``ds_config`` with ZeRO stage 3)."""
+    model, backbone, structure = load_run(run, ds_config=ds_config)
+    plan = plan_merge(model, backbone.site_map)
+    if plan.kept and not keep_unmergeable:
+        lines = "\n".join(f"  {site} {t}: {why}" for site, t, why in plan.kept[:20])
+        more = f"\n  ... and {len(plan.kept) - 20} more" if len(plan.kept) > 20 else ""
+        raise StructureError(
+            f"{len(plan.kept)} of {len(structure.modules)} deltas cannot be folded into the backbone:\n{lines}{more}\n"
+            "pass --keep-unmergeable to merge the rest and write these beside the model, or export --peft"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise StructureError(f"{out} is not empty; choose a new directory")
+    zero.barrier()  # every rank checked the directory before rank 0 writes into it
+    report = merge(model, backbone.site_map, gather=zero.gathered)
+    files = save_hf(model, out, max_shard_bytes)
+    if zero.rank() == 0:
+        _copy_tokenizer(run, out)
+    kept = sorted({(site, t) for site, t, _ in report.kept})
+    if kept:
+        remaining = tuple(m for m in structure.modules if (m.site, m.type) in set(kept))
+        used = sum(m.params for m in remaining)
+        merged_info = Backbone.from_model(model, str(out)).info
+        rest = Structure(
+            kind=structure.kind,
+            backbone=merged_info,
+            budget=Budget(None, None, used),
+            modules=tuple(ModuleChoice(m.site, m.type, m.kwargs, m.params) for m in remaining),
+            space=structure.space,
+            search=dict(structure.search),
+            provenance={"unmerged_from": structure.digest(), "run": str(run)},
+        )
+        if zero.rank() == 0:
+            rest.save(out / "unmerged" / "structure.json")
+        save_deltas(model, out / "unmerged" / "deltas.safetensors", metadata={"structure": rest.digest()})
+    result = {
+        "merged": len(report.merged),
+        "kept": [f"{s} {t}" for s, t in kept],
+        "files": [str(f) for f in files],
+        "out": str(out),
+    }
+    if zero.rank() == 0:
+        atomic_write_text(out / "s3delta_export.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
+    """LoRA → a PEFT LoRA adapter in ``out``; LNFit → a PEFT LN-tuning adapter in ``out/ln_tuning``."""
+    model, backbone, structure = load_run(run)
+    family = backbone.family
+    unsupported = [(m.site, m.type) for m in structure.modules if m.type not in ("lora", "lnfit")]
+    if unsupported and not partial:
+        listed = ", ".join(f"{t} on {s}" for s, t in unsupported[:10])
+        raise StructureError(
+            f"PEFT cannot express {len(unsupported)} of the modules ({listed}"
+            f"{'...' if len(unsupported) > 10 else ''}): "
+            "it has no added-bias, LowRankAdapter, per-site Adapter, PaFi or HiWi method. Use export --merge, or "
+            "--partial to export only the LoRA/LNFit part"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise StructureError(f"{out} is not empty; choose a new directory")
+    source = str(Path(resolve_source(load_run_config(run / "config.yaml").model)).resolve())
+    head = list(family.head_modules)
+    written = {}
+    loras = [(site, slot.deltas["lora"]) for site, slot in slots(model).items() if "lora" in slot.deltas]
+    if loras:
+        state, ranks, alphas = {}, {}, {}
+        for site, d in loras:
+            path = backbone.site_map.path(site)
+            with zero.gathered(list(d.parameters())):
+                state[f"base_model.model.{path}.lora_A.weight"] = d.lora_A.detach().cpu().clone()
+                state[f"base_model.model.{path}.lora_B.weight"] = d.lora_B.detach().cpu().clone()
+            ranks[path], alphas[path] = d.cfg.r, d.cfg.alpha
+        for name in head:
+            for pname, p in model.get_submodule(name).named_parameters():
+                state[f"base_model.model.{name}.{pname}"] = p.detach().cpu().clone()
+        r0, a0 = loras[0][1].cfg.r, loras[0][1].cfg.alpha
+        config = {
+            "peft_type": "LORA",
+            "task_type": _TASK_TYPES[family.name],
+            "base_model_name_or_path": source,
+            "target_modules": sorted(ranks),
+            "r": r0,
+            "lora_alpha": a0,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "rank_pattern": {k: v for k, v in ranks.items() if v != r0},
+            "alpha_pattern": {k: v for k, v in alphas.items() if v != a0},
+            "modules_to_save": head or None,
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+        }
+        _write_adapter(out, config, state)
+        written["lora"] = str(out)
+    lnfits = [(site, slot.deltas["lnfit"]) for site, slot in slots(model).items() if "lnfit" in slot.deltas]
+    if lnfits:
+        state = {}
+        for site, d in lnfits:
+            path = backbone.site_map.path(site)
+            norm = model.get_submodule(path)
+            with zero.gathered([norm.weight, *d.parameters()]):
+                state[f"base_model.model.{path}.ln_tuning_layers.weight"] = (norm.weight + d.scale).detach().cpu()
+                if getattr(norm, "bias", None) is not None:
+                    state[f"base_model.model.{path}.ln_tuning_layers.bias"] = norm.bias.detach().cpu().clone()
+        config = {
+            "peft_type": "LN_TUNING",
+            "task_type": _TASK_TYPES[family.name],
+            "base_model_name_or_path": source,
+            "target_modules": sorted(backbone.site_map.path(s) for s, _ in lnfits),
+            "inference_mode": True,
+        }
+        _write_adapter(out / "ln_tuning", config, state)
+        written["ln_tuning"] = str(out / "ln_tuning")
+    if not written:
+        raise StructureError("the structure has no LoRA or LNFit module: nothing PEFT can load")
+    return {"adapters": written, "not_exported": [f"{t} on {s}" for s, t in unsupported]}
+
+
+def _write_adapter(out: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
+    if zero.rank() != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".adapter_model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(out / "adapter_model.safetensors")
+    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m s3delta_ds.export RUN (--merge|--peft) -o OUT [--zero3]``; with ``--zero3`` under a
+    launcher (deepspeed/torchrun), the backbone is loaded partitioned across the ranks and every
+    tensor is gathered on its own while merging and saving."""
+    import argparse
+    import sys
+
+    from .errors import S3DeltaError
+
+    p = argparse.ArgumentParser(prog="python -m s3delta_ds.export")
+    p.add_argument("run")
+    p.add_argument("--merge", action="store_true")
+    p.add_argument("--peft", action="store_true")
+    p.add_argument("--keep-unmergeable", action="store_true")
+    p.add_argument("--partial", action="store_true")
+    p.add_argument("--zero3", action="store_true", help="load the backbone partitioned (ZeRO-3) across the ranks")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        ds_config = None
+        if args.zero3:
+            zero.init_distributed()
+            ds_config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            }
+        if args.merge:
+            export_merged(
+                Path(args.run), Path(args.output), keep_unmergeable=args.keep_unmergeable, ds_config=ds_config
+            )
+        else:
+            export_peft(Path(args.run), Path(args.output), partial=args.partial)
+        return 0
+    except S3DeltaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        zero.destroy()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""The backbone-wide PaFi mask: the ``density`` fraction of eligible pre-trained entries with the
+smallest |θ|, computed once per backbone (data-free), saved with the backbone's config hash, and
+reused by every task.
+
+``ranking="global"`` ranks all eligible entries together (a streaming top-k: per tensor take its
+k smallest, merge with the running k smallest; memory O(k) plus one tensor at a time);
+``"per-matrix"`` takes the fraction of every tensor. Eligible tensors are chosen by site kind:
+``linear`` (weights of every Linear site) and ``norm`` (layer-norm scales). Under ZeRO-3 each
+tensor is gathered alone (``gather``), so peak memory is the largest single tensor, never the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .backbones import SiteMap
+from .builders import Backbone
+from .deltas.pafi import smallest_magnitude
+from .errors import ConfigError, StructureError
+from .structure import Budget, ModuleChoice, Structure
+
+MASK_FORMAT = "s3delta-pafi-mask"
+ELIGIBLE = ("linear", "norm")
+
+
+def _eligible_sites(site_map: SiteMap, eligible: tuple[str, ...]):
+    bad = sorted(set(eligible) - set(ELIGIBLE))
+    if bad:
+        raise ConfigError(f"PaFi eligible kinds {bad} are not supported; choose from {', '.join(ELIGIBLE)}")
+    # whole attention/FFN blocks are not tensors; cross-attention is excluded like every other space
+    return [s for s in site_map.sites.values() if s.dims.kind in eligible and not s.component.startswith("cross_attn")]
+
+
+def compute_mask(
+    model: torch.nn.Module,
+    site_map: SiteMap,
+    density: float,
+    ranking: str = "global",
+    eligible: tuple[str, ...] = ("linear",),
+    gather=None,
+) -> dict[str, torch.Tensor]:
+    """Site → sorted flat indices of its trainable entries."""
+    if not 0 < density < 1:
+        raise ConfigError(f"PaFi density must be in (0, 1), got {density}")
+    gather = gather or (lambda params: contextlib.nullcontext())
+    sites = _eligible_sites(site_map, eligible)
+
+    def weight(site):
+        return model.get_submodule(site.path).weight
+
+    if ranking == "per-matrix":
+        out = {}
+        for s in sites:
+            w = weight(s)
+            with gather([w]):
+                out[s.name] = smallest_magnitude(w, math.ceil(density * w.numel()))
+        return out
+    if ranking != "global":
+        raise ConfigError(f"PaFi ranking must be global or per-matrix, got {ranking!r}")
+    total = sum(s.dims.in_dim * s.dims.out_dim if s.dims.kind == "linear" else s.dims.out_dim for s in sites)
+    k = max(1, math.ceil(density * total))
+    best = torch.empty(0)
+    for s in sites:  # pass 1: the k-th smallest magnitude over all eligible entries
+        w = weight(s)
+        with gather([w]):
+            mags = w.detach().reshape(-1).float().abs()
+            cand = torch.topk(mags, min(k, mags.numel()), largest=False).values
+        best = torch.topk(torch.cat([best, cand]), min(k, best.numel() + cand.numel()), largest=False).values
+    threshold = float(best.max())
+    below = 0
+    out = {}
+    for s in sites:  # pass 2: everything strictly below the threshold, then ties in site order
+        w = weight(s)
+        with gather([w]):
+            mags = w.detach().reshape(-1).float().abs()
+            strict = torch.nonzero(mags < threshold).flatten()
+            ties = torch.nonzero(mags == threshold).flatten()
+        below += strict.numel()
+        out[s.name] = (strict, ties)
+    room = k - below
+    result = {}
+    for name, (strict, ties) in out.items():
+        take = ties[: max(0, room)]
+        room -= take.numel()
+        idx = torch.sort(torch.cat([strict, take])).values
+        if idx.numel():
+            result[name] = idx
+    return result
+
+
+def save_mask(
+    mask: dict[str, torch.Tensor],
+    path: str | Path,
+    *,
+    backbone: Backbone,
+    density: float,
+    ranking: str,
+    eligible: tuple[str, ...],
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": MASK_FORMAT,
+        "config_hash": backbone.info.config_hash,
+        "backbone": backbone.info.name_or_path,
+        "density": repr(density),
+        "ranking": ranking,
+        "eligible": ",".join(eligible),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in mask.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_mask(path: str | Path, backbone: Backbone | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The mask and its metadata; with ``backbone``, refuse a mask made for another backbone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            mask = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors has its own error types
+        raise StructureError(f"{path}: not a readable PaFi mask ({e})") from e
+    if meta.get("format") != MASK_FORMAT:
+        raise StructureError(f"{path}: not a PaFi mask file (format {meta.get('format')!r})")
+    if backbone is not None and meta["config_hash"] != backbone.info.config_hash:
+        raise StructureError(
+            f"{path} was computed for {meta['backbone']} ({meta['config_hash'][:19]}...), not for "
+            f"{backbone.info.name_or_path} ({backbone.info.config_hash[:19]}...): compute a mask for this backbone"
+        )
+    return mask, meta
+
+
+def mask_structure(backbone: Backbone, mask: dict[str, torch.Tensor], meta: dict[str, str]) -> Structure:
+    """The PaFi baseline as a structure: one ``pafi`` module per site with its share of the mask."""
+    density = float(meta["density"])
+    modules = tuple(
+        ModuleChoice(
+            site, "pafi", {"density": density, "ranking": meta["ranking"], "count": int(idx.numel())}, int(idx.numel())
+        )
+        for site, idx in sorted(mask.items(), key=lambda kv: list(backbone.site_map.sites).index(kv[0]))
+    )
+    used = sum(m.params for m in modules)
+    return Structure(
+        kind="manual",
+        backbone=backbone.info,
+        budget=Budget(used / backbone.info.num_params, None, used),
+        modules=modules,
+        space=None,
+        search={"method": "pafi", "density": density, "ranking": meta["ranking"], "eligible": meta["eligible"]},
+    )

@@ -1,0 +1,192 @@
+"""Merging for zero latency and export: merged outputs equal unmerged ones (fp32, 1e-5), the saved
+model loads with plain transformers, unmergeable deltas are refused or kept explicitly, and the
+PEFT adapters load with PeftModel and give the same outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+from s3delta_ds.builders import Backbone
+from s3delta_ds.checkpoint import load_deltas
+from s3delta_ds.cli import main
+from s3delta_ds.errors import StructureError
+from s3delta_ds.export import export_merged, export_peft, load_run, save_hf
+from s3delta_ds.structure import Budget, ModuleChoice, Structure
+from s3delta_ds.supernet import attach
+
+from .helpers import tiny_inputs
+from .launching import run
+
+AUTO = {
+    "tiny-t5": AutoModelForSeq2SeqLM,
+    "tiny-llama": AutoModelForCausalLM,
+    "tiny-bert": AutoModelForSequenceClassification,
+}
+
+
+def _structure(name: str, types: tuple[str, ...], space: str = "mixed+pafi+hiwi") -> Structure:
+    plan = Backbone.plan(name)
+    cands = [c for c in plan.space(space).candidates if c.type in types]
+    if name == "tiny-llama":  # an RMSNorm has no bias to fold an added bias into (tested below for T5)
+        cands = [c for c in cands if not (c.type == "bitfit" and c.site.endswith("norm"))]
+    modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in cands)
+    used = sum(m.params for m in modules)
+    return Structure(kind="manual", backbone=plan.info, budget=Budget(None, None, used), modules=modules)
+
+
+def _trained_run(tmp_path_factory, name: str, types: tuple[str, ...]):
+    out = tmp_path_factory.mktemp(f"{name}-{'-'.join(types)}")
+    s = _structure(name, types).save(out / "in.json")
+    run(
+        "python",
+        "retrain",
+        [
+            f"model.name_or_path={name}",
+            f"retrain.structure={s}",
+            "retrain.steps=3",
+            "retrain.eval_every=3",
+            "retrain.lr=2e-2",
+            "retrain.micro_batch_size=8",
+            "data.max_eval_examples=8",
+            "zero_stage=0",
+            f"output_dir={out / 'run'}",
+        ],
+        1,
+    )
+    return out / "run"
+
+
+@pytest.fixture(scope="module")
+def t5_mergeable(tmp_path_factory):
+    return _trained_run(tmp_path_factory, "tiny-t5", ("lora", "lnfit", "pafi", "hiwi"))
+
+
+@pytest.fixture(scope="module")
+def t5_with_bitfit(tmp_path_factory):
+    return _trained_run(tmp_path_factory, "tiny-t5", ("lora", "bitfit", "lra"))
+
+
+@pytest.fixture(scope="module")
+def llama_all(tmp_path_factory):
+    return _trained_run(tmp_path_factory, "tiny-llama", ("lora", "lnfit", "pafi", "hiwi", "bitfit"))
+
+
+@pytest.fixture(scope="module")
+def bert_all(tmp_path_factory):
+    return _trained_run(tmp_path_factory, "tiny-bert", ("lora", "lnfit", "pafi", "hiwi", "bitfit"))
+
+
+def _logits(model, name):
+    with torch.no_grad():
+        return model(**tiny_inputs(name)).logits
+
+
+def _check_merged_equals(run_dir, out, name):
+    ref_model, _, _ = load_run(run_dir)
+    reference = _logits(ref_model, name)
+    plain = AUTO[name].from_pretrained(out)  # no s3delta_ds involved
+    plain.eval()
+    assert (_logits(plain, name) - reference).abs().max() < 1e-5
+    return plain
+
+
+@pytest.mark.parametrize(
+    "fixture,name", [("t5_mergeable", "tiny-t5"), ("llama_all", "tiny-llama"), ("bert_all", "tiny-bert")]
+)
+def test_merged_model_equals_unmerged(fixture, name, request, tmp_path):
+    run_dir = request.getfixturevalue(fixture)
+    report = export_merged(run_dir, tmp_path / "merged")
+    assert report["kept"] == [] and report["merged"] == len(Structure.load(run_dir / "structure.json").modules)
+    plain = _check_merged_equals(run_dir, tmp_path / "merged", name)
+    assert not any("s3delta" in n for n, _ in plain.named_parameters())
+    if name == "tiny-llama":  # BitFit on q/k/v/o and the FFN became LLaMA's own biases
+        cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+        assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
+
+
+def test_unmergeable_deltas_are_refused_or_kept_beside_the_model(t5_with_bitfit, tmp_path, capsys):
+    assert main(["export", str(t5_with_bitfit), "--merge", "-o", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be folded" in err and "lra" in err and "has no bias" in err
+    assert not (tmp_path / "no").exists()
+    report = export_merged(t5_with_bitfit, tmp_path / "kept", keep_unmergeable=True)
+    assert report["kept"] and all(k.split()[1] in ("bitfit", "lra") for k in report["kept"])
+    # the merged model + the kept deltas attached with s3delta_ds == the original run
+    merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "kept")
+    rest = Structure.load(tmp_path / "kept" / "unmerged" / "structure.json")
+    plan = Backbone.from_model(merged, str(tmp_path / "kept"))
+    attach(merged, plan.site_map, rest.specs())
+    load_deltas(merged, tmp_path / "kept" / "unmerged" / "deltas.safetensors")
+    merged.eval()
+    ref_model, _, _ = load_run(t5_with_bitfit)
+    assert (_logits(merged, "tiny-t5") - _logits(ref_model, "tiny-t5")).abs().max() < 1e-5
+
+
+def test_sharded_save_loads(t5_mergeable, tmp_path):
+    model, plan, _ = load_run(t5_mergeable)
+    from s3delta_ds.merge import merge
+
+    merge(model, plan.site_map)
+    files = save_hf(model, tmp_path / "sharded", max_shard_bytes=200_000)
+    assert len(files) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    _check_merged_equals(t5_mergeable, tmp_path / "sharded", "tiny-t5")
+
+
+def test_peft_round_trip_lora_and_ln_tuning(llama_all, tmp_path_factory, tmp_path):
+    from peft import PeftModel
+
+    run_dir = _trained_run(tmp_path_factory, "tiny-llama", ("lora", "lnfit"))
+    report = export_peft(run_dir, tmp_path / "peft")
+    assert set(report["adapters"]) == {"lora", "ln_tuning"} and report["not_exported"] == []
+    ref_model, plan, _ = load_run(run_dir)
+    reference = _logits(ref_model, "tiny-llama")
+    base_dir = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    # PEFT cannot hold LoRA and LN tuning in one model: fold the LN-tuning adapter, then add LoRA
+    tuned = PeftModel.from_pretrained(base, tmp_path / "peft" / "ln_tuning").merge_and_unload()
+    model = PeftModel.from_pretrained(tuned, tmp_path / "peft").eval()
+    assert (_logits(model, "tiny-llama") - reference).abs().max() < 1e-5
+    # PEFT cannot express added biases, PaFi, HiWi: refused, or left out with --partial
+    with pytest.raises(StructureError, match="PEFT cannot express"):
+        export_peft(llama_all, tmp_path / "refused")
+    partial = export_peft(llama_all, tmp_path / "partial", partial=True)
+    assert partial["not_exported"] and "lora" in partial["adapters"]
+
+
+def test_peft_lora_with_per_module_ranks_and_a_classification_head(tmp_path_factory, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path_factory.mktemp("bert-ranks")
+    plan = Backbone.plan("tiny-bert")
+    q = [c for c in plan.space("lora").candidates if c.site.endswith("attn.q")]
+    mods = tuple(
+        ModuleChoice(c.site, "lora", {"r": 2 + i, "alpha": 8.0, "dropout": 0.0}, (2 + i) * 128) for i, c in enumerate(q)
+    )
+    s = Structure(
+        kind="manual", backbone=plan.info, budget=Budget(None, None, sum(m.params for m in mods)), modules=mods
+    ).save(out / "s.json")
+    run(
+        "python",
+        "retrain",
+        [
+            "model.name_or_path=tiny-bert",
+            f"retrain.structure={s}",
+            "retrain.steps=3",
+            "retrain.lr=2e-2",
+            "data.max_eval_examples=8",
+            "zero_stage=0",
+            f"output_dir={out / 'run'}",
+        ],
+        1,
+    )
+    export_peft(out / "run", tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and list(cfg["rank_pattern"].values()) == [3] and cfg["modules_to_save"] == ["classifier"]
+    ref_model, _, _ = load_run(out / "run")
+    base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model_name_or_path"], num_labels=2)
+    model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    assert (_logits(model, "tiny-bert") - _logits(ref_model, "tiny-bert")).abs().max() < 1e-5

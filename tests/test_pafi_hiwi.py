@@ -1,0 +1,166 @@
+"""PaFi (sparse smallest-magnitude fine-tuning) and HiWi (adapters on weights): masks, counts,
+init, what changes, and their place in a search space."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from s3delta_ds.backbones import SiteDims, SiteMap, family_for
+from s3delta_ds.builders import Backbone
+from s3delta_ds.deltas import resolve
+from s3delta_ds.deltas.pafi import smallest_magnitude
+from s3delta_ds.errors import SearchSpaceError, StructureError
+from s3delta_ds.pafi import compute_mask, load_mask, mask_structure, save_mask
+from s3delta_ds.supernet import DeltaSpec, attach, delta_parameters
+
+from .helpers import logits_of, tiny_inputs, tiny_model
+
+
+def _with_map(name):
+    m = tiny_model(name)
+    return m, SiteMap(m, family_for(m.config))
+
+
+def test_smallest_magnitude_ties_and_order():
+    w = torch.tensor([[0.5, -0.1, 0.3], [0.1, -2.0, 0.0]])
+    assert smallest_magnitude(w, 3).tolist() == [1, 3, 5]  # 0.0 (5), then the tie 0.1 (1) and 0.1 (3)
+
+
+def test_global_mask_takes_the_globally_smallest_entries():
+    m, sm = _with_map("tiny-t5")
+    mask = compute_mask(m, sm, density=0.01, ranking="global")
+    again = compute_mask(m, sm, density=0.01, ranking="global")
+    assert mask.keys() == again.keys() and all(torch.equal(mask[k], again[k]) for k in mask)  # data-free, deterministic
+    sites = [s for s in sm.sites.values() if s.dims.kind == "linear" and not s.component.startswith("cross_attn")]
+    total = sum(s.dims.in_dim * s.dims.out_dim for s in sites)
+    assert sum(v.numel() for v in mask.values()) == math.ceil(0.01 * total)
+    chosen, rest = [], []
+    for s in sites:
+        w = m.get_submodule(s.path).weight.detach().reshape(-1).abs()
+        sel = torch.zeros_like(w, dtype=torch.bool)
+        if s.name in mask:
+            sel[mask[s.name]] = True
+        chosen.append(w[sel])
+        rest.append(w[~sel])
+    assert torch.cat(chosen).max() <= torch.cat(rest).min()
+
+
+def test_per_matrix_mask_and_norm_eligibility():
+    m, sm = _with_map("tiny-llama")
+    mask = compute_mask(m, sm, density=0.05, ranking="per-matrix", eligible=("linear", "norm"))
+    site = sm.site("decoder.0.mlp.up")
+    assert mask[site.name].numel() == math.ceil(0.05 * site.dims.in_dim * site.dims.out_dim)
+    assert "decoder.0.attn_norm" in mask and mask["decoder.0.attn_norm"].numel() == math.ceil(0.05 * 64)
+
+
+def test_mask_file_is_shared_and_refused_for_another_backbone(tmp_path):
+    m, sm = _with_map("tiny-t5")
+    plan = Backbone.from_model(m, "tiny-t5")
+    mask = compute_mask(m, sm, density=0.02)
+    save_mask(mask, tmp_path / "mask.safetensors", backbone=plan, density=0.02, ranking="global", eligible=("linear",))
+    loaded, meta = load_mask(tmp_path / "mask.safetensors", plan)
+    assert all(torch.equal(loaded[k], mask[k]) for k in mask) and meta["ranking"] == "global"
+    structure = mask_structure(plan, loaded, meta)
+    assert structure.budget.used == sum(v.numel() for v in mask.values())
+    other = Backbone.plan("tiny-t5-v1_1")
+    with pytest.raises(StructureError, match="compute a mask for this backbone"):
+        load_mask(tmp_path / "mask.safetensors", other)
+
+
+def test_pafi_trains_only_its_entries_and_merges_exactly():
+    m, sm = _with_map("tiny-t5")
+    site = sm.site("encoder.0.mlp.up")
+    attach(m, sm, [DeltaSpec(site.name, "pafi", {"density": 0.05})])
+    module = m.get_submodule(site.path)
+    d = module.s3delta.deltas["pafi"]
+    n = math.ceil(0.05 * site.dims.in_dim * site.dims.out_dim)
+    assert d.values.numel() == n and [p.numel() for _, p in delta_parameters(m)] == [n]  # no dense copy
+    assert torch.equal(d.indices, smallest_magnitude(module.weight, n))
+    with torch.no_grad():
+        d.values.normal_()
+    x = torch.randn(3, site.dims.in_dim)
+    w_eff = module.weight.detach().clone().reshape(-1)
+    w_eff[d.indices] += d.values.detach()
+    assert torch.allclose(module(x), x @ w_eff.view_as(module.weight).T, atol=1e-5)
+    changed = torch.nonzero(d.dense().reshape(-1)).flatten()
+    assert set(changed.tolist()) <= set(d.indices.tolist())
+
+
+def test_hiwi_counts_init_and_bias_variant():
+    dims = SiteDims("linear", 64, 128)
+    cls, cfg, n = resolve("hiwi", {"bottleneck": 4}, dims, "s")
+    assert n == 2 * 64 * 4 + 4 + 64 and cls.stored_params(dims, cfg) == 64 * 128
+    _, cfg_b, n_b = resolve("hiwi", {"target": "bias", "bottleneck": 4}, dims, "s")
+    assert n_b == 2 * 128 * 4 + 4 + 128 and cls.stored_params(dims, cfg_b) == 128
+    # zero-initialised up projection: the model is unchanged at init
+    m, sm = _with_map("tiny-llama")
+    batch = tiny_inputs("tiny-llama")
+    with torch.no_grad():
+        ref = logits_of(m, batch)
+        attach(
+            m,
+            sm,
+            [
+                DeltaSpec("decoder.0.mlp.up", "hiwi", {"bottleneck": 2}),
+                DeltaSpec("decoder.1.mlp.down", "hiwi", {"bottleneck": 2}),
+            ],
+        )
+        assert torch.equal(logits_of(m, batch), ref)
+    # T5/LLaMA FFN linears have no bias: the bias variant is refused with the reason
+    with pytest.raises(SearchSpaceError, match="needs a Linear with a bias"):
+        attach(m, sm, [DeltaSpec("decoder.0.mlp.gate", "hiwi", {"target": "bias"})])
+
+
+def test_hiwi_weight_formula():
+    m, sm = _with_map("tiny-bert")
+    site = sm.site("encoder.0.mlp.up")
+    attach(m, sm, [DeltaSpec(site.name, "hiwi", {"bottleneck": 3, "activation": "relu"})])
+    module = m.get_submodule(site.path)
+    h = module.s3delta.deltas["hiwi"]
+    with torch.no_grad():
+        for p in h.parameters():
+            p.normal_()
+    W = module.weight.detach()
+    f = torch.relu(W @ h.A + h.a) @ h.B + h.c
+    x = torch.randn(2, site.dims.in_dim)
+    assert torch.allclose(module(x), x @ (W + f).T + module.bias, atol=1e-4)
+
+
+def test_space_with_pafi_and_hiwi_accounts_trainable_parameters():
+    s = Backbone.plan("t5-base").space("mixed+pafi+hiwi")
+    by = {(c.site, c.type): c.params for c in s.candidates}
+    assert by[("encoder.0.attn.q", "pafi")] == math.ceil(768 * 768 / 512)
+    assert by[("encoder.0.mlp.up", "hiwi")] == 2 * 768 + 1 + 768  # trainable, not the 768 x 3072 it stores
+    assert by[("encoder.0.mlp.down", "hiwi")] == 2 * 3072 + 1 + 3072
+    assert len(s) == 460 + 144 + 48
+
+
+def test_search_step_with_pafi_and_hiwi_candidates_moves_their_gates():
+    m, sm = _with_map("tiny-t5")
+    from s3delta_ds.space import enumerate_space
+    from s3delta_ds.supernet import GateContext
+
+    space = enumerate_space(m, "mixed+pafi+hiwi", site_map=sm)
+    ctx = GateContext()
+    attach(m, sm, [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates], ctx)
+    with torch.no_grad():
+        for _, p in delta_parameters(m):
+            p.normal_(0, 0.01)
+    logits = torch.zeros(len(space), requires_grad=True)
+    ctx.z = torch.sigmoid(logits)
+    (g,) = torch.autograd.grad(m(**tiny_inputs("tiny-t5")).loss, logits)
+    for c in space.candidates:
+        if c.type in ("pafi", "hiwi"):
+            assert g[c.index] != 0
+
+
+def test_pafi_linear_module_unchanged_outside_its_site():
+    m, sm = _with_map("tiny-t5")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    attach(m, sm, [DeltaSpec("encoder.0.attn.q", "pafi", {"density": 0.1})])
+    assert all(torch.equal(before[n], p) for n, p in m.named_parameters() if n in before)
+    assert isinstance(m.get_submodule(sm.path("encoder.0.attn.q")), nn.Linear)
