@@ -257,6 +257,11 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="rt-sentiment,bb-strategyqa")
     p.add_argument("--budgets", default="1e-3,1e-4")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="only these methods (e.g. full,lora,random,searched); the rest can follow in a later pass",
+    )
     p.add_argument("--out", default=None, help="result directory (default benchmarks/results/quality[-smoke])")
     p.add_argument("--work", default=None, help="scratch directory for run outputs (default: a temp dir)")
     args = p.parse_args(argv)
@@ -276,6 +281,9 @@ def main(argv=None) -> int:
         [float(b) for b in args.budgets.split(",")],
         [int(s) for s in args.seeds.split(",")],
     )
+    if args.methods:
+        keep = set(args.methods.split(","))
+        runs = [r for r in runs if r[2] in keep]
     print(f"[quality] {len(runs)} runs -> {out}", flush=True)
     for i, (backbone, task, method, budget, seed) in enumerate(runs):
         path = result_path(out, backbone, task, method, budget, seed)

@@ -6,11 +6,13 @@ micro-batches hold different numbers of target tokens.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .supernet import GateContext
+from .supernet import SLOT_ATTR, GateContext
 
 
 def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +53,21 @@ class DeltaModel(nn.Module):
         out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         nll = F.cross_entropy(out.logits.float(), labels, reduction="none")
         return nll, torch.ones_like(labels)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only what trains (delta weights, a task head) and the deltas' buffers.
+
+        DeepSpeed checkpoints call this: the frozen backbone never belongs in them (resume reloads it
+        from its source), and bitsandbytes layers cannot even serialise ZeRO-3-partitioned weights.
+        """
+        out = OrderedDict() if destination is None else destination
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                out[prefix + name] = p if keep_vars else p.detach()
+        for name, b in self.named_buffers():
+            if f".{SLOT_ATTR}." in f".{name}":
+                out[prefix + name] = b if keep_vars else b.detach()
+        return out
 
     @torch.no_grad()
     def class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

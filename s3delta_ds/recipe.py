@@ -255,3 +255,8 @@ def train_loop(
         return True
     finally:
         bar.close()
+
+
+def frozen_bytes(model: torch.nn.Module) -> int:
+    """Bytes of frozen weights this rank holds (its ZeRO-3 partitions, or everything)."""
+    return sum(zero.local_numel(p) * p.element_size() for p in model.parameters() if not p.requires_grad)

@@ -26,14 +26,15 @@ from s3delta_ds.checkpoint import latest_checkpoint, load_run_checkpoint, save_d
 from s3delta_ds.config import RunConfig
 from s3delta_ds.data import BatchStream
 from s3delta_ds.engine import zero
+from s3delta_ds.engine.backbone import DTYPES
 from s3delta_ds.engine.bilevel import delta_update
 from s3delta_ds.errors import ConfigError
 from s3delta_ds.evaluate import evaluate
 from s3delta_ds.objective import DeltaModel
-from s3delta_ds.recipe import is_better, new_state, prepare, script_main, train_loop
+from s3delta_ds.recipe import frozen_bytes, is_better, new_state, prepare, script_main, train_loop
 from s3delta_ds.report import MetricsLog
 from s3delta_ds.structure import Structure, atomic_write_text
-from s3delta_ds.supernet import attach, freeze_backbone
+from s3delta_ds.supernet import attach, cast_deltas, freeze_backbone
 
 DELTA_FILE = "deltas.safetensors"
 
@@ -63,6 +64,7 @@ def run_retrain(cfg: RunConfig, *, resume: bool = False) -> dict | None:
             register_external=zero.register_external,
             masks=masks,
         )
+        cast_deltas(rt.model, DTYPES[rt.dtype])
         trainable = freeze_backbone(rt.model, head)
     else:
         rt.model.requires_grad_(True)
@@ -76,6 +78,7 @@ def run_retrain(cfg: RunConfig, *, resume: bool = False) -> dict | None:
     engine = zero.build_engine(
         module, params, lr=rc.lr, weight_decay=rc.weight_decay, total_steps=rc.steps, ds_config=rt.ds_config
     )
+    rank0_bytes = zero.broadcast_object(frozen_bytes(module))  # frozen backbone bytes held by rank 0
     stream = BatchStream(
         rt.data["train"],
         micro_batch=rc.micro_batch_size,
@@ -154,6 +157,7 @@ def run_retrain(cfg: RunConfig, *, resume: bool = False) -> dict | None:
         "zero_stage": zero.zero_stage(rt.ds_config),
         "steps": rc.steps,
         "deltas": None if structure is None else str(rt.out / DELTA_FILE),
+        "frozen_bytes_rank0": rank0_bytes,
     }
     if rt.is_main:
         if structure is not None:

@@ -26,15 +26,16 @@ from s3delta_ds.checkpoint import latest_checkpoint, load_run_checkpoint, save_d
 from s3delta_ds.config import RunConfig
 from s3delta_ds.data import BatchStream, split_halves
 from s3delta_ds.engine import zero
+from s3delta_ds.engine.backbone import DTYPES
 from s3delta_ds.engine.bilevel import BiLevel, check_mode
 from s3delta_ds.engine.gatelogits import GateLogits
 from s3delta_ds.evaluate import evaluate
 from s3delta_ds.gates import check_budget, discretise, probabilities
 from s3delta_ds.objective import DeltaModel
-from s3delta_ds.recipe import is_better, new_state, prepare, script_main, train_loop
+from s3delta_ds.recipe import frozen_bytes, is_better, new_state, prepare, script_main, train_loop
 from s3delta_ds.report import MetricsLog, gates_csv, heatmap
 from s3delta_ds.structure import atomic_write_text
-from s3delta_ds.supernet import DeltaSpec, GateContext, attach, freeze_backbone
+from s3delta_ds.supernet import DeltaSpec, GateContext, attach, cast_deltas, freeze_backbone
 
 SUPERNET_DELTAS = "supernet_deltas.safetensors"
 
@@ -58,6 +59,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict | None:
     torch.manual_seed(cfg.seed)  # identical delta init on every rank and in every ZeRO stage
     specs = [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates]
     attach(rt.model, rt.site_map, specs, ctx, gather=zero.gathered, register_external=zero.register_external)
+    cast_deltas(rt.model, DTYPES[rt.dtype])
     freeze_backbone(rt.model, rt.family.head_modules)
     module = DeltaModel(rt.model, rt.objective, ctx)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -76,6 +78,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict | None:
         device=rt.device,
     )
     bilevel = BiLevel(engine, gates, mode=sc.mode, device=rt.device)
+    rank0_bytes = zero.broadcast_object(frozen_bytes(module))  # frozen backbone bytes held by rank 0
 
     weights_half, gates_half = split_halves(rt.data["train"], cfg.seed)
     streams = {
@@ -145,10 +148,10 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict | None:
         head_prefixes=rt.family.head_modules,
         metadata={"kind": "supernet", "step": str(state["step"])},
     )
-    return finish(rt, cfg, space, gates, state, stage)
+    return finish(rt, cfg, space, gates, state, stage, rank0_bytes)
 
 
-def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, stage: int) -> dict:
+def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, stage: int, rank0_bytes: int) -> dict:
     """Discretise the selected gates at the budget and write the run's outputs (rank 0)."""
     sc = cfg.search
     logits = state["best_logits"]
@@ -191,6 +194,7 @@ def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, stage: int
         "zero_stage": stage,
         "steps": sc.steps,
         "candidates": len(space),
+        "frozen_bytes_rank0": rank0_bytes,
     }
     if rt.is_main:
         structure.save(rt.out / "structure.json")

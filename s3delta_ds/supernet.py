@@ -143,6 +143,9 @@ def attach(
 
 
 def _bind(delta, module, site, gather, register_external, masks) -> None:
+    needs_weight = getattr(delta, "binds_to_weight", False) or getattr(delta, "uses_base_weight", False)
+    if needs_weight and type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params"):
+        raise ValueError("needs the full-precision weights, and this backbone is quantized (model.quantize)")
     if getattr(delta, "binds_to_weight", False):
         indices = None
         if getattr(delta.cfg, "ranking", "") == "global":
@@ -155,6 +158,14 @@ def _bind(delta, module, site, gather, register_external, masks) -> None:
         delta.bind_base(module)
         if register_external is not None:
             register_external(delta, delta.base_tensor())
+
+
+def cast_deltas(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every delta the backbone's float dtype. Under ZeRO stages 0-2 DeepSpeed casts the whole
+    module itself; under ZeRO-3 the backbone was created in its dtype and DeepSpeed leaves
+    parameters added later (our deltas) as they are, so a bf16 run would mix dtypes in a matmul."""
+    for slot in slots(model).values():
+        slot.to(dtype)
 
 
 def slots(model: nn.Module) -> dict[str, DeltaSlot]:

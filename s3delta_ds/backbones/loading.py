@@ -125,13 +125,22 @@ def build_model(config, *, device: str | torch.device = "cpu", family: Family | 
     return model
 
 
+def logical_numel(p: torch.Tensor) -> int:
+    """Entries a parameter stands for: its full size under ZeRO-3 (``ds_numel``), and the unpacked
+    size of a bitsandbytes 4-bit weight (two 4-bit values per byte, stored in a float dtype)."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def count_params(model: nn.Module, exclude_prefixes: tuple[str, ...] = ()) -> int:
-    """All parameters (shared ones once; ZeRO-3-partitioned ones at full size) outside ``exclude``."""
+    """All parameters (shared ones once; ZeRO-3-partitioned and 4-bit ones at full size) outside ``exclude``."""
     total = 0
     for name, p in model.named_parameters():
         if any(name == e or name.startswith(e + ".") for e in exclude_prefixes):
             continue
-        total += int(getattr(p, "ds_numel", p.numel()))
+        total += logical_numel(p)
     return total
 
 

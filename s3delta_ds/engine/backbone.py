@@ -23,7 +23,7 @@ from ..errors import BackboneError
 from . import zero
 
 EMBEDDED = ("tiny-t5", "tiny-t5-v1_1", "tiny-llama", "tiny-bert")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -68,12 +68,14 @@ def load_backbone(
     for quantized models, which transformers loads whole on each rank first. ``num_labels`` sizes
     a classification head (a new head, or a resized one, is initialised from ``seed``).
     """
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     torch.manual_seed(seed)  # a freshly initialised head is the same on every rank and every run
     head = {} if num_labels is None else {"num_labels": num_labels}
     keep_alive = zero.hf_deepspeed_config(ds_config) if zero.zero_stage(ds_config) == 3 else None
     try:
         if cfg.random_init:
+            if cfg.quantize:
+                raise BackboneError("model.quantize needs pretrained weights to quantize: unset model.random_init")
             config = load_config(source)
             for key, value in head.items():
                 setattr(config, key, value)
@@ -83,6 +85,8 @@ def load_backbone(
             config = load_config(source) if cfg.gguf_file is None else None
             cls = family_for(config).auto_model_class() if config is not None else _gguf_class(source, cfg.gguf_file)
             kwargs = {"dtype": torch_dtype, **head}
+            if cfg.quantize:
+                kwargs["quantization_config"] = quantization_config(cfg.quantize, torch_dtype)
             if head:
                 kwargs["ignore_mismatched_sizes"] = True  # a head for another label count is re-initialised
             if cfg.gguf_file:
@@ -96,6 +100,27 @@ def load_backbone(
     # resizing): keep it alive as long as the model.
     model._s3delta_hf_ds_config = keep_alive
     return model
+
+
+def quantization_config(kind: str, storage_dtype: torch.dtype):
+    """bitsandbytes settings for a frozen backbone: NF4 with double quantization and bf16 compute
+    (4bit), or LLM.int8 (8bit). The 4-bit storage dtype is the model's float dtype so that ZeRO-3
+    can partition the packed weights like any other parameter."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=storage_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def is_quantized_param(p: torch.Tensor) -> bool:
+    return type(p).__name__ in ("Params4bit", "Int8Params")
 
 
 def _gguf_class(source: str, gguf_file: str):

@@ -1,0 +1,100 @@
+"""One cell row of the compatibility matrix: run search and retrain under ZeRO stages 0, 2 and 3 for
+one backbone and precision, in one launch, and record what works (and the error users get when it
+does not). ``scripts/compat_matrix.py`` launches every (family, precision) with 2 ranks and renders
+the table that README.md shows.
+
+    deepspeed --num_gpus 2 --module s3delta_ds.compat --model tiny-t5 --precision 4bit --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from .builders import Backbone, manual
+from .config import load_run_config
+from .engine import zero
+
+PRECISIONS = {
+    "fp32": ["model.dtype=fp32"],
+    "bf16": ["model.dtype=bf16"],
+    "4bit": ["model.dtype=fp32", "model.quantize=4bit"],
+    "8bit": ["model.dtype=fp32", "model.quantize=8bit"],
+}
+STAGES = (0, 2, 3)
+_TINY = [
+    "search.steps=2",
+    "search.eval_every=2",
+    "search.budget=0.02",
+    "search.micro_batch_size=2",
+    "retrain.steps=2",
+    "retrain.eval_every=2",
+    "retrain.micro_batch_size=2",
+    "data.max_eval_examples=8",
+    "search.eval_batch_size=8",
+    "retrain.eval_batch_size=8",
+    "deepspeed=zero3_cpu",
+]
+
+
+def _first_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text[:200]
+
+
+def run_cell(model: str, precision: str, stage: int, mode: str, out: Path, structure: Path) -> dict:
+    from .retrain import run_retrain
+    from .search import run_search
+
+    overrides = [
+        f"model.name_or_path={model}",
+        *PRECISIONS[precision],
+        *_TINY,
+        f"zero_stage={stage}",
+        f"output_dir={out / f'{mode}-z{stage}'}",
+        "overwrite=true",
+    ]
+    if mode == "retrain":
+        overrides.append(f"retrain.structure={structure}")
+    try:
+        cfg = load_run_config(None, overrides)
+        summary = (run_search if mode == "search" else run_retrain)(cfg)
+        return {"status": "ok", "frozen_bytes_rank0": summary["frozen_bytes_rank0"], "step_s": summary["median_step_s"]}
+    except Exception as e:  # noqa: BLE001 - every failure is a result here, recorded with its message
+        if zero.rank() == 0:
+            traceback.print_exc()
+        return {"status": "error", "error": _first_line(e)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m s3delta_ds.compat")
+    p.add_argument("--model", required=True)
+    p.add_argument("--precision", required=True, choices=sorted(PRECISIONS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    zero.init_distributed()
+    structure = out / "lora.json"
+    if zero.rank() == 0:
+        manual(Backbone.plan(args.model), "lora").save(structure)
+    zero.barrier()
+    results = {}
+    for stage in STAGES:
+        for mode in ("search", "retrain"):
+            results[f"{mode}-z{stage}"] = run_cell(args.model, args.precision, stage, mode, out, structure)
+            print(
+                f"[compat] {args.model} {args.precision} {mode} ZeRO-{stage}: {results[f'{mode}-z{stage}']}", flush=True
+            )
+    if zero.rank() == 0:
+        record = {"model": args.model, "precision": args.precision, "world": zero.world(), "cells": results}
+        (out / "compat.json").write_text(json.dumps(record, indent=2) + "\n")
+    zero.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
