@@ -39,12 +39,20 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 _TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
 
 
-def load_run(run: Path, *, ds_config: dict | None = None):
-    """(model with the run's trained deltas attached, backbone, structure) from a retrain directory."""
+def load_run(run: Path, *, ds_config: dict | None = None, full_precision_base: bool = False):
+    """(model with the run's trained deltas attached, backbone, structure) from a retrain directory.
+
+    ``full_precision_base``: load the run's checkpoint without its bitsandbytes quantization (the
+    QLoRA convention for merging: deltas trained on the 4-bit base go into the original weights).
+    """
     for name in ("config.yaml", "structure.json", "deltas.safetensors"):
         if not (run / name).is_file():
             raise CheckpointError(f"{run} is not a finished retrain run: {name} is missing")
     cfg = load_run_config(run / "config.yaml")
+    if cfg.model.quantize and full_precision_base:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize=None))
     structure = Structure.load(run / "structure.json")
     ds_config = ds_config or {}
     model = load_backbone(
@@ -139,10 +147,18 @@ def export_merged(
     keep_unmergeable: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     ds_config: dict | None = None,
+    full_precision_base: bool = False,
 ) -> dict:
     """Merge a retrain run into its backbone and save it. Returns a report. Collective when the
     backbone is partitioned (``ds_config`` with ZeRO stage 3)."""
-    model, backbone, structure = load_run(run, ds_config=ds_config)
+    quantize = load_run_config(run / "config.yaml").model.quantize if (run / "config.yaml").is_file() else None
+    if quantize and not full_precision_base:
+        raise StructureError(
+            f"the run's backbone is quantized ({quantize}): its packed weights cannot take merged deltas. Pass "
+            "--full-precision-base to merge into the unquantized weights of the same checkpoint (the QLoRA "
+            "convention; outputs then differ from the quantized run by the quantization error), or export --peft"
+        )
+    model, backbone, structure = load_run(run, ds_config=ds_config, full_precision_base=full_precision_base)
     plan = plan_merge(model, backbone.site_map)
     if plan.kept and not keep_unmergeable:
         lines = "\n".join(f"  {site} {t}: {why}" for site, t, why in plan.kept[:20])

@@ -17,6 +17,11 @@ def register(sub) -> None:
         help="with --merge: write deltas that cannot be folded beside the model instead of refusing",
     )
     p.add_argument("--partial", action="store_true", help="with --peft: export only what PEFT can express")
+    p.add_argument(
+        "--full-precision-base",
+        action="store_true",
+        help="with --merge on a quantized run: merge into the unquantized weights of the same checkpoint",
+    )
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="with --merge: safetensors shard size")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.set_defaults(func=run)
@@ -32,6 +37,7 @@ def run(args) -> int:
             out,
             keep_unmergeable=args.keep_unmergeable,
             max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            full_precision_base=args.full_precision_base,
         )
         print(
             f"merged {r['merged']} deltas into {out} ({len(r['files'])} safetensors file(s)); loads with "
