@@ -156,7 +156,8 @@ class RunConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     output_dir: str = "runs/default"
     deepspeed: str = "zero3_cpu"
-    """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload, zero3_cpu) or a json path."""
+    """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload, zero3_cpu), a json path,
+    or "auto": replicate the frozen backbone (zero2) when it fits on a device, ZeRO-3 when not."""
     zero_stage: int | None = None
     """Override the DeepSpeed config's ZeRO stage (0-3)."""
     seed: int = 0

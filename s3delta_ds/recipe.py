@@ -90,8 +90,6 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
     if err:
         raise ConfigError(err)
 
-    template, ds_source = zero.read_ds_config(cfg.deepspeed)
-    dtype = zero.resolve_dtype(cfg.model.dtype, template)
     source = resolve_source(cfg.model) if rank == 0 else None  # rank 0 materialises the embedded default
     zero.barrier()
     source = resolve_source(cfg.model) if rank != 0 else source
@@ -100,6 +98,11 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
 
     config = load_config(source)
     family = family_for(config)
+    ds_name, strategy = cfg.deepspeed, None
+    if ds_name == "auto":
+        ds_name, strategy = auto_strategy(cfg, source)
+    template, ds_source = zero.read_ds_config(ds_name)
+    dtype = zero.resolve_dtype(cfg.model.dtype, template)
     ds_config = zero.resolve_ds_config(
         template,
         micro_batch=train.micro_batch_size,
@@ -149,6 +152,8 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
         model,
         backbone,
     )
+    if strategy:
+        rt.log(f"[s3delta {kind}] deepspeed=auto: {strategy} -> {ds_name}")
     rt.log(
         f"[s3delta {kind}] {world} rank(s) on {zero.device_type()}, ZeRO stage {zero.zero_stage(ds_config)}, "
         f"{dtype}; backbone {cfg.model.name_or_path} ({backbone.info.num_params:,} parameters, family "
@@ -260,3 +265,16 @@ def train_loop(
 def frozen_bytes(model: torch.nn.Module) -> int:
     """Bytes of frozen weights this rank holds (its ZeRO-3 partitions, or everything)."""
     return sum(zero.local_numel(p) * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+
+def auto_strategy(cfg: RunConfig, source: str) -> tuple[str, str]:
+    """``deepspeed=auto``: estimate the frozen backbone's bytes from its config (meta device) and
+    pick replication or ZeRO-3 (see ``engine.zero.choose_strategy``)."""
+    plan = Backbone.plan(source)
+    per_param = {"4bit": 0.5, "8bit": 1.0}.get(
+        cfg.model.quantize or "", 2.0 if cfg.model.dtype in ("bf16", "fp16") else 4.0
+    )
+    if cfg.model.dtype == "auto" and zero.device_type() != "cpu" and not cfg.model.quantize:
+        per_param = 2.0
+    trainable = plan.space(cfg.search.space).total_params  # the search supernet: every candidate trains
+    return zero.choose_strategy(int(plan.info.num_params * per_param), trainable, zero.device_memory_bytes())

@@ -285,6 +285,36 @@ def register_external(module: nn.Module, param: torch.Tensor) -> None:
         deepspeed.zero.register_external_parameter(module, param)
 
 
+def device_memory_bytes() -> int:
+    """Memory one rank may use: the accelerator's total, or on the CPU the machine's RAM divided by
+    the ranks on this node. $S3DELTA_DEVICE_MEMORY (bytes) overrides it."""
+    if os.environ.get("S3DELTA_DEVICE_MEMORY"):
+        return int(float(os.environ["S3DELTA_DEVICE_MEMORY"]))
+    if device_type() != "cpu":
+        return int(get_accelerator().total_memory())
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(ram // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))))
+
+
+def choose_strategy(frozen_bytes: int, trainable_params: int, memory: int, fraction: float = 0.5) -> tuple[str, str]:
+    """``deepspeed=auto``: replicate the frozen backbone (ZeRO-2: no parameter gathering at all,
+    trainable state still sharded) when it fits in ``fraction`` of a device next to the trainable
+    state (16 bytes per trainable parameter for weights, gradients and Adam); ZeRO-3 otherwise.
+    Returns (shipped config name, the reason to print)."""
+    need = frozen_bytes + 16 * trainable_params
+    cpu = device_type() == "cpu"
+    gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    if need <= fraction * memory:
+        return "zero2", (
+            f"frozen backbone {gb(frozen_bytes)} + trainable state {gb(16 * trainable_params)} fits in "
+            f"{fraction:.0%} of {gb(memory)} per rank: replicate it (ZeRO-2, no parameter gathering)"
+        )
+    return ("zero3_cpu" if cpu else "zero3"), (
+        f"frozen backbone {gb(frozen_bytes)} + trainable state {gb(16 * trainable_params)} exceeds {fraction:.0%} "
+        f"of {gb(memory)} per rank: shard it (ZeRO-3)"
+    )
+
+
 def hf_deepspeed_config(ds_config: dict):
     """Keep the returned object alive while loading: transformers holds it by weakref, and while
     it lives ``from_pretrained`` shards weights under ZeRO-3 as it reads them."""

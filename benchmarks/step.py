@@ -1,0 +1,350 @@
+"""Step time of a frozen backbone with trainable deltas, every variant in one process on the same data.
+
+    python benchmarks/step.py --shape tiny                      # CPU, 1 rank
+    deepspeed --num_gpus 2 benchmarks/step.py --shape base      # 2 ranks (CPU: DS_ACCELERATOR=cpu)
+    deepspeed --num_gpus 1 benchmarks/step.py --shape xxl       # one GPU
+
+Variants (LoRA r=8 on q,v for a, b, c; the `mixed` space for d, e):
+  a  plain PyTorch + PEFT LoRA (no DeepSpeed)
+  b  HF PEFT + stock DeepSpeed ZeRO-3 (HF's "auto" thresholds)
+  c  s3delta_ds retrain step, ZeRO-3            c2  the same with deepspeed=auto (replicated backbone: ZeRO-2)
+  d  s3delta_ds first-order search step, ZeRO-3 d2  the same with deepspeed=auto
+  e  second-order search step (ZeRO-2: it needs replicated weights)
+Reports median step time, tokens/s, FLOP-count MFU against a matmul peak measured in the same run
+(4·N FLOPs per token: a frozen backbone needs activation gradients but no weight gradients), peak
+memory, frozen-backbone bytes per rank, and the ratios c/a, d/c, e/c, c2/c, d2/d. Writes JSON and
+markdown under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from s3delta_ds.backbones.loading import build_model, load_config  # noqa: E402
+from s3delta_ds.builders import Backbone, manual  # noqa: E402
+from s3delta_ds.engine import zero  # noqa: E402
+from s3delta_ds.engine.bilevel import BiLevel, delta_update  # noqa: E402
+from s3delta_ds.engine.gatelogits import GateLogits  # noqa: E402
+from s3delta_ds.objective import DeltaModel  # noqa: E402
+from s3delta_ds.supernet import DeltaSpec, GateContext, attach, freeze_backbone  # noqa: E402
+
+SHAPES = {
+    "tiny": "tiny-t5-v1_1",
+    "base": "t5-v1_1-base",
+    "large": "t5-v1_1-large",
+    "xl": "t5-v1_1-xl",
+    "xxl": "t5-v1_1-xxl",
+    "llama-7b": "llama-2-7b",
+}
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul, measured here (the MFU denominator)."""
+    n = 4096 if device.type != "cpu" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 20 if device.type != "cpu" else 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def batch_for(config, batch: int, src: int, tgt: int, device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(zero.rank())
+    ids = torch.randint(3, min(config.vocab_size, 30000), (batch, src), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if config.is_encoder_decoder:
+        labels = torch.randint(3, min(config.vocab_size, 30000), (batch, tgt), generator=g)
+        dec = torch.zeros_like(labels)
+        dec[:, 1:] = labels[:, :-1]
+        out |= {"labels": labels, "decoder_input_ids": dec}
+    else:
+        out["labels"] = ids.clone()
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def ds_config(stage: int, micro: int, dtype: str, hidden: int, *, hf_auto: bool = False) -> dict:
+    template, _ = zero.read_ds_config("zero3" if stage == 3 else "zero2")
+    cfg = zero.resolve_ds_config(
+        template,
+        micro_batch=micro,
+        grad_accum=1,
+        world=zero.world(),
+        clip=2.0,
+        dtype=dtype,
+        hidden_size=hidden,
+        zero_stage=stage,
+    )
+    if hf_auto and stage == 3:  # what HF's Trainer fills in for "auto"
+        cfg["zero_optimization"].update(
+            stage3_param_persistence_threshold=10 * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden)
+        )
+    return cfg
+
+
+def fresh_model(shape: str, dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = build_model(load_config(SHAPES[shape]))
+    model.requires_grad_(False)
+    return model.to(dtype)
+
+
+def time_steps(step, n: int, warmup: int, device) -> list[float]:
+    times = []
+    for i in range(warmup + n):
+        sync(device)
+        t0 = time.perf_counter()
+        step(i)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def variant_peft_plain(shape, dtype, batch, device):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(fresh_model(shape, dtype), LoraConfig(r=8, lora_alpha=16, target_modules=_qv(shape)))
+    model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(_):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, None
+
+
+def variant_peft_zero3(shape, dtype, batch, device, micro, dtype_name):
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(fresh_model(shape, dtype), LoraConfig(r=8, lora_alpha=16, target_modules=_qv(shape)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.AdamW(params, lr=1e-4),
+        config=ds_config(
+            3,
+            micro,
+            dtype_name,
+            model.config.d_model if hasattr(model.config, "d_model") else model.config.hidden_size,
+            hf_auto=True,
+        ),
+    )
+
+    def step(_):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+
+    return step, engine
+
+
+def _qv(shape: str) -> list[str]:
+    return ["q_proj", "v_proj"] if shape.startswith("llama") else ["q", "v"]
+
+
+def variant_s3delta(shape, dtype, batch, device, micro, dtype_name, *, stage: int, search: bool, mode="first-order"):
+    model = fresh_model(shape, dtype)
+    plan = Backbone.from_model(model, SHAPES[shape])
+    ctx = GateContext()
+    if search:
+        space = plan.space("mixed")
+        specs = [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates]
+    else:
+        specs = manual(plan, "lora").specs()
+    torch.manual_seed(0)
+    attach(model, plan.site_map, specs, ctx)
+    freeze_backbone(model)
+    for s in model.modules():
+        if hasattr(s, "deltas"):
+            s.to(dtype)
+    module = DeltaModel(model, "seq2seq" if model.config.is_encoder_decoder else "causal", ctx)
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine = zero.build_engine(
+        module,
+        params,
+        lr=1e-4,
+        weight_decay=0.0,
+        total_steps=10**6,
+        ds_config=ds_config(stage, micro, dtype_name, plan.family.hidden_size(plan.config)),
+    )
+    frozen = sum(zero.local_numel(p) * p.element_size() for p in module.parameters() if not p.requires_grad)
+    micro_batches = [batch]
+    if not search:
+        return (lambda i: delta_update(engine, module, micro_batches, device)), engine, frozen
+    gates = GateLogits(
+        space.params,
+        0.1 * space.total_params,
+        lr=0.1,
+        clip=2.0,
+        total_steps=10**6,
+        beta=1.0,
+        temperature=1.0,
+        seed=0,
+        device=device,
+    )
+    bilevel = BiLevel(engine, gates, mode=mode, device=device)
+    return (lambda i: bilevel.step(micro_batches, micro_batches, i)), engine, frozen
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=None, help="per-rank batch (default 16 on GPU, 4 on CPU)")
+    p.add_argument("--src", type=int, default=None, help="source tokens (default 256 GPU, 64 CPU)")
+    p.add_argument("--tgt", type=int, default=32)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variants", default="a,b,c,c2,d,d2,e")
+    p.add_argument("--out", default=None)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    zero.init_distributed()
+    device = zero.device()
+    gpu = device.type != "cpu"
+    dtype_name = "bf16" if gpu else "fp32"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    bsz, src = args.batch or (16 if gpu else 4), args.src or (256 if gpu else 64)
+    config = load_config(SHAPES[args.shape])
+    batch = batch_for(config, bsz, src, args.tgt, device)
+    n_params = Backbone.plan(SHAPES[args.shape]).info.num_params
+    tokens = bsz * (src + (args.tgt if config.is_encoder_decoder else 0))
+    peak = matmul_peak(device, dtype)
+    auto_name, auto_reason = zero.choose_strategy(int(n_params * (2 if gpu else 4)), 0, zero.device_memory_bytes())
+    auto_stage = 2 if auto_name == "zero2" else 3
+    builders = {
+        "a": ("plain PyTorch + PEFT LoRA", lambda: variant_peft_plain(args.shape, dtype, batch, device) + (None,)),
+        "b": (
+            "PEFT + stock DeepSpeed ZeRO-3",
+            lambda: variant_peft_zero3(args.shape, dtype, batch, device, bsz, dtype_name) + (None,),
+        ),
+        "c": (
+            "s3delta retrain, ZeRO-3",
+            lambda: variant_s3delta(args.shape, dtype, batch, device, bsz, dtype_name, stage=3, search=False),
+        ),
+        "c2": (
+            f"s3delta retrain, deepspeed=auto (ZeRO-{auto_stage})",
+            lambda: variant_s3delta(args.shape, dtype, batch, device, bsz, dtype_name, stage=auto_stage, search=False),
+        ),
+        "d": (
+            "s3delta search (first order), ZeRO-3",
+            lambda: variant_s3delta(args.shape, dtype, batch, device, bsz, dtype_name, stage=3, search=True),
+        ),
+        "d2": (
+            f"s3delta search (first order), deepspeed=auto (ZeRO-{auto_stage})",
+            lambda: variant_s3delta(args.shape, dtype, batch, device, bsz, dtype_name, stage=auto_stage, search=True),
+        ),
+        "e": (
+            "s3delta search (second order), ZeRO-2",
+            lambda: variant_s3delta(
+                args.shape, dtype, batch, device, bsz, dtype_name, stage=2, search=True, mode="second-order"
+            ),
+        ),
+    }
+    rows = {}
+    for key in args.variants.split(","):
+        name, build = builders[key]
+        if key == "a" and zero.world() > 1:
+            continue  # plain PyTorch has no data parallelism here: measured in single-rank runs
+        step, _, frozen = build()
+        times = time_steps(step, args.steps, args.warmup, device)
+        med = statistics.median(times)
+        rows[key] = {
+            "variant": name,
+            "median_s": med,
+            "tokens_per_s": tokens * zero.world() / med,
+            "mfu": 4 * n_params * tokens / med / peak,
+            "peak_memory_bytes": peak_memory(device),
+            "frozen_bytes_per_rank": frozen,
+        }
+        if zero.rank() == 0:
+            print(f"[step] {args.shape} {key}: {name}: {med:.4f}s", flush=True)
+    ratio = lambda x, y: rows[x]["median_s"] / rows[y]["median_s"] if x in rows and y in rows else None  # noqa: E731
+    result = {
+        "shape": args.shape,
+        "config": SHAPES[args.shape],
+        "params": n_params,
+        "world": zero.world(),
+        "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+        "dtype": dtype_name,
+        "batch_per_rank": bsz,
+        "tokens_per_rank": tokens,
+        "matmul_peak_flops": peak,
+        "auto_strategy": auto_reason,
+        "variants": rows,
+        "ratios": {
+            "c/a": ratio("c", "a"),
+            "b/a": ratio("b", "a"),
+            "c/b": ratio("c", "b"),
+            "d/c": ratio("d", "c"),
+            "e/c": ratio("e", "c"),
+            "c2/c": ratio("c2", "c"),
+            "d2/d": ratio("d2", "d"),
+            "d2/c2": ratio("d2", "c2"),
+        },
+    }
+    if zero.rank() == 0:
+        out = Path(args.out or RESULTS / f"step-{args.shape}-w{zero.world()}-{'gpu' if gpu else 'cpu'}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(render(result))
+        print(render(result))
+    zero.destroy()
+    return 0
+
+
+def render(r: dict) -> str:
+    lines = [
+        f"# Step time: {r['shape']} ({r['config']}, {r['params']:,} parameters), {r['world']} rank(s), "
+        f"{r['device']}, {r['dtype']}",
+        "",
+        f"Per rank: batch {r['batch_per_rank']}, {r['tokens_per_rank']} tokens; matmul peak "
+        f"{r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s (measured). deepspeed=auto chose: {r['auto_strategy']}.",
+        "",
+        "| variant | median s/step | tokens/s | MFU | peak memory | frozen bytes/rank |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, v in r["variants"].items():
+        lines.append(
+            f"| {key}: {v['variant']} | {v['median_s']:.4f} | {v['tokens_per_s']:,.0f} | {100 * v['mfu']:.1f}% "
+            f"| {v['peak_memory_bytes'] / 2**20:,.0f} MiB | {v['frozen_bytes_per_rank'] or 0:,} |"
+        )
+    lines += ["", "Ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items() if v is not None)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""deepspeed=auto: replicate the frozen backbone (ZeRO-2) when it fits on a device, ZeRO-3 when not;
+the decision and the estimate behind it are printed, and an explicit config overrides it."""
+
+from __future__ import annotations
+
+import json
+
+from s3delta_ds.engine.zero import choose_strategy
+
+from .launching import TINY, run
+
+GIB = 2**30
+
+
+def test_choose_strategy_branches():
+    name, why = choose_strategy(frozen_bytes=22 * GIB, trainable_params=10**6, memory=80 * GIB)
+    assert name == "zero2" and "replicate" in why and "22.00 GiB" in why
+    name, why = choose_strategy(frozen_bytes=44 * GIB, trainable_params=10**6, memory=80 * GIB)
+    assert name in ("zero3", "zero3_cpu") and "shard it (ZeRO-3)" in why
+    # the trainable state counts too: 16 bytes per trainable parameter (weights, grads, Adam)
+    assert choose_strategy(30 * GIB, 0, 80 * GIB)[0] == "zero2"
+    assert choose_strategy(30 * GIB, 10**9, 80 * GIB)[0] != "zero2"  # 30 + 14.9 GiB > 40 GiB
+
+
+def _search(tmp_path, memory: str):
+    out = tmp_path / memory
+    proc = run(
+        "python",
+        "search",
+        [*TINY, "deepspeed=auto", f"output_dir={out}"],
+        1,
+        extra_env={"S3DELTA_DEVICE_MEMORY": memory},
+    )
+    return json.loads((out / "summary.json").read_text()), proc.stdout
+
+
+def test_auto_replicates_when_the_backbone_fits_and_shards_when_not(tmp_path):
+    summary, log = _search(tmp_path, str(64 * GIB))
+    assert summary["zero_stage"] == 2 and "deepspeed=auto" in log and "-> zero2" in log
+    summary, log = _search(tmp_path, "100000")  # 100 kB per rank: the tiny backbone (724 kB fp32) does not fit
+    assert summary["zero_stage"] == 3 and "shard it (ZeRO-3)" in log
+
+
+def test_explicit_config_overrides_auto(tmp_path):
+    out = tmp_path / "explicit"
+    run(
+        "python",
+        "search",
+        [*TINY, "deepspeed=zero2", f"output_dir={out}"],
+        1,
+        extra_env={"S3DELTA_DEVICE_MEMORY": "100000"},
+    )
+    assert json.loads((out / "summary.json").read_text())["zero_stage"] == 2
