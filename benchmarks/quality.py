@@ -7,9 +7,10 @@ and how close does it come to full fine-tuning? On real pretrained weights and r
     python benchmarks/quality.py --backbones minilm --tasks rt-sentiment --seeds 0
 
 For each (backbone, task, seed): full fine-tuning and the manual structures at their own size
-(LoRA r=8 on q,v; BitFit; LNFit; LowRankAdapter; Adapter); for each budget also LoRA, Adapter and
-LRA resized to the budget, a random structure of the `mixed` space at the budget, and the searched
-structure at the budget (search, then retrain from fresh init). Every method trains with the same
+(LoRA r=8 on q,v; BitFit; LNFit; LowRankAdapter; Adapter; PaFi 0.5%; HiWi on FFN weights); for
+each budget also LoRA, Adapter, LRA, PaFi and HiWi resized to the budget, a random structure of
+the `mixed` space at the budget, and the searched structure at the budget (search, then retrain
+from fresh init). Every method trains with the same
 steps, batch and learning rate (full fine-tuning with its own lower rate), is selected on
 validation, and is reported on test. One JSON file per run; `report()` writes the markdown table.
 Runs whose JSON exists are skipped, so an interrupted benchmark continues where it stopped.
@@ -35,8 +36,8 @@ from s3delta_ds.config import load_run_config  # noqa: E402
 from s3delta_ds.structure import Structure  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MANUAL = ("lora", "bitfit", "lnfit", "lra", "adapter")
-SCALED = ("lora", "adapter", "lra")
+MANUAL = ("lora", "bitfit", "lnfit", "lra", "adapter", "pafi", "hiwi")
+SCALED = ("lora", "adapter", "lra", "pafi", "hiwi")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,10 @@ MANUAL_PRESETS: dict[str, tuple[Rule, ...]] = {
     "lra": (Rule(("attn.block", "mlp.block"), "lra", {"reduction": 32, "rank": 1}),),
     "adapter": (Rule(("attn.block", "mlp.block"), "adapter", {"bottleneck": 24}),),
     "lora-all-r1": (Rule(_MATMUL, "lora", {"r": 1, "alpha": 16.0}),),
+    # Liao et al. 2023: the smallest 0.5% of every projection matrix (per-matrix ranking; the global
+    # ranking needs the weights: `s3delta pafi-mask`), and HiWi on the FFN weights.
+    "pafi": (Rule(_MATMUL, "pafi", {"density": 0.005}),),
+    "hiwi": (Rule(("mlp.in", "mlp.out"), "hiwi", {"target": "weight", "bottleneck": 8}),),
 }
 
 
@@ -176,6 +180,8 @@ SCALABLE: dict[str, tuple[str, tuple[int, ...]]] = {
     "lora": ("r", tuple(range(64, 0, -1))),
     "adapter": ("bottleneck", tuple(range(256, 0, -1))),
     "lra": ("reduction", tuple(range(1, 1025))),
+    "hiwi": ("bottleneck", tuple(range(256, 0, -1))),
+    "pafi": ("density", tuple(10 ** (-k / 20) for k in range(20, 141))),  # 0.1 down to 1e-7, 20 steps a decade
 }
 
 

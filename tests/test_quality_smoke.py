@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from s3delta_ds.builders import Backbone
+
 from .launching import ROOT, env
 
 
@@ -21,14 +23,25 @@ def test_quality_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in out.rglob("*.json")]
-    assert len(records) == 2 * (
-        6 + 2 * 5
-    )  # 2 backbones x (full + 5 manual + 2 budgets x (3 scaled + random + searched))
+    # 2 backbones x (full + 7 manual + 2 budgets x (5 resized + random + searched))
+    assert len(records) == 2 * (8 + 2 * 7)
     done = [r for r in records if "test" in r]
-    assert {r["method"] for r in done} == {"full", "lora", "bitfit", "lnfit", "lra", "adapter", "random", "searched"}
+    assert {r["method"] for r in done} == {
+        "full",
+        "lora",
+        "bitfit",
+        "lnfit",
+        "lra",
+        "adapter",
+        "pafi",
+        "hiwi",
+        "random",
+        "searched",
+    }
+    sizes = {b: Backbone.plan(b).info.num_params for b in ("tiny-bert", "tiny-llama")}
     for r in done:
         assert 0.0 <= r["test"] <= 1.0 and r["trainable_params"] > 0
-        if r["method"] in ("random", "searched") or r.get("scaled"):
-            assert r["delta_params"] <= r["budget"] * (181_056 if "t5" in r["backbone"] else 10**9)
+        if r["budget"] is not None:  # everything at a budget stays within it
+            assert 0 < r["delta_params"] <= r["budget"] * sizes[r["backbone"]]
     table = (tmp_path / "q.md").read_text()
     assert "## tiny-bert · tiny-sentiment (accuracy)" in table and "| 0.02 | searched |" in table

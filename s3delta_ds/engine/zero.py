@@ -6,6 +6,7 @@ Everything else in s3delta_ds sees ``nn.Module``s and tensors.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import datetime
@@ -189,6 +190,14 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "gloo" if device_type() == "cpu" else None
+    if device_type() == "cpu":
+        # DeepSpeed's CPU backend maps a shared-memory all-reduce buffer named after MASTER_ADDR/PORT
+        # and the rank, and never unlinks it. A stale buffer of a dead run on the same port makes
+        # the new run hang on its flags, and every run leaks ~70 MB of /dev/shm per rank. Remove
+        # ours before joining (all ranks pass here before any rank maps a peer's buffer: the
+        # process-group rendezvous waits for everyone) and again at exit.
+        _remove_shm_buffer()
+        atexit.register(_remove_shm_buffer)
     try:
         deepspeed.init_distributed(
             dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False, auto_mpi_discovery=False
@@ -198,6 +207,16 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     if device_type() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _shm_buffer_path() -> Path:
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{os.environ.get('RANK', '0')}"
+
+
+def _remove_shm_buffer() -> None:
+    with contextlib.suppress(OSError):
+        _shm_buffer_path().unlink()
 
 
 def rank() -> int:
