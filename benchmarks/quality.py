@@ -245,6 +245,9 @@ def report(out: Path, md: Path, title: str) -> str:
             if skipped:
                 lines += ["", "Does not fit the budget: " + ", ".join(f"{m} at {b:g}" for m, b in skipped) + "."]
             lines.append("")
+    notes = md.with_name(md.stem + "-notes.md")
+    if notes.exists():  # the analysis of these numbers, written by whoever ran them
+        lines += ["", notes.read_text().strip()]
     text = "\n".join(lines)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text + "\n")

@@ -18,7 +18,6 @@ whole model never sits on one rank.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -282,10 +281,6 @@ def _write_adapter(out: Path, config: dict, state: dict[str, torch.Tensor]) -> N
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(out / "adapter_model.safetensors")
     atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import torch.nn as nn
 
 from .backbones import Family, SiteMap, family_for
-from .backbones.loading import build_model, count_params
+from .backbones.loading import count_params
 from .deltas import config_kwargs, resolve
 from .errors import SearchSpaceError
 
@@ -169,9 +169,3 @@ def enumerate_rules(site_map: SiteMap, rules: tuple[Rule, ...]) -> tuple[Candida
         for type_name, kwargs, n in per_site.get(site_name, ()):
             candidates.append(Candidate(len(candidates), site_name, type_name, kwargs, n))
     return tuple(candidates)
-
-
-def space_for_config(config, space: str) -> SearchSpace:
-    """Enumerate a space from a config alone: the model is built on the meta device (no memory)."""
-    model = build_model(config, device="meta")
-    return enumerate_space(model, space)

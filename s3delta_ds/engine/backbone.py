@@ -119,10 +119,6 @@ def quantization_config(kind: str, storage_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def is_quantized_param(p: torch.Tensor) -> bool:
-    return type(p).__name__ in ("Params4bit", "Int8Params")
-
-
 def _gguf_class(source: str, gguf_file: str):
     from transformers import AutoConfig
 
