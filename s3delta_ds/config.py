@@ -155,7 +155,7 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     output_dir: str = "runs/default"
-    deepspeed: str = "zero3_cpu"
+    deepspeed: str = "auto"
     """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload, zero3_cpu), a json path,
     or "auto": replicate the frozen backbone (zero2) when it fits on a device, ZeRO-3 when not."""
     zero_stage: int | None = None

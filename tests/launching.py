@@ -30,6 +30,7 @@ TINY = [
     "retrain.lr=3e-3",
     "retrain.eval_batch_size=8",
     "model.dtype=fp32",
+    "deepspeed=zero3_cpu",  # the tests' ZeRO-3 config (persistence threshold 0: tiny models really partition)
 ]
 
 
