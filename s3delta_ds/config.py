@@ -45,11 +45,17 @@ class ModelConfig:
     """GGUF file inside ``name_or_path`` to load (e.g. SmolLM2's), dequantised by transformers."""
     quantize: str | None = None
     """Load the frozen backbone quantized with bitsandbytes: 4bit (NF4) or 8bit."""
+    pooling: str = "auto"
+    """Encoder classifiers: what the head sees. cls (the model's CLS pooler), mean (masked mean of the
+    token states), or auto: the checkpoint's sentence-transformers pooling if it has one, else cls."""
 
     def __post_init__(self):
         _check(bool(self.name_or_path), "model.name_or_path must be set")
         _check(self.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(self.quantize in (None, "4bit", "8bit"), f"model.quantize must be 4bit or 8bit, got {self.quantize!r}")
+        _check(
+            self.pooling in ("auto", "cls", "mean"), f"model.pooling must be auto, cls or mean, got {self.pooling!r}"
+        )
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from .backbones.pooling import pooling_of
 from .builders import Backbone
 from .checkpoint import load_deltas, save_deltas
 from .config import load_run_config
@@ -68,6 +69,17 @@ def load_run(run: Path, *, ds_config: dict | None = None, full_precision_base: b
     load_deltas(model, run / "deltas.safetensors", head_prefixes=backbone.family.head_modules)
     model.eval()
     return model, backbone, structure
+
+
+def _check_pooling(model: nn.Module) -> None:
+    """A saved HF classifier always pools the CLS token: a run trained on mean pooling would load
+    and silently predict something else."""
+    if pooling_of(model) == "mean":
+        raise StructureError(
+            f"the run's classifier pools the token states by their mean (model.pooling), which a saved "
+            f"{type(model).__name__} cannot express: loaded with transformers it would pool the CLS token and "
+            "predict differently. Use the run's deltas with s3delta_ds, or retrain with model.pooling=cls to export"
+        )
 
 
 def _family(cfg):
@@ -158,6 +170,7 @@ def export_merged(
             "convention; outputs then differ from the quantized run by the quantization error), or export --peft"
         )
     model, backbone, structure = load_run(run, ds_config=ds_config, full_precision_base=full_precision_base)
+    _check_pooling(model)
     plan = plan_merge(model, backbone.site_map)
     if plan.kept and not keep_unmergeable:
         lines = "\n".join(f"  {site} {t}: {why}" for site, t, why in plan.kept[:20])
@@ -204,6 +217,7 @@ def export_merged(
 def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
     """LoRA → a PEFT LoRA adapter in ``out``; LNFit → a PEFT LN-tuning adapter in ``out/ln_tuning``."""
     model, backbone, structure = load_run(run)
+    _check_pooling(model)
     family = backbone.family
     unsupported = [(m.site, m.type) for m in structure.modules if m.type not in ("lora", "lnfit")]
     if unsupported and not partial:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..backbones import family_for
 from ..backbones.loading import build_model, config_hash, load_config
+from ..backbones.pooling import resolve_pooling, use_mean_pooling
 from ..config import ModelConfig
 from ..errors import BackboneError
 from . import zero
@@ -95,11 +96,22 @@ def load_backbone(
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot load backbone weights from {source!r}: {e}") from e
     model.requires_grad_(False)
+    _apply_pooling(model, cfg, source)
     model.config._name_or_path = cfg.name_or_path
     # transformers holds the DeepSpeed config by weakref and consults it again later (generate,
     # resizing): keep it alive as long as the model.
     model._s3delta_hf_ds_config = keep_alive
     return model
+
+
+def _apply_pooling(model: nn.Module, cfg: ModelConfig, source: str) -> None:
+    family = family_for(model.config)
+    if family.name != "bert":
+        if cfg.pooling != "auto":
+            raise BackboneError(f"model.pooling applies to encoder classifiers (bert family), not {family.name}")
+        return
+    if resolve_pooling(cfg.pooling, source, pretrained=not cfg.random_init and not cfg.gguf_file) == "mean":
+        use_mean_pooling(model)
 
 
 def quantization_config(kind: str, storage_dtype: torch.dtype):
