@@ -58,7 +58,9 @@ class DeltaModel(nn.Module):
 
         The targets (a label word and eos) are a few tokens after a prompt of tens: projecting every
         position onto the vocabulary (49k for SmolLM2, 128k for LLaMA-3) would spend a fifth of the
-        FLOPs and B x T x V float logits of memory on positions whose loss is masked anyway.
+        FLOPs and B x T x V float logits of memory on positions whose loss is masked anyway. This
+        assumes logits = lm_head(hidden), true for every model type of the llama family; a family
+        with logit scaling or soft-capping (Gemma, Cohere) must apply it here.
         """
         hidden = self.backbone.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False

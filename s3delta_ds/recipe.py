@@ -3,6 +3,7 @@ config, the task's encoded data, the frozen backbone, and the output directory r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .backbones import Family, SiteMap, family_for
+from .backbones.pooling import pooling_of
 from .builders import Backbone
 from .config import RunConfig, TrainConfig, dump_yaml
 from .data import OBJECTIVES, Collator, Encoder, Task, get_task, load_rows, load_tokenizer
@@ -133,6 +135,8 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
     model = load_backbone(
         cfg.model, source=source, dtype=dtype, ds_config=ds_config, num_labels=num_labels, seed=cfg.seed
     )
+    if family.name == "bert" and cfg.model.pooling == "auto":  # record what auto chose: export, resume
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pooling=pooling_of(model)))
     backbone = Backbone.from_model(model, cfg.model.name_or_path)
     rt = Runtime(
         cfg,
@@ -154,10 +158,11 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
     )
     if strategy:
         rt.log(f"[s3delta {kind}] deepspeed=auto: {strategy} -> {ds_name}")
+    pooling = f", {cfg.model.pooling} pooling" if family.name == "bert" else ""
     rt.log(
         f"[s3delta {kind}] {world} rank(s) on {zero.device_type()}, ZeRO stage {zero.zero_stage(ds_config)}, "
         f"{dtype}; backbone {cfg.model.name_or_path} ({backbone.info.num_params:,} parameters, family "
-        f"{family.name}) loaded in {time.time() - t0:.1f}s; task {task.name}: "
+        f"{family.name}{pooling}) loaded in {time.time() - t0:.1f}s; task {task.name}: "
         f"{len(data['train'])}/{len(data['validation'])}/{len(data['test'])} train/validation/test examples"
     )
     if rank == 0:

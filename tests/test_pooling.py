@@ -97,3 +97,46 @@ def test_load_backbone_applies_the_checkpoint_pooling(tmp_path):
             dtype="fp32",
             ds_config={},
         )
+
+
+def test_mean_pooling_on_a_roberta_head_without_pooler():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
+    )
+    model = RobertaForSequenceClassification(config).eval()
+    assert model.base_model.pooler is None
+    ids = torch.randint(3, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    with torch.no_grad():
+        cls_logits = model(input_ids=ids, attention_mask=mask).logits
+        use_mean_pooling(model)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hidden = model.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask[..., None].float()
+        expected = model.classifier(((hidden * m).sum(1) / m.sum(1))[:, None, :])
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, cls_logits)
+
+
+def test_a_run_records_the_pooling_auto_chose(tmp_path):
+    from s3delta_ds.recipe import prepare
+
+    src = str(_sentence_transformers_dir(tmp_path, pooling_mode_mean_tokens=True))
+    cfg = load_run_config(
+        None,
+        [
+            f"model.name_or_path={src}",
+            "data.task=tiny-sentiment",
+            "data.max_train_examples=8",
+            "data.max_eval_examples=4",
+            "zero_stage=0",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    rt = prepare(cfg, cfg.search, resume=False, kind="retrain")
+    assert rt.cfg.model.pooling == "mean"
+    assert load_run_config(tmp_path / "run" / "config.yaml").model.pooling == "mean"

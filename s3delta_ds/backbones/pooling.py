@@ -9,7 +9,10 @@ validation accuracy on the RT snippets through the CLS pooler and 72-75% on mean
 (BitFit, LNFit, tiny budgets) stays at the majority class.
 
 ``model.pooling=auto`` uses the mode the checkpoint's sentence-transformers config declares
-(``modules.json`` → its Pooling module's ``config.json``), else the model's own CLS pooler.
+(``modules.json`` → its Pooling module's ``config.json``), else the model's own CLS pooler; a run
+records the resolved value in its config.yaml, so export and resume never re-guess it. A
+sentence-transformers checkpoint that declares CLS pooling gets the model's CLS pooler (BERT:
+``tanh(dense(h_CLS))``, whose weights that objective did not train; the head still learns on it).
 """
 
 from __future__ import annotations
@@ -75,33 +78,39 @@ def resolve_pooling(requested: str, source: str, *, pretrained: bool) -> str:
 
 
 def use_mean_pooling(model: nn.Module) -> None:
-    """Make the classifier's pooler return the attention-masked mean of the token states.
+    """Make the classifier see the attention-masked mean of the token states.
 
-    Hooks, not module surgery: the pooler's weights stay where they are (checkpoints, ZeRO-3
-    partitioning and parameter counts are unchanged); its output is replaced. The mask is taken
-    from the base model's call, which the sequence-classification head always passes by keyword.
+    Hooks, not module surgery: every weight stays where it is (checkpoints, ZeRO-3 partitioning and
+    parameter counts are unchanged). BERT: the pooler's output is replaced by the mean. RoBERTa (no
+    pooler; its head reads token 0 of the sequence): the head's input becomes the mean at position 0.
+    The mask comes from the base model's call. The hooks must be registered before
+    ``deepspeed.initialize`` (load time), so that ZeRO-3's own module hooks wrap the replaced output.
     """
     base = getattr(model, "base_model", None)
     pooler = getattr(base, "pooler", None)
-    if pooler is None:
+    head = getattr(model, "classifier", None)
+    if base is None or (pooler is None and head is None):
         raise BackboneError(
-            f"model.pooling=mean needs a BERT-style pooler; {type(model).__name__} has none (use model.pooling=cls)"
+            f"model.pooling=mean needs a BERT-style pooler or a RoBERTa-style head; {type(model).__name__} has "
+            "neither (use model.pooling=cls)"
         )
     seen: dict[str, torch.Tensor | None] = {}
 
     def keep_mask(module, args, kwargs):
-        seen["mask"] = kwargs.get("attention_mask")
+        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
-    def masked_mean(module, args, output):
-        hidden = args[0]
+    def masked_mean(hidden: torch.Tensor) -> torch.Tensor:
         mask = seen.get("mask")
         if mask is None:
-            return hidden.mean(1)
-        weights = mask[..., None].to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+            return hidden.float().mean(1).to(hidden.dtype)
+        weights = mask[..., None].float()
+        return ((hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)).to(hidden.dtype)
 
     base.register_forward_pre_hook(keep_mask, with_kwargs=True)
-    pooler.register_forward_hook(masked_mean)
+    if pooler is not None:
+        pooler.register_forward_hook(lambda module, args, output: masked_mean(args[0]))
+    else:
+        head.register_forward_pre_hook(lambda module, args: (masked_mean(args[0])[:, None, :], *args[1:]))
     model._s3delta_pooling = "mean"
 
 
