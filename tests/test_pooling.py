@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from s3delta_ds.errors import BackboneError, ConfigError, StructureError
 from s3delta_ds.export import _check_pooling
 
 from .helpers import tiny_inputs, tiny_model
+from .launching import env
 
 
 def _sentence_transformers_dir(tmp_path, **modes):
@@ -123,20 +126,25 @@ def test_mean_pooling_on_a_roberta_head_without_pooler():
 
 
 def test_a_run_records_the_pooling_auto_chose(tmp_path):
-    from s3delta_ds.recipe import prepare
-
+    """In a subprocess: setting up a run initialises a process group, which must not leak into the
+    test process (its MASTER_PORT would be inherited by every later launch)."""
     src = str(_sentence_transformers_dir(tmp_path, pooling_mode_mean_tokens=True))
-    cfg = load_run_config(
-        None,
-        [
-            f"model.name_or_path={src}",
-            "data.task=tiny-sentiment",
-            "data.max_train_examples=8",
-            "data.max_eval_examples=4",
-            "zero_stage=0",
-            f"output_dir={tmp_path / 'run'}",
-        ],
+    overrides = [
+        f"model.name_or_path={src}",
+        "data.task=tiny-sentiment",
+        "data.max_train_examples=8",
+        "data.max_eval_examples=4",
+        "zero_stage=0",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    script = (
+        "import sys; from s3delta_ds.config import load_run_config; from s3delta_ds.recipe import prepare; "
+        "cfg = load_run_config(None, sys.argv[1:]); "
+        "print('pooling', prepare(cfg, cfg.search, resume=False, kind='retrain').cfg.model.pooling)"
     )
-    rt = prepare(cfg, cfg.search, resume=False, kind="retrain")
-    assert rt.cfg.model.pooling == "mean"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *overrides], env=env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pooling mean" in proc.stdout
     assert load_run_config(tmp_path / "run" / "config.yaml").model.pooling == "mean"
