@@ -98,7 +98,7 @@ def test_lra_init_and_formula():
     d = _build("lra", BLOCK, reduction=8)
     for lin in (d.down, d.up):
         for w in (lin.W_left, lin.W_right):
-            bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))  # glorot-uniform
+            bound = math.sqrt(2) * math.sqrt(6 / (w.shape[0] + w.shape[1]))  # glorot-uniform, gain √2
             assert w.abs().max() <= bound
         assert torch.count_nonzero(lin.bias) == 0
     h = torch.randn(2, 3, 64)
@@ -107,6 +107,26 @@ def test_lra_init_and_formula():
     expected = act(down) @ (d.up.W_left @ d.up.W_right)
     assert torch.allclose(d(h), expected, atol=1e-5)
     assert d(h).abs().sum() > 0  # not zero at init: the gate decides its weight
+
+
+def test_lra_init_matches_the_original_gain():
+    """OpenDelta's LowRankLinear uses glorot_uniform = xavier_uniform_(gain=√2): at d=768 the factors
+    fill U(-a, a) with a = √2·√(6/(768+1)), and the adapter's median output RMS on unit inputs is ~0.06
+    (~0.012 with gain 1)."""
+    torch.manual_seed(0)
+    dims = SiteDims("block", 768, 768)
+    bound = math.sqrt(2) * math.sqrt(6 / (768 + 1))
+    rms = []
+    for _ in range(20):
+        d = _build("lra", dims)
+        w = d.down.W_left
+        assert 0.97 * bound < w.abs().max() <= bound
+        # uniform on (-a, a): std = a / √3
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.08)
+        with torch.no_grad():
+            rms.append(d(torch.randn(64, 768)).pow(2).mean().sqrt().item())
+    median = sorted(rms)[len(rms) // 2]
+    assert 0.04 < median < 0.09, median
 
 
 def test_adapter_init_statistics():
