@@ -113,12 +113,13 @@ def test_lra_init_matches_the_original_gain():
     """OpenDelta's LowRankLinear uses glorot_uniform = xavier_uniform_(gain=√2): at d=768 the factors
     fill U(-a, a) with a = √2·√(6/(768+1)), and the adapter's median output RMS on unit inputs is ~0.06
     (~0.012 with gain 1)."""
-    torch.manual_seed(0)
     dims = SiteDims("block", 768, 768)
+    cls, cfg, _ = resolve("lra", {}, dims, "site")
     bound = math.sqrt(2) * math.sqrt(6 / (768 + 1))
     rms = []
+    torch.manual_seed(0)
     for _ in range(20):
-        d = _build("lra", dims)
+        d = cls(dims, cfg)
         w = d.down.W_left
         assert 0.97 * bound < w.abs().max() <= bound
         # uniform on (-a, a): std = a / √3
