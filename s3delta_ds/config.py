@@ -23,6 +23,8 @@ from .errors import ConfigError
 MODES = ("first-order", "second-order")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SELECT = ("metric", "loss", "last")
+VIRTUAL_STEPS = ("adamw", "sgd")
+LABEL_SCORING = ("sum", "length-normalised")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -71,8 +73,22 @@ class DataConfig:
     max_eval_examples: int | None = None
     """Cap on validation examples (and on test examples unless max_test_examples is set)."""
     max_test_examples: int | None = None
+    split_seed: int = 0
+    """Seed of the data protocol's splits (validation → validation/test for tasks without a test
+    split, the train carve-out), fixed apart from the run ``seed`` so that a structure searched with
+    one seed and retrained with another is never tested on the rows that chose it. Recorded in the
+    structure's search metadata; retrain warns when the two differ."""
+    label_scoring: str = "sum"
+    """Rank classification (seq2seq/causal): how a label word's token losses are combined. sum (the
+    sequence NLL, what greedy decoding of single-token words does) or length-normalised (the mean per
+    token, which does not favour short label words)."""
 
     def __post_init__(self):
+        _check(self.split_seed >= 0, f"data.split_seed must be >= 0, got {self.split_seed}")
+        _check(
+            self.label_scoring in LABEL_SCORING,
+            f"data.label_scoring must be one of {', '.join(LABEL_SCORING)}, got {self.label_scoring!r}",
+        )
         for name in ("max_source_length", "max_train_examples", "max_eval_examples", "max_test_examples"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"data.{name} must be > 0, got {v}")
@@ -120,6 +136,9 @@ class SearchConfig(TrainConfig):
     mode: str = "first-order"
     """first-order: alternate a delta step (weights half) and a gate step (gates half);
     second-order: DARTS finite-difference correction of the gate gradient (ZeRO stages 0-2)."""
+    virtual_step: str = "adamw"
+    """Second order only: the virtual delta step w' = w - ξ·u. adamw (the original: u is the AdamW
+    update with the delta optimizer's moments) or sgd (DARTS: u = the gradient)."""
     gate_lr: float = 0.1
     gate_clip: float = 2.0
     beta: float = 1.0
@@ -134,6 +153,10 @@ class SearchConfig(TrainConfig):
         self._validate("search")
         _check(0 < self.budget < 1, f"search.budget must be a fraction in (0, 1), e.g. 1e-4; got {self.budget}")
         _check(self.mode in MODES, f"search.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check(
+            self.virtual_step in VIRTUAL_STEPS,
+            f"search.virtual_step must be one of {', '.join(VIRTUAL_STEPS)}, got {self.virtual_step!r}",
+        )
         _check(self.gate_lr > 0, f"search.gate_lr must be > 0, got {self.gate_lr}")
         _check(self.gate_clip >= 0, f"search.gate_clip must be >= 0, got {self.gate_clip}")
         _check(self.beta > 0, f"search.beta must be > 0, got {self.beta}")
