@@ -34,9 +34,10 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class ModelConfig:
-    name_or_path: str = "tiny-t5"
+    name_or_path: str | None = None
     """Model directory (weights + config.json), hub id, or a shipped shape with ``random_init``.
-    ``tiny-t5`` / ``tiny-llama`` / ``tiny-bert`` name the embedded defaults."""
+    ``tiny-t5`` / ``tiny-llama`` / ``tiny-bert`` name the embedded defaults. Unset: search uses
+    ``tiny-t5``; retrain uses the backbone recorded in the structure (and says so)."""
     tokenizer: str | None = None
     """Tokenizer directory; default: the model directory (or the embedded tokenizer)."""
     random_init: bool = False
@@ -52,7 +53,7 @@ class ModelConfig:
     token states), or auto: the checkpoint's sentence-transformers pooling if it has one, else cls."""
 
     def __post_init__(self):
-        _check(bool(self.name_or_path), "model.name_or_path must be set")
+        _check(self.name_or_path is None or bool(self.name_or_path), "model.name_or_path must not be empty")
         _check(self.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(self.quantize in (None, "4bit", "8bit"), f"model.quantize must be 4bit or 8bit, got {self.quantize!r}")
         _check(
@@ -62,8 +63,9 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class DataConfig:
-    task: str = "tiny-sentiment"
-    """A registered task (see ``s3delta_ds.data.TASKS``) or ``local`` with the fields below."""
+    task: str | None = None
+    """A registered task (see ``s3delta_ds.data.TASKS``). Unset: search uses the embedded
+    ``tiny-sentiment``; retrain uses the task the structure was searched on (and says so)."""
     data_dir: str | None = None
     """Directory with ``train`` / ``validation`` / ``test`` files (.jsonl, .json, .csv, .parquet)."""
     max_source_length: int | None = None

@@ -16,9 +16,21 @@ from .objective import DeltaModel, move
 
 @torch.no_grad()
 def evaluate(
-    model: DeltaModel, examples: list[dict], collate: Collator, task: Task, *, batch_size: int, device: torch.device
+    model: DeltaModel,
+    examples: list[dict],
+    collate: Collator,
+    task: Task,
+    *,
+    batch_size: int,
+    device: torch.device,
+    label_scoring: str = "sum",
 ) -> dict[str, float]:
-    """Metric(s) and mean gold-label loss per item on ``examples``; identical on every rank."""
+    """Metric(s) and mean gold-label loss per item on ``examples``; identical on every rank.
+
+    ``label_scoring`` (rank classification only): the prediction is the label word of lowest summed
+    token NLL (``sum``, what greedy decoding of single-token words does) or lowest mean NLL per token
+    (``length-normalised``, which does not favour short label words). The loss is per token either way.
+    """
     was_training = model.training
     model.eval()
     shard = EvalShard.of(len(examples), zero.rank(), zero.world(), batch_size)
@@ -40,9 +52,10 @@ def evaluate(
                 sums.append(s.float().cpu())
                 counts.append(c.cpu())
             scores = torch.stack(sums, -1)  # (B, labels): sequence NLL of each label word
-            pred = scores.argmin(-1)
+            lengths = torch.stack(counts, -1)  # (B, labels): its scored tokens
+            pred = (scores / lengths if label_scoring == "length-normalised" else scores).argmin(-1)
             nll = scores.gather(1, gold[:, None])[:, 0]
-            count = torch.stack(counts, -1).gather(1, gold[:, None])[:, 0]
+            count = lengths.gather(1, gold[:, None])[:, 0]
         keep = torch.tensor(valid)
         loss += torch.stack([nll[keep].double().sum(), count[keep].double().sum()])
         preds += [(i, int(p)) for i, v, p in zip(idx, valid, pred.tolist(), strict=True) if v]

@@ -78,6 +78,18 @@ def _encode(encoder: Encoder, rows: list[dict], limit: int | None, where: str) -
     return [encoder.encode(r) for r in rows]
 
 
+def load_data(cfg: RunConfig, task: Task, encoder: Encoder) -> dict[str, list[dict]]:
+    """The encoded train/validation/test splits. The splits a task's protocol draws (validation →
+    validation/test, the train carve-out) depend on ``data.split_seed`` alone, never on the run seed:
+    a structure searched with one seed and retrained with another is tested on the same rows."""
+    rows = load_rows(task, cfg.data.data_dir, split_seed=cfg.data.split_seed)
+    return {
+        "train": _encode(encoder, rows["train"], cfg.data.max_train_examples, "train"),
+        "validation": _encode(encoder, rows["validation"], cfg.data.max_eval_examples, "validation"),
+        "test": _encode(encoder, rows["test"], cfg.data.max_test_examples or cfg.data.max_eval_examples, "test"),
+    }
+
+
 def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> Runtime:
     """Everything up to (not including) attaching deltas. Collective: call on every rank."""
     rank, world = zero.init_distributed()
@@ -122,12 +134,7 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
     encoder = Encoder(
         task, tokenizer, objective, cfg.data.max_source_length or task.max_source_length, cfg.data.max_target_length
     )
-    rows = load_rows(task, cfg.data.data_dir, seed=cfg.seed)
-    data = {
-        "train": _encode(encoder, rows["train"], cfg.data.max_train_examples, "train"),
-        "validation": _encode(encoder, rows["validation"], cfg.data.max_eval_examples, "validation"),
-        "test": _encode(encoder, rows["test"], cfg.data.max_test_examples or cfg.data.max_eval_examples, "test"),
-    }
+    data = load_data(cfg, task, encoder)
     collate = Collator(objective, tokenizer.pad_token_id, getattr(config, "decoder_start_token_id", 0) or 0)
 
     t0 = time.time()

@@ -28,12 +28,12 @@ from s3delta_ds.data import BatchStream
 from s3delta_ds.engine import zero
 from s3delta_ds.engine.backbone import DTYPES
 from s3delta_ds.engine.bilevel import delta_update
-from s3delta_ds.errors import ConfigError
 from s3delta_ds.evaluate import evaluate
 from s3delta_ds.objective import DeltaModel
+from s3delta_ds.preflight import preflight_retrain
 from s3delta_ds.recipe import frozen_bytes, is_better, new_state, prepare, script_main, train_loop
 from s3delta_ds.report import MetricsLog
-from s3delta_ds.structure import Structure, atomic_write_text
+from s3delta_ds.structure import atomic_write_text
 from s3delta_ds.supernet import attach, cast_deltas, freeze_backbone
 
 DELTA_FILE = "deltas.safetensors"
@@ -42,10 +42,8 @@ DELTA_FILE = "deltas.safetensors"
 def run_retrain(cfg: RunConfig, *, resume: bool = False) -> dict | None:
     """Retrain on this rank (collective). Returns the summary on every rank (None when the launch
     stopped early because of ``retrain.stop_after``)."""
+    cfg, structure = preflight_retrain(cfg)  # names, structure and family checked before anything is written
     rc = cfg.retrain
-    if rc.structure is None and not rc.full_finetune:
-        raise ConfigError("retrain.structure must name a structure JSON (or set retrain.full_finetune=true)")
-    structure = Structure.load(rc.structure) if rc.structure else None  # validate before any heavy work
     rt = prepare(cfg, rc, resume=resume, kind="retrain")
     head = rt.family.head_modules
     if structure is not None:
@@ -109,7 +107,15 @@ def run_retrain(cfg: RunConfig, *, resume: bool = False) -> dict | None:
         save_run_checkpoint(engine, ckpt_dir, state["step"], {"stream": stream.state_dict(), "state": state})
 
     def run_eval(split: str) -> dict:
-        return evaluate(module, rt.data[split], rt.collate, rt.task, batch_size=rc.eval_batch_size, device=rt.device)
+        return evaluate(
+            module,
+            rt.data[split],
+            rt.collate,
+            rt.task,
+            batch_size=rc.eval_batch_size,
+            device=rt.device,
+            label_scoring=cfg.data.label_scoring,
+        )
 
     def step_fn(step: int) -> dict:
         return {"loss": delta_update(engine, module, stream.next(), rt.device), "lr": float(engine.get_lr()[0])}
@@ -147,6 +153,9 @@ def run_retrain(cfg: RunConfig, *, resume: bool = False) -> dict | None:
         "trainable_params": trainable,
         "trainable_relative": trainable / rt.backbone.info.num_params,
         "params_used": structure.budget.used if structure else trainable,
+        "task": rt.task.name,
+        "split_seed": cfg.data.split_seed,
+        "label_scoring": cfg.data.label_scoring,
         "metric": metric,
         "validation_score": state["best_score"],
         "best_step": state["best_step"],

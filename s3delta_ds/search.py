@@ -32,6 +32,7 @@ from s3delta_ds.engine.gatelogits import GateLogits
 from s3delta_ds.evaluate import evaluate
 from s3delta_ds.gates import check_budget, discretise, probabilities
 from s3delta_ds.objective import DeltaModel
+from s3delta_ds.preflight import preflight_search
 from s3delta_ds.recipe import frozen_bytes, is_better, new_state, prepare, script_main, train_loop
 from s3delta_ds.report import MetricsLog, gates_csv, heatmap
 from s3delta_ds.structure import atomic_write_text
@@ -43,6 +44,7 @@ SUPERNET_DELTAS = "supernet_deltas.safetensors"
 def run_search(cfg: RunConfig, *, resume: bool = False) -> dict | None:
     """The whole search on this rank (collective). Returns the summary on every rank (None when the
     launch stopped early because of ``search.stop_after``)."""
+    cfg = preflight_search(cfg)  # names checked before anything is written or loaded
     sc = cfg.search
     rt = prepare(cfg, sc, resume=resume, kind="search")
     stage = zero.zero_stage(rt.ds_config)
@@ -112,7 +114,13 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict | None:
     def eval_fn() -> None:
         ctx.z = gates.eval_p()  # the supernet with z = p, as the original evaluates during search
         result = evaluate(
-            module, rt.data["validation"], rt.collate, rt.task, batch_size=sc.eval_batch_size, device=rt.device
+            module,
+            rt.data["validation"],
+            rt.collate,
+            rt.task,
+            batch_size=sc.eval_batch_size,
+            device=rt.device,
+            label_scoring=cfg.data.label_scoring,
         )
         if is_better(result, state, rt.task.metric, sc.select):
             state.update(
@@ -162,6 +170,8 @@ def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, stage: int
         "task": rt.task.name,
         "space": sc.space,
         "seed": cfg.seed,
+        "split_seed": cfg.data.split_seed,
+        "label_scoring": cfg.data.label_scoring,
         "steps": sc.steps,
         "micro_batch_size": sc.micro_batch_size,
         "grad_accum": sc.grad_accum,
@@ -172,6 +182,7 @@ def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, stage: int
         "gate_lr": sc.gate_lr,
         "beta": sc.beta,
         "temperature": sc.temperature,
+        **({"virtual_step": sc.virtual_step} if sc.mode == "second-order" else {}),
         "select": sc.select,
         "metric": rt.task.metric,
         "score": state["best_score"],
@@ -188,6 +199,9 @@ def finish(rt, cfg: RunConfig, space, gates: GateLogits, state: dict, stage: int
         "modules": len(structure.modules),
         "search_score": state["best_score"],
         "selected_step": state["best_step"],
+        "task": rt.task.name,
+        "split_seed": cfg.data.split_seed,
+        "label_scoring": cfg.data.label_scoring,
         "metric": rt.task.metric,
         "median_step_s": statistics.median(times),
         "world_size": rt.world,

@@ -75,7 +75,7 @@ def test_load_yaml_values_and_types(tmp_path):
     assert cfg.search.grad_accum == SearchConfig().grad_accum
     assert cfg.retrain.lr == RetrainConfig().lr
     assert cfg.model.dtype == "auto"
-    assert cfg.data.task == "tiny-sentiment"
+    assert cfg.data.task is None  # resolved per run kind by preflight (tests/test_preflight.py)
 
 
 def test_overrides_win_over_yaml(tmp_path):

@@ -74,9 +74,9 @@ def test_small_protocol_halves_validation(tmp_path, n_val):
     _jsonl(tmp_path / "train.jsonl", _rows(20))
     val = _rows(n_val, start=1000)
     _jsonl(tmp_path / "validation.jsonl", val)
-    a = load_rows(LOCAL, str(tmp_path), seed=0)
-    b = load_rows(LOCAL, str(tmp_path), seed=0)
-    c = load_rows(LOCAL, str(tmp_path), seed=1)
+    a = load_rows(LOCAL, str(tmp_path), split_seed=0)
+    b = load_rows(LOCAL, str(tmp_path), split_seed=0)
+    c = load_rows(LOCAL, str(tmp_path), split_seed=1)
     assert a["train"] == _rows(20)
     assert len(a["validation"]) == n_val // 2
     assert len(a["test"]) == n_val - n_val // 2
@@ -92,13 +92,13 @@ def test_large_protocol_takes_validation_from_train(tmp_path):
     _jsonl(tmp_path / "train.jsonl", train)
     _jsonl(tmp_path / "validation.jsonl", val)
     task = dataclasses.replace(TASK, protocol="large", builtin_dir=None)
-    a = load_rows(task, str(tmp_path), seed=3)
+    a = load_rows(task, str(tmp_path), split_seed=3)
     assert len(a["train"]) == 100 and len(a["validation"]) == 2000
     assert a["test"] == val
     assert sorted(r["sentence"] for r in a["train"] + a["validation"]) == sorted(r["sentence"] for r in train)
     assert not {r["sentence"] for r in a["train"]} & {r["sentence"] for r in a["validation"]}
-    assert load_rows(task, str(tmp_path), seed=3) == a
-    assert load_rows(task, str(tmp_path), seed=4)["train"] != a["train"]
+    assert load_rows(task, str(tmp_path), split_seed=3) == a
+    assert load_rows(task, str(tmp_path), split_seed=4)["train"] != a["train"]
 
 
 def test_given_test_split_is_kept(tmp_path):

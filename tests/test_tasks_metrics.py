@@ -87,7 +87,7 @@ def test_glue_task_from_local_files_with_the_small_protocol(tmp_path):
     rows = [{"sentence1": f"s{i}", "sentence2": f"t{i}", "label": i % 2} for i in range(40)]
     _write(tmp_path / "train.jsonl", rows)
     _write(tmp_path / "validation.jsonl", rows[:21])
-    out = load_rows(get_task("mrpc"), str(tmp_path), seed=3)
+    out = load_rows(get_task("mrpc"), str(tmp_path), split_seed=3)
     assert (len(out["train"]), len(out["validation"]), len(out["test"])) == (40, 10, 11)
     assert {r["sentence1"] for r in out["validation"]}.isdisjoint({r["sentence1"] for r in out["test"]})
 

@@ -106,11 +106,12 @@ def _read(path: Path) -> list[dict]:
     return [dict(r) for r in ds]
 
 
-def load_rows(task: Task, data_dir: str | None, seed: int = 0) -> dict[str, list[dict]]:
+def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str, list[dict]]:
     """Rows of ``train``, ``validation`` and ``test`` for ``task``.
 
     From ``data_dir`` (local files, the path that works everywhere), else the task's shipped data,
-    else the hub through ``datasets``. Missing test splits follow the task's protocol.
+    else the hub through ``datasets``. Missing test splits follow the task's protocol, drawn with
+    ``split_seed`` (``data.split_seed``, never the run seed: see ``DataConfig.split_seed``).
 
     Raises:
         DataError: no data found, an empty split, or a missing column (named).
@@ -158,10 +159,10 @@ def load_rows(task: Task, data_dir: str | None, seed: int = 0) -> dict[str, list
         task.check_columns(list(split_rows[0].keys()), where[split])
         for row in split_rows:
             row[task.label_column] = task.label_index(row[task.label_column])
-    return apply_protocol(task, rows, seed)
+    return apply_protocol(task, rows, split_seed)
 
 
-def apply_protocol(task: Task, rows: dict[str, list[dict]], seed: int) -> dict[str, list[dict]]:
+def apply_protocol(task: Task, rows: dict[str, list[dict]], split_seed: int) -> dict[str, list[dict]]:
     """Make train/validation/test from what exists, the way the original (Compacter) code does."""
     import random
 
@@ -174,9 +175,9 @@ def apply_protocol(task: Task, rows: dict[str, list[dict]], seed: int) -> dict[s
                 f"there are only {len(rows['train'])}; provide a test split or use a smaller task"
             )
         train = list(rows["train"])
-        random.Random(seed).shuffle(train)
+        random.Random(split_seed).shuffle(train)
         return {"train": train[2000:], "validation": train[:2000], "test": rows["validation"]}
     val = list(rows["validation"])
-    random.Random(seed).shuffle(val)
+    random.Random(split_seed).shuffle(val)
     half = len(val) // 2
     return {"train": rows["train"], "validation": val[:half], "test": val[half:]}

@@ -1,0 +1,126 @@
+"""Checks and defaults resolved before a run writes or loads anything.
+
+A misspelt space, task or DeepSpeed config, a malformed structure, or a structure made for another
+model family must fail in a second, before the process group, the backbone load and the data
+encoding, and must leave no ``config.yaml`` behind (so the corrected rerun is not refused as
+"not empty"). Defaults that depend on the run kind are filled in here, once, and said out loud:
+
+* ``data.task`` unset: search uses the embedded ``tiny-sentiment``; retrain uses the task the
+  structure was searched on (its search metadata), and refuses to guess when there is none.
+* ``model.name_or_path`` unset: search uses the embedded ``tiny-t5``; retrain uses the backbone the
+  structure was made (or transferred) for.
+
+Every rank runs this identically (it reads only files and the config), so every rank fails alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .config import RunConfig
+from .errors import ConfigError, StructureError
+from .structure import Structure
+
+DEFAULT_MODEL = "tiny-t5"
+DEFAULT_TASK = "tiny-sentiment"
+
+
+def log0(msg: str) -> None:
+    """Print once per job: this runs before the process group exists, on every rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)
+
+
+def _replace(cfg: RunConfig, section: str, **values) -> RunConfig:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+
+
+def _check_common(cfg: RunConfig) -> str:
+    """Task, DeepSpeed config and model family; returns the model's family name ("" for GGUF)."""
+    from .backbones import family_for
+    from .backbones.loading import load_config
+    from .data import get_task
+
+    get_task(cfg.data.task)
+    if cfg.deepspeed != "auto":
+        from .engine import zero
+
+        zero.read_ds_config(cfg.deepspeed)
+    if cfg.model.gguf_file is not None:  # the architecture is inside the GGUF file, read at load time
+        return ""
+    return family_for(load_config(cfg.model.name_or_path)).name
+
+
+def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
+    """Resolve the search's defaults and validate every name in ``cfg``.
+
+    Raises:
+        ConfigError, SearchSpaceError, BackboneError: a name that does not exist (the message lists
+            the valid ones).
+    """
+    from .space import rules_of
+
+    if cfg.model.name_or_path is None:
+        cfg = _replace(cfg, "model", name_or_path=DEFAULT_MODEL)
+    if cfg.data.task is None:
+        cfg = _replace(cfg, "data", task=DEFAULT_TASK)
+    rules_of(cfg.search.space)
+    _check_common(cfg)
+    return cfg
+
+
+def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | None]:
+    """Load and validate the structure, take the task and model from it when the config has none,
+    and refuse a structure made for another model family.
+
+    Returns:
+        The resolved config and the loaded structure (None for full fine-tuning).
+
+    Raises:
+        ConfigError: no structure, or no task anywhere; StructureError: a malformed structure or a
+            family mismatch; BackboneError: an unknown model.
+    """
+    rc = cfg.retrain
+    if rc.structure is None and not rc.full_finetune:
+        raise ConfigError("retrain.structure must name a structure JSON (or set retrain.full_finetune=true)")
+    structure = Structure.load(rc.structure) if rc.structure else None
+    searched_task = (structure.search.get("task") if structure else None) or None
+    if cfg.model.name_or_path is None:
+        name = structure.backbone.name_or_path if structure else DEFAULT_MODEL
+        cfg = _replace(cfg, "model", name_or_path=name)
+        log(f"[s3delta retrain] model.name_or_path not set: using {name} (the structure's backbone)")
+    if cfg.data.task is None:
+        if searched_task is None:
+            raise ConfigError(
+                "data.task is not set and the structure records no search task "
+                f"({rc.structure or 'full fine-tuning'}): pass data.task=NAME (or a --config that sets it)"
+            )
+        cfg = _replace(cfg, "data", task=searched_task)
+        log(f"[s3delta retrain] data.task not set: using {searched_task} (the structure's search task)")
+    elif searched_task is not None and searched_task != cfg.data.task:
+        log(f"[s3delta retrain] the structure was searched on task {searched_task}; retraining on {cfg.data.task}")
+    family = _check_common(cfg)
+    if structure is not None and family and family != structure.backbone.family:
+        raise StructureError(
+            f"{rc.structure} is for a {structure.backbone.family} backbone but model {cfg.model.name_or_path} is "
+            f"{family}: pass a {structure.backbone.family} model, or map the structure with `s3delta transfer`"
+        )
+    if structure is not None:
+        _warn_split(cfg, structure, log)
+    return cfg, structure
+
+
+def _warn_split(cfg: RunConfig, structure: Structure, log) -> None:
+    """A structure chosen on validation rows that this retrain may test on would flatter it."""
+    search = structure.search
+    if not str(search.get("method", "")).startswith("s3delta") or search.get("task") != cfg.data.task:
+        return
+    # structures written before data.split_seed existed split with the run seed
+    searched = search.get("split_seed", search.get("seed"))
+    if searched is not None and searched != cfg.data.split_seed:
+        log(
+            f"[s3delta retrain] WARNING: the structure was searched with data split seed {searched}, this retrain "
+            f"uses data.split_seed={cfg.data.split_seed}: its test rows may include validation rows that chose the "
+            f"structure. Set data.split_seed={searched} to retrain on the search's split."
+        )

@@ -1,0 +1,174 @@
+"""What a run resolves and checks before it writes or loads anything: names, the structure, the task
+and model a retrain takes from the structure, the data split seed, and label-word scoring."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from s3delta_ds import builders
+from s3delta_ds.config import load_run_config
+from s3delta_ds.data import Collator, Encoder, get_task, load_tokenizer
+from s3delta_ds.errors import BackboneError, ConfigError, SearchSpaceError, StructureError
+from s3delta_ds.evaluate import evaluate
+from s3delta_ds.objective import DeltaModel
+from s3delta_ds.preflight import preflight_retrain, preflight_search
+from s3delta_ds.recipe import load_data
+from s3delta_ds.retrain import run_retrain
+from s3delta_ds.search import run_search
+
+from .helpers import tiny_model
+
+
+def _cfg(tmp_path, *overrides):
+    return load_run_config(None, [f"output_dir={tmp_path / 'out'}", *overrides])
+
+
+def _searched_structure(tmp_path, model="tiny-t5", **search):
+    plan = builders.Backbone.plan(model)
+    s = builders.random_baseline(plan.space("mixed"), plan.info, 0.02, seed=0)
+    s = dataclasses.replace(s, search={"method": "s3delta-first-order", "seed": 0, **search})
+    return s.save(tmp_path / f"{model}.json")
+
+
+# -- names fail before anything is written (no process group, no load, no output dir) ---------------
+
+
+@pytest.mark.parametrize(
+    "overrides, error, named",
+    [
+        (["search.space=mixd", "deepspeed=zero3_cpu"], SearchSpaceError, "mixd"),
+        (["data.task=sst3", "deepspeed=zero3"], ConfigError, "sst3"),
+        (["deepspeed=zero4"], ConfigError, "zero4"),
+        (["model.name_or_path=/nowhere/model"], BackboneError, "/nowhere/model"),
+    ],
+)
+def test_search_refuses_bad_names_before_writing(tmp_path, overrides, error, named):
+    cfg = _cfg(tmp_path, *overrides)
+    with pytest.raises(error, match=named):
+        run_search(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_retrain_refuses_a_malformed_structure_before_writing(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "s3delta-structure", "version": 1, "kind": "searched"}))
+    with pytest.raises(StructureError, match="backbone"):
+        run_retrain(_cfg(tmp_path, f"retrain.structure={bad}", "data.task=tiny-sentiment"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_retrain_refuses_a_structure_of_another_family_before_loading(tmp_path):
+    llama = _searched_structure(tmp_path, "tiny-llama", task="tiny-sentiment")
+    cfg = _cfg(tmp_path, f"retrain.structure={llama}", "model.name_or_path=tiny-t5")
+    with pytest.raises(StructureError, match="llama backbone but model tiny-t5 is t5"):
+        run_retrain(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+# -- retrain takes task and model from the structure, and says so ------------------------------------
+
+
+def test_retrain_takes_task_and_model_from_the_structure(tmp_path):
+    path = _searched_structure(tmp_path, "tiny-llama", task="cola")
+    said = []
+    cfg, structure = preflight_retrain(_cfg(tmp_path, f"retrain.structure={path}"), log=said.append)
+    assert cfg.data.task == "cola" and cfg.model.name_or_path == "tiny-llama"
+    assert structure.backbone.family == "llama"
+    assert any("data.task not set: using cola" in s for s in said)
+    assert any("model.name_or_path not set: using tiny-llama" in s for s in said)
+
+
+def test_retrain_without_a_task_anywhere_is_an_error(tmp_path):
+    plan = builders.Backbone.plan("tiny-t5")
+    random_path = builders.random_baseline(plan.space("mixed"), plan.info, 0.02, seed=0).save(tmp_path / "r.json")
+    with pytest.raises(ConfigError, match="data.task is not set and the structure records no search task"):
+        preflight_retrain(_cfg(tmp_path, f"retrain.structure={random_path}"), log=lambda s: None)
+    cfg, _ = preflight_retrain(
+        _cfg(tmp_path, f"retrain.structure={random_path}", "data.task=tiny-sentiment"), log=lambda s: None
+    )
+    assert cfg.data.task == "tiny-sentiment"
+
+
+def test_search_defaults_are_the_embedded_ones():
+    cfg = preflight_search(load_run_config(None, []), log=lambda s: None)
+    assert (cfg.model.name_or_path, cfg.data.task) == ("tiny-t5", "tiny-sentiment")
+
+
+# -- data splits depend on data.split_seed, never on the run seed -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "search_meta, warned",
+    [({"split_seed": 3}, False), ({"split_seed": 0}, True), ({}, True)],  # {}: old files split with the seed
+)
+def test_retrain_warns_when_the_structure_was_searched_on_another_split(tmp_path, search_meta, warned):
+    path = _searched_structure(tmp_path, task="tiny-sentiment", **search_meta)
+    said = []
+    preflight_retrain(_cfg(tmp_path, f"retrain.structure={path}", "data.split_seed=3"), log=said.append)
+    assert any("WARNING" in s and "split seed" in s for s in said) is warned
+
+
+def _split_files(tmp_path):
+    rows = [{"sentence": f"sentence number {i} .", "label": i % 2} for i in range(60)]
+    d = tmp_path / "data"
+    d.mkdir()
+    for split, part in (("train", rows[:40]), ("validation", rows[40:])):  # no test split: the protocol draws one
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return d
+
+
+def test_validation_and_test_rows_do_not_depend_on_the_run_seed(tmp_path):
+    data_dir = _split_files(tmp_path)
+    task = get_task("cola")  # the "small" protocol: validation is halved into validation and test
+    tok = load_tokenizer("t5", "tiny-t5", None, None)
+    enc = Encoder(task, tok, "seq2seq", 32, 4)
+
+    def splits(*overrides):
+        cfg = _cfg(tmp_path, "data.task=cola", f"data.data_dir={data_dir}", *overrides)
+        return load_data(cfg, task, enc)
+
+    a, b = splits("seed=0"), splits("seed=1")
+    assert a["validation"] == b["validation"] and a["test"] == b["test"]
+    c = splits("seed=0", "data.split_seed=5")
+    assert c["test"] != a["test"]
+    assert sorted(map(str, c["validation"] + c["test"])) == sorted(map(str, a["validation"] + a["test"]))
+
+
+# -- label-word scoring --------------------------------------------------------------------------------
+
+
+def test_length_normalised_scoring_does_not_favour_short_label_words():
+    """A random tiny T5 gives every token a similar NLL, so the summed score prefers the one-token
+    word almost always; the mean per token does not. Both match a by-hand scoring of the same model."""
+    task = dataclasses.replace(
+        get_task("tiny-sentiment"), label_words=("no", "positive review of a very good film indeed")
+    )
+    tok = load_tokenizer("t5", "tiny-t5", None, None)
+    lengths = [len(tok(w)["input_ids"]) for w in task.label_words]
+    assert lengths[1] >= 3 * lengths[0]
+    enc = Encoder(task, tok, "seq2seq", 32, 16)
+    rows = [{"sentence": f"film number {i} was {'good' if i % 2 else 'bad'} .", "label": i % 2} for i in range(24)]
+    examples = [enc.encode(r) for r in rows]
+    collate = Collator("seq2seq", tok.pad_token_id, 0)
+    model = DeltaModel(tiny_model("tiny-t5"), "seq2seq")
+
+    with torch.no_grad():
+        per_word = [model(collate(examples, choice=k)) for k in range(2)]
+    sums = torch.stack([s for s, _ in per_word], -1)
+    means = sums / torch.stack([c for _, c in per_word], -1)
+    want = {"sum": sums.argmin(-1), "length-normalised": means.argmin(-1)}
+    assert (want["sum"] == 0).all()  # the short word always wins the sum
+    assert (want["length-normalised"] == 1).any()
+
+    for scoring, pred in want.items():
+        out = evaluate(model, examples, collate, task, batch_size=8, device=torch.device("cpu"), label_scoring=scoring)
+        gold = torch.tensor([r["label"] for r in rows])
+        assert out["accuracy"] == pytest.approx(float((pred == gold).float().mean()))
+    # the loss is the gold word's per-token NLL whatever the scoring
+    total = sums.gather(1, torch.tensor([r["label"] for r in rows])[:, None]).sum()
+    count = torch.stack([c for _, c in per_word], -1).gather(1, torch.tensor([r["label"] for r in rows])[:, None]).sum()
+    assert out["loss"] == pytest.approx(float(total / count), rel=1e-5)
