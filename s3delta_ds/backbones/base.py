@@ -115,6 +115,12 @@ class Family(ABC):
     def auto_model_class(self):
         """The ``transformers`` Auto class that builds the training model of this family."""
 
+    def model_class(self, config):
+        """The class that builds ``config``'s training model with the parameter sharing of its
+        checkpoints (``from_config`` and ``from_pretrained`` alike); the Auto class unless the
+        family knows better (T5 v1.1: see ``backbones.t5``)."""
+        return self.auto_model_class()
+
     #: Module paths (relative to the *top* model) that are trained whatever the structure, e.g. a
     #: freshly initialised classification head. Not counted in the delta budget.
     head_modules: ClassVar[tuple[str, ...]] = ()

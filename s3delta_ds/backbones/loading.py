@@ -116,10 +116,10 @@ def build_model(config, *, device: str | torch.device = "cpu", family: Family | 
     """A randomly initialised training model of the config's family (``device="meta"``: no memory).
 
     The model class is the family's task class (seq2seq LM for T5, causal LM for LLaMA, sequence
-    classification for BERT).
+    classification for BERT), sharing parameters as the config's checkpoints do (``model_class``).
     """
     family = family or family_for(config)
-    cls = family.auto_model_class()
+    cls = family.model_class(config)
     with torch.device(device):
         model = cls.from_config(config)
     return model

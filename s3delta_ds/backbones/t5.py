@@ -1,6 +1,21 @@
-"""T5 v1.0 (t5-base, ...), v1.1 / flan-T5 (gated FFN: wi_0, wi_1) and mT5: one family."""
+"""T5 v1.0 (t5-base, ...), v1.1 / flan-T5 (gated FFN: wi_0, wi_1) and mT5: one family.
+
+Parameter sharing differs between them. Every T5 checkpoint has one input embedding (``shared``,
+which ``encoder.embed_tokens`` and ``decoder.embed_tokens`` alias); v1.0 also ties ``lm_head`` to
+it, while v1.1, flan-T5 and mT5 have their own ``lm_head`` (their config.json says
+``tie_word_embeddings: false``). transformers 5 forces ``config.tie_word_embeddings = True`` for
+T5 and mT5, so ``from_config`` ties ``lm_head`` for v1.1 too: 24.7M parameters short for
+t5-v1_1-base. ``from_pretrained`` only unties it when both weights are in the checkpoint and
+differ (under ZeRO-3 it compares two empty partitions, which are equal, and ties them). Setting
+``tie_word_embeddings=False`` instead would untie the encoder and decoder embeddings too. So
+:meth:`T5Family.model_class` hands out, for untied configs, the transformers class with
+``lm_head`` taken out of its tying map: the checkpoint's structure on every path (meta planning,
+random init, ``from_pretrained``, ZeRO-3).
+"""
 
 from __future__ import annotations
+
+import functools
 
 from .base import Family
 
@@ -9,6 +24,48 @@ def _gated(config) -> bool:
     return bool(getattr(config, "is_gated_act", False)) or str(getattr(config, "feed_forward_proj", "")).startswith(
         "gated-"
     )
+
+
+def untied_lm_head(config) -> bool:
+    """Whether the checkpoint of this config has an ``lm_head`` of its own (v1.1, flan-T5, mT5).
+
+    transformers 5 overwrites ``tie_word_embeddings`` with True but keeps what the json said, for
+    T5, as ``scale_decoder_outputs`` (v1.0 scales the decoder output because its head is the
+    embedding). mT5 never ties (and never scales), whatever its config says.
+    """
+    if config.model_type == "mt5":
+        return True
+    return getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)) is False
+
+
+@functools.cache
+def untied_head_class(base: type) -> type:
+    """``base`` (e.g. ``T5ForConditionalGeneration``) with ``lm_head`` left out of the tied weights.
+
+    The class keeps ``base``'s name, so saved configs list the usual architecture and any
+    transformers can load them. A fresh ``lm_head`` gets T5's own init for an untied head
+    (normal, std = initializer_factor); a loaded one is left alone.
+    """
+    from transformers import initialization as init
+
+    tied = {k: v for k, v in (base._tied_weights_keys or {}).items() if k != "lm_head.weight"}
+
+    def _init_weights(self, module):
+        base._init_weights(self, module)
+        if module is self:
+            init.normal_(self.lm_head.weight, mean=0.0, std=self.config.initializer_factor)
+
+    def from_config(cls, config, **kwargs):  # the Auto classes' spelling, so callers need not care
+        return cls._from_config(config, **kwargs)
+
+    namespace = {
+        "_tied_weights_keys": tied,
+        "_init_weights": _init_weights,
+        "from_config": classmethod(from_config),
+        "__module__": __name__,
+        "__doc__": base.__doc__,
+    }
+    return type(base.__name__, (base,), namespace)
 
 
 class T5Family(Family):
@@ -71,3 +128,11 @@ class T5Family(Family):
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM
+
+    def model_class(self, config):
+        if not untied_lm_head(config):
+            return self.auto_model_class()
+        from transformers import MT5ForConditionalGeneration, T5ForConditionalGeneration
+
+        base = MT5ForConditionalGeneration if config.model_type == "mt5" else T5ForConditionalGeneration
+        return untied_head_class(base)

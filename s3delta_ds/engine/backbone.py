@@ -24,6 +24,9 @@ from ..errors import BackboneError
 from . import zero
 
 EMBEDDED = ("tiny-t5", "tiny-t5-v1_1", "tiny-llama", "tiny-bert")
+#: Part of the embedded models' cache names: bump it when ``build_model`` builds a different model
+#: from the same config, so no stale copy is loaded (2: T5 v1.1 got its own lm_head).
+EMBEDDED_REVISION = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -34,7 +37,7 @@ def cache_dir() -> Path:
 def materialise_embedded(name: str, seed: int = 1234) -> Path:
     """The embedded tiny default as a model directory (created once, atomically, by whoever comes first)."""
     config = load_config(name)
-    target = cache_dir() / "models" / f"{name}-{config_hash(config)[7:19]}-s{seed}"
+    target = cache_dir() / "models" / f"{name}-{config_hash(config)[7:19]}-s{seed}-r{EMBEDDED_REVISION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,11 +83,11 @@ def load_backbone(
             config = load_config(source)
             for key, value in head.items():
                 setattr(config, key, value)
-            cls = family_for(config).auto_model_class()
+            cls = family_for(config).model_class(config)
             model = cls.from_config(config, dtype=torch_dtype)
         else:
             config = load_config(source) if cfg.gguf_file is None else None
-            cls = family_for(config).auto_model_class() if config is not None else _gguf_class(source, cfg.gguf_file)
+            cls = family_for(config).model_class(config) if config is not None else _gguf_class(source, cfg.gguf_file)
             kwargs = {"dtype": torch_dtype, **head}
             if cfg.quantize:
                 kwargs["quantization_config"] = quantization_config(cfg.quantize, torch_dtype)
@@ -135,4 +138,4 @@ def _gguf_class(source: str, gguf_file: str):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
-    return family_for(config).auto_model_class()
+    return family_for(config).model_class(config)
