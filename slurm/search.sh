@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
+# ---- the lines to edit for your cluster ---------------------------------------------------------
+# sbatch reads the #SBATCH lines below without running bash, so they cannot use variables. Edit
+# them here, or override any of them when submitting (options on the sbatch command line win):
+#   sbatch --nodes=4 --gpus-per-node=4 --cpus-per-task=32 --partition=gpu slurm/search.sh ...
+#   --gpus-per-node  GPUs on each node: one torchrun per node starts one rank per GPU. Sites that
+#                    count GPUs as generic resources write --gres=gpu:8 instead (replace the line).
+#   --cpus-per-task  CPUs of the node's one task, shared by its ranks: about 8 per GPU (data
+#                    loading; the optimizer step with zero3_offload).
+#   --time; add --partition, --account or --mem where the site needs them.
 #SBATCH --job-name=s3delta-search
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=2
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
-##SBATCH --gres=gpu:8            # GPU clusters: uncomment (one torchrun per node starts one rank per GPU)
+# -------------------------------------------------------------------------------------------------
 #
-# Search a structure across nodes, ZeRO-3 by default:
-#   sbatch [--nodes N] slurm/search.sh CONFIG.yaml [MODEL] [DS_CONFIG] [section.key=value ...]
-#     MODEL       model dir or hub id (default: the config's model.name_or_path)
-#     DS_CONFIG   zero3 | zero3_offload | zero2 | zero3_cpu | path.json (default zero3)
+# Search a structure across nodes:
+#   sbatch [--nodes N] slurm/search.sh CONFIG.yaml [MODEL] [DS_CONFIG] [section.key=value ...] [--resume]
+#     MODEL       model dir or hub id (default: the config's model.name_or_path; "" to skip)
+#     DS_CONFIG   auto | zero2 | zero3 | zero3_offload | zero3_cpu | path.json (default: the config's
+#                 `deepspeed`, which is auto unless the YAML sets it: ZeRO-2 when the frozen backbone
+#                 fits next to the trainable state on a GPU, ZeRO-3 otherwise)
+#     MODEL and DS_CONFIG are read until the first section.key=value or --flag.
 # Environment (passed through): OUTPUT_DIR (default runs/search-<jobid>), NPROC_PER_NODE (default:
 # GPUs per node, else 2), MASTER_PORT (default: from the job id), S3DELTA_VENV (a virtualenv to
 # activate). Add --resume to continue a run from its newest checkpoint.
@@ -20,10 +33,19 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 [ -n "${S3DELTA_VENV:-}" ] && source "$S3DELTA_VENV/bin/activate"
-config=$1; model=${2:-}; ds=${3:-zero3}
-shift $(( $# < 3 ? $# : 3 ))
-args=(--config "$config" deepspeed="$ds" output_dir="${OUTPUT_DIR:-runs/search-$SLURM_JOB_ID}")
+config=$1; model=""; ds=""
+shift
+if [ $# -gt 0 ] && [[ $1 != *=* && $1 != -* ]]; then model=$1; shift; fi
+if [ $# -gt 0 ] && [[ $1 != *=* && $1 != -* ]]; then ds=$1; shift; fi
+args=(--config "$config" output_dir="${OUTPUT_DIR:-runs/search-$SLURM_JOB_ID}")
 [ -n "$model" ] && args+=(model.name_or_path="$model")
+# Without DS_CONFIG the run config's `deepspeed` decides (auto picks the strategy for the model).
+[ -n "$ds" ] && args+=(deepspeed="$ds")
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 echo "[s3delta] job $SLURM_JOB_ID: $SLURM_NNODES node(s), master $MASTER_ADDR; search ${args[*]} $*"
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 python -m s3delta_ds.slurm search "${args[@]}" "$@"
+# One task per node; that task runs torchrun for the node's ranks; any failing task ends the job.
+# Slurm 22.05-23.02's srun does not inherit the job's --cpus-per-task: without it the step would
+# get one CPU per task, shared by all of the node's ranks.
+step=(--kill-on-bad-exit=1 --ntasks-per-node=1)
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+srun "${step[@]}" python -m s3delta_ds.slurm search "${args[@]}" "$@"

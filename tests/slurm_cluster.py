@@ -17,6 +17,12 @@ from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
 
+# The shipped scripts ask for GPUs (#SBATCH --gpus-per-node=8 --cpus-per-task=64); this cluster has
+# none and few CPUs. Options on the sbatch command line override the script's #SBATCH lines, and
+# --gpus-per-node=0 is the form a cluster without GRES accepts (--gres=none, --gres=gpu:0 and
+# --gpus=0 are rejected: "Invalid generic resource (gres) specification").
+CPU_ONLY = ["--gpus-per-node=0", "--cpus-per-task=2"]
+
 
 def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]

@@ -1,23 +1,102 @@
-"""The shipped Slurm scripts, submitted with a real ``sbatch --wait`` to a one-node Slurm cluster
-started for the test session (2 ranks on the CPU)."""
+"""The shipped Slurm scripts: their GPU directives and argument handling (no Slurm needed), and a
+real ``sbatch --wait`` to a one-node Slurm cluster started for the test session (2 ranks on the CPU,
+the scripts' GPU directives overridden on the command line)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from s3delta_ds import builders
 from s3delta_ds.checkpoint import verify_delta_file
 from s3delta_ds.structure import Structure
 
 from .launching import ROOT, TINY, deltas, env
-from .slurm_cluster import SlurmCluster, missing_binaries
+from .slurm_cluster import CPU_ONLY, SlurmCluster, missing_binaries
 
 pytestmark = pytest.mark.distributed
+
+SCRIPTS = ("search.sh", "retrain.sh")
+
+
+def directives(script: Path) -> dict[str, str]:
+    """The ``#SBATCH --key=value`` lines sbatch reads (those before the first command)."""
+    found = {}
+    for line in script.read_text().splitlines()[1:]:
+        if line.startswith("#SBATCH "):
+            key, _, value = line.split()[1].partition("=")
+            found[key] = value
+        elif line.strip() and not line.startswith("#"):
+            break
+    return found
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_ask_for_gpus_and_cpus_to_feed_them(name):
+    d = directives(ROOT / "slurm" / name)
+    gpus = int(d["--gpus-per-node"])
+    assert gpus >= 1 and int(d["--cpus-per-task"]) >= 4 * gpus, d
+    assert d["--ntasks-per-node"] == "1"  # one torchrun per node (s3delta_ds.slurm)
+
+
+def srun_args(tmp_path: Path, script: str, argv: list[str]) -> list[str]:
+    """Run a shipped script with bash under a fake job environment; return what it passes to srun."""
+    fake = tmp_path / "venv" / "bin"
+    fake.mkdir(parents=True)
+    (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (fake / "srun").chmod(0o755)
+    (fake / "activate").write_text(f'PATH="{fake}:$PATH"\n')
+    job = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_CPUS_PER_TASK": "64"}
+    e = {**os.environ, **job, "MASTER_ADDR": "n1", "S3DELTA_VENV": str(fake.parent), "SRUN_ARGS": str(tmp_path / "a")}
+    for var in ("CONFIG", "OUTPUT_DIR"):  # the scripts read these from the environment
+        e.pop(var, None)
+    subprocess.run(["bash", f"slurm/{script}", *argv], cwd=ROOT, env=e, check=True, capture_output=True)
+    return (tmp_path / "a").read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    "script,argv,expected",
+    [
+        # no DS_CONFIG: nothing overrides the run config's `deepspeed` (auto by default)
+        ("search.sh", ["c.yaml"], ["--config", "c.yaml", "output_dir=runs/search-7"]),
+        ("retrain.sh", ["s.json"], ["retrain.structure=s.json", "output_dir=runs/retrain-7"]),
+        (
+            "search.sh",
+            ["c.yaml", "org/model", "search.steps=3", "--resume"],
+            [
+                "--config",
+                "c.yaml",
+                "output_dir=runs/search-7",
+                "model.name_or_path=org/model",
+                "search.steps=3",
+                "--resume",
+            ],
+        ),
+        # asked for explicitly
+        (
+            "search.sh",
+            ["c.yaml", "org/model", "zero3"],
+            ["--config", "c.yaml", "output_dir=runs/search-7", "model.name_or_path=org/model", "deepspeed=zero3"],
+        ),
+        (
+            "retrain.sh",
+            ["s.json", "", "zero2", "retrain.steps=3"],
+            ["retrain.structure=s.json", "output_dir=runs/retrain-7", "deepspeed=zero2", "retrain.steps=3"],
+        ),
+    ],
+)
+def test_scripts_leave_deepspeed_to_the_run_config_unless_asked(script, argv, expected, tmp_path):
+    args = srun_args(tmp_path, script, argv)
+    # srun gets the job's CPUs explicitly (Slurm 22.05-23.02's srun does not inherit them)
+    assert args[:5] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=64", "python", "-m"]
+    assert args[5:7] == ["s3delta_ds.slurm", script.removesuffix(".sh")]
+    assert args[7:] == expected
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +125,19 @@ def structure(tmp_path_factory) -> Path:
 
 
 def test_sbatch_retrain_two_ranks(cluster, structure, tmp_path):
+    """No DS_CONFIG: the run keeps ``deepspeed=auto``, which replicates the tiny backbone (ZeRO-2)."""
     out = tmp_path / "run"
     log = tmp_path / "job.out"
     proc = cluster.sbatch(
         [
+            *CPU_ONLY,
             f"--output={log}",
             f"--chdir={ROOT}",
             "slurm/retrain.sh",
             str(structure),
             "tiny-t5",
-            "zero3_cpu",
-            *TINY,
+            *[a for a in TINY if not a.startswith("deepspeed=")],
+            "data.task=tiny-sentiment",
             "retrain.micro_batch_size=2",
         ],
         cwd=ROOT,
@@ -65,8 +146,9 @@ def test_sbatch_retrain_two_ranks(cluster, structure, tmp_path):
     text = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, proc.stderr + text[-4000:]
     assert "[s3delta slurm] node 0/1" in text and "--nproc_per_node 2" in text
+    assert "deepspeed=auto: " in text and yaml.safe_load((out / "config.yaml").read_text())["deepspeed"] == "auto"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2
     s = Structure.load(structure)
     d = deltas(out / "deltas.safetensors")
     assert sum(v.numel() for v in d.values()) == s.budget.used
@@ -75,7 +157,9 @@ def test_sbatch_retrain_two_ranks(cluster, structure, tmp_path):
 
 def test_sbatch_usage_error_exits_2(cluster, tmp_path):
     log = tmp_path / "job.out"
-    proc = cluster.sbatch([f"--output={log}", f"--chdir={ROOT}", "slurm/retrain.sh"], cwd=ROOT, env=job_env())
+    proc = cluster.sbatch(
+        [*CPU_ONLY, f"--output={log}", f"--chdir={ROOT}", "slurm/retrain.sh"], cwd=ROOT, env=job_env()
+    )
     assert proc.returncode == 2
     assert "usage: sbatch slurm/retrain.sh" in log.read_text()
 
@@ -98,6 +182,7 @@ def test_one_task_per_rank_mode_and_hostfile(cluster, structure, tmp_path):
                         f"retrain.structure={structure}",
                         f"output_dir={out}",
                         *TINY,
+                        "data.task=tiny-sentiment",
                         "retrain.micro_batch_size=2",
                         "deepspeed=zero3_cpu",
                     ]
