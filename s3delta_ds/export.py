@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from .backbones.pooling import pooling_of
 from .builders import Backbone
 from .checkpoint import load_deltas, save_deltas
-from .config import load_run_config
+from .config import ModelConfig, load_run_config
 from .engine import zero
 from .engine.backbone import load_backbone, resolve_source
 from .errors import CheckpointError, StructureError
@@ -214,6 +214,24 @@ def export_merged(
     return result
 
 
+def peft_base_name(model_cfg: ModelConfig) -> str:
+    """The adapters' ``base_model_name_or_path``: what ``AutoPeftModel.from_pretrained`` loads.
+
+    A hub id (``google-t5/t5-base``) is kept as it is: resolved as a path it would name a directory
+    under the working directory that does not exist. Only an existing local directory (including
+    the embedded tiny models, materialised in the cache) becomes absolute, so that the adapter
+    loads from any working directory.
+
+    Args:
+        model_cfg: the run's ``model`` section (from its ``config.yaml``).
+    Returns:
+        An absolute directory path, or the hub id verbatim.
+    """
+    source = resolve_source(model_cfg)
+    local = Path(source).expanduser()
+    return str(local.resolve()) if local.is_dir() else source
+
+
 def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
     """LoRA → a PEFT LoRA adapter in ``out``; LNFit → a PEFT LN-tuning adapter in ``out/ln_tuning``."""
     model, backbone, structure = load_run(run)
@@ -230,7 +248,7 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
         )
     if out.exists() and any(out.iterdir()):
         raise StructureError(f"{out} is not empty; choose a new directory")
-    source = str(Path(resolve_source(load_run_config(run / "config.yaml").model)).resolve())
+    source = peft_base_name(load_run_config(run / "config.yaml").model)
     head = list(family.head_modules)
     written = {}
     loras = [(site, slot.deltas["lora"]) for site, slot in slots(model).items() if "lora" in slot.deltas]
@@ -284,7 +302,7 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
         written["ln_tuning"] = str(out / "ln_tuning")
     if not written:
         raise StructureError("the structure has no LoRA or LNFit module: nothing PEFT can load")
-    return {"adapters": written, "not_exported": [f"{t} on {s}" for s, t in unsupported]}
+    return {"adapters": written, "base": source, "not_exported": [f"{t} on {s}" for s, t in unsupported]}
 
 
 def _write_adapter(out: Path, config: dict, state: dict[str, torch.Tensor]) -> None:

@@ -5,16 +5,21 @@ PEFT adapters load with PeftModel and give the same outputs."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
+from s3delta_ds import export
 from s3delta_ds.builders import Backbone
 from s3delta_ds.checkpoint import load_deltas
 from s3delta_ds.cli import main
+from s3delta_ds.config import ModelConfig
+from s3delta_ds.engine.backbone import materialise_embedded
 from s3delta_ds.errors import StructureError
-from s3delta_ds.export import export_merged, export_peft, load_run, save_hf
+from s3delta_ds.export import export_merged, export_peft, load_run, peft_base_name, save_hf
 from s3delta_ds.structure import Budget, ModuleChoice, Structure
 from s3delta_ds.supernet import attach
 
@@ -51,6 +56,7 @@ def _trained_run(tmp_path_factory, name: str, types: tuple[str, ...]):
             "retrain.eval_every=3",
             "retrain.lr=2e-2",
             "retrain.micro_batch_size=8",
+            "data.task=tiny-sentiment",
             "data.max_eval_examples=8",
             "zero_stage=0",
             f"output_dir={out / 'run'}",
@@ -73,6 +79,12 @@ def t5_with_bitfit(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_all(tmp_path_factory):
     return _trained_run(tmp_path_factory, "tiny-llama", ("lora", "lnfit", "pafi", "hiwi", "bitfit"))
+
+
+@pytest.fixture(scope="module")
+def llama_peft(tmp_path_factory):
+    """Only what PEFT can express: LoRA and LNFit."""
+    return _trained_run(tmp_path_factory, "tiny-llama", ("lora", "lnfit"))
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +148,14 @@ def test_sharded_save_loads(t5_mergeable, tmp_path):
     _check_merged_equals(t5_mergeable, tmp_path / "sharded", "tiny-t5")
 
 
-def test_peft_round_trip_lora_and_ln_tuning(llama_all, tmp_path_factory, tmp_path):
-    from peft import PeftModel
+def test_peft_round_trip_lora_and_ln_tuning(llama_peft, llama_all, tmp_path, capsys):
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
-    run_dir = _trained_run(tmp_path_factory, "tiny-llama", ("lora", "lnfit"))
-    report = export_peft(run_dir, tmp_path / "peft")
-    assert set(report["adapters"]) == {"lora", "ln_tuning"} and report["not_exported"] == []
-    ref_model, plan, _ = load_run(run_dir)
+    assert main(["export", str(llama_peft), "--peft", "-o", str(tmp_path / "peft")]) == 0
+    said = capsys.readouterr().out
+    assert "PEFT lora adapter" in said and "PEFT ln_tuning adapter" in said and "not expressible" not in said
+    assert repr(str(materialise_embedded("tiny-llama").resolve())) in said  # the base the adapters name
+    ref_model, plan, _ = load_run(llama_peft)
     reference = _logits(ref_model, "tiny-llama")
     base_dir = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -150,11 +163,39 @@ def test_peft_round_trip_lora_and_ln_tuning(llama_all, tmp_path_factory, tmp_pat
     tuned = PeftModel.from_pretrained(base, tmp_path / "peft" / "ln_tuning").merge_and_unload()
     model = PeftModel.from_pretrained(tuned, tmp_path / "peft").eval()
     assert (_logits(model, "tiny-llama") - reference).abs().max() < 1e-5
+    # the same through PEFT's own loader, which finds the base from base_model_name_or_path alone
+    tuned = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft" / "ln_tuning").merge_and_unload()
+    model = PeftModel.from_pretrained(tuned, tmp_path / "peft").eval()
+    assert (_logits(model, "tiny-llama") - reference).abs().max() < 1e-5
     # PEFT cannot express added biases, PaFi, HiWi: refused, or left out with --partial
     with pytest.raises(StructureError, match="PEFT cannot express"):
         export_peft(llama_all, tmp_path / "refused")
     partial = export_peft(llama_all, tmp_path / "partial", partial=True)
     assert partial["not_exported"] and "lora" in partial["adapters"]
+
+
+def test_peft_base_keeps_hub_ids_and_makes_local_dirs_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert peft_base_name(ModelConfig(name_or_path="google-t5/t5-base")) == "google-t5/t5-base"
+    assert peft_base_name(ModelConfig(name_or_path="t5-small")) == "t5-small"
+    (tmp_path / "models" / "t5").mkdir(parents=True)
+    assert peft_base_name(ModelConfig(name_or_path="models/t5")) == str(tmp_path / "models" / "t5")
+    assert peft_base_name(ModelConfig(name_or_path="tiny-t5")) == str(materialise_embedded("tiny-t5").resolve())
+
+
+def test_peft_export_of_a_hub_model_names_the_hub_id(llama_peft, tmp_path, monkeypatch):
+    """A run on ``org/name`` writes ``org/name`` into both adapter configs, not ``$PWD/org/name``."""
+    hub_run = shutil.copytree(llama_peft, tmp_path / "hub-run")
+    cfg = yaml.safe_load((hub_run / "config.yaml").read_text())
+    cfg["model"]["name_or_path"] = "s3delta-test/tiny-llama"
+    (hub_run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # the hub id cannot be downloaded here (offline): the weights come from the original run
+    real_load_run = export.load_run
+    monkeypatch.setattr(export, "load_run", lambda run, **kw: real_load_run(llama_peft, **kw))
+    export_peft(hub_run, tmp_path / "peft")
+    for adapter in ("adapter_config.json", "ln_tuning/adapter_config.json"):
+        cfg = json.loads((tmp_path / "peft" / adapter).read_text())
+        assert cfg["base_model_name_or_path"] == "s3delta-test/tiny-llama"
 
 
 def test_peft_lora_with_per_module_ranks_and_a_classification_head(tmp_path_factory, tmp_path):
@@ -177,6 +218,7 @@ def test_peft_lora_with_per_module_ranks_and_a_classification_head(tmp_path_fact
             f"retrain.structure={s}",
             "retrain.steps=3",
             "retrain.lr=2e-2",
+            "data.task=tiny-sentiment",
             "data.max_eval_examples=8",
             "zero_stage=0",
             f"output_dir={out / 'run'}",

@@ -48,7 +48,7 @@ def run(args) -> int:
         return 0
     r = export_peft(Path(args.run), out, partial=args.partial)
     for kind, path in r["adapters"].items():
-        print(f"PEFT {kind} adapter -> {path} (PeftModel.from_pretrained(base, {path!r}))")
+        print(f"PEFT {kind} adapter -> {path} (AutoPeftModel*.from_pretrained({path!r}), base {r['base']!r})")
     if r["not_exported"]:
         print(f"not expressible in PEFT, left out: {', '.join(r['not_exported'][:10])}")
     return 0
