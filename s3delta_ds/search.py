@@ -79,7 +79,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False) -> dict | None:
         seed=cfg.seed,
         device=rt.device,
     )
-    bilevel = BiLevel(engine, gates, mode=sc.mode, device=rt.device)
+    bilevel = BiLevel(engine, gates, mode=sc.mode, virtual_step=sc.virtual_step, device=rt.device)
     rank0_bytes = zero.broadcast_object(frozen_bytes(module))  # frozen backbone bytes held by rank 0
 
     weights_half, gates_half = split_halves(rt.data["train"], cfg.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -23,6 +24,7 @@ import deepspeed.comm as dist
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_optimizer_state
 
 from ..errors import ConfigError, DistributedSetupError
 
@@ -349,3 +351,85 @@ def local_numel(p: torch.Tensor) -> int:
 
 def full_numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
+
+
+# -- the delta optimizer's AdamW state (second-order search's virtual step) --------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdamWState:
+    """What torch AdamW's next step of the delta weights depends on, besides the gradient.
+
+    ``exp_avg``/``exp_avg_sq``: one fp32 tensor per parameter, in its full shape (zeros before the
+    first step); ``step``: optimizer steps taken so far (the next one is ``step + 1``).
+    """
+
+    step: int
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+
+
+def adamw_state(engine, params: list[nn.Parameter]) -> AdamWState:
+    """The AdamW moments of ``params`` (the engine's trainable parameters) as full fp32 tensors.
+
+    Collective under ZeRO-1/2: each rank holds the moments of its partition only, and
+    ``safe_get_full_optimizer_state`` assembles a parameter's moments with an all-reduce over the
+    data-parallel group, so every rank must call this with the same ``params`` in the same order.
+    Stage 0 reads the optimizer's state directly: keyed by the parameters themselves (fp32), or by
+    their fp32 master copies (bf16/fp16 without ZeRO). ZeRO-3 is never asked here
+    (second-order search refuses it at start-up).
+
+    Raises:
+        ConfigError: the delta optimizer is not a plain torch AdamW with one betas/eps/weight decay.
+    """
+    basic = engine.basic_optimizer
+    if not isinstance(basic, torch.optim.AdamW):
+        raise ConfigError(
+            f"search.virtual_step=adamw needs the delta optimizer to be torch AdamW, got {type(basic).__name__}; "
+            "set search.virtual_step=sgd"
+        )
+    hyper = {(tuple(g["betas"]), g["eps"], g["weight_decay"], g["amsgrad"], g["maximize"]) for g in basic.param_groups}
+    if len(hyper) != 1 or next(iter(hyper))[3:] != (False, False):
+        raise ConfigError(
+            "search.virtual_step=adamw needs one betas/eps/weight_decay for every delta parameter and no "
+            f"amsgrad/maximize, got {sorted(hyper)}; set search.virtual_step=sgd"
+        )
+    betas, eps, weight_decay, _, _ = next(iter(hyper))
+    # Every group and every partition steps together, so any state entry gives the step count; an
+    # empty state means no step has been taken (torch AdamW creates its state lazily).
+    step = max((int(s["step"]) for s in basic.state.values() if "step" in s), default=0)
+    if step == 0:
+        moments = [[torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] for _ in range(2)]
+    elif all(hasattr(p, "_hp_mapping") for p in params):  # ZeRO-1/2 (and DeepSpeed's BF16_Optimizer)
+        moments = [[safe_get_full_optimizer_state(p, key).float() for p in params] for key in ("exp_avg", "exp_avg_sq")]
+    elif hasattr(engine.optimizer, "fp32_groups"):  # stage 0 bf16/fp16: an fp32 master per parameter
+        moments = [_master_state(engine.optimizer, basic, params, key) for key in ("exp_avg", "exp_avg_sq")]
+    else:  # stage 0 fp32: the torch optimizer holds the parameters themselves
+        moments = [[basic.state[p][key].detach().float() for p in params] for key in ("exp_avg", "exp_avg_sq")]
+    return AdamWState(step, (float(betas[0]), float(betas[1])), float(eps), float(weight_decay), *moments)
+
+
+def _master_state(wrapper, basic: torch.optim.Optimizer, params: list[nn.Parameter], key: str) -> list[torch.Tensor]:
+    """``key`` state of each parameter's fp32 master copy (DeepSpeed's FP16_UnfusedOptimizer, what
+    16-bit without ZeRO runs with a torch optimizer: ``fp32_groups[i][j]`` masters ``fp16_groups[i][j]``)."""
+    master = {
+        id(p): m
+        for lp, hp in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)
+        for p, m in zip(lp, hp, strict=True)
+    }
+    return [basic.state[master[id(p)]][key].detach().float() for p in params]
+
+
+def rng_state() -> tuple[torch.Tensor, Any]:
+    """The CPU and accelerator RNG states (what dropout draws from), to replay a forward's masks."""
+    return torch.get_rng_state(), (get_accelerator().get_rng_state() if device_type() != "cpu" else None)
+
+
+def set_rng_state(state: tuple[torch.Tensor, Any]) -> None:
+    cpu, accelerator = state
+    torch.set_rng_state(cpu)
+    if accelerator is not None:
+        get_accelerator().set_rng_state(accelerator)
