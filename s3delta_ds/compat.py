@@ -37,6 +37,7 @@ _TINY = [
     "search.eval_batch_size=8",
     "retrain.eval_batch_size=8",
     "deepspeed=zero3_cpu",
+    "data.task=tiny-sentiment",
 ]
 
 

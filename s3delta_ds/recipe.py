@@ -91,7 +91,11 @@ def load_data(cfg: RunConfig, task: Task, encoder: Encoder) -> dict[str, list[di
 
 
 def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> Runtime:
-    """Everything up to (not including) attaching deltas. Collective: call on every rank."""
+    """Everything up to (not including) attaching deltas. Collective: call on every rank.
+
+    ``cfg`` must have been through ``preflight`` (model and task resolved, names checked)."""
+    if cfg.model.name_or_path is None or cfg.data.task is None:
+        raise ConfigError("model.name_or_path and data.task must be resolved first (s3delta_ds.preflight)")
     rank, world = zero.init_distributed()
     out = Path(cfg.output_dir)
     err = None

@@ -15,7 +15,11 @@ PY=${PYTHON:-python3}
 . "$work/venv/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip wheel -q --no-deps -w "$work/dist" "$repo"
+# build from a copy: setuptools writes build/ next to the sources, and the checkout stays clean
+mkdir "$work/src"
+tar -C "$repo" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./.cache --exclude=./build -cf - . |
+  tar -C "$work/src" -xf -
+python -m pip wheel -q --no-deps -w "$work/dist" "$work/src"
 python -m pip install -q "$work"/dist/s3delta_ds-*.whl
 
 cd "$work"  # nothing of the checkout is importable from here

@@ -31,6 +31,8 @@ TINY = [
     "retrain.eval_batch_size=8",
     "model.dtype=fp32",
     "deepspeed=zero3_cpu",  # the tests' ZeRO-3 config (persistence threshold 0: tiny models really partition)
+    "model.name_or_path=tiny-t5",
+    "data.task=tiny-sentiment",
 ]
 
 

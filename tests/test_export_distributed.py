@@ -46,6 +46,7 @@ def test_merge_export_with_a_zero3_partitioned_backbone(tmp_path):
         "retrain",
         [
             f"retrain.structure={s}",
+            "data.task=tiny-sentiment",
             "retrain.steps=3",
             "retrain.lr=2e-2",
             "data.max_eval_examples=8",

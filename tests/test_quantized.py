@@ -46,6 +46,7 @@ def test_merge_refuses_a_quantized_base_unless_asked_for_full_precision(tmp_path
             "model.name_or_path=tiny-llama",
             "model.quantize=4bit",
             f"retrain.structure={s}",
+            "data.task=tiny-sentiment",
             "retrain.steps=2",
             "retrain.eval_every=2",
             "data.max_eval_examples=8",

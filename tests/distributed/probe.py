@@ -32,6 +32,7 @@ def main():
         "data.max_train_examples=64",
         "data.max_eval_examples=8",
         "deepspeed=zero3_cpu",
+        "data.task=tiny-sentiment",
     ]
     cfg = load_run_config(None, [o.replace("=True", "=true").replace("=False", "=false") for o in overrides])
     rt = prepare(cfg, cfg.search, resume=False, kind="probe")
