@@ -415,6 +415,7 @@ def _script() -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_console_script_is_installed(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     proc = subprocess.run(
@@ -430,6 +431,7 @@ def test_console_script_is_installed(tmp_path):
     assert (s["family"], s["candidates"], s["params"]) == ("t5", 144, 331776)
 
 
+@pytest.mark.slow
 def test_console_script_error_exit_code_and_offline_speed(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     t0 = time.monotonic()

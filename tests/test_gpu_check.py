@@ -55,6 +55,7 @@ def _text(ctx, until):
     return {"ok": False, "text": "some report\n"}
 
 
+@pytest.mark.slow
 def test_stages_run_on_after_a_failure_and_write_their_results_at_once(tmp_path, monkeypatch):
     stages = (
         gc.Stage(name="00-bug", timeout_s=30, run=_broken),

@@ -109,6 +109,7 @@ def _check_merged_equals(run_dir, out, name):
 @pytest.mark.parametrize(
     "fixture,name", [("t5_mergeable", "tiny-t5"), ("llama_all", "tiny-llama"), ("bert_all", "tiny-bert")]
 )
+@pytest.mark.distributed
 def test_merged_model_equals_unmerged(fixture, name, request, tmp_path):
     run_dir = request.getfixturevalue(fixture)
     report = export_merged(run_dir, tmp_path / "merged")
@@ -120,6 +121,7 @@ def test_merged_model_equals_unmerged(fixture, name, request, tmp_path):
         assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
 
 
+@pytest.mark.distributed
 def test_unmergeable_deltas_are_refused_or_kept_beside_the_model(t5_with_bitfit, tmp_path, capsys):
     assert main(["export", str(t5_with_bitfit), "--merge", "-o", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err
@@ -138,6 +140,7 @@ def test_unmergeable_deltas_are_refused_or_kept_beside_the_model(t5_with_bitfit,
     assert (_logits(merged, "tiny-t5") - _logits(ref_model, "tiny-t5")).abs().max() < 1e-5
 
 
+@pytest.mark.distributed
 def test_sharded_save_loads(t5_mergeable, tmp_path):
     model, plan, _ = load_run(t5_mergeable)
     from s3delta_ds.merge import merge
@@ -148,6 +151,7 @@ def test_sharded_save_loads(t5_mergeable, tmp_path):
     _check_merged_equals(t5_mergeable, tmp_path / "sharded", "tiny-t5")
 
 
+@pytest.mark.distributed
 def test_peft_round_trip_lora_and_ln_tuning(llama_peft, llama_all, tmp_path, capsys):
     from peft import AutoPeftModelForCausalLM, PeftModel
 
@@ -183,6 +187,7 @@ def test_peft_base_keeps_hub_ids_and_makes_local_dirs_absolute(tmp_path, monkeyp
     assert peft_base_name(ModelConfig(name_or_path="tiny-t5")) == str(materialise_embedded("tiny-t5").resolve())
 
 
+@pytest.mark.distributed
 def test_peft_export_of_a_hub_model_names_the_hub_id(llama_peft, tmp_path, monkeypatch):
     """A run on ``org/name`` writes ``org/name`` into both adapter configs, not ``$PWD/org/name``."""
     hub_run = shutil.copytree(llama_peft, tmp_path / "hub-run")
@@ -198,6 +203,7 @@ def test_peft_export_of_a_hub_model_names_the_hub_id(llama_peft, tmp_path, monke
         assert cfg["base_model_name_or_path"] == "s3delta-test/tiny-llama"
 
 
+@pytest.mark.distributed
 def test_peft_lora_with_per_module_ranks_and_a_classification_head(tmp_path_factory, tmp_path):
     from peft import PeftModel
 
@@ -232,3 +238,62 @@ def test_peft_lora_with_per_module_ranks_and_a_classification_head(tmp_path_fact
     base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model_name_or_path"], num_labels=2)
     model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     assert (_logits(model, "tiny-bert") - _logits(ref_model, "tiny-bert")).abs().max() < 1e-5
+
+
+# -- IA3: folds for --merge, exports as a PEFT IA3 adapter (its own folder, loaded last) ------------
+
+
+def _trained_space_run(tmp_path_factory, name: str, types: tuple[str, ...], space: str):
+    out = tmp_path_factory.mktemp(f"{name}-{space}")
+    s = _structure(name, types, space).save(out / "in.json")
+    run(
+        "python",
+        "retrain",
+        [
+            f"model.name_or_path={name}",
+            f"retrain.structure={s}",
+            "retrain.steps=3",
+            "retrain.eval_every=3",
+            "retrain.lr=2e-2",
+            "retrain.micro_batch_size=8",
+            "data.task=tiny-sentiment",
+            "data.max_eval_examples=8",
+            "zero_stage=0",
+            f"output_dir={out / 'run'}",
+        ],
+        1,
+    )
+    return out / "run"
+
+
+@pytest.fixture(scope="module")
+def llama_ia3(tmp_path_factory):
+    """LoRA, LNFit and IA3 (keys, values, FFN inputs) from the mixed+ia3 space: IA3 shares sites with LoRA."""
+    return _trained_space_run(tmp_path_factory, "tiny-llama", ("lora", "lnfit", "ia3"), "mixed+ia3")
+
+
+def test_ia3_merges_and_round_trips_through_peft(llama_ia3, tmp_path):
+    from peft import PeftModel
+
+    structure = Structure.load(llama_ia3 / "structure.json")
+    assert {m.kwargs["position"] for m in structure.modules if m.type == "ia3"} == {"input", "output"}
+    report = export_merged(llama_ia3, tmp_path / "merged")
+    assert report["kept"] == [] and report["merged"] == len(structure.modules)
+    _check_merged_equals(llama_ia3, tmp_path / "merged", "tiny-llama")
+
+    result = export_peft(llama_ia3, tmp_path / "peft")
+    assert set(result["adapters"]) == {"lora", "ln_tuning", "ia3"} and result["not_exported"] == []
+    cfg = json.loads((tmp_path / "peft" / "ia3" / "adapter_config.json").read_text())
+    plan = Backbone.plan("tiny-llama")
+    ia3 = [m for m in structure.modules if m.type == "ia3"]
+    assert cfg["peft_type"] == "IA3" and cfg["target_modules"] == sorted(plan.site_map.path(m.site) for m in ia3)
+    assert cfg["feedforward_modules"] == sorted(
+        plan.site_map.path(m.site) for m in ia3 if m.kwargs["position"] == "input"
+    )
+    reference = _logits(load_run(llama_ia3)[0], "tiny-llama")
+    # the recipe: LN tuning and LoRA merged first, IA3 last (on a shared site it scales LoRA's update)
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+    tuned = PeftModel.from_pretrained(base, tmp_path / "peft" / "ln_tuning").merge_and_unload()
+    tuned = PeftModel.from_pretrained(tuned, tmp_path / "peft").merge_and_unload()
+    model = PeftModel.from_pretrained(tuned, tmp_path / "peft" / "ia3").eval()
+    assert (_logits(model, "tiny-llama") - reference).abs().max() < 1e-5

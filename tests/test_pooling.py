@@ -125,6 +125,7 @@ def test_mean_pooling_on_a_roberta_head_without_pooler():
     assert not torch.allclose(logits, cls_logits)
 
 
+@pytest.mark.distributed
 def test_a_run_records_the_pooling_auto_chose(tmp_path):
     """In a subprocess: setting up a run initialises a process group, which must not leak into the
     test process (its MASTER_PORT would be inherited by every later launch)."""

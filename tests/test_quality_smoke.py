@@ -6,11 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from s3delta_ds.builders import Backbone
 
 from .launching import ROOT, env
 
 
+@pytest.mark.distributed
 def test_quality_smoke(tmp_path):
     out = tmp_path / "q"
     proc = subprocess.run(

@@ -37,6 +37,7 @@ def test_pafi_and_hiwi_refuse_quantized_weights():
             attach(model, sm, [spec])
 
 
+@pytest.mark.distributed
 def test_merge_refuses_a_quantized_base_unless_asked_for_full_precision(tmp_path):
     s = manual(Backbone.plan("tiny-llama"), "lora").save(tmp_path / "s.json")
     run(

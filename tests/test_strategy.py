@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from s3delta_ds.engine.zero import choose_strategy
 
 from .launching import TINY, run
@@ -34,6 +36,7 @@ def _search(tmp_path, memory: str):
     return json.loads((out / "summary.json").read_text()), proc.stdout
 
 
+@pytest.mark.distributed
 def test_auto_replicates_when_the_backbone_fits_and_shards_when_not(tmp_path):
     summary, log = _search(tmp_path, str(64 * GIB))
     assert summary["zero_stage"] == 2 and "deepspeed=auto" in log and "-> zero2" in log
@@ -41,6 +44,7 @@ def test_auto_replicates_when_the_backbone_fits_and_shards_when_not(tmp_path):
     assert summary["zero_stage"] == 3 and "shard it (ZeRO-3)" in log
 
 
+@pytest.mark.distributed
 def test_explicit_config_overrides_auto(tmp_path):
     out = tmp_path / "explicit"
     run(

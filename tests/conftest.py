@@ -1,0 +1,46 @@
+"""Test tiers: the unit tier (``pytest -m "not slow and not distributed"``) must stay under a minute,
+so a test that starts a process must say so with ``@pytest.mark.slow`` or ``distributed``. An
+unmarked test that spawns one, in its body or in a fixture it sets up (module fixtures included),
+fails here with the fix named, instead of silently slowing the tier."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+
+import pytest
+
+_TIER_MARKS = ("slow", "distributed")
+
+
+@contextlib.contextmanager
+def _no_processes(item):
+    if any(item.get_closest_marker(m) for m in _TIER_MARKS):
+        yield
+        return
+    real_init = subprocess.Popen.__init__
+
+    def refuse(self, args, *a, **kw):
+        raise pytest.fail.Exception(
+            f"{item.nodeid} starts a process ({args!r:.120}) but is not marked slow or distributed: "
+            "mark it (the unit tier must stay under a minute)",
+            pytrace=False,
+        )
+
+    subprocess.Popen.__init__ = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = real_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _no_processes(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _no_processes(item):
+        yield
