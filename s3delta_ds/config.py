@@ -85,7 +85,38 @@ class DataConfig:
     sequence NLL, what greedy decoding of single-token words does) or length-normalised (the mean per
     token, which does not favour short label words)."""
 
+    # -- data.task: custom (your own data; docs/your-data.md) -------------------------------------
+    train_file: str | None = None
+    """custom: the training rows (.csv, .jsonl/.json or .parquet)."""
+    validation_file: str | None = None
+    test_file: str | None = None
+    """custom: optional; without it the validation rows are halved into validation and test
+    (drawn with ``split_seed``)."""
+    hub_dataset: str | None = None
+    """custom: a ``datasets`` name or local dataset script/directory instead of files."""
+    hub_config: str | None = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str | None = None
+    """custom with hub_dataset: the split names to read."""
+    template: str | None = None
+    """custom: how a row reads as text, with ``{column}`` placeholders, e.g. "review: {text}"."""
+    columns: list[str] | None = None
+    """custom: the text columns (default: the template's placeholders)."""
+    label_column: str = "label"
+    """custom: the column with the class, as an integer id or as one of ``label_words``."""
+    label_words: list[str] | None = None
+    """custom: one word per class (what text-to-text and decoder models produce); class i ↔ word i."""
+    metric: str = "accuracy"
+    """custom: the main metric (model selection): accuracy, f1, f1_macro, matthews, pearson, ..."""
+
     def __post_init__(self):
+        custom = {k: getattr(self, k) for k in CUSTOM_KEYS if getattr(self, k) != CUSTOM_DEFAULTS.get(k)}
+        if self.task != "custom" and custom:
+            raise ConfigError(
+                f"data.{next(iter(custom))} only applies to data.task=custom (got data.task={self.task!r}); "
+                "set data.task=custom to read your own data with your own template and label words"
+            )
         _check(self.split_seed >= 0, f"data.split_seed must be >= 0, got {self.split_seed}")
         _check(
             self.label_scoring in LABEL_SCORING,
@@ -95,6 +126,24 @@ class DataConfig:
             v = getattr(self, name)
             _check(v is None or v > 0, f"data.{name} must be > 0, got {v}")
         _check(self.max_target_length > 0, f"data.max_target_length must be > 0, got {self.max_target_length}")
+
+
+CUSTOM_KEYS = (
+    "train_file",
+    "validation_file",
+    "test_file",
+    "hub_dataset",
+    "hub_config",
+    "train_split",
+    "validation_split",
+    "test_split",
+    "template",
+    "columns",
+    "label_column",
+    "label_words",
+    "metric",
+)
+CUSTOM_DEFAULTS = {"train_split": "train", "validation_split": "validation", "label_column": "label", "metric": "accuracy"}
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -223,6 +272,10 @@ def _type_ok(value: Any, annotation: str) -> tuple[bool, Any]:
             return True, value
         if opt in (str, bool) and isinstance(value, opt):
             return True, value
+        if typing.get_origin(opt) is list and isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(opt)
+            if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                return True, list(value)
     return False, value
 
 
@@ -262,8 +315,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. search.steps=50)")
         key, raw = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        _set_dotted(out, key.strip(), _override_value(raw))
     return out
+
+
+def _override_value(raw: str) -> Any:
+    """A command-line value read as YAML (numbers, booleans, ``[a, b]`` lists), except where YAML
+    would make a mapping or fail: no setting takes a mapping, and a template such as
+    ``review: {text}`` is meant as the text it is."""
+    if raw == "":
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, dict) else value
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -290,7 +356,23 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a YAML mapping at the top level")
         values = loaded or {}
+    return build_run_config(values, overrides)
+
+
+def build_run_config(
+    values: dict[str, Any], overrides: list[str] | None = None, keys: dict[str, Any] | None = None
+) -> RunConfig:
+    """A ``RunConfig`` from a nested dict (the YAML's shape), then ``section.key=value`` strings,
+    then ``keys`` (``{"search.steps": 50}``, values as they are); everything validated.
+
+    Raises:
+        ConfigError: unknown keys, wrong types or out-of-range values.
+    """
     values = _merge(values, parse_overrides(overrides or []))
+    extra: dict[str, Any] = {}
+    for key, value in (keys or {}).items():
+        _set_dotted(extra, key, value)
+    values = _merge(values, extra)
     try:
         return _build(RunConfig, values, "")
     except TypeError as e:  # a required field of a frozen dataclass left out

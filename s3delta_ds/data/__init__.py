@@ -2,7 +2,7 @@
 
 from .batches import BatchStream, EvalShard, split_halves
 from .encode import OBJECTIVES, Collator, Encoder, load_tokenizer
-from .tasks import TASKS, Task, get_task, load_rows, register
+from .tasks import TASKS, Task, get_task, load_rows, register, resolve_task
 
 __all__ = [
     "OBJECTIVES",
@@ -16,5 +16,6 @@ __all__ = [
     "load_rows",
     "load_tokenizer",
     "register",
+    "resolve_task",
     "split_halves",
 ]

@@ -16,7 +16,7 @@ from importlib import resources
 import torch
 
 from ..errors import DataError
-from .tasks import Task
+from .task import Task
 
 OBJECTIVES = {"t5": "seq2seq", "llama": "causal", "bert": "classify"}
 _EMBEDDED_TOKENIZERS = {"tiny-t5": "t5", "tiny-t5-v1_1": "t5", "tiny-llama": "llama", "tiny-bert": "bert"}
@@ -78,6 +78,43 @@ class Encoder:
             return {"input_ids": source_ids, "label": label, "choices": None}
         choices = [self._choice(source_ids, w) for w in self.task.label_words]
         return {**choices[label], "label": label, "choices": choices}
+
+
+def encode_all(encoder: Encoder, rows: list[dict], chunk: int = 4096) -> list[dict]:
+    """``[encoder.encode(r) for r in rows]``, with the sources tokenised in batches (a fast
+    tokenizer's batched call runs in Rust, many times faster than one call per row) and every
+    label word tokenised once. The result is identical to the per-row encoding (tested)."""
+    task, tok = encoder.task, encoder.tokenizer
+    for i, row in enumerate(rows):
+        label = row[task.label_column]
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(task.label_words):
+            raise DataError(
+                f"task {task.name!r}: row {i}: label {label!r} is not an integer in [0, {len(task.label_words)})"
+            )
+    if encoder.objective == "seq2seq":
+        targets = [encoder._ids(w, encoder.max_target_length) for w in task.label_words]
+    elif encoder.objective == "causal":
+        targets = [
+            encoder._ids(" " + w, encoder.max_target_length, special=False) + [tok.eos_token_id]
+            for w in task.label_words
+        ]
+    out = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        sources = tok([task.source(r) for r in part], truncation=True, max_length=encoder.max_source_length)[
+            "input_ids"
+        ]
+        for row, ids in zip(part, sources, strict=True):
+            label = row[task.label_column]
+            if encoder.objective == "classify":
+                out.append({"input_ids": ids, "label": label, "choices": None})
+                continue
+            if encoder.objective == "seq2seq":
+                choices = [{"input_ids": ids, "labels": t} for t in targets]
+            else:
+                choices = [{"input_ids": ids + t, "labels": [-100] * len(ids) + t} for t in targets]
+            out.append({**choices[label], "label": label, "choices": choices})
+    return out
 
 
 def _pad(seqs: list[list[int]], value: int, multiple: int = 8) -> torch.Tensor:

@@ -8,7 +8,14 @@ with local train/validation[/test] files works everywhere; without it the hub is
 
 from __future__ import annotations
 
-from .tasks import Task, register
+from .task import Task
+
+_ALL: list[Task] = []
+
+
+def _add(task: Task) -> Task:
+    _ALL.append(task)
+    return task
 
 _GLUE = ("nyu-mll/glue",)
 _SUPER = ("aps/super_glue",)
@@ -27,7 +34,7 @@ def _glue(
     splits=None,
     family=_GLUE,
 ):
-    return register(
+    return _add(
         Task(
             name=name,
             template=template,
@@ -141,7 +148,7 @@ _glue(
 )
 
 # Offline tasks built by `s3delta fetch-assets` (local files with train/validation/test).
-register(
+_add(
     Task(
         name="rt-sentiment",
         template="sentiment: {text}",
@@ -151,7 +158,7 @@ register(
         asset_dir="rt-sentiment",
     )
 )
-register(
+_add(
     Task(
         name="bb-strategyqa",
         template="question: {question}",
@@ -161,7 +168,7 @@ register(
         asset_dir="bb-strategyqa",
     )
 )
-register(
+_add(
     Task(
         name="bb-epistemic",
         template="premise: {premise} hypothesis: {hypothesis}",
@@ -171,3 +178,6 @@ register(
         asset_dir="bb-epistemic",
     )
 )
+
+#: Every task of this module, in order (the registry in ``tasks`` lists them).
+TASKS: tuple[Task, ...] = tuple(_ALL)

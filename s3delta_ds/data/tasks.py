@@ -1,75 +1,30 @@
-"""Tasks: where the rows come from, which columns they need, how they read as text, and their
-label words and metric. The embedded ``tiny-sentiment`` task ships with the package."""
+"""The task registry and where rows come from. The embedded ``tiny-sentiment`` task ships with the
+package; GLUE, SuperGLUE and the offline tasks are listed in ``glue``; ``data.task: custom`` builds
+a task from the run config (``custom``). Registration is explicit: nothing registers on import."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError, DataError
+from . import glue
+from .task import Task
 
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-@dataclass(frozen=True)
-class Task:
-    """A classification task read as text.
+TINY_SENTIMENT = Task(
+    name="tiny-sentiment",
+    template="sentiment: {sentence}",
+    label_words=("negative", "positive"),
+    columns=("sentence",),
+    max_source_length=64,
+    builtin_dir="assets/tiny/data",
+)
 
-    ``template`` formats a row into the source text (``{column}`` placeholders); ``label_words``
-    are what text-to-text and decoder models must produce (label i ↔ word i); encoders use the
-    integer label with a classification head.
-    """
-
-    name: str
-    template: str
-    label_words: tuple[str, ...]
-    columns: tuple[str, ...]
-    label_column: str = "label"
-    metric: str = "accuracy"
-    max_source_length: int = 128
-    #: Split protocol when the data has no test split: "small" halves validation into val/test,
-    #: "large" takes 2,000 training rows as validation and uses validation as test (Compacter).
-    protocol: str = "given"
-    hub: tuple[str, str | None] | None = None
-    hub_splits: dict[str, str] = field(default_factory=dict)
-    builtin_dir: str | None = None
-    #: Directory under the asset cache (``s3delta fetch-assets``) holding this task's files.
-    asset_dir: str | None = None
-
-    def label_index(self, value: Any) -> int:
-        """Integer class of a raw label: ints as they are; a float score (STS-B) rounded to the
-        nearest label word; a string that is one of the label words."""
-        if self.metric == "pearson" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            words = [float(w) for w in self.label_words]
-            return min(range(len(words)), key=lambda i: abs(words[i] - float(value)))
-        if isinstance(value, str) and value in self.label_words:
-            return self.label_words.index(value)
-        return value
-
-    def source(self, row: dict[str, Any]) -> str:
-        return self.template.format(**{c: row[c] for c in self.columns})
-
-    def check_columns(self, rows_columns: list[str], where: str) -> None:
-        for col in (*self.columns, self.label_column):
-            if col not in rows_columns:
-                raise DataError(
-                    f"{where}: task {self.name!r} needs a column {col!r}, but the data has only "
-                    f"{', '.join(rows_columns) or 'no columns'}"
-                )
-
-
-TASKS: dict[str, Task] = {
-    "tiny-sentiment": Task(
-        name="tiny-sentiment",
-        template="sentiment: {sentence}",
-        label_words=("negative", "positive"),
-        columns=("sentence",),
-        max_source_length=64,
-        builtin_dir="assets/tiny/data",
-    ),
-}
+#: Every built-in task by name. ``register`` adds one from Python (a config uses ``data.task: custom``).
+TASKS: dict[str, Task] = {t.name: t for t in (TINY_SENTIMENT, *glue.TASKS)}
 
 
 def register(task: Task) -> Task:
@@ -77,13 +32,23 @@ def register(task: Task) -> Task:
     return task
 
 
-def get_task(name: str) -> Task:
-    from . import glue  # noqa: F401  (registers GLUE, SuperGLUE and the offline tasks)
+def resolve_task(data) -> Task:
+    """The task a ``DataConfig`` names: a registered one, or ``custom`` built from its keys."""
+    if data.task == "custom":
+        from .custom import custom_task
 
+        return custom_task(data)
+    return get_task(data.task)
+
+
+def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+        raise ConfigError(
+            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} (or data.task=custom with your own "
+            "files, columns and label words: docs/your-data.md)"
+        ) from None
 
 
 def _split_file(data_dir: Path, split: str) -> Path | None:
@@ -127,7 +92,14 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
                 f"task {task.name!r} reads files that `s3delta fetch-assets` prepares; {data_dir} does not exist: "
                 "run `s3delta fetch-assets` (or pass data.data_dir)"
             )
-    if data_dir is not None:
+    if task.files:
+        paths = {s: Path(f) for s, f in task.files.items()}
+        for split, path in paths.items():
+            if not path.is_file():
+                raise DataError(f"data.{split}_file {path} does not exist")
+        rows = {s: _read(p) for s, p in paths.items()}
+        where = {s: str(p) for s, p in paths.items()}
+    elif data_dir is not None:
         root = Path(data_dir)
         if not root.is_dir():
             raise DataError(f"data directory {data_dir} does not exist")
@@ -149,6 +121,9 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
                 f"task {task.name!r}: cannot load {task.hub} from the hub ({type(e).__name__}: {e}); "
                 "pass data.data_dir with local train/validation files"
             ) from e
+        missing = [theirs for ours, theirs in task.hub_splits.items() if ours != "test" and theirs not in ds]
+        if task.name == "custom" and missing:
+            raise DataError(f"{task.hub[0]} has no split {missing[0]!r}; it has {', '.join(ds)} (data.*_split)")
         rows = {ours: [dict(r) for r in ds[theirs]] for ours, theirs in task.hub_splits.items() if theirs in ds}
         where = {s: f"hub:{task.hub[0]}/{task.hub[1]}:{s}" for s in rows}
     else:
@@ -157,8 +132,8 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
         if not split_rows:
             raise DataError(f"{where[split]}: split {split!r} is empty")
         task.check_columns(list(split_rows[0].keys()), where[split])
-        for row in split_rows:
-            row[task.label_column] = task.label_index(row[task.label_column])
+        for i, row in enumerate(split_rows):
+            row[task.label_column] = task.label_index(row[task.label_column], f"{where[split]} row {i}")
     return apply_protocol(task, rows, split_seed)
 
 

@@ -1,0 +1,80 @@
+"""A task: how its rows read as text, which columns they need, and its label words and metric.
+
+The class has no registry and imports nothing of the package's: built-in task lists (``glue``) and
+the registry (``tasks``) import it, never the other way round."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import DataError
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task read as text.
+
+    ``template`` formats a row into the source text (``{column}`` placeholders); ``label_words``
+    are what text-to-text and decoder models must produce (label i ↔ word i); encoders use the
+    integer label with a classification head.
+    """
+
+    name: str
+    template: str
+    label_words: tuple[str, ...]
+    columns: tuple[str, ...]
+    label_column: str = "label"
+    metric: str = "accuracy"
+    max_source_length: int = 128
+    #: Split protocol when the data has no test split: "small" halves validation into val/test,
+    #: "large" takes 2,000 training rows as validation and uses validation as test (Compacter).
+    protocol: str = "given"
+    hub: tuple[str, str | None] | None = None
+    hub_splits: dict[str, str] = field(default_factory=dict)
+    builtin_dir: str | None = None
+    #: Directory under the asset cache (``s3delta fetch-assets``) holding this task's files.
+    asset_dir: str | None = None
+    #: Split → file path (``data.task: custom`` with data.train_file etc.).
+    files: dict[str, str] = field(default_factory=dict)
+
+    def label_index(self, value: Any, where: str = "") -> int:
+        """Integer class of a raw label: ints as they are; a float score (STS-B) rounded to the
+        nearest label word; a string that is one of the label words; a whole float (1.0, as CSV
+        readers make of integer columns with gaps) as its int.
+
+        Raises:
+            DataError: a label that is none of these (named, with the label words).
+        """
+        where = f"{where}: " if where else ""
+        if isinstance(value, bool):
+            raise DataError(f"{where}label column {self.label_column!r} holds booleans; use 0/1 or the label words")
+        if self.metric == "pearson" and isinstance(value, (int, float)):
+            words = [float(w) for w in self.label_words]
+            return min(range(len(words)), key=lambda i: abs(words[i] - float(value)))
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str):
+            if value in self.label_words:
+                return self.label_words.index(value)
+            raise DataError(
+                f"{where}label {value!r} in column {self.label_column!r} is not one of the label words "
+                f"{list(self.label_words)}"
+            )
+        if isinstance(value, int) and 0 <= value < len(self.label_words):
+            return value
+        raise DataError(
+            f"{where}label {value!r} in column {self.label_column!r} is not a class id in [0, {len(self.label_words)}) "
+            f"nor one of the label words {list(self.label_words)}"
+        )
+
+    def source(self, row: dict[str, Any]) -> str:
+        return self.template.format(**{c: row[c] for c in self.columns})
+
+    def check_columns(self, rows_columns: list[str], where: str) -> None:
+        for col in (*self.columns, self.label_column):
+            if col not in rows_columns:
+                raise DataError(
+                    f"{where}: task {self.name!r} needs a column {col!r}, but the data has only "
+                    f"{', '.join(rows_columns) or 'no columns'}"
+                )
