@@ -143,7 +143,12 @@ CUSTOM_KEYS = (
     "label_words",
     "metric",
 )
-CUSTOM_DEFAULTS = {"train_split": "train", "validation_split": "validation", "label_column": "label", "metric": "accuracy"}
+CUSTOM_DEFAULTS = {
+    "train_split": "train",
+    "validation_split": "validation",
+    "label_column": "label",
+    "metric": "accuracy",
+}
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -12,6 +12,7 @@ import sys
 from ..errors import S3DeltaError
 from . import (
     assets_cmd,
+    config_cmd,
     demo_cmd,
     export_cmd,
     hostfile_cmd,
@@ -34,6 +35,7 @@ COMMANDS = (
     hostfile_cmd,
     assets_cmd,
     pafi_cmd,
+    config_cmd,
 )
 
 
