@@ -32,6 +32,11 @@ MANUAL_PRESETS: dict[str, tuple[Rule, ...]] = {
     # ranking needs the weights: `s3delta pafi-mask`), and HiWi on the FFN weights.
     "pafi": (Rule(_MATMUL, "pafi", {"density": 0.005}),),
     "hiwi": (Rule(("mlp.in", "mlp.out"), "hiwi", {"target": "weight", "bottleneck": 8}),),
+    # Liu et al. 2022: (IA)³ scales on attention keys and values and on the FFN inner activations.
+    "ia3": (
+        Rule((), "ia3", {"position": "output"}, components=("attn.k", "attn.v")),
+        Rule(("mlp.out",), "ia3", {"position": "input"}),
+    ),
 }
 
 

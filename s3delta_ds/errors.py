@@ -40,3 +40,7 @@ class DataError(S3DeltaError):
 
 class TrainingError(S3DeltaError):
     """Training diverged (NaN/inf loss) or otherwise cannot continue."""
+
+
+class FoldError(S3DeltaError):
+    """A delta cannot be folded into its host module (a non-linear type, or no bias to hold it)."""

@@ -5,11 +5,14 @@
   s3delta_ds installed. Deltas that cannot be folded are refused, or with ``--keep-unmergeable``
   written beside it (``unmerged/structure.json`` + ``unmerged/deltas.safetensors``, to attach with
   s3delta_ds on top of the merged model).
-* ``--peft``: the LoRA part as a PEFT LoRA adapter (per-module ranks in ``rank_pattern``) and the
-  LNFit part as a PEFT LN-tuning adapter (``ln_tuning/``), each loadable with
-  ``PeftModel.from_pretrained`` (PEFT cannot hold both types in one model: load ``ln_tuning``,
-  ``merge_and_unload()``, then load the LoRA adapter). PEFT has no added-bias, LRA, Adapter-at-sites, PaFi or HiWi
-  method: those are listed and refused (``--partial`` exports the expressible part anyway).
+* ``--peft``: every type with a PEFT counterpart (``Delta.peft_adapter``) as one adapter of that
+  type: LoRA in ``OUT`` itself (per-module ranks in ``rank_pattern``), LNFit as LN tuning in
+  ``ln_tuning/``, IA3 in ``ia3/``, each loadable with ``PeftModel.from_pretrained``. PEFT cannot
+  hold two types in one model: load ``ln_tuning`` and ``merge_and_unload()``, then the LoRA adapter
+  (and ``merge_and_unload()``), then ``ia3`` last (on a shared site IA3 scales LoRA's update too).
+  The trained head (BERT) travels in the first adapter that can hold it (LoRA, else IA3). Types
+  PEFT has no method for (added bias, LRA, Adapter-at-sites, PaFi, HiWi) are listed and refused
+  (``--partial`` exports the expressible part anyway).
 
 Weights are gathered one parameter at a time (ZeRO-3: ``GatheredParameters`` per tensor), so the
 whole model never sits on one rank.
@@ -28,6 +31,7 @@ from .backbones.pooling import pooling_of
 from .builders import Backbone
 from .checkpoint import load_deltas, save_deltas
 from .config import ModelConfig, load_run_config
+from .deltas import DELTAS, delta_class
 from .engine import zero
 from .engine.backbone import load_backbone, resolve_source
 from .errors import CheckpointError, StructureError
@@ -233,75 +237,59 @@ def peft_base_name(model_cfg: ModelConfig) -> str:
 
 
 def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
-    """LoRA → a PEFT LoRA adapter in ``out``; LNFit → a PEFT LN-tuning adapter in ``out/ln_tuning``."""
+    """Every delta with a PEFT counterpart as a PEFT adapter: LoRA in ``out``, LNFit (LN tuning) in
+    ``out/ln_tuning``, IA3 in ``out/ia3`` (see the module docstring for the loading order)."""
     model, backbone, structure = load_run(run)
     _check_pooling(model)
     family = backbone.family
-    unsupported = [(m.site, m.type) for m in structure.modules if m.type not in ("lora", "lnfit")]
+    unsupported = [(m.site, m.type) for m in structure.modules if delta_class(m.type).peft_adapter is None]
+    expressible = "/".join(t for t, cls in DELTAS.items() if cls.peft_adapter is not None)
     if unsupported and not partial:
         listed = ", ".join(f"{t} on {s}" for s, t in unsupported[:10])
         raise StructureError(
             f"PEFT cannot express {len(unsupported)} of the modules ({listed}"
             f"{'...' if len(unsupported) > 10 else ''}): "
-            "it has no added-bias, LowRankAdapter, per-site Adapter, PaFi or HiWi method. Use export --merge, or "
-            "--partial to export only the LoRA/LNFit part"
+            f"it has no counterpart of {', '.join(sorted({t for _, t in unsupported}))}. Use export --merge, or "
+            f"--partial to export only the {expressible} part"
         )
     if out.exists() and any(out.iterdir()):
         raise StructureError(f"{out} is not empty; choose a new directory")
     source = peft_base_name(load_run_config(run / "config.yaml").model)
     head = list(family.head_modules)
+    head_left = True  # the head goes into the first adapter that can hold it
     written = {}
-    loras = [(site, slot.deltas["lora"]) for site, slot in slots(model).items() if "lora" in slot.deltas]
-    if loras:
-        state, ranks, alphas = {}, {}, {}
-        for site, d in loras:
-            path = backbone.site_map.path(site)
-            with zero.gathered(list(d.parameters())):
-                state[f"base_model.model.{path}.lora_A.weight"] = d.lora_A.detach().cpu().clone()
-                state[f"base_model.model.{path}.lora_B.weight"] = d.lora_B.detach().cpu().clone()
-            ranks[path], alphas[path] = d.cfg.r, d.cfg.alpha
-        for name in head:
-            for pname, p in model.get_submodule(name).named_parameters():
-                state[f"base_model.model.{name}.{pname}"] = p.detach().cpu().clone()
-        r0, a0 = loras[0][1].cfg.r, loras[0][1].cfg.alpha
-        config = {
-            "peft_type": "LORA",
-            "task_type": _TASK_TYPES[family.name],
-            "base_model_name_or_path": source,
-            "target_modules": sorted(ranks),
-            "r": r0,
-            "lora_alpha": a0,
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "rank_pattern": {k: v for k, v in ranks.items() if v != r0},
-            "alpha_pattern": {k: v for k, v in alphas.items() if v != a0},
-            "modules_to_save": head or None,
-            "fan_in_fan_out": False,
-            "inference_mode": True,
-        }
-        _write_adapter(out, config, state)
-        written["lora"] = str(out)
-    lnfits = [(site, slot.deltas["lnfit"]) for site, slot in slots(model).items() if "lnfit" in slot.deltas]
-    if lnfits:
+    for type_name, cls in DELTAS.items():  # registry order: LoRA, LN tuning, IA3
+        adapter = cls.peft_adapter
+        members = [
+            (backbone.site_map.path(site), slot.deltas[type_name])
+            for site, slot in slots(model).items()
+            if type_name in slot.deltas
+        ]
+        if adapter is None or not members:
+            continue
         state = {}
-        for site, d in lnfits:
-            path = backbone.site_map.path(site)
-            norm = model.get_submodule(path)
-            with zero.gathered([norm.weight, *d.parameters()]):
-                state[f"base_model.model.{path}.ln_tuning_layers.weight"] = (norm.weight + d.scale).detach().cpu()
-                if getattr(norm, "bias", None) is not None:
-                    state[f"base_model.model.{path}.ln_tuning_layers.bias"] = norm.bias.detach().cpu().clone()
+        for path, d in members:
+            host = model.get_submodule(path)
+            # one module at a time under ZeRO-3: the host (LN tuning stores g + Δg) and the delta
+            with zero.gathered([*host.parameters(recurse=False), *d.parameters()]):
+                state |= {f"base_model.model.{path}.{k}": v for k, v in d.peft_state(host).items()}
+        carries = adapter.carries_head and head_left
+        if carries:
+            head_left = False
+            for name in head:
+                for pname, p in model.get_submodule(name).named_parameters():
+                    state[f"base_model.model.{name}.{pname}"] = p.detach().cpu().clone()
         config = {
-            "peft_type": "LN_TUNING",
+            "peft_type": adapter.peft_type,
             "task_type": _TASK_TYPES[family.name],
             "base_model_name_or_path": source,
-            "target_modules": sorted(backbone.site_map.path(s) for s, _ in lnfits),
+            **cls.peft_config(members, head if carries else None),
             "inference_mode": True,
         }
-        _write_adapter(out / "ln_tuning", config, state)
-        written["ln_tuning"] = str(out / "ln_tuning")
+        _write_adapter(out / adapter.folder, config, state)
+        written[adapter.name] = str(out / adapter.folder)
     if not written:
-        raise StructureError("the structure has no LoRA or LNFit module: nothing PEFT can load")
+        raise StructureError(f"the structure has no {expressible} module: nothing PEFT can load")
     return {"adapters": written, "base": source, "not_exported": [f"{t} on {s}" for s, t in unsupported]}
 
 

@@ -1,5 +1,7 @@
 """Fold trained deltas into the backbone's own weights, for zero added inference latency.
 
+Each delta type folds itself (``Delta.fold_refusal`` / ``fold_updates``, PEFT's layer ``merge``):
+
 | delta | folded into |
 |---|---|
 | LoRA | W += (alpha/r) B A |
@@ -7,13 +9,16 @@
 | HiWi | W += f(W), or b += f(b) |
 | LNFit | the norm's scale: g += Δg |
 | BitFit | the module's bias: existing (BERT/RoBERTa) or added (LLaMA's `attention_bias` / `mlp_bias`) |
+| IA3 | output: W ← (1+Δ) ⊙ W rows (and b); input: W ← W diag(1+Δ) |
 | LRA, Adapter | not mergeable (a non-linear function of the output) |
 
 T5 linears and RMSNorms cannot hold a bias in the HF architecture, so BitFit there is not mergeable.
+This module holds what is not per type: which family can add a bias (LLaMA), the order of folds
+on one site (``deltas.base.FOLD_ORDER``), and removing the folded deltas.
 
-A BitFit that shares a site with a kept (unmerged) sequential delta is kept too: folding it into
-the bias would change that delta's input. Under ZeRO-3 every module is gathered on its own
-(``gather``), never the whole model.
+A sequential delta (BitFit, IA3 on outputs) that shares a site with a kept (unmerged) delta is kept
+too: folding it into the module would change that delta's input. Under ZeRO-3 every module is
+gathered on its own (``gather``), never the whole model.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from .backbones import Family, SiteMap
-from .supernet import SLOT_ATTR, slots
+from .deltas import Host, Slot, fold_all
+from .supernet import slots
 
 _LLAMA_BIAS_FLAGS = {"attn": "attention_bias", "mlp": "mlp_bias"}
 
@@ -40,18 +46,11 @@ class MergeReport:
         return not self.kept
 
 
-def _bias_home(module: nn.Module, family: Family, component: str, config) -> str | None:
-    """Why a BitFit cannot be folded here (None: it can)."""
-    if isinstance(module, nn.Linear):
-        if module.bias is not None:
-            return None
-        group = component.split(".")[0]
-        if family.name == "llama" and group in _LLAMA_BIAS_FLAGS and hasattr(config, _LLAMA_BIAS_FLAGS[group]):
-            return None
-        return f"{family.name} {component} has no bias to fold an added bias into"
-    if isinstance(module, nn.LayerNorm) and module.bias is not None:
-        return None
-    return f"{type(module).__name__} has no bias to fold an added bias into"
+def _host(module: nn.Module, family: Family, component: str, config) -> Host:
+    """The site's module, with whether the family can give it a bias (LLaMA's config flags)."""
+    group = component.split(".")[0]
+    can_add = family.name == "llama" and group in _LLAMA_BIAS_FLAGS and hasattr(config, _LLAMA_BIAS_FLAGS[group])
+    return Host(module, f"{family.name} {component}", can_add_bias=can_add)
 
 
 def plan_merge(model: nn.Module, site_map: SiteMap) -> MergeReport:
@@ -59,20 +58,16 @@ def plan_merge(model: nn.Module, site_map: SiteMap) -> MergeReport:
     report = MergeReport()
     for site, slot in slots(model).items():
         s = site_map.site(site)
-        module = model.get_submodule(s.path)
-        kept_sequential = [k for k, d in slot.deltas.items() if not d.mergeable]
+        host = _host(model.get_submodule(s.path), site_map.family, s.component, site_map.config)
+        never = [k for k, d in slot.deltas.items() if not d.mergeable]
         for key, delta in slot.deltas.items():
-            if not delta.mergeable:
-                report.kept.append((site, key, "a non-linear function of the output: cannot be folded"))
-                continue
-            if key == "bitfit":
-                why = _bias_home(module, site_map.family, s.component, site_map.config)
-                if why is None and kept_sequential:
-                    why = f"shares the site with the kept {', '.join(kept_sequential)} (its input would change)"
-                if why:
-                    report.kept.append((site, key, why))
-                    continue
-            report.merged.append((site, key))
+            why = delta.fold_refusal(host)
+            if why is None and delta.slot is Slot.SEQUENTIAL and never:
+                why = f"shares the site with the kept {', '.join(never)} (its input would change)"
+            if why:
+                report.kept.append((site, key, why))
+            else:
+                report.merged.append((site, key))
     return report
 
 
@@ -104,37 +99,14 @@ def merge(model: nn.Module, site_map: SiteMap, *, gather=None) -> MergeReport:
         todo = [k for k in list(slot.deltas) if (site, k) in merged]
         if not todo:
             continue
-        if "bitfit" in todo and isinstance(module, nn.Linear) and module.bias is None:
+        needs_bias = any(slot.deltas[k].needs_host_bias for k in todo)
+        if needs_bias and isinstance(module, nn.Linear) and module.bias is None:
             _enable_llama_bias(model, site_map, s.component.split(".")[0])
         params = [*module.parameters(recurse=False), *slot.parameters()]
         with gather(params, modifier_rank=0):
-            # every update from the original weights first (HiWi reads W), then apply them all
-            updates = [_update(module, slot.deltas[key], key) for key in todo]
-            for target, delta in updates:
-                target.add_(delta.to(target.dtype))
+            fold_all(module, [slot.deltas[key] for key in todo])
         for key in todo:
-            del slot.deltas[key]
-            for order in (slot._parallel, slot._sequential):
-                if key in order:
-                    order.remove(key)
+            slot.remove(key)
         if len(slot.deltas) == 0:
-            slot._handle.remove()
-            delattr(module, SLOT_ATTR)
+            slot.unhook(module)
     return report
-
-
-def _update(module: nn.Module, delta, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tensor of the backbone to change, what to add to it)."""
-    w = module.weight
-    if key == "lora":
-        return w, delta.merged_weight_delta()
-    if key == "pafi":
-        return w, delta.dense()
-    if key == "hiwi":
-        target = w if delta.cfg.target == "weight" else module.bias
-        return target, delta.delta(target.detach().float())
-    if key == "lnfit":
-        return w, delta.scale.detach()
-    if key == "bitfit":
-        return module.bias, delta.bias.detach()
-    raise ValueError(f"cannot fold {key}")  # pragma: no cover - plan_merge only lets mergeable types through

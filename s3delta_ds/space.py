@@ -37,35 +37,35 @@ class Rule:
         return [s for s in site_map.sites.values() if s.component in wanted]
 
 
+# S3PET-M: LoRA r=1 on self-attention q,k,v,o and the FFN in/out projections; BitFit on those
+# outputs and on every layer norm; LNFit on every layer norm; LowRankAdapter on whole
+# self-attention and FFN outputs. Cross-attention projections, embeddings, lm_head: never.
+_MIXED = (
+    Rule(_MATMULS, "lora", {"r": 1, "alpha": 16.0}),
+    Rule(_MATMULS + ("norm",), "bitfit"),
+    Rule(("norm",), "lnfit"),
+    Rule(("attn.block", "mlp.block"), "lra", {"reduction": 32, "rank": 1}),
+)
+
 SPACES: dict[str, tuple[Rule, ...]] = {
-    # S3PET-M: LoRA r=1 on self-attention q,k,v,o and the FFN in/out projections; BitFit on those
-    # outputs and on every layer norm; LNFit on every layer norm; LowRankAdapter on whole
-    # self-attention and FFN outputs. Cross-attention projections, embeddings, lm_head: never.
-    "mixed": (
-        Rule(_MATMULS, "lora", {"r": 1, "alpha": 16.0}),
-        Rule(_MATMULS + ("norm",), "bitfit"),
-        Rule(("norm",), "lnfit"),
-        Rule(("attn.block", "mlp.block"), "lra", {"reduction": 32, "rank": 1}),
-    ),
+    "mixed": _MIXED,
     # S3PET-L: LoRA r=1 only.
     "lora": (Rule(_MATMULS, "lora", {"r": 1, "alpha": 16.0}),),
     # mixed plus Houlsby adapters (bottleneck 24) on whole sublayers.
-    "mixed+adapter": (
-        Rule(_MATMULS, "lora", {"r": 1, "alpha": 16.0}),
-        Rule(_MATMULS + ("norm",), "bitfit"),
-        Rule(("norm",), "lnfit"),
-        Rule(("attn.block", "mlp.block"), "lra", {"reduction": 32, "rank": 1}),
-        Rule(("attn.block", "mlp.block"), "adapter", {"bottleneck": 24}),
-    ),
+    "mixed+adapter": _MIXED + (Rule(("attn.block", "mlp.block"), "adapter", {"bottleneck": 24}),),
     # mixed plus the zero-latency types of Liao et al. 2023: PaFi (sparse smallest-|w| entries of
     # every projection, per-matrix ranking so counts come from shapes) and HiWi on FFN weights.
-    "mixed+pafi+hiwi": (
-        Rule(_MATMULS, "lora", {"r": 1, "alpha": 16.0}),
-        Rule(_MATMULS + ("norm",), "bitfit"),
-        Rule(("norm",), "lnfit"),
-        Rule(("attn.block", "mlp.block"), "lra", {"reduction": 32, "rank": 1}),
+    "mixed+pafi+hiwi": _MIXED
+    + (
         Rule(_MATMULS, "pafi", {"density": 1 / 512}),
         Rule(("mlp.in", "mlp.out"), "hiwi", {"target": "weight", "bottleneck": 1}),
+    ),
+    # mixed plus (IA)³ as in its paper: scales on self-attention keys and values (their outputs) and
+    # on the FFN inner activations (the input of the down projection, role mlp.out).
+    "mixed+ia3": _MIXED
+    + (
+        Rule((), "ia3", {"position": "output"}, components=("attn.k", "attn.v")),
+        Rule(("mlp.out",), "ia3", {"position": "input"}),
     ),
     # Cheap vector-only deltas: BitFit and LNFit.
     "bias": (Rule(_MATMULS + ("norm",), "bitfit"), Rule(("norm",), "lnfit")),

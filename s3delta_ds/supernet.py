@@ -1,11 +1,12 @@
 """Attach deltas to a frozen backbone, gated (the search supernet) or not (a fixed structure).
 
 Each site with deltas gets one :class:`DeltaSlot` child (attribute ``s3delta``) and a forward hook
-on the site's module; the backbone's own modules and parameter names stay untouched, so merging,
-export and ZeRO-3 (which partitions the backbone before we attach) all see the original model.
-With input x and module output y0 the hook returns
+on the site's module (plus a forward pre-hook when it has input deltas); the backbone's own modules
+and parameter names stay untouched, so merging, export and ZeRO-3 (which partitions the backbone
+before we attach) all see the original model. With module input x the hooks compute
 
-    y1 = y0 + Σ_parallel   z_i · D_i(x)
+    x' = x  + Σ_input      z_k · D_k(x)       (pre-hook; the module runs on x')
+    y1 = y0 + Σ_parallel   z_i · D_i(x')      (y0: the module's output)
     y  = y1 + Σ_sequential z_j · D_j(y1)      (sequential deltas all see y1; outputs are summed)
 
 When the module returns a tuple (attention), only element 0 is modified. Gate values come from a
@@ -55,14 +56,19 @@ class DeltaSlot(nn.Module):
         self.deltas = nn.ModuleDict()
         self._gate_index: dict[str, int | None] = {}
         self._ctx = ctx
-        self._parallel: list[str] = []
-        self._sequential: list[str] = []
-        self._handle = None
+        self._order: dict[Slot, list[str]] = {binding: [] for binding in Slot}
+        self._handles: list = []
 
     def add(self, key: str, delta: Delta, gate_index: int | None) -> None:
         self.deltas[key] = delta
         self._gate_index[key] = gate_index
-        (self._parallel if delta.slot is Slot.PARALLEL else self._sequential).append(key)
+        self._order[delta.slot].append(key)
+
+    def remove(self, key: str) -> None:
+        """Drop one delta (merged into the backbone); the hooks stay until :meth:`unhook`."""
+        self._order[self.deltas[key].slot].remove(key)
+        del self.deltas[key]
+        del self._gate_index[key]
 
     def _scale(self, key: str, out: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx
@@ -71,19 +77,51 @@ class DeltaSlot(nn.Module):
             return out
         return out * ctx.z[idx].to(out.dtype)
 
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x' = x + Σ z_k D_k(x) over the input deltas (all see the original x)."""
+        out = x
+        for key in self._order[Slot.INPUT]:
+            out = out + self._scale(key, self.deltas[key](x))
+        return out
+
     def forward(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         y = y0
-        for key in self._parallel:
+        for key in self._order[Slot.PARALLEL]:
             y = y + self._scale(key, self.deltas[key](x))
-        if self._sequential:
+        if self._order[Slot.SEQUENTIAL]:
             y1 = y
-            for key in self._sequential:
+            for key in self._order[Slot.SEQUENTIAL]:
                 y = y + self._scale(key, self.deltas[key](y1))
         return y
+
+    def hook(self, module: nn.Module) -> None:
+        """Become ``module.s3delta`` and hook its forward (and its input, if any delta binds there)."""
+        setattr(module, SLOT_ATTR, self)
+        if self._order[Slot.INPUT]:
+            self._handles.append(module.register_forward_pre_hook(_input_hook(self), with_kwargs=True))
+        self._handles.append(module.register_forward_hook(_hook(self), with_kwargs=True))
+
+    def unhook(self, module: nn.Module) -> None:
+        """Undo :meth:`hook`: the module is the plain backbone module again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        delattr(module, SLOT_ATTR)
+
+
+def _input_hook(slot: DeltaSlot):
+    def hook(module, args, kwargs):
+        if args:
+            return (slot.scale_input(args[0]),) + args[1:], kwargs
+        name = "hidden_states" if "hidden_states" in kwargs else "input"
+        return args, {**kwargs, name: slot.scale_input(kwargs[name])}
+
+    return hook
 
 
 def _hook(slot: DeltaSlot):
     def hook(module, args, kwargs, output):
+        # args are what the module ran on: x' when a pre-hook scaled the input
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
         if isinstance(output, tuple):
             return (slot(x, output[0]),) + output[1:]
@@ -137,8 +175,7 @@ def attach(
             except ValueError as e:
                 raise SearchSpaceError(f"{site_name}: {spec.type}: {e}") from e
             slot.add(spec.type, delta, spec.gate_index)
-        setattr(module, SLOT_ATTR, slot)
-        slot._handle = module.register_forward_hook(_hook(slot), with_kwargs=True)
+        slot.hook(module)
     return list(by_site)
 
 
@@ -179,8 +216,7 @@ def detach(model: nn.Module) -> int:
     for module in list(model.modules()):
         slot = getattr(module, SLOT_ATTR, None)
         if isinstance(slot, DeltaSlot):
-            slot._handle.remove()
-            delattr(module, SLOT_ATTR)
+            slot.unhook(module)
             count += 1
     return count
 

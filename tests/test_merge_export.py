@@ -272,6 +272,7 @@ def llama_ia3(tmp_path_factory):
     return _trained_space_run(tmp_path_factory, "tiny-llama", ("lora", "lnfit", "ia3"), "mixed+ia3")
 
 
+@pytest.mark.distributed
 def test_ia3_merges_and_round_trips_through_peft(llama_ia3, tmp_path):
     from peft import PeftModel
 
@@ -297,3 +298,18 @@ def test_ia3_merges_and_round_trips_through_peft(llama_ia3, tmp_path):
     tuned = PeftModel.from_pretrained(tuned, tmp_path / "peft").merge_and_unload()
     model = PeftModel.from_pretrained(tuned, tmp_path / "peft" / "ia3").eval()
     assert (_logits(model, "tiny-llama") - reference).abs().max() < 1e-5
+
+
+@pytest.mark.distributed
+def test_ia3_alone_carries_the_classification_head(tmp_path_factory, tmp_path):
+    from peft import PeftModel
+
+    run_dir = _trained_space_run(tmp_path_factory, "tiny-bert", ("ia3",), "mixed+ia3")
+    result = export_peft(run_dir, tmp_path / "peft")
+    assert list(result["adapters"]) == ["ia3"]
+    cfg = json.loads((tmp_path / "peft" / "ia3" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier"]
+    base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model_name_or_path"], num_labels=2)
+    model = PeftModel.from_pretrained(base, tmp_path / "peft" / "ia3").eval()
+    reference = _logits(load_run(run_dir)[0], "tiny-bert")
+    assert (_logits(model, "tiny-bert") - reference).abs().max() < 1e-5

@@ -10,7 +10,7 @@ def register(sub) -> None:
     p.add_argument("run", metavar="RUN", help="a retrain output directory (structure.json + deltas.safetensors)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--merge", action="store_true", help="fold the deltas into the weights: a plain HF model")
-    mode.add_argument("--peft", action="store_true", help="a PEFT LoRA (+ LN-tuning) adapter")
+    mode.add_argument("--peft", action="store_true", help="PEFT adapters: LoRA, LN tuning, IA3 (a folder each)")
     p.add_argument(
         "--keep-unmergeable",
         action="store_true",

@@ -9,9 +9,10 @@ from typing import Any
 from ..backbones.base import SiteDims
 from ..errors import SearchSpaceError
 from .adapters import Adapter, LowRankAdapter
-from .base import Delta, Slot, build_config, config_kwargs
+from .base import Delta, FoldError, Host, Slot, build_config, config_kwargs, fold_all
 from .bitfit import BitFit
 from .hiwi import HiWi
+from .ia3 import IA3
 from .lnfit import LNFit
 from .lora import LoRA
 from .pafi import PaFi
@@ -24,6 +25,7 @@ DELTAS: dict[str, type[Delta]] = {
     "adapter": Adapter,
     "pafi": PaFi,
     "hiwi": HiWi,
+    "ia3": IA3,
 }
 
 
@@ -46,4 +48,15 @@ def resolve(type_name: str, kwargs: Mapping[str, Any] | None, dims: SiteDims, si
     return cls, cfg, n
 
 
-__all__ = ["DELTAS", "Delta", "Slot", "build_config", "config_kwargs", "delta_class", "resolve"]
+__all__ = [
+    "DELTAS",
+    "Delta",
+    "FoldError",
+    "Host",
+    "Slot",
+    "build_config",
+    "config_kwargs",
+    "delta_class",
+    "fold_all",
+    "resolve",
+]

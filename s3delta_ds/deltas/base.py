@@ -1,27 +1,73 @@
-"""What every delta type shares: a slot (parallel or sequential), the site kinds it fits, a
-frozen config with validated kwargs, and an exact parameter count computable without building it.
+"""What every delta type shares: how it binds to its site, the site kinds it fits, a frozen config
+with validated kwargs, an exact parameter count computable without building it, and (PEFT's layer
+pattern) its own fold into the frozen host and its own PEFT export.
 
 A delta's ``forward`` returns only its *contribution*; the :class:`~s3delta_ds.supernet.DeltaSlot`
-scales it by the candidate's gate and adds it (parallel: to the module output, computed from the
-module input; sequential: to the parallel-updated output, computed from that output).
+scales it by the candidate's gate and adds it. Where it adds is the delta's :class:`Slot`:
+
+* ``input`` — to the module input, computed from that input (x' = x + z·D(x), e.g. IA3 on the
+  FFN activations); the module and every parallel delta then see x'.
+* ``parallel`` — to the module output, computed from the module input.
+* ``sequential`` — to the parallel-updated output, computed from that output.
+
+Adding a type: one file here with a ``Delta`` subclass, one line in ``DELTAS``, one row in
+``tests/test_delta_table.py`` (see docs/design.md, "Adding a delta type").
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
 
 from ..backbones.base import SiteDims
-from ..errors import SearchSpaceError
+from ..errors import FoldError, SearchSpaceError
 
 
 class Slot(str, Enum):
+    """How a delta binds to its site (see the module docstring)."""
+
+    INPUT = "input"
     PARALLEL = "parallel"
     SEQUENTIAL = "sequential"
+
+
+#: The order in which one site's deltas are folded: the order the slot computes them in. Parallel
+#: updates read the host's original weights (HiWi reads W), input scalings then scale the columns
+#: of the parallel-updated W, and sequential deltas see the whole updated output.
+FOLD_ORDER = (Slot.PARALLEL, Slot.INPUT, Slot.SEQUENTIAL)
+
+#: Why the non-mergeable types (LRA, Adapter) refuse to fold.
+NOT_LINEAR = "a non-linear function of the output: cannot be folded"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Host:
+    """The frozen module a delta would fold into, and what its family allows there."""
+
+    module: nn.Module
+    where: str = ""
+    """For messages, e.g. ``"llama attn.q"``."""
+    can_add_bias: bool = False
+    """The family can give this bias-less Linear a bias (LLaMA's ``attention_bias`` / ``mlp_bias``)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeftAdapter:
+    """Where a delta type goes in a PEFT export."""
+
+    name: str
+    """What the export reports, e.g. ``"lora"``, ``"ln_tuning"``."""
+    folder: str
+    """Sub-folder of the export directory ("" for the directory itself)."""
+    peft_type: str
+    """PEFT's ``peft_type``, e.g. ``"LORA"``."""
+    carries_head: bool
+    """It can hold a trained head (``modules_to_save``); the first such adapter exported gets it."""
 
 
 class Delta(nn.Module):
@@ -31,8 +77,12 @@ class Delta(nn.Module):
     slot: ClassVar[Slot]
     site_kinds: ClassVar[frozenset[str]]
     Config: ClassVar[type]
-    #: Can it be folded into the backbone's weights for zero added latency (see ``merge``)?
+    #: Can it be folded into the backbone's weights for zero added latency (see ``fold``)?
     mergeable: ClassVar[bool] = False
+    #: Its fold adds to the host's bias, which ``merge`` creates where the family allows (LLaMA).
+    needs_host_bias: ClassVar[bool] = False
+    #: Its PEFT counterpart; None: PEFT has no such method (export --peft refuses it).
+    peft_adapter: ClassVar[PeftAdapter | None] = None
 
     def __init__(self, dims: SiteDims, cfg):
         super().__init__()
@@ -53,6 +103,52 @@ class Delta(nn.Module):
                 f"delta type {cls.type_name!r} cannot go on {site!r}: it fits {'/'.join(sorted(cls.site_kinds))} "
                 f"sites, and this one is a {dims.kind}"
             )
+
+    # -- folding (export --merge) --------------------------------------------------------------
+
+    def fold_refusal(self, host: Host) -> str | None:
+        """Why this delta cannot be folded into ``host`` (None: it can)."""
+        return None if self.mergeable else NOT_LINEAR
+
+    def fold_updates(self, module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tensor of ``module`` to change, what to add to it) at gate 1, computed from the module's
+        current tensors (so all updates of one binding can be computed before any is applied)."""
+        raise FoldError(f"{self.type_name}: {NOT_LINEAR}")
+
+    def fold(self, module: nn.Module, gate: float = 1.0) -> None:
+        """Fold this delta, at gate ``gate``, into ``module`` in place (PEFT's ``merge``).
+
+        Raises:
+            FoldError: the type cannot be folded, or not into this module (e.g. no bias).
+        """
+        why = self.fold_refusal(Host(module, type(module).__name__))
+        if why is not None:
+            raise FoldError(f"cannot fold {self.type_name} into this {type(module).__name__}: {why}")
+        fold_all(module, [self], gate)
+
+    # -- PEFT export -------------------------------------------------------------------------------
+
+    def peft_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """This delta's tensors in PEFT's layout, keyed relative to the host module's path
+        (``lora_A.weight``); ``module`` is the host, gathered. Only for types with a ``peft_adapter``."""
+        raise NotImplementedError(f"PEFT has no counterpart of {self.type_name}")
+
+    @classmethod
+    def peft_config(cls, members: Sequence[tuple[str, Delta]], head: list[str] | None) -> dict[str, Any]:
+        """The type's own keys of ``adapter_config.json`` for ``members`` ((module path, delta) in
+        export order); ``head``: the trained head's modules if this adapter carries it, else None."""
+        raise NotImplementedError(f"PEFT has no counterpart of {cls.type_name}")
+
+
+@torch.no_grad()
+def fold_all(module: nn.Module, deltas: Sequence[Delta], gate: float = 1.0) -> None:
+    """Fold ``deltas`` (all on one site, all foldable) into ``module``, in :data:`FOLD_ORDER`."""
+    for slot in FOLD_ORDER:
+        # every update of one binding first, then apply them all: HiWi reads the W that LoRA or
+        # PaFi on the same site would otherwise already have changed
+        updates = [u for d in deltas if d.slot is slot for u in d.fold_updates(module)]
+        for target, update in updates:
+            target.add_((update if gate == 1.0 else update * gate).to(target.dtype))
 
 
 def build_config(delta_cls: type[Delta], kwargs: Mapping[str, Any] | None, where: str = ""):

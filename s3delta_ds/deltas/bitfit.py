@@ -1,6 +1,10 @@
 """BitFit-style *added* bias: Δy = b, zero-initialised (T5/LLaMA linears and norms have no bias
 of their own, so this adds one). Sequential slot, as in the original S3Delta ``BitFitParallel``
-(which despite its name sits in the sequential slot): it adds to the parallel-updated output."""
+(which despite its name sits in the sequential slot): it adds to the parallel-updated output.
+
+Folds into the host's bias: an existing one (BERT/RoBERTa, LayerNorm), or one the family can add
+(LLaMA's ``attention_bias`` / ``mlp_bias``; ``merge`` turns the flag on). T5 linears and RMSNorms
+cannot hold a bias in the HF architecture, so BitFit there does not fold."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .base import Delta, Slot
+from .base import Delta, Host, Slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +27,7 @@ class BitFit(Delta):
     site_kinds = frozenset({"linear", "norm", "block"})
     Config = BitFitConfig
     mergeable = True
+    needs_host_bias = True
 
     def __init__(self, dims, cfg: BitFitConfig):
         super().__init__(dims, cfg)
@@ -38,3 +43,16 @@ class BitFit(Delta):
 
     def forward(self, y):
         return self.bias
+
+    def fold_refusal(self, host: Host) -> str | None:
+        module = host.module
+        if isinstance(module, nn.Linear):
+            if module.bias is not None or host.can_add_bias:
+                return None
+            return f"{host.where} has no bias to fold an added bias into"
+        if isinstance(module, nn.LayerNorm) and module.bias is not None:
+            return None
+        return f"{type(module).__name__} has no bias to fold an added bias into"
+
+    def fold_updates(self, module):
+        return [(module.bias, self.bias.detach())]

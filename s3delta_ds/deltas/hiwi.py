@@ -101,3 +101,8 @@ class HiWi(Delta):
         if self.cfg.target == "weight":
             return F.linear(x, f.to(x.dtype))
         return f.to(x.dtype)
+
+    def fold_updates(self, module):
+        """X += f(X): W, or the bias (bind_base checked that there is one)."""
+        target = module.weight if self.cfg.target == "weight" else module.bias
+        return [(target, self.delta(target.detach().float()))]

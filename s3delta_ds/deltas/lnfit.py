@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Delta, Slot
+from .base import Delta, PeftAdapter, Slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,8 @@ class LNFit(Delta):
     site_kinds = frozenset({"norm"})
     Config = LNFitConfig
     mergeable = True
+    # PEFT cannot hold LN tuning and LoRA in one model: its own folder, merged before the LoRA one
+    peft_adapter = PeftAdapter("ln_tuning", "ln_tuning", "LN_TUNING", carries_head=False)
 
     def __init__(self, dims, cfg: LNFitConfig):
         super().__init__(dims, cfg)
@@ -50,3 +52,17 @@ class LNFit(Delta):
 
     def forward(self, x):
         return self.scale * normalise(x, self.dims.norm, self.dims.eps)
+
+    def fold_updates(self, module):
+        return [(module.weight, self.scale.detach())]  # the norm's scale: g += Δg
+
+    def peft_state(self, module):
+        """PEFT's LN tuning trains a copy of the whole norm: its weight is g + Δg, its bias the norm's."""
+        state = {"ln_tuning_layers.weight": (module.weight + self.scale).detach().cpu()}
+        if getattr(module, "bias", None) is not None:
+            state["ln_tuning_layers.bias"] = module.bias.detach().cpu().clone()
+        return state
+
+    @classmethod
+    def peft_config(cls, members, head):
+        return {"target_modules": sorted(path for path, _ in members)}

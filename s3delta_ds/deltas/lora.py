@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Delta, Slot
+from .base import Delta, PeftAdapter, Slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,7 @@ class LoRA(Delta):
     site_kinds = frozenset({"linear"})
     Config = LoRAConfig
     mergeable = True
+    peft_adapter = PeftAdapter("lora", "", "LORA", carries_head=True)
 
     def __init__(self, dims, cfg: LoRAConfig):
         super().__init__(dims, cfg)
@@ -62,3 +63,30 @@ class LoRA(Delta):
     def merged_weight_delta(self) -> torch.Tensor:
         """ΔW (out, in) such that the merged Linear computes x (W + ΔW)ᵀ."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def fold_updates(self, module):
+        return [(module.weight, self.merged_weight_delta())]
+
+    def peft_state(self, module):
+        return {
+            "lora_A.weight": self.lora_A.detach().cpu().clone(),
+            "lora_B.weight": self.lora_B.detach().cpu().clone(),
+        }
+
+    @classmethod
+    def peft_config(cls, members, head):
+        """One adapter for every LoRA; per-module ranks and alphas in ``rank_pattern``/``alpha_pattern``."""
+        ranks = {path: d.cfg.r for path, d in members}
+        alphas = {path: d.cfg.alpha for path, d in members}
+        r0, a0 = members[0][1].cfg.r, members[0][1].cfg.alpha
+        return {
+            "target_modules": sorted(ranks),
+            "r": r0,
+            "lora_alpha": a0,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "rank_pattern": {k: v for k, v in ranks.items() if v != r0},
+            "alpha_pattern": {k: v for k, v in alphas.items() if v != a0},
+            "modules_to_save": head or None,
+            "fan_in_fan_out": False,
+        }

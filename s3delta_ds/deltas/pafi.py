@@ -97,3 +97,6 @@ class PaFi(Delta):
         if self.dims.kind == "linear":
             return F.linear(x, self.dense().to(x.dtype))
         return self.dense().to(x.dtype) * normalise(x, self.dims.norm, self.dims.eps)
+
+    def fold_updates(self, module):
+        return [(module.weight, self.dense())]  # W.flat[positions] += values (or the norm's scale)
