@@ -29,11 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .backbones import Family, SiteMap
-from .deltas import Host, Slot, fold_all
+from .backbones import SiteMap
+from .deltas import Slot, fold_all, host_of
 from .supernet import slots
-
-_LLAMA_BIAS_FLAGS = {"attn": "attention_bias", "mlp": "mlp_bias"}
 
 
 @dataclass
@@ -46,19 +44,11 @@ class MergeReport:
         return not self.kept
 
 
-def _host(module: nn.Module, family: Family, component: str, config) -> Host:
-    """The site's module, with whether the family can give it a bias (LLaMA's config flags)."""
-    group = component.split(".")[0]
-    can_add = family.name == "llama" and group in _LLAMA_BIAS_FLAGS and hasattr(config, _LLAMA_BIAS_FLAGS[group])
-    return Host(module, f"{family.name} {component}", can_add_bias=can_add)
-
-
 def plan_merge(model: nn.Module, site_map: SiteMap) -> MergeReport:
     """Which attached deltas can be folded (nothing is changed)."""
     report = MergeReport()
     for site, slot in slots(model).items():
-        s = site_map.site(site)
-        host = _host(model.get_submodule(s.path), site_map.family, s.component, site_map.config)
+        host = host_of(model, site_map, site)
         never = [k for k, d in slot.deltas.items() if not d.mergeable]
         for key, delta in slot.deltas.items():
             why = delta.fold_refusal(host)
@@ -74,7 +64,7 @@ def plan_merge(model: nn.Module, site_map: SiteMap) -> MergeReport:
 def _enable_llama_bias(model: nn.Module, site_map: SiteMap, group: str) -> None:
     """Turn on LLaMA's attention_bias / mlp_bias: zero biases on every projection of that group,
     so the saved model loads as a plain LlamaForCausalLM with the flag set."""
-    flag = _LLAMA_BIAS_FLAGS[group]
+    flag = site_map.family.bias_flag(f"{group}.proj", site_map.config)
     if getattr(site_map.config, flag, False):
         return
     setattr(site_map.config, flag, True)

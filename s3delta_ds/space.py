@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .backbones import Family, SiteMap, family_for
 from .backbones.loading import count_params
-from .deltas import config_kwargs, resolve
+from .deltas import config_kwargs, delta_class, host_of, resolve
 from .errors import SearchSpaceError
 
 _MATMULS = ("attn.proj", "mlp.in", "mlp.out")
@@ -31,10 +31,19 @@ class Rule:
     delta: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     components: tuple[str, ...] = ()
+    foldable_only: bool = False
+    """Keep only the sites where the delta folds into the frozen module (``Delta.fold_refusal``):
+    BitFit where the module has, or its family can add, a bias that ``from_pretrained`` reloads."""
 
-    def sites(self, site_map: SiteMap):
+    def sites(self, site_map: SiteMap, model: nn.Module | None = None):
         wanted = {c for r in self.roles for c in site_map.components_for(r)} | set(self.components)
-        return [s for s in site_map.sites.values() if s.component in wanted]
+        sites = [s for s in site_map.sites.values() if s.component in wanted]
+        if not self.foldable_only:
+            return sites
+        if model is None:
+            raise SearchSpaceError(f"rule {self.delta} keeps foldable sites only: enumerate it on a model")
+        cls = delta_class(self.delta)
+        return [s for s in sites if cls.fold_refusal(host_of(model, site_map, s.name)) is None]
 
 
 # S3PET-M: LoRA r=1 on self-attention q,k,v,o and the FFN in/out projections; BitFit on those
@@ -66,6 +75,18 @@ SPACES: dict[str, tuple[Rule, ...]] = {
     + (
         Rule((), "ia3", {"position": "output"}, components=("attn.k", "attn.v")),
         Rule(("mlp.out",), "ia3", {"position": "input"}),
+    ),
+    # Deployable: only types that fold into the backbone (zero added latency; `export --merge` gives a
+    # plain HF model): LoRA, LNFit, IA3, PaFi, HiWi, and BitFit where a reloadable bias can hold it
+    # (BERT everywhere, LLaMA projections through attention_bias/mlp_bias; never T5 or RMSNorm).
+    "mergeable": (
+        Rule(_MATMULS, "lora", {"r": 1, "alpha": 16.0}),
+        Rule(_MATMULS + ("norm",), "bitfit", foldable_only=True),
+        Rule(("norm",), "lnfit"),
+        Rule((), "ia3", {"position": "output"}, components=("attn.k", "attn.v")),
+        Rule(("mlp.out",), "ia3", {"position": "input"}),
+        Rule(_MATMULS, "pafi", {"density": 1 / 512}),
+        Rule(("mlp.in", "mlp.out"), "hiwi", {"target": "weight", "bottleneck": 1}),
     ),
     # Cheap vector-only deltas: BitFit and LNFit.
     "bias": (Rule(_MATMULS + ("norm",), "bitfit"), Rule(("norm",), "lnfit")),
@@ -151,17 +172,20 @@ def enumerate_space(
     """
     family = family or family_for(model.config)
     site_map = site_map or SiteMap(model, family)
-    candidates = enumerate_rules(site_map, rules_of(space))
+    candidates = enumerate_rules(site_map, rules_of(space), model)
     if not candidates:
         raise SearchSpaceError(f"search space {space!r} has no candidates on this {family.name} backbone")
     return SearchSpace(space, family, site_map, backbone_params(model, family), candidates)
 
 
-def enumerate_rules(site_map: SiteMap, rules: tuple[Rule, ...]) -> tuple[Candidate, ...]:
-    """Candidates of ``rules`` on a site map, in canonical order (see :func:`enumerate_space`)."""
+def enumerate_rules(
+    site_map: SiteMap, rules: tuple[Rule, ...], model: nn.Module | None = None
+) -> tuple[Candidate, ...]:
+    """Candidates of ``rules`` on a site map, in canonical order (see :func:`enumerate_space`).
+    ``model``: the site map's model, for rules that keep foldable sites only."""
     per_site: dict[str, list[tuple[str, dict, int]]] = {}
     for rule in rules:
-        for site in rule.sites(site_map):
+        for site in rule.sites(site_map, model):
             _, cfg, n = resolve(rule.delta, rule.kwargs, site.dims, site.name)
             per_site.setdefault(site.name, []).append((rule.delta, config_kwargs(cfg), n))
     candidates = []

@@ -115,6 +115,11 @@ class Family(ABC):
     def auto_model_class(self):
         """The ``transformers`` Auto class that builds the training model of this family."""
 
+    def bias_flag(self, component: str, config) -> str | None:
+        """The config flag that gives this bias-less Linear component a bias that ``from_pretrained``
+        reloads (LLaMA's ``attention_bias`` / ``mlp_bias``), or None: where BitFit can fold."""
+        return None
+
     def model_class(self, config):
         """The class that builds ``config``'s training model with the parameter sharing of its
         checkpoints (``from_config`` and ``from_pretrained`` alike); the Auto class unless the

@@ -40,6 +40,10 @@ class LlamaFamily(Family):
             "mlp.block": ("mlp",),
         }
 
+    def bias_flag(self, component, config):
+        flag = {"attn": "attention_bias", "mlp": "mlp_bias"}.get(component.split(".")[0])
+        return flag if flag is not None and hasattr(config, flag) and "." in component else None
+
     def hidden_size(self, config):
         return config.hidden_size
 

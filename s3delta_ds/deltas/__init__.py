@@ -9,7 +9,7 @@ from typing import Any
 from ..backbones.base import SiteDims
 from ..errors import SearchSpaceError
 from .adapters import Adapter, LowRankAdapter
-from .base import Delta, FoldError, Host, Slot, build_config, config_kwargs, fold_all
+from .base import Delta, FoldError, Host, Slot, build_config, config_kwargs, fold_all, host_of
 from .bitfit import BitFit
 from .hiwi import HiWi
 from .ia3 import IA3
@@ -53,6 +53,7 @@ __all__ = [
     "Delta",
     "FoldError",
     "Host",
+    "host_of",
     "Slot",
     "build_config",
     "config_kwargs",

@@ -56,6 +56,13 @@ class Host:
     """The family can give this bias-less Linear a bias (LLaMA's ``attention_bias`` / ``mlp_bias``)."""
 
 
+def host_of(model: nn.Module, site_map, site: str) -> Host:
+    """A site's module, with whether its family can give it a bias (``Family.bias_flag``)."""
+    s = site_map.site(site)
+    flag = site_map.family.bias_flag(s.component, site_map.config)
+    return Host(model.get_submodule(s.path), f"{site_map.family.name} {s.component}", can_add_bias=flag is not None)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PeftAdapter:
     """Where a delta type goes in a PEFT export."""
@@ -106,9 +113,11 @@ class Delta(nn.Module):
 
     # -- folding (export --merge) --------------------------------------------------------------
 
-    def fold_refusal(self, host: Host) -> str | None:
-        """Why this delta cannot be folded into ``host`` (None: it can)."""
-        return None if self.mergeable else NOT_LINEAR
+    @classmethod
+    def fold_refusal(cls, host: Host) -> str | None:
+        """Why a delta of this type cannot be folded into ``host`` (None: it can). A class method:
+        the ``mergeable`` search space asks it before any delta exists."""
+        return None if cls.mergeable else NOT_LINEAR
 
     def fold_updates(self, module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(tensor of ``module`` to change, what to add to it) at gate 1, computed from the module's

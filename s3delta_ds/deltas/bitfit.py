@@ -44,7 +44,8 @@ class BitFit(Delta):
     def forward(self, y):
         return self.bias
 
-    def fold_refusal(self, host: Host) -> str | None:
+    @classmethod
+    def fold_refusal(cls, host: Host) -> str | None:
         module = host.module
         if isinstance(module, nn.Linear):
             if module.bias is not None or host.can_add_bias:
