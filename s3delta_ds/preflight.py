@@ -36,13 +36,31 @@ def _replace(cfg: RunConfig, section: str, **values) -> RunConfig:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
 
 
+def from_accelerate(cfg: RunConfig, log=log0) -> RunConfig:
+    """Under ``accelerate launch`` with a DeepSpeed plugin, ``deepspeed=auto`` takes the plugin's
+    config file (or its ZeRO stage) instead of guessing: the user already chose."""
+    if cfg.deepspeed != "auto" or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return cfg
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if path:
+        log(f"[s3delta] accelerate launch: DeepSpeed config from the plugin, {path}")
+        return dataclasses.replace(cfg, deepspeed=path)
+    if stage in ("0", "1", "2", "3"):
+        log(f"[s3delta] accelerate launch: ZeRO stage {stage} from the plugin")
+        template = "zero3" if stage == "3" else "zero2"
+        zero_stage = cfg.zero_stage if cfg.zero_stage is not None else int(stage)
+        return dataclasses.replace(cfg, deepspeed=template, zero_stage=zero_stage)
+    return cfg
+
+
 def _check_common(cfg: RunConfig) -> str:
     """Task, DeepSpeed config and model family; returns the model's family name ("" for GGUF)."""
     from .backbones import family_for
     from .backbones.loading import load_config
-    from .data import get_task
+    from .data import resolve_task
 
-    get_task(cfg.data.task)
+    resolve_task(cfg.data)
     if cfg.deepspeed != "auto":
         from .engine import zero
 
@@ -66,6 +84,7 @@ def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
     if cfg.data.task is None:
         cfg = _replace(cfg, "data", task=DEFAULT_TASK)
     rules_of(cfg.search.space)
+    cfg = from_accelerate(cfg, log)
     _check_common(cfg)
     return cfg
 
@@ -100,6 +119,7 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
         log(f"[s3delta retrain] data.task not set: using {searched_task} (the structure's search task)")
     elif searched_task is not None and searched_task != cfg.data.task:
         log(f"[s3delta retrain] the structure was searched on task {searched_task}; retraining on {cfg.data.task}")
+    cfg = from_accelerate(cfg, log)
     family = _check_common(cfg)
     if structure is not None and family and family != structure.backbone.family:
         raise StructureError(

@@ -172,3 +172,20 @@ def test_length_normalised_scoring_does_not_favour_short_label_words():
     total = sums.gather(1, torch.tensor([r["label"] for r in rows])[:, None]).sum()
     count = torch.stack([c for _, c in per_word], -1).gather(1, torch.tensor([r["label"] for r in rows])[:, None]).sum()
     assert out["loss"] == pytest.approx(float(total / count), rel=1e-5)
+
+
+# -- accelerate launch: the DeepSpeed plugin's choice wins over deepspeed=auto ------------------------
+
+
+def test_accelerate_plugin_config_replaces_auto(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "zero3_cpu")
+    said = []
+    assert preflight_search(_cfg(tmp_path), log=said.append).deepspeed == "zero3_cpu"
+    assert any("accelerate launch" in s for s in said)
+    # an explicit run setting is the user's word: kept
+    assert preflight_search(_cfg(tmp_path, "deepspeed=zero2"), log=said.append).deepspeed == "zero2"
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    cfg = preflight_search(_cfg(tmp_path), log=said.append)
+    assert (cfg.deepspeed, cfg.zero_stage) == ("zero3", 3)
