@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # s3delta_ds.util is standard library only: importable before any install
+
+from s3delta_ds.util import atomic_write_text, free_port  # noqa: E402, F401 - gpu_check.py imports free_port here
+
 TAIL = 3000  # characters of a command's output kept in its result
 MIN_STAGE_S = 15  # a stage with less time than this left is skipped, not started
 
@@ -119,12 +122,6 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fresh(run_dir: Path) -> Path:
     """``run_dir`` emptied: files of an earlier check must never pass for this one's."""
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -136,12 +133,6 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_stage(ctx: Context, stage: Stage) -> dict:
@@ -170,10 +161,10 @@ def run_stage(ctx: Context, stage: Stage) -> dict:
         text += ("" if text.endswith("\n") or not text else "\n") + (
             f"# {stage.name}: {entry['status']} in {entry['seconds']}s (limit {entry['timeout_s']}s)\n"
         )
-        write_atomic(path, text)
+        atomic_write_text(path, text)
     else:
         body = {"stage": stage.name, **entry, **{k: v for k, v in result.items() if k not in ("brief", "text", "ok")}}
-        write_atomic(path, json.dumps(body, indent=2, default=str) + "\n")
+        atomic_write_text(path, json.dumps(body, indent=2, default=str) + "\n")
     return entry
 
 
@@ -226,7 +217,7 @@ def run_all(stages: tuple[Stage, ...], *, out: Path, work: Path, dry_run: bool, 
         summary["stages"][stage.name] = entry
         summary["elapsed_s"] = round(time.monotonic() - started, 1)
         summary["passed"] = all(e["status"] == "pass" for e in summary["stages"].values())
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         done = f"{entry['status']} in {entry['seconds']}s -> {out / entry['file']}"
         print(f"[gpu_check] {stage.name}: {done}", flush=True)
     print(f"[gpu_check] {'PASSED' if summary['passed'] else 'FAILED'} in {summary['elapsed_s']}s", flush=True)

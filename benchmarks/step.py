@@ -37,8 +37,8 @@ from s3delta_ds.builders import Backbone, manual  # noqa: E402
 from s3delta_ds.engine import zero  # noqa: E402
 from s3delta_ds.engine.bilevel import BiLevel, delta_update  # noqa: E402
 from s3delta_ds.engine.gatelogits import GateLogits  # noqa: E402
-from s3delta_ds.objective import DeltaModel  # noqa: E402
-from s3delta_ds.supernet import DeltaSpec, GateContext, attach, freeze_backbone  # noqa: E402
+from s3delta_ds.recipes.pipeline import build_pipeline  # noqa: E402
+from s3delta_ds.supernet import DeltaSpec, GateContext  # noqa: E402
 
 SHAPES = {
     "tiny": "tiny-t5-v1_1",
@@ -177,31 +177,30 @@ def _qv(shape: str) -> list[str]:
 
 
 def variant_s3delta(shape, dtype, batch, device, micro, dtype_name, *, stage: int, search: bool, mode="first-order"):
+    """The recipes' own assembly (``build_pipeline``) on a random-init backbone of ``shape``."""
     model = fresh_model(shape, dtype)
     plan = Backbone.from_model(model, SHAPES[shape])
-    ctx = GateContext()
+    ctx = GateContext() if search else None
     if search:
         space = plan.space("mixed")
         specs = [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates]
     else:
         specs = manual(plan, "lora").specs()
-    torch.manual_seed(0)
-    attach(model, plan.site_map, specs, ctx)
-    freeze_backbone(model)
-    for s in model.modules():
-        if hasattr(s, "deltas"):
-            s.to(dtype)
-    module = DeltaModel(model, "seq2seq" if model.config.is_encoder_decoder else "causal", ctx)
-    params = [p for p in module.parameters() if p.requires_grad]
-    engine = zero.build_engine(
-        module,
-        params,
+    pipe = build_pipeline(
+        model,
+        plan.site_map,
+        specs,
+        objective="seq2seq" if model.config.is_encoder_decoder else "causal",
+        dtype=dtype,
+        ds_config=ds_config(stage, micro, dtype_name, plan.family.hidden_size(plan.config)),
         lr=1e-4,
         weight_decay=0.0,
         total_steps=10**6,
-        ds_config=ds_config(stage, micro, dtype_name, plan.family.hidden_size(plan.config)),
+        seed=0,
+        head=plan.family.head_modules,
+        ctx=ctx,
     )
-    frozen = sum(zero.local_numel(p) * p.element_size() for p in module.parameters() if not p.requires_grad)
+    engine, module, frozen = pipe.engine, pipe.module, pipe.frozen_bytes_rank0
     micro_batches = [batch]
     if not search:
         return (lambda i: delta_update(engine, module, micro_batches, device)), engine, frozen

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from .engine import zero
 from .errors import CheckpointError
 from .supernet import named_delta_buffers, named_delta_parameters
+from .util import atomic_path
 
 DELTA_FORMAT = "s3delta-deltas"
 COMPLETE = "COMPLETE"
@@ -71,17 +71,9 @@ def save_deltas(
         state.update({k: b.detach().cpu().clone() for k, b in buffers})
     if zero.rank() == 0:
         meta = {"format": DELTA_FORMAT, "version": "1", **(metadata or {})}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
-            os.chmod(tmp, 0o644)
+        with atomic_path(path) as tmp:  # verified before it replaces anything
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
             verify_delta_file(tmp, {k: _full_shape(p) for k, p in [*named, *buffers]})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     zero.barrier()
     return path if zero.rank() == 0 else None
 

@@ -16,7 +16,8 @@ from . import builders
 from .config import load_run_config
 from .errors import ConfigError, S3DeltaError
 from .launch import launch
-from .structure import Structure, atomic_write_text
+from .structure import Structure
+from .util import atomic_write_text
 
 DEMO_CONFIG = str(resources.files("s3delta_ds") / "assets" / "demo.yaml")
 

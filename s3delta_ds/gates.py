@@ -47,21 +47,30 @@ def check_budget(n: Sequence[int], budget: float) -> None:
 
 
 def solve_shift(
-    logits: torch.Tensor, n: torch.Tensor, budget: float, beta: float = 1.0, tol: float = 1e-10, max_iter: int = 200
+    logits: torch.Tensor,
+    n: torch.Tensor,
+    budget: float,
+    beta: float = 1.0,
+    tol: float = 1e-10,
+    max_iter: int = 200,
+    *,
+    check: bool = True,
 ) -> float:
     """The global shift b with Σ n_i sigmoid((α_i − b)/β) = B(1 − 1e-7), exact to ``tol`` relative.
 
     The left side decreases strictly in b, from Σn (b → −∞) to 0 (b → +∞), so a bracket always
     exists for 0 < B < Σn; Newton steps inside a shrinking bracket (falling back to bisection when a
     step leaves it) converge in a few dozen iterations in float64. Computed on detached values:
-    b is a constant for autograd, as in the original.
+    b is a constant for autograd, as in the original. ``check=False``: the caller has checked the
+    budget against ``n`` already (a run's plan checks it once, not every step).
 
     Raises:
         BudgetError: the budget is impossible (see :func:`check_budget`).
     """
     a = logits.detach().double().cpu()
     w = n.detach().double().cpu()
-    check_budget(w.tolist(), budget)
+    if check:
+        check_budget(w.tolist(), budget)
     target = budget * (1.0 - BUDGET_SLACK)
 
     def f(b: float) -> tuple[float, float]:
@@ -72,10 +81,14 @@ def solve_shift(
     span = max(1.0, float(a.max() - a.min()))
     lo, hi = float(a.min()) - span, float(a.max()) + span
     while f(lo)[0] < 0:
+        if not math.isfinite(lo):  # only an unreachable budget gets here (check=False): say why
+            check_budget(w.tolist(), budget)
         lo -= span
         span *= 2
     span = max(1.0, float(a.max() - a.min()))
     while f(hi)[0] > 0:
+        if not math.isfinite(hi):
+            check_budget(w.tolist(), budget)
         hi += span
         span *= 2
     b = 0.5 * (lo + hi)
@@ -101,13 +114,15 @@ def probabilities(
     beta: float = 1.0,
     shift: float | None = None,
     renormalise: bool = True,
+    *,
+    check: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """Gate means p (differentiable in ``logits``) and the shift b used.
 
     ``renormalise`` applies the original's sum-preserving stop-gradient step p ← p·sg(Σp)/Σp: the
     value is unchanged, and the gradient loses its component that would move all gates together.
     """
-    b = solve_shift(logits, n, budget, beta) if shift is None else shift
+    b = solve_shift(logits, n, budget, beta, check=check) if shift is None else shift
     p = torch.sigmoid(torch.clamp((logits - b) / beta, min=-200.0))
     if renormalise:
         total = p.sum()
@@ -139,15 +154,17 @@ def step_generator(seed: int, step: int, phase: int = 0) -> torch.Generator:
     return g
 
 
-def discretise(p: Sequence[float] | torch.Tensor, n: Sequence[int], budget: float) -> list[int]:
+def discretise(p: Sequence[float] | torch.Tensor, n: Sequence[int], budget: float, *, check: bool = True) -> list[int]:
     """Greedy knapsack: candidates by p descending (ties: lower index first); take each that still fits.
+    ``check=False``: the budget was checked against ``n`` already.
 
     Returns the chosen candidate indices in candidate order.
     """
     pl = p.detach().double().tolist() if isinstance(p, torch.Tensor) else [float(x) for x in p]
     if len(pl) != len(n):
         raise ValueError(f"{len(pl)} probabilities for {len(n)} candidates")
-    check_budget(n, budget)
+    if check:
+        check_budget(n, budget)
     used, chosen = 0, []
     for i in sorted(range(len(pl)), key=lambda i: (-pl[i], i)):
         if used + n[i] <= budget:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .engine.zero import free_port
+from .util import free_port
 
 SCRIPTS = {name: str(Path(__file__).with_name(f"{name}.py")) for name in ("search", "retrain")}
 

@@ -24,6 +24,7 @@ from .builders import Backbone
 from .deltas.pafi import smallest_magnitude
 from .errors import ConfigError, StructureError
 from .structure import Budget, ModuleChoice, Structure
+from .util import atomic_path
 
 MASK_FORMAT = "s3delta-pafi-mask"
 ELIGIBLE = ("linear", "norm")
@@ -104,7 +105,6 @@ def save_mask(
     eligible: tuple[str, ...],
 ) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": MASK_FORMAT,
         "config_hash": backbone.info.config_hash,
@@ -113,9 +113,8 @@ def save_mask(
         "ranking": ranking,
         "eligible": ",".join(eligible),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in mask.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in mask.items()}, str(tmp), metadata=meta)
     return path
 
 

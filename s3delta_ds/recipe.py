@@ -21,12 +21,14 @@ from .data import OBJECTIVES, Collator, Encoder, Task, get_task, load_rows, load
 from .engine import zero
 from .engine.backbone import load_backbone, resolve_source
 from .errors import ConfigError, DataError
-from .structure import atomic_write_text
+from .plan import RunPlan
+from .util import atomic_write_text
 
 
 @dataclass
 class Runtime:
     cfg: RunConfig
+    plan: RunPlan
     out: Path
     rank: int
     world: int
@@ -90,36 +92,29 @@ def load_data(cfg: RunConfig, task: Task, encoder: Encoder) -> dict[str, list[di
     }
 
 
-def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> Runtime:
+def model_source(cfg: RunConfig) -> str:
+    """Where the weights come from. Collective: rank 0 materialises an embedded default first."""
+    source = resolve_source(cfg.model) if zero.rank() == 0 else None
+    zero.barrier()
+    return resolve_source(cfg.model) if zero.rank() != 0 else source
+
+
+def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan: RunPlan | None = None) -> Runtime:
     """Everything up to (not including) attaching deltas. Collective: call on every rank.
 
-    ``cfg`` must have been through ``preflight`` (model and task resolved, names checked)."""
+    ``cfg`` must have been through ``preflight`` (model and task resolved, names checked). ``plan``:
+    the run's plan (``RunPlan``), resolved here for a bare setup when not given."""
     if cfg.model.name_or_path is None or cfg.data.task is None:
         raise ConfigError("model.name_or_path and data.task must be resolved first (s3delta_ds.preflight)")
     rank, world = zero.init_distributed()
-    out = Path(cfg.output_dir)
-    err = None
-    if rank == 0:
-        try:
-            prepare_output_dir(out, resume=resume, overwrite=cfg.overwrite)
-        except ConfigError as e:
-            err = str(e)
-    err = zero.broadcast_object(err)
-    if err:
-        raise ConfigError(err)
-
-    source = resolve_source(cfg.model) if rank == 0 else None  # rank 0 materialises the embedded default
-    zero.barrier()
-    source = resolve_source(cfg.model) if rank != 0 else source
+    plan = plan or RunPlan.for_setup(cfg, model_source(cfg))
+    _output_dir(Path(cfg.output_dir), rank, resume=resume, overwrite=cfg.overwrite)
 
     from .backbones.loading import load_config
 
-    config = load_config(source)
+    config = load_config(plan.source)
     family = family_for(config)
-    ds_name, strategy = cfg.deepspeed, None
-    if ds_name == "auto":
-        ds_name, strategy = auto_strategy(cfg, source)
-    template, ds_source = zero.read_ds_config(ds_name)
+    template, ds_source = zero.read_ds_config(plan.deepspeed)
     dtype = zero.resolve_dtype(cfg.model.dtype, template)
     ds_config = zero.resolve_ds_config(
         template,
@@ -131,7 +126,39 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
         hidden_size=family.hidden_size(config),
         zero_stage=cfg.zero_stage,
     )
+    task, objective, tokenizer, collate, data = _task_data(cfg, family, config)
 
+    t0 = time.time()
+    num_labels = len(task.label_words) if objective == "classify" else None
+    model = load_backbone(
+        cfg.model, source=plan.source, dtype=dtype, ds_config=ds_config, num_labels=num_labels, seed=cfg.seed
+    )
+    if family.name == "bert" and cfg.model.pooling == "auto":  # record what auto chose: export, resume
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pooling=pooling_of(model)))
+    backbone = Backbone.from_model(model, cfg.model.name_or_path)
+    rt = Runtime(
+        cfg, plan, Path(cfg.output_dir), rank, world, zero.device(), ds_config, ds_source, dtype, family,
+        objective, task, tokenizer, collate, data, model, backbone,
+    )  # fmt: skip
+    _announce(rt, kind, time.time() - t0)
+    return rt
+
+
+def _output_dir(out: Path, rank: int, *, resume: bool, overwrite: bool) -> None:
+    """``prepare_output_dir`` on rank 0; every rank raises its error."""
+    err = None
+    if rank == 0:
+        try:
+            prepare_output_dir(out, resume=resume, overwrite=overwrite)
+        except ConfigError as e:
+            err = str(e)
+    err = zero.broadcast_object(err)
+    if err:
+        raise ConfigError(err)
+
+
+def _task_data(cfg: RunConfig, family: Family, config) -> tuple[Task, str, object, Collator, dict[str, list[dict]]]:
+    """The task, its objective for this family, the tokenizer, the collator and the encoded splits."""
     task = get_task(cfg.data.task)
     objective = OBJECTIVES[family.name]
     tokenizer = load_tokenizer(family.name, cfg.model.name_or_path, cfg.model.tokenizer, cfg.model.gguf_file)
@@ -140,52 +167,30 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str) -> R
     )
     data = load_data(cfg, task, encoder)
     collate = Collator(objective, tokenizer.pad_token_id, getattr(config, "decoder_start_token_id", 0) or 0)
+    return task, objective, tokenizer, collate, data
 
-    t0 = time.time()
-    num_labels = len(task.label_words) if objective == "classify" else None
-    model = load_backbone(
-        cfg.model, source=source, dtype=dtype, ds_config=ds_config, num_labels=num_labels, seed=cfg.seed
-    )
-    if family.name == "bert" and cfg.model.pooling == "auto":  # record what auto chose: export, resume
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pooling=pooling_of(model)))
-    backbone = Backbone.from_model(model, cfg.model.name_or_path)
-    rt = Runtime(
-        cfg,
-        out,
-        rank,
-        world,
-        zero.device(),
-        ds_config,
-        ds_source,
-        dtype,
-        family,
-        objective,
-        task,
-        tokenizer,
-        collate,
-        data,
-        model,
-        backbone,
-    )
-    if strategy:
-        rt.log(f"[s3delta {kind}] deepspeed=auto: {strategy} -> {ds_name}")
+
+def _announce(rt: Runtime, kind: str, load_s: float) -> None:
+    """Say what was set up, and write the resolved configs (rank 0)."""
+    cfg, plan, family, data = rt.cfg, rt.plan, rt.family, rt.data
+    if plan.strategy:
+        rt.log(f"[s3delta {kind}] deepspeed=auto: {plan.strategy} -> {plan.deepspeed}")
     pooling = f", {cfg.model.pooling} pooling" if family.name == "bert" else ""
     rt.log(
-        f"[s3delta {kind}] {world} rank(s) on {zero.device_type()}, ZeRO stage {zero.zero_stage(ds_config)}, "
-        f"{dtype}; backbone {cfg.model.name_or_path} ({backbone.info.num_params:,} parameters, family "
-        f"{family.name}{pooling}) loaded in {time.time() - t0:.1f}s; task {task.name}: "
+        f"[s3delta {kind}] {rt.world} rank(s) on {zero.device_type()}, ZeRO stage {zero.zero_stage(rt.ds_config)}, "
+        f"{rt.dtype}; backbone {cfg.model.name_or_path} ({rt.backbone.info.num_params:,} parameters, family "
+        f"{family.name}{pooling}) loaded in {load_s:.1f}s; task {rt.task.name}: "
         f"{len(data['train'])}/{len(data['validation'])}/{len(data['test'])} train/validation/test examples"
     )
-    if rank == 0:
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-        atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
+    if rt.is_main:
+        atomic_write_text(rt.out / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(rt.out / "ds_config.json", json.dumps(rt.ds_config, indent=2) + "\n")
         rt.log(
             "resolved config:\n"
             + dump_yaml(cfg)
-            + f"resolved DeepSpeed config ({ds_source}):\n"
-            + json.dumps(ds_config, indent=2)
+            + f"resolved DeepSpeed config ({rt.ds_source}):\n"
+            + json.dumps(rt.ds_config, indent=2)
         )
-    return rt
 
 
 def script_main(run, argv: list[str] | None, prog: str) -> int:
@@ -210,87 +215,3 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
         return 2
     finally:
         zero.destroy()
-
-
-def is_better(result: dict, state: dict, metric: str, select: str = "metric") -> bool:
-    """Model selection on validation: the metric (ties → lower loss), the loss, or always the latest."""
-    if select == "last":
-        return True
-    if select == "loss":
-        return result["loss"] <= state["best_loss"]
-    if result[metric] != state["best_score"]:
-        return result[metric] > state["best_score"]
-    return result["loss"] <= state["best_loss"]
-
-
-def new_state(**extra) -> dict:
-    """Loop state that goes into every checkpoint."""
-    return {
-        "step": 0,
-        "best_score": float("-inf"),
-        "best_loss": float("inf"),
-        "best_step": -1,
-        "step_times": [],
-        **extra,
-    }
-
-
-def train_loop(
-    rt: Runtime, tc: TrainConfig, state: dict, *, desc: str, step_fn, eval_fn, checkpoint_fn, metrics
-) -> bool:
-    """The loop both entry points share: step, log, validate, checkpoint, honour ``stop_after``.
-
-    ``step_fn(step) -> dict`` runs one optimizer step and returns numbers to log; ``eval_fn()`` runs
-    validation (and updates the best); ``checkpoint_fn()`` saves. Returns False when the launch
-    stopped early (``stop_after``), True when all steps are done.
-    """
-    from tqdm import tqdm
-
-    start = state["step"]
-    bar = tqdm(total=tc.steps, initial=start, disable=not rt.is_main, desc=desc, dynamic_ncols=True, mininterval=2)
-    try:
-        while state["step"] < tc.steps:
-            t0 = time.perf_counter()
-            stats = step_fn(state["step"])
-            state["step_times"].append(time.perf_counter() - t0)
-            state["step"] += 1
-            step = state["step"]
-            bar.update(1)
-            if step % tc.log_every == 0:
-                metrics.log(step, desc, stats)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k.endswith("loss")})
-            saved = False
-            if step % tc.eval_every == 0 or step == tc.steps:
-                eval_fn()
-                if tc.checkpoint_every == 0:
-                    checkpoint_fn()
-                    saved = True
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not saved:
-                checkpoint_fn()
-                saved = True
-            if tc.stop_after and step - start >= tc.stop_after and step < tc.steps:
-                if not saved:
-                    checkpoint_fn()
-                rt.log(f"stopping after {tc.stop_after} steps (stop_after) at step {step}; continue with --resume")
-                return False
-        return True
-    finally:
-        bar.close()
-
-
-def frozen_bytes(model: torch.nn.Module) -> int:
-    """Bytes of frozen weights this rank holds (its ZeRO-3 partitions, or everything)."""
-    return sum(zero.local_numel(p) * p.element_size() for p in model.parameters() if not p.requires_grad)
-
-
-def auto_strategy(cfg: RunConfig, source: str) -> tuple[str, str]:
-    """``deepspeed=auto``: estimate the frozen backbone's bytes from its config (meta device) and
-    pick replication or ZeRO-3 (see ``engine.zero.choose_strategy``)."""
-    plan = Backbone.plan(source)
-    per_param = {"4bit": 0.5, "8bit": 1.0}.get(
-        cfg.model.quantize or "", 2.0 if cfg.model.dtype in ("bf16", "fp16") else 4.0
-    )
-    if cfg.model.dtype == "auto" and zero.device_type() != "cpu" and not cfg.model.quantize:
-        per_param = 2.0
-    trainable = plan.space(cfg.search.space).total_params  # the search supernet: every candidate trains
-    return zero.choose_strategy(int(plan.info.num_params * per_param), trainable, zero.device_memory_bytes())

@@ -12,7 +12,7 @@ import torch
 
 from .backbones import parse_site
 from .space import SearchSpace
-from .structure import atomic_write_text
+from .util import atomic_path, atomic_write_text
 
 
 class MetricsLog:
@@ -90,10 +90,9 @@ def heatmap(path: Path, space: SearchSpace, p: torch.Tensor, title: str = "") ->
     ax.set_title(title or "gate probability p per candidate")
     fig.colorbar(im, ax=ax, label="p")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".tmp.png") as tmp:  # matplotlib reads the format from the name
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def budget_sweep_plot(path: Path, rows: list[tuple[float, dict]]) -> None:
@@ -116,8 +115,6 @@ def budget_sweep_plot(path: Path, rows: list[tuple[float, dict]]) -> None:
     ax.legend(fontsize=8)
     ax.set_title("structure at each budget (from the stored gate probabilities)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".tmp.png") as tmp:  # matplotlib reads the format from the name
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -24,6 +23,7 @@ from .backbones.loading import BackboneInfo
 from .deltas import DELTAS, build_config, config_kwargs, resolve
 from .errors import S3DeltaError, StructureError
 from .supernet import DeltaSpec
+from .util import atomic_write_text
 
 FORMAT = "s3delta-structure"
 VERSION = 1
@@ -238,30 +238,6 @@ class Structure:
             "by_type": per_type,
             "modules_per_layer": per_layer,
         }
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _Validator:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from s3delta_ds.util import free_port  # noqa: F401 - tests import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"search": ROOT / "s3delta_ds" / "search.py", "retrain": ROOT / "s3delta_ds" / "retrain.py"}
@@ -34,12 +35,6 @@ TINY = [
     "model.name_or_path=tiny-t5",
     "data.task=tiny-sentiment",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(extra: dict | None = None) -> dict:

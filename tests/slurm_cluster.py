@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from s3delta_ds.util import free_port
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
 
 # The shipped scripts ask for GPUs (#SBATCH --gpus-per-node=8 --cpus-per-task=64); this cluster has
@@ -26,12 +28,6 @@ CPU_ONLY = ["--gpus-per-node=0", "--cpus-per-task=2"]
 
 def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -71,8 +67,8 @@ class SlurmCluster:
                 [
                     "ClusterName=s3delta-test",
                     f"SlurmctldHost={self.host}",
-                    f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
+                    f"SlurmctldPort={free_port('')}",
+                    f"SlurmdPort={free_port('')}",
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     "AuthType=auth/munge",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..structure import atomic_write_text
+from ..util import atomic_write_text
 
 
 def register(sub) -> None:

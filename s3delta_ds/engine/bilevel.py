@@ -242,11 +242,15 @@ class BiLevel:
         self.gates.apply(g_logits)
         return loss
 
+    def gate_update(self, weight_batches, gate_batches, step: int) -> float:
+        """The gate half of a search step, first or second order (``mode``). Returns the mean loss
+        on ``gate_batches``."""
+        if self.mode == "second-order":
+            return self.second_order_gate_step(weight_batches, gate_batches, step)
+        return self.gate_step(gate_batches, step)
+
     def step(self, weight_batches, gate_batches, step: int) -> dict[str, float]:
         """One search step: the gate update, then the delta update (the original's order)."""
-        if self.mode == "second-order":
-            gate_loss = self.second_order_gate_step(weight_batches, gate_batches, step)
-        else:
-            gate_loss = self.gate_step(gate_batches, step)
+        gate_loss = self.gate_update(weight_batches, gate_batches, step)
         delta_loss = self.delta_step(weight_batches, step)
         return {"delta_loss": delta_loss, "gate_loss": gate_loss, "gate_grad_norm": self.gates.last_grad_norm}

@@ -13,7 +13,6 @@ import dataclasses
 import datetime
 import json
 import os
-import socket
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -27,6 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_optimizer_state
 
 from ..errors import ConfigError, DistributedSetupError
+from ..util import free_port
 
 # Sections s3delta_ds owns: the delta optimizer (AdamW) and its schedule (linear decay) come from the
 # run config, and a second definition in the DeepSpeed json would silently disagree with it.
@@ -157,12 +157,6 @@ def device_type() -> str:
 
 def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_from_slurm() -> None:

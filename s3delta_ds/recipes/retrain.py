@@ -1,0 +1,196 @@
+"""The retrain recipe: a structure (searched, random, manual or transferred) attached ungated with
+its exact init, trained with one optimizer on the full training split, selected on validation
+(tested at the selected step), and saved as ``deltas.safetensors``; or every backbone weight
+trained (``retrain.full_finetune``, the baseline; nothing saved)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ..checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
+from ..config import RunConfig
+from ..data import BatchStream
+from ..engine import zero
+from ..engine.backbone import DTYPES
+from ..engine.bilevel import delta_update
+from ..evaluate import evaluate
+from ..plan import RunPlan
+from ..preflight import preflight_retrain
+from ..recipe import model_source, prepare
+from ..report import MetricsLog
+from ..util import atomic_write_text
+from .pipeline import build_pipeline
+from .state import LoopState, checkpoint_due, log_step, progress_bar, stop_early, stop_note
+
+DELTA_FILE = "deltas.safetensors"
+
+
+class RetrainRecipe:
+    """``setup()`` → ``train()`` → ``finish()``, every step collective (call on every rank)."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False):
+        # names, structure and family checked before anything is written
+        self.cfg, self._structure = preflight_retrain(cfg)
+        self.resume = resume
+
+    def setup(self) -> None:
+        """The plan (sized by the structure), the runtime, the deltas and their engine, the data
+        stream and the resumed state."""
+        cfg, rc, structure = self.cfg, self.cfg.retrain, self._structure
+        zero.init_distributed()
+        self.plan = plan = RunPlan.for_retrain(cfg, model_source(cfg), structure)
+        self.rt = rt = prepare(cfg, rc, resume=self.resume, kind="retrain", plan=plan)
+        specs = masks = None
+        if structure is not None:
+            structure.check_backbone(rt.site_map)
+            specs = structure.specs()
+            if rc.pafi_mask:
+                from ..pafi import load_mask
+
+                masks, _ = load_mask(rc.pafi_mask, rt.backbone)
+        self.pipe = pipe = build_pipeline(
+            rt.model,
+            rt.site_map,
+            specs,
+            objective=rt.objective,
+            dtype=DTYPES[rt.dtype],
+            ds_config=rt.ds_config,
+            lr=rc.lr,
+            weight_decay=rc.weight_decay,
+            total_steps=rc.steps,
+            seed=cfg.seed,  # fresh init, identical on every rank
+            head=rt.family.head_modules,
+            masks=masks,
+        )
+        rt.log(
+            f"retraining {'full fine-tuning' if structure is None else rc.structure}: {pipe.trainable:,} trainable "
+            f"parameters ({100 * pipe.trainable / plan.num_params:.5f}% of the backbone)"
+        )
+        self.stream = BatchStream(
+            rt.data["train"],
+            micro_batch=rc.micro_batch_size,
+            grad_accum=rc.grad_accum,
+            rank=rt.rank,
+            world=rt.world,
+            seed=cfg.seed,
+            collate=rt.collate,
+            name="train",
+        )
+        self.state = LoopState()
+        self.ckpt_dir = rt.out / "checkpoints"
+        if self.resume:
+            self.load_checkpoint()
+        self.metrics = MetricsLog(rt.out, rt.is_main)
+
+    def train(self) -> bool:
+        """The retrain loop. Returns False when the launch stopped early (``retrain.stop_after``)."""
+        rc, state, rt, engine, module = self.cfg.retrain, self.state, self.rt, self.pipe.engine, self.pipe.module
+        start, bar = state.step, progress_bar(rc, state, "retrain", rt.is_main)
+        module.train()
+        try:
+            while state.step < rc.steps:
+                t0 = time.perf_counter()
+                loss = delta_update(engine, module, self.stream.next(), rt.device)
+                state.step_times.append(time.perf_counter() - t0)
+                state.step += 1
+                bar.update(1)
+                if state.step % rc.log_every == 0:
+                    log_step(self.metrics, bar, state.step, "retrain", {"loss": loss, "lr": float(engine.get_lr()[0])})
+                evaluated = state.step % rc.eval_every == 0 or state.step == rc.steps
+                if evaluated:
+                    self.evaluate()
+                stop = stop_early(rc, state.step, start)
+                if checkpoint_due(rc, state.step, evaluated) or stop:
+                    self.save_checkpoint()
+                if stop:
+                    rt.log(stop_note(rc, state.step))
+                    return False
+            return True
+        finally:
+            bar.close()
+            self.metrics.close()
+
+    def evaluate(self) -> None:
+        """Validation; at a new best, the test split too, and the deltas saved."""
+        rt, state, metric = self.rt, self.state, self.rt.task.metric
+        result = self._evaluate("validation")
+        if state.is_better(result, metric):
+            state.select(result, metric, test=self._evaluate("test"))
+            if self.plan.structure is not None:
+                meta = {
+                    "structure": self.plan.structure.digest(),
+                    "backbone": rt.backbone.info.name_or_path,
+                    "config_hash": rt.backbone.info.config_hash,
+                    "step": str(state.step),
+                }
+                save_deltas(rt.model, rt.out / DELTA_FILE, head_prefixes=rt.family.head_modules, metadata=meta)
+        self.metrics.log(state.step, "validation", {**result, "best": state.best_score})
+        rt.log(
+            f"step {state.step}: validation {metric} {result[metric]:.4f} loss {result['loss']:.4f} "
+            f"(best: step {state.best_step})"
+        )
+
+    def save_checkpoint(self) -> None:
+        client = {"stream": self.stream.state_dict(), "state": self.state.state_dict()}
+        save_run_checkpoint(self.pipe.engine, self.ckpt_dir, self.state.step, client)
+
+    def load_checkpoint(self) -> None:
+        client = load_run_checkpoint(self.pipe.engine, self.ckpt_dir)
+        self.stream.load_state_dict(client["stream"])
+        self.state.load_state_dict(client["state"])
+        self.rt.log(f"resumed from {latest_checkpoint(self.ckpt_dir)} at step {self.state.step}")
+
+    def finish(self) -> dict:
+        """Write summary.json (and the structure next to the deltas) on rank 0. Returns the summary
+        on every rank."""
+        rt, state, structure, metric = self.rt, self.state, self.plan.structure, self.rt.task.metric
+        summary = self._summary()
+        if rt.is_main:
+            if structure is not None:
+                structure.save(rt.out / "structure.json")
+            atomic_write_text(rt.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            rt.log(
+                f"retrain done: validation {metric} {state.best_score:.4f} at step {state.best_step}, test "
+                f"{metric} {summary['test_score']:.4f}; median step {summary['median_step_s']:.3f}s"
+                + ("" if structure is None else f"; deltas -> {rt.out / DELTA_FILE}")
+            )
+        zero.barrier()
+        return summary
+
+    def _evaluate(self, split: str) -> dict:
+        rt = self.rt
+        return evaluate(
+            self.pipe.module,
+            rt.data[split],
+            rt.collate,
+            rt.task,
+            batch_size=self.cfg.retrain.eval_batch_size,
+            device=rt.device,
+            label_scoring=self.cfg.data.label_scoring,
+        )
+
+    def _summary(self) -> dict:
+        cfg, rc, rt, state, structure = self.cfg, self.cfg.retrain, self.rt, self.state, self.plan.structure
+        trainable, metric = self.pipe.trainable, rt.task.metric
+        return {
+            "structure": rc.structure,
+            "full_finetune": structure is None,
+            "trainable_params": trainable,
+            "trainable_relative": trainable / self.plan.num_params,
+            "params_used": structure.budget.used if structure else trainable,
+            "task": rt.task.name,
+            "split_seed": cfg.data.split_seed,
+            "label_scoring": cfg.data.label_scoring,
+            "metric": metric,
+            "validation_score": state.best_score,
+            "best_step": state.best_step,
+            "test_score": state.test[metric],
+            "test": state.test,
+            "median_step_s": state.median_step_s(),
+            "world_size": rt.world,
+            "zero_stage": zero.zero_stage(rt.ds_config),
+            "steps": rc.steps,
+            "deltas": None if structure is None else str(rt.out / DELTA_FILE),
+            "frozen_bytes_rank0": self.pipe.frozen_bytes_rank0,
+        }

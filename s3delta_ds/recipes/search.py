@@ -1,0 +1,267 @@
+"""The search recipe: a gated supernet of every candidate, trained bi-level (gate logits on one half
+of the training data, delta weights on the other), selected on validation, and discretised once at
+the budget into ``structure.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .. import builders
+from ..checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
+from ..config import RunConfig
+from ..data import BatchStream, split_halves
+from ..engine import zero
+from ..engine.backbone import DTYPES
+from ..engine.bilevel import BiLevel, check_mode
+from ..engine.gatelogits import GateLogits
+from ..evaluate import evaluate
+from ..gates import discretise, probabilities
+from ..plan import RunPlan
+from ..preflight import preflight_search
+from ..recipe import model_source, prepare
+from ..report import MetricsLog, gates_csv, heatmap
+from ..structure import Structure
+from ..supernet import DeltaSpec, GateContext
+from ..util import atomic_write_text
+from .pipeline import build_pipeline
+from .state import LoopState, checkpoint_due, log_step, progress_bar, stop_early, stop_note
+
+SUPERNET_DELTAS = "supernet_deltas.safetensors"
+
+
+class SearchRecipe:
+    """``setup()`` → ``train()`` → ``finish()``, every step collective (call on every rank)."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False):
+        self.cfg = preflight_search(cfg)  # names checked before anything is written or loaded
+        self.resume = resume
+
+    def setup(self) -> None:
+        """The plan (space, budget, strategy: checked before anything is written), the runtime, the
+        supernet and its engine, the gate logits, the two data streams, and the resumed state."""
+        cfg, sc = self.cfg, self.cfg.search
+        zero.init_distributed()
+        self.plan = plan = RunPlan.for_search(cfg, model_source(cfg))
+        self.rt = rt = prepare(cfg, sc, resume=self.resume, kind="search", plan=plan)
+        self.stage = zero.zero_stage(rt.ds_config)
+        check_mode(sc.mode, self.stage)
+        space = plan.space
+        rt.log(
+            f"space {sc.space}: {len(space)} candidates, {space.total_params:,} parameters if all on; budget "
+            f"{sc.budget:g} = {plan.budget_params:,.0f} parameters; mode {sc.mode}"
+        )
+        self.ctx = GateContext()
+        self.pipe = build_pipeline(
+            rt.model,
+            rt.site_map,
+            [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates],
+            objective=rt.objective,
+            dtype=DTYPES[rt.dtype],
+            ds_config=rt.ds_config,
+            lr=sc.lr,
+            weight_decay=sc.weight_decay,
+            total_steps=sc.steps,
+            seed=cfg.seed,
+            head=rt.family.head_modules,
+            ctx=self.ctx,
+        )
+        self.gates = GateLogits(
+            space.params,
+            plan.budget_params,
+            lr=sc.gate_lr,
+            clip=sc.gate_clip,
+            total_steps=sc.steps,
+            beta=sc.beta,
+            temperature=sc.temperature,
+            seed=cfg.seed,
+            device=rt.device,
+        )
+        self.bilevel = BiLevel(
+            self.pipe.engine, self.gates, mode=sc.mode, virtual_step=sc.virtual_step, device=rt.device
+        )
+        self.streams = self._streams()
+        self.state = LoopState()
+        self.ckpt_dir = rt.out / "checkpoints"
+        if self.resume:
+            self.load_checkpoint()
+        self.metrics = MetricsLog(rt.out, rt.is_main)
+
+    def train(self) -> bool:
+        """The search loop. Returns False when the launch stopped early (``search.stop_after``)."""
+        sc, state, gates = self.cfg.search, self.state, self.gates
+        start, bar = state.step, progress_bar(sc, state, "search", self.rt.is_main)
+        self.pipe.module.train()
+        try:
+            while state.step < sc.steps:
+                t0 = time.perf_counter()
+                weight_batches, gate_batches = self.streams["weights"].next(), self.streams["gates"].next()
+                # Gates first, on their own half of the training data (the original's order): a
+                # gradient on the batches the weights were just fitted to would favour overfitting.
+                gate_loss = self.bilevel.gate_update(weight_batches, gate_batches, state.step)
+                delta_loss = self.bilevel.delta_step(weight_batches, state.step)  # a fresh gate sample
+                state.step_times.append(time.perf_counter() - t0)
+                state.step += 1
+                bar.update(1)
+                if state.step % sc.log_every == 0:
+                    lr = float(self.pipe.engine.get_lr()[0])
+                    stats = {"delta_loss": delta_loss, "gate_loss": gate_loss, "gate_grad_norm": gates.last_grad_norm}
+                    log_step(self.metrics, bar, state.step, "search", {**stats, "lr": lr})
+                evaluated = state.step % sc.eval_every == 0 or state.step == sc.steps
+                if evaluated:
+                    self.evaluate()
+                stop = stop_early(sc, state.step, start)
+                if checkpoint_due(sc, state.step, evaluated) or stop:
+                    self.save_checkpoint()
+                if stop:
+                    self.rt.log(stop_note(sc, state.step))
+                    return False
+            return True
+        finally:
+            bar.close()
+            self.metrics.close()
+
+    def evaluate(self) -> None:
+        """Validation of the supernet with z = p (as the original evaluates during search); keeps the
+        gate logits of the selected step."""
+        rt, sc, state, metric = self.rt, self.cfg.search, self.state, self.rt.task.metric
+        self.ctx.z = self.gates.eval_p()
+        result = evaluate(
+            self.pipe.module,
+            rt.data["validation"],
+            rt.collate,
+            rt.task,
+            batch_size=sc.eval_batch_size,
+            device=rt.device,
+            label_scoring=self.cfg.data.label_scoring,
+        )
+        if state.is_better(result, metric, sc.select):
+            state.select(result, metric, best_logits=self.gates.logits.detach().cpu().clone())
+        self.metrics.log(state.step, "validation", {**result, "best": state.best_score})
+        rt.log(
+            f"step {state.step}: validation {metric} {result[metric]:.4f} loss "
+            f"{result['loss']:.4f} (selected: step {state.best_step})"
+        )
+
+    def save_checkpoint(self) -> None:
+        client = {
+            "gates": self.gates.state_dict(),
+            "streams": {k: s.state_dict() for k, s in self.streams.items()},
+            "state": self.state.state_dict(),
+        }
+        save_run_checkpoint(self.pipe.engine, self.ckpt_dir, self.state.step, client)
+
+    def load_checkpoint(self) -> None:
+        client = load_run_checkpoint(self.pipe.engine, self.ckpt_dir)
+        self.gates.load_state_dict(client["gates"])
+        for name, s in self.streams.items():
+            s.load_state_dict(client["streams"][name])
+        self.state.load_state_dict(client["state"])
+        self.rt.log(f"resumed from {latest_checkpoint(self.ckpt_dir)} at step {self.state.step}")
+
+    def finish(self) -> dict:
+        """Discretise the selected gates at the budget, once, and write the run's outputs (rank 0).
+        Returns the summary on every rank."""
+        rt, sc, plan, state, space = self.rt, self.cfg.search, self.plan, self.state, self.plan.space
+        save_deltas(
+            rt.model,
+            rt.out / SUPERNET_DELTAS,
+            head_prefixes=rt.family.head_modules,
+            metadata={"kind": "supernet", "step": str(state.step)},
+        )
+        logits = state.best_logits
+        p, _ = probabilities(logits.double(), self.gates.n, plan.budget_params, sc.beta, check=False)
+        chosen = discretise(p.tolist(), space.params, plan.budget_params, check=False)  # structure and gates.csv
+        structure = builders.from_indices(
+            space,
+            rt.backbone.info,
+            chosen,
+            kind="searched",
+            relative=plan.budget,
+            absolute=plan.budget_params,
+            p=p.tolist(),
+            alpha=logits.tolist(),
+            search=self._search_meta(),
+        )
+        summary = self._summary(structure)
+        if rt.is_main:
+            structure.save(rt.out / "structure.json")
+            gates_csv(rt.out / "gates.csv", space, logits, p, set(chosen))
+            heatmap(rt.out / "heatmap.png", space, p, title=f"{rt.task.name}: gate p at step {state.best_step}")
+            atomic_write_text(rt.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            rt.log(
+                f"structure: {len(structure.modules)} modules, {structure.budget.used:,} of {plan.budget_params:,.0f} "
+                f"parameters (gates of step {state.best_step}, validation {rt.task.metric} "
+                f"{state.best_score:.4f}); median step {summary['median_step_s']:.3f}s -> {rt.out / 'structure.json'}"
+            )
+        zero.barrier()
+        return summary
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _streams(self) -> dict[str, BatchStream]:
+        """The training split halved: one half steps the delta weights, the other the gates."""
+        cfg, sc, rt = self.cfg, self.cfg.search, self.rt
+        halves = zip(("weights", "gates"), split_halves(rt.data["train"], cfg.seed), strict=True)
+        return {
+            name: BatchStream(
+                half,
+                micro_batch=sc.micro_batch_size,
+                grad_accum=sc.grad_accum,
+                rank=rt.rank,
+                world=rt.world,
+                seed=cfg.seed + k,
+                collate=rt.collate,
+                name=f"{name} half",
+            )
+            for k, (name, half) in enumerate(halves)
+        }
+
+    def _search_meta(self) -> dict:
+        cfg, sc, rt, state = self.cfg, self.cfg.search, self.rt, self.state
+        return {
+            "method": f"s3delta-{sc.mode}",
+            "task": rt.task.name,
+            "space": sc.space,
+            "seed": cfg.seed,
+            "split_seed": cfg.data.split_seed,
+            "label_scoring": cfg.data.label_scoring,
+            "steps": sc.steps,
+            "micro_batch_size": sc.micro_batch_size,
+            "grad_accum": sc.grad_accum,
+            "world_size": rt.world,
+            "zero_stage": self.stage,
+            "dtype": rt.dtype,
+            "lr": sc.lr,
+            "gate_lr": sc.gate_lr,
+            "beta": sc.beta,
+            "temperature": sc.temperature,
+            **({"virtual_step": sc.virtual_step} if sc.mode == "second-order" else {}),
+            "select": sc.select,
+            "metric": rt.task.metric,
+            "score": state.best_score,
+            "validation_loss": state.best_loss,
+            "selected_step": state.best_step,
+            "deepspeed": rt.ds_source,
+        }
+
+    def _summary(self, structure: Structure) -> dict:
+        cfg, sc, rt, state = self.cfg, self.cfg.search, self.rt, self.state
+        return {
+            "structure": str(rt.out / "structure.json"),
+            "budget": sc.budget,
+            "budget_params": self.plan.budget_params,
+            "params_used": structure.budget.used,
+            "modules": len(structure.modules),
+            "search_score": state.best_score,
+            "selected_step": state.best_step,
+            "task": rt.task.name,
+            "split_seed": cfg.data.split_seed,
+            "label_scoring": cfg.data.label_scoring,
+            "metric": rt.task.metric,
+            "median_step_s": state.median_step_s(),
+            "world_size": rt.world,
+            "zero_stage": self.stage,
+            "steps": sc.steps,
+            "candidates": len(self.plan.space),
+            "frozen_bytes_rank0": self.pipe.frozen_bytes_rank0,
+        }

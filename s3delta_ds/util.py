@@ -1,0 +1,59 @@
+"""The ground floor: standard-library helpers every other module may use (no package imports).
+
+* ``atomic_path`` / ``atomic_write_text``: a reader never sees a half-written file, even if the
+  writer is killed: write a temporary sibling, then rename it over the target (atomic on POSIX).
+* ``free_port``: a TCP port for a rendezvous (launchers, single-process runs, test clusters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write to; renamed over ``path`` when the block exits
+    normally, removed when it raises. ``suffix``: for writers that read the format from the name
+    (``".tmp.png"`` for matplotlib). Creates the parent directory.
+
+    Yields:
+        The temporary file's path (the file exists, empty, with normal permissions).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (flushed to disk before the rename). Returns ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago ("" for every interface)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
