@@ -1,0 +1,178 @@
+"""The public Python API: attach a structure to your own model, load trained deltas, and run a
+search or a retrain from Python with the same code path as the CLI.
+
+    import s3delta_ds
+    model = s3delta_ds.attach(model, "structure.json")        # trainable by any loop (HF Trainer too)
+    model = s3delta_ds.load(model, "runs/retrain")            # + the trained deltas, like PeftModel
+    summary = s3delta_ds.search("examples/tiny_t5.yaml", search__steps=50, output_dir="runs/s")
+    summary = s3delta_ds.retrain("examples/tiny_t5.yaml", retrain__structure="runs/s/structure.json")
+
+``search`` and ``retrain`` can run several times in one process (a notebook): each makes its own
+process group of one rank when no launcher made one, and takes it down again, environment
+included, so nothing leaks into the next call or into a later launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from .config import RunConfig, build_run_config, load_run_config
+from .errors import CheckpointError, ConfigError
+from .structure import Structure
+
+_DELTA_FILE = "deltas.safetensors"
+_PG_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def attach(model: nn.Module, structure: str | os.PathLike | Structure, *, pafi_mask: str | None = None) -> nn.Module:
+    """Attach a structure's deltas (exact init, no gates) to a Hugging Face model, in place.
+
+    Only the delta weights (and, for encoder classifiers, the task head) are left trainable, so any
+    training loop, ``transformers.Trainer`` included, trains exactly what the structure names.
+
+    Args:
+        model: a model of a supported family (T5, LLaMA-like, BERT-like), as ``from_pretrained``
+            returns it; it must have the structure's backbone shape.
+        structure: a structure JSON path or a loaded ``Structure``.
+        pafi_mask: the ``s3delta pafi-mask`` file, for structures with globally ranked PaFi modules.
+    Returns:
+        The same model object.
+    Raises:
+        StructureError: the structure does not fit this model (another family, depth or width).
+    """
+    from .builders import Backbone
+    from .supernet import attach as attach_specs
+    from .supernet import freeze_backbone
+
+    structure = structure if isinstance(structure, Structure) else Structure.load(structure)
+    backbone = Backbone.from_model(model)
+    structure.check_backbone(backbone.site_map)
+    masks = None
+    if pafi_mask is not None:
+        from .pafi import load_mask
+
+        masks, _ = load_mask(pafi_mask, backbone)
+    attach_specs(model, backbone.site_map, structure.specs(), masks=masks)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        from .supernet import cast_deltas
+
+        cast_deltas(model, dtype)
+    freeze_backbone(model, backbone.site_map.family.head_modules)
+    return model
+
+
+def load(model: nn.Module, run_or_dir: str | os.PathLike, *, pafi_mask: str | None = None) -> nn.Module:
+    """Attach a retrained structure to ``model`` and load its trained deltas (``PeftModel.from_pretrained``).
+
+    Args:
+        model: the backbone the run trained on, freshly loaded (for encoder classifiers: with the
+            run's ``num_labels``; the trained head is loaded from the delta file).
+        run_or_dir: a retrain output directory, or any directory holding its ``structure.json`` and
+            ``deltas.safetensors``.
+    Returns:
+        The same model object, in eval mode.
+    Raises:
+        CheckpointError: the directory lacks either file, or the file does not match the structure.
+    """
+    from .checkpoint import load_deltas
+
+    root = Path(run_or_dir)
+    for name in ("structure.json", _DELTA_FILE):
+        if not (root / name).is_file():
+            raise CheckpointError(f"{root}: {name} is missing (expected a retrain output directory)")
+    attach(model, root / "structure.json", pafi_mask=pafi_mask)
+    from .backbones import family_for
+
+    load_deltas(model, root / _DELTA_FILE, head_prefixes=family_for(model.config).head_modules)
+    return model.eval()
+
+
+def search(config: str | os.PathLike | Mapping | RunConfig | None = None, /, *overrides: str, **keys: Any) -> dict:
+    """Run a search in this process (or on this rank of a launcher); returns its summary.
+
+    Args:
+        config: a YAML path, a nested dict like the YAML, a ``RunConfig``, or None (defaults).
+        overrides: ``"section.key=value"`` strings, as on the command line.
+        keys: the same as keyword arguments, ``section__key=value`` (``search__steps=50``).
+    """
+    from .search import run_search
+
+    return _run(run_search, config, overrides, keys)
+
+
+def retrain(config: str | os.PathLike | Mapping | RunConfig | None = None, /, *overrides: str, **keys: Any) -> dict:
+    """Retrain a structure in this process (``retrain__structure=PATH``); returns its summary."""
+    from .retrain import run_retrain
+
+    return _run(run_retrain, config, overrides, keys)
+
+
+def run_config(config=None, overrides=(), keys: Mapping[str, Any] | None = None) -> RunConfig:
+    """The ``RunConfig`` that ``search``/``retrain`` would use, validated (``keys``: ``section__key``)."""
+    dotted = {k.replace("__", "."): v for k, v in (keys or {}).items()}
+    if isinstance(config, RunConfig):
+        config = config.to_dict()
+    if isinstance(config, Mapping):
+        return build_run_config(dict(config), list(overrides), dotted)
+    return build_run_config(_yaml_values(config), list(overrides), dotted)
+
+
+def _yaml_values(path) -> dict:
+    """The YAML file's values (validated later, with the overrides), or {} for the defaults."""
+    if path is None:
+        return {}
+    return load_run_config(path).to_dict()
+
+
+def _run(fn, config, overrides, keys) -> dict:
+    cfg = run_config(config, overrides, keys)
+    with _process_group():
+        summary = fn(cfg)
+    if summary is None:
+        raise ConfigError("the run stopped early (stop_after): continue it with resume")
+    return summary
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """A launcher's process group is left alone; one this call creates is destroyed afterwards and
+    the rendezvous variables it set are restored, so the next call (or launch) starts clean."""
+    from .engine import zero
+
+    launched = "RANK" in os.environ
+    saved = {k: os.environ.get(k) for k in _PG_ENV}
+    try:
+        yield
+    finally:
+        if not launched:
+            zero.destroy()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def callable_module(name: str, fn) -> None:
+    """Make the launcher module ``name`` (``s3delta_ds.search``) callable as ``fn``.
+
+    ``s3delta_ds/search.py`` must stay a file the launchers run, and importing it binds the package
+    attribute ``s3delta_ds.search`` to the module, so a plain function of that name could not
+    survive the first import. The module itself therefore answers the call.
+    """
+    import sys
+    import types
+
+    module = sys.modules[name]
+
+    class _Callable(types.ModuleType):
+        __call__ = staticmethod(fn)
+
+    module.__class__ = _Callable

@@ -1,0 +1,144 @@
+"""The public Python API: attach/load on a user's own model (trained by HF Trainer), search and
+retrain called several times in one process, and what ``__all__`` promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import s3delta_ds
+from s3delta_ds.builders import Backbone, manual
+from s3delta_ds.checkpoint import save_deltas
+from s3delta_ds.errors import StructureError
+from s3delta_ds.supernet import named_delta_parameters
+
+from .helpers import tiny_inputs, tiny_model
+from .launching import env
+
+
+def test_all_names_resolve_and_nothing_else_is_public():
+    assert set(s3delta_ds.__all__) == {"__version__", *s3delta_ds._PUBLIC}
+    for name in s3delta_ds.__all__:
+        assert getattr(s3delta_ds, name) is not None, name
+    assert callable(s3delta_ds.attach) and callable(s3delta_ds.load)
+    assert callable(s3delta_ds.search) and callable(s3delta_ds.retrain)
+    assert "mixed" in s3delta_ds.SPACES
+    with pytest.raises(AttributeError, match="no attribute 'supernet_internals'"):
+        s3delta_ds.supernet_internals  # noqa: B018
+
+
+def test_attach_makes_exactly_the_structure_trainable_and_starts_as_the_backbone(tmp_path):
+    model = tiny_model("tiny-t5")
+    batch = tiny_inputs("tiny-t5")
+    with torch.no_grad():
+        before = model(**batch).logits
+    structure = manual(Backbone.from_model(model), "lora").save(tmp_path / "s.json")
+    assert s3delta_ds.attach(model, structure) is model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == s3delta_ds.Structure.load(structure).budget.used > 0
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)  # LoRA's B starts at zero
+
+
+def test_attach_refuses_a_structure_of_another_model(tmp_path):
+    llama = manual(Backbone.plan("tiny-llama"), "lora").save(tmp_path / "s.json")
+    with pytest.raises(StructureError, match="llama backbone but this one is t5"):
+        s3delta_ds.attach(tiny_model("tiny-t5"), llama)
+
+
+def test_hf_trainer_trains_the_attached_deltas_only(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("tiny-t5")
+    s3delta_ds.attach(model, manual(Backbone.from_model(model), "lora").save(tmp_path / "s.json"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    deltas = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = tiny_inputs("tiny-t5", batch=8)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in frozen.items())
+    assert any(not torch.equal(after[n], p) for n, p in deltas.items())
+
+
+def test_load_attaches_and_loads_trained_deltas_like_peft(tmp_path):
+    trained = tiny_model("tiny-t5")
+    structure = manual(Backbone.from_model(trained), "lora")
+    structure.save(tmp_path / "structure.json")
+    s3delta_ds.attach(trained, tmp_path / "structure.json")
+    with torch.no_grad():
+        for _, p in named_delta_parameters(trained):
+            p.normal_(0, 0.2)
+    save_deltas(trained, tmp_path / "deltas.safetensors")
+    batch = tiny_inputs("tiny-t5")
+    fresh = s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)
+    with torch.no_grad():
+        assert not fresh.training
+        torch.testing.assert_close(fresh(**batch).logits, trained.eval()(**batch).logits, atol=1e-6, rtol=0)
+
+
+def test_load_names_what_is_missing(tmp_path):
+    with pytest.raises(s3delta_ds.S3DeltaError, match="deltas.safetensors is missing"):
+        (tmp_path / "structure.json").write_text("{}")
+        s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)
+
+
+def test_run_config_takes_a_dict_overrides_and_keywords():
+    cfg = s3delta_ds.run_config(
+        {"search": {"steps": 7}, "data": {"task": "cola"}}, ["search.lr=1e-3"], {"search__budget": 0.01, "seed": 3}
+    )
+    assert (cfg.search.steps, cfg.search.lr, cfg.search.budget, cfg.seed, cfg.data.task) == (7, 1e-3, 0.01, 3, "cola")
+    with pytest.raises(s3delta_ds.S3DeltaError, match="unknown key search.stepz"):
+        s3delta_ds.run_config(None, [], {"search__stepz": 1})
+
+
+NOTEBOOK = """
+import json, os, sys
+import torch.distributed as dist
+import s3delta_ds
+
+out = sys.argv[1]
+tiny = dict(search__steps=4, search__eval_every=2, search__budget=0.02, retrain__steps=4, retrain__eval_every=2,
+            data__max_train_examples=48, data__max_eval_examples=16, deepspeed="zero3_cpu")
+first = s3delta_ds.search(output_dir=f"{out}/s1", **tiny)
+second = s3delta_ds.search({"seed": 1}, f"output_dir={out}/s2", **tiny)
+again = s3delta_ds.retrain(output_dir=f"{out}/r", retrain__structure=first["structure"], **tiny)
+print(json.dumps({
+    "first": first["modules"], "second": second["modules"], "retrain_params": again["trainable_params"],
+    "used": first["params_used"], "initialised": dist.is_initialized(),
+    "env": sorted(k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR") if k in os.environ),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_search_then_retrain_several_times_in_one_process(tmp_path):
+    """A notebook: two searches and a retrain in one interpreter, with no process group or
+    rendezvous variable left behind (run in a subprocess so the test process stays clean)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(NOTEBOOK), str(tmp_path)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["first"] > 0 and result["second"] > 0
+    assert result["retrain_params"] == result["used"]
+    assert result["initialised"] is False and result["env"] == []
