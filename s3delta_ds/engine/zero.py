@@ -23,6 +23,8 @@ import deepspeed.comm as dist
 import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
+from deepspeed.comm import comm as ds_comm
+from deepspeed.utils import groups as ds_groups
 from deepspeed.utils import safe_get_full_optimizer_state
 
 from ..errors import ConfigError, DistributedSetupError
@@ -250,9 +252,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+# DeepSpeed caches process groups in module globals (data-parallel, ZeRO, world groups) and its
+# communication backend in ``deepspeed.comm.comm.cdb``; they outlive ``destroy_process_group`` and
+# point a second run in the same process at groups that no longer exist ("Group ... is not
+# registered"). Their import-time values are restored on ``destroy``.
+_DS_GROUP_DEFAULTS = {
+    k: copy.copy(v)
+    for k, v in vars(ds_groups).items()
+    if (k.startswith("_") and k[1:2].isupper() or k in ("mpu", "expert_tensor_parallel_world_size"))
+    and (v is None or isinstance(v, (dict, int)))
+}
+
+
 def destroy() -> None:
+    """Leave the process group and reset DeepSpeed's cached groups, so that another run can start
+    in this process (``s3delta_ds.search`` twice in a notebook)."""
     if dist.is_initialized():
         torch.distributed.destroy_process_group()
+    for k, v in _DS_GROUP_DEFAULTS.items():
+        setattr(ds_groups, k, copy.copy(v))
+    ds_comm.cdb = None
 
 
 # -- engine and ZeRO helpers -------------------------------------------------------------------
