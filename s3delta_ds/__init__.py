@@ -21,8 +21,6 @@ _PUBLIC = {
     "run_config": "api",
     "Structure": "structure",
     "Backbone": "builders",
-    "transfer": "transfer",
-    "rediscretise": "transfer",
     "enumerate_space": "space",
     "SPACES": "space",
     "S3DeltaError": "errors",
@@ -37,11 +35,9 @@ __all__ = [
     "attach",
     "enumerate_space",
     "load",
-    "rediscretise",
     "retrain",
     "run_config",
     "search",
-    "transfer",
 ]
 
 if TYPE_CHECKING:
@@ -50,7 +46,6 @@ if TYPE_CHECKING:
     from .errors import S3DeltaError
     from .space import SPACES, enumerate_space
     from .structure import Structure
-    from .transfer import rediscretise, transfer
 
 
 def __getattr__(name: str):

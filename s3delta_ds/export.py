@@ -94,9 +94,9 @@ def _family(cfg):
 
 
 def _num_labels(cfg) -> int | None:
-    from .data import OBJECTIVES, get_task
+    from .data import OBJECTIVES, resolve_task
 
-    return len(get_task(cfg.data.task).label_words) if OBJECTIVES[_family(cfg).name] == "classify" else None
+    return len(resolve_task(cfg.data).label_words) if OBJECTIVES[_family(cfg).name] == "classify" else None
 
 
 def save_hf(model: nn.Module, out: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -17,10 +18,11 @@ from .backbones import Family, SiteMap, family_for
 from .backbones.pooling import pooling_of
 from .builders import Backbone
 from .config import RunConfig, TrainConfig, dump_yaml
-from .data import OBJECTIVES, Collator, Encoder, Task, get_task, load_rows, load_tokenizer
+from .data import OBJECTIVES, Collator, Encoder, Task, load_rows, load_tokenizer, resolve_task
+from .data.encode import encode_all
 from .engine import zero
 from .engine.backbone import load_backbone, resolve_source
-from .errors import ConfigError, DataError
+from .errors import BackboneError, BudgetError, ConfigError, DataError, SearchSpaceError, StructureError
 from .plan import RunPlan
 from .util import atomic_write_text
 
@@ -77,19 +79,36 @@ def _encode(encoder: Encoder, rows: list[dict], limit: int | None, where: str) -
     rows = rows[:limit] if limit else rows
     if not rows:
         raise DataError(f"{where}: no examples")
-    return [encoder.encode(r) for r in rows]
+    return encode_all(encoder, rows)
 
 
 def load_data(cfg: RunConfig, task: Task, encoder: Encoder) -> dict[str, list[dict]]:
-    """The encoded train/validation/test splits. The splits a task's protocol draws (validation →
-    validation/test, the train carve-out) depend on ``data.split_seed`` alone, never on the run seed:
-    a structure searched with one seed and retrained with another is tested on the same rows."""
-    rows = load_rows(task, cfg.data.data_dir, split_seed=cfg.data.split_seed)
-    return {
-        "train": _encode(encoder, rows["train"], cfg.data.max_train_examples, "train"),
-        "validation": _encode(encoder, rows["validation"], cfg.data.max_eval_examples, "validation"),
-        "test": _encode(encoder, rows["test"], cfg.data.max_test_examples or cfg.data.max_eval_examples, "test"),
-    }
+    """The encoded train/validation/test splits, read and tokenised once, on rank 0, and sent to the
+    other ranks (one broadcast instead of every rank re-reading and re-tokenising, and the data
+    messages printed once). The splits a task's protocol draws (validation → validation/test, the
+    train carve-out) depend on ``data.split_seed`` alone, never on the run seed: a structure searched
+    with one seed and retrained with another is tested on the same rows. Collective.
+
+    Raises:
+        DataError: (on every rank) what rank 0 found wrong with the data.
+    """
+    data, err = None, None
+    if zero.rank() == 0:
+        try:
+            rows = load_rows(task, cfg.data.data_dir, split_seed=cfg.data.split_seed)
+            data = {
+                "train": _encode(encoder, rows["train"], cfg.data.max_train_examples, "train"),
+                "validation": _encode(encoder, rows["validation"], cfg.data.max_eval_examples, "validation"),
+                "test": _encode(
+                    encoder, rows["test"], cfg.data.max_test_examples or cfg.data.max_eval_examples, "test"
+                ),
+            }
+        except DataError as e:
+            err = str(e)
+    data, err = zero.broadcast_object((data, err))
+    if err is not None:
+        raise DataError(err)
+    return data
 
 
 def model_source(cfg: RunConfig) -> str:
@@ -159,7 +178,7 @@ def _output_dir(out: Path, rank: int, *, resume: bool, overwrite: bool) -> None:
 
 def _task_data(cfg: RunConfig, family: Family, config) -> tuple[Task, str, object, Collator, dict[str, list[dict]]]:
     """The task, its objective for this family, the tokenizer, the collator and the encoded splits."""
-    task = get_task(cfg.data.task)
+    task = resolve_task(cfg.data)
     objective = OBJECTIVES[family.name]
     tokenizer = load_tokenizer(family.name, cfg.model.name_or_path, cfg.model.tokenizer, cfg.model.gguf_file)
     encoder = Encoder(
@@ -193,6 +212,9 @@ def _announce(rt: Runtime, kind: str, load_s: float) -> None:
         )
 
 
+INPUT_ERRORS = (ConfigError, DataError, StructureError, BackboneError, SearchSpaceError, BudgetError)
+
+
 def script_main(run, argv: list[str] | None, prog: str) -> int:
     """Shared argument handling of search.py / retrain.py (every launcher passes --local_rank)."""
     import argparse
@@ -211,7 +233,13 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
         run(cfg, resume=args.resume)
         return 0
     except S3DeltaError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # Mistakes in the input (config, names, structure, data) are found alike on every rank:
+        # say them once. Failures of the run itself may be one rank's: every rank says its own.
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        elif not isinstance(e, INPUT_ERRORS):
+            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         zero.destroy()

@@ -181,6 +181,21 @@ class Structure:
         return _Validator(source).structure(d)
 
     # -- use -----------------------------------------------------------------------------------
+    def transfer(self, target, budget: float | None = None) -> Structure:
+        """This structure mapped onto another backbone of the family (by relative depth) and
+        re-discretised at ``budget`` (relative; default: this one's). ``target``: a ``Backbone`` or
+        anything ``Backbone.plan`` takes (``"t5-v1_1-xxl"``, a model directory, a config.json)."""
+        from .builders import Backbone
+        from .transfer import transfer
+
+        return transfer(self, target if isinstance(target, Backbone) else Backbone.plan(str(target)), budget)
+
+    def rediscretise(self, relative: float) -> Structure:
+        """The structure the same search gives at another relative budget, from the stored p."""
+        from .transfer import rediscretise
+
+        return rediscretise(self, relative)
+
     def specs(self) -> list[DeltaSpec]:
         """The chosen modules as ungated delta specs (for retraining)."""
         return [DeltaSpec(m.site, m.type, m.kwargs) for m in self.modules]

@@ -82,7 +82,39 @@ def command(launcher: str, script: str, args: list[str], nproc: int = 2) -> list
         ]
     if launcher == "python":
         return [sys.executable, "-m", f"s3delta_ds.{script}", *args]
+    if launcher == "accelerate":
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(accelerate_config(nproc)),
+            "--main_process_port",
+            port,
+            path,
+            *args,
+        ]
     raise ValueError(launcher)
+
+
+def accelerate_config(nproc: int) -> Path:
+    """An ``accelerate config`` file: CPU, ``nproc`` processes, the DeepSpeed plugin with the
+    tests' ZeRO-3 json (what a user's ``accelerate config`` answers would write)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="s3delta-accelerate-")) / "accelerate.yaml"
+    path.write_text(
+        "compute_environment: LOCAL_MACHINE\n"
+        "distributed_type: DEEPSPEED\n"
+        "deepspeed_config:\n"
+        f"  deepspeed_config_file: {ROOT / 'ds_configs' / 'zero3_cpu.json'}\n"
+        "  zero3_init_flag: false\n"
+        "num_machines: 1\n"
+        f"num_processes: {nproc}\n"
+        "machine_rank: 0\n"
+        "use_cpu: true\n"
+    )
+    return path
 
 
 def run(

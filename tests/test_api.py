@@ -32,6 +32,31 @@ def test_all_names_resolve_and_nothing_else_is_public():
         s3delta_ds.supernet_internals  # noqa: B018
 
 
+def test_no_public_name_is_shadowed_by_a_submodule():
+    """Importing ``s3delta_ds.x`` binds the package attribute ``x`` to the module: a public function
+    of that name would vanish after the first import. Only the callable launcher modules may share."""
+    import importlib.util
+
+    for name in s3delta_ds.__all__:
+        if importlib.util.find_spec(f"s3delta_ds.{name}") is not None:
+            assert name in ("search", "retrain"), name
+            assert callable(importlib.import_module(f"s3delta_ds.{name}"))
+
+
+def test_structure_transfers_and_rediscretises():
+    from s3delta_ds.builders import searched
+
+    plan = s3delta_ds.Backbone.plan("tiny-t5")
+    space = plan.space("mixed")
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(len(space), generator=g).tolist()
+    structure = searched(space, plan.info, p, [0.0] * len(space), 0.02)
+    big = structure.transfer("tiny-t5-v1_1")
+    assert big.backbone.name_or_path == "tiny-t5-v1_1" and 0 < big.budget.used <= big.budget.absolute
+    smaller = structure.rediscretise(0.01)
+    assert 0 < smaller.budget.used <= 0.01 * plan.info.num_params < structure.budget.used
+
+
 def test_attach_makes_exactly_the_structure_trainable_and_starts_as_the_backbone(tmp_path):
     model = tiny_model("tiny-t5")
     batch = tiny_inputs("tiny-t5")
