@@ -23,11 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from s3delta_ds.artifacts.merge import merge  # noqa: E402
 from s3delta_ds.backbones.loading import build_model, load_config  # noqa: E402
-from s3delta_ds.builders import Backbone  # noqa: E402
-from s3delta_ds.gates import random_structure  # noqa: E402
-from s3delta_ds.merge import merge  # noqa: E402
-from s3delta_ds.supernet import DeltaSpec, attach, delta_parameters  # noqa: E402
+from s3delta_ds.method.gates import random_structure  # noqa: E402
+from s3delta_ds.method.supernet import DeltaSpec, attach, delta_parameters  # noqa: E402
+from s3delta_ds.structure.builders import Backbone  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

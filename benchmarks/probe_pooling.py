@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from transformers import AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from s3delta_ds.assets import asset_path  # noqa: E402
+from s3delta_ds.data.assets import asset_path  # noqa: E402
 
 
 def features(model, tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

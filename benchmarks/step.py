@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from s3delta_ds.backbones.loading import build_model, load_config  # noqa: E402
-from s3delta_ds.builders import Backbone, manual  # noqa: E402
 from s3delta_ds.engine import zero  # noqa: E402
 from s3delta_ds.engine.bilevel import BiLevel, delta_update  # noqa: E402
 from s3delta_ds.engine.gatelogits import GateLogits  # noqa: E402
+from s3delta_ds.method.supernet import DeltaSpec, GateContext  # noqa: E402
 from s3delta_ds.recipes.pipeline import build_pipeline  # noqa: E402
-from s3delta_ds.supernet import DeltaSpec, GateContext  # noqa: E402
+from s3delta_ds.structure.builders import Backbone, manual  # noqa: E402
 
 SHAPES = {
     "tiny": "tiny-t5-v1_1",

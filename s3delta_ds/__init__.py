@@ -20,9 +20,9 @@ _PUBLIC = {
     "retrain": "retrain",
     "run_config": "api",
     "Structure": "structure",
-    "Backbone": "builders",
-    "enumerate_space": "space",
-    "SPACES": "space",
+    "Backbone": "structure.builders",
+    "enumerate_space": "method.space",
+    "SPACES": "method.space",
     "S3DeltaError": "errors",
 }
 
@@ -42,10 +42,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import attach, load, retrain, run_config, search  # search/retrain: callable modules at run time
-    from .builders import Backbone
     from .errors import S3DeltaError
-    from .space import SPACES, enumerate_space
+    from .method.space import SPACES, enumerate_space
     from .structure import Structure
+    from .structure.builders import Backbone
 
 
 def __getattr__(name: str):

@@ -46,22 +46,22 @@ def attach(model: nn.Module, structure: str | os.PathLike | Structure, *, pafi_m
     Raises:
         StructureError: the structure does not fit this model (another family, depth or width).
     """
-    from .builders import Backbone
-    from .supernet import attach as attach_specs
-    from .supernet import freeze_backbone
+    from .method.supernet import attach as attach_specs
+    from .method.supernet import freeze_backbone
+    from .structure.builders import Backbone
 
     structure = structure if isinstance(structure, Structure) else Structure.load(structure)
     backbone = Backbone.from_model(model)
     structure.check_backbone(backbone.site_map)
     masks = None
     if pafi_mask is not None:
-        from .pafi import load_mask
+        from .structure.pafi import load_mask
 
         masks, _ = load_mask(pafi_mask, backbone)
     attach_specs(model, backbone.site_map, structure.specs(), masks=masks)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is not None:
-        from .supernet import cast_deltas
+        from .method.supernet import cast_deltas
 
         cast_deltas(model, dtype)
     freeze_backbone(model, backbone.site_map.family.head_modules)
@@ -81,7 +81,7 @@ def load(model: nn.Module, run_or_dir: str | os.PathLike, *, pafi_mask: str | No
     Raises:
         CheckpointError: the directory lacks either file, or the file does not match the structure.
     """
-    from .checkpoint import load_deltas
+    from .run.checkpoint import load_deltas
 
     root = Path(run_or_dir)
     for name in ("structure.json", _DELTA_FILE):

@@ -19,8 +19,8 @@ if __name__ == "__main__" and not __package__:  # run as a file by a launcher: i
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from s3delta_ds.config import RunConfig
-from s3delta_ds.recipe import script_main
 from s3delta_ds.recipes.retrain import DELTA_FILE, RetrainRecipe
+from s3delta_ds.run.runtime import script_main
 
 __all__ = ["DELTA_FILE", "main", "run_retrain"]
 

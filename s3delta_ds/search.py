@@ -18,8 +18,8 @@ if __name__ == "__main__" and not __package__:  # run as a file by a launcher: i
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from s3delta_ds.config import RunConfig
-from s3delta_ds.recipe import script_main
 from s3delta_ds.recipes.search import SUPERNET_DELTAS, SearchRecipe
+from s3delta_ds.run.runtime import script_main
 
 __all__ = ["SUPERNET_DELTAS", "main", "run_search"]
 

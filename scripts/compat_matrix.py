@@ -49,7 +49,7 @@ def run_all(out: Path) -> list[dict]:
                 "--master_port",
                 str(_port()),
                 "--module",
-                "s3delta_ds.compat",
+                "s3delta_ds.run.compat",
                 "--model",
                 model,
                 "--precision",

@@ -48,4 +48,4 @@ echo "[s3delta] job $SLURM_JOB_ID: $SLURM_NNODES node(s), master $MASTER_ADDR; s
 # get one CPU per task, shared by all of the node's ranks.
 step=(--kill-on-bad-exit=1 --ntasks-per-node=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-srun "${step[@]}" python -m s3delta_ds.slurm search "${args[@]}" "$@"
+srun "${step[@]}" python -m s3delta_ds.run.slurm search "${args[@]}" "$@"

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import s3delta_ds
-from s3delta_ds.builders import Backbone, manual
-from s3delta_ds.checkpoint import save_deltas
 from s3delta_ds.errors import StructureError
-from s3delta_ds.supernet import named_delta_parameters
+from s3delta_ds.method.supernet import named_delta_parameters
+from s3delta_ds.run.checkpoint import save_deltas
+from s3delta_ds.structure.builders import Backbone, manual
 
 from .helpers import tiny_inputs, tiny_model
 from .launching import env
@@ -44,7 +44,7 @@ def test_no_public_name_is_shadowed_by_a_submodule():
 
 
 def test_structure_transfers_and_rediscretises():
-    from s3delta_ds.builders import searched
+    from s3delta_ds.structure.builders import searched
 
     plan = s3delta_ds.Backbone.plan("tiny-t5")
     space = plan.space("mixed")

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from s3delta_ds import assets
+from s3delta_ds.data import assets
 from s3delta_ds.errors import DataError
 
 

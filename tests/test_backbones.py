@@ -10,8 +10,8 @@ from transformers import GPT2Config, MistralConfig, Qwen2Config, RobertaConfig, 
 
 from s3delta_ds.backbones import FAMILIES, SiteDims, SiteMap, family_for, format_site, get_family, parse_site
 from s3delta_ds.backbones.loading import build_model, builtin_shapes, config_hash, count_params, load_config
-from s3delta_ds.builders import Backbone
 from s3delta_ds.errors import BackboneError, SearchSpaceError
+from s3delta_ds.structure.builders import Backbone
 
 TINY = ("tiny-t5", "tiny-t5-v1_1", "tiny-llama", "tiny-bert")
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from s3delta_ds.backbones import SiteMap, family_for
-from s3delta_ds.space import enumerate_space
-from s3delta_ds.supernet import DeltaSpec, GateContext, attach, cast_deltas, delta_parameters
+from s3delta_ds.method.space import enumerate_space
+from s3delta_ds.method.supernet import DeltaSpec, GateContext, attach, cast_deltas, delta_parameters
 
 from .helpers import logits_of, tiny_inputs, tiny_model
 
@@ -102,9 +102,9 @@ def test_deepspeed_engine_on_one_gpu_trains_bf16_deltas_and_fp32_gates(ds_config
     from s3delta_ds.engine import zero
     from s3delta_ds.engine.bilevel import BiLevel
     from s3delta_ds.engine.gatelogits import GateLogits
-    from s3delta_ds.objective import DeltaModel
-    from s3delta_ds.recipe import prepare
-    from s3delta_ds.supernet import freeze_backbone
+    from s3delta_ds.method.objective import DeltaModel
+    from s3delta_ds.method.supernet import freeze_backbone
+    from s3delta_ds.run.runtime import prepare
 
     cfg = load_run_config(
         None,

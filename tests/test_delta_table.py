@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from s3delta_ds.artifacts.merge import merge
 from s3delta_ds.backbones import SiteDims, SiteMap, family_for
-from s3delta_ds.checkpoint import load_deltas, save_deltas
 from s3delta_ds.deltas import DELTAS, FoldError, Slot, resolve
-from s3delta_ds.merge import merge
-from s3delta_ds.supernet import DeltaSpec, GateContext, attach, delta_parameters, freeze_backbone, slots
+from s3delta_ds.method.supernet import DeltaSpec, GateContext, attach, delta_parameters, freeze_backbone, slots
+from s3delta_ds.run.checkpoint import load_deltas, save_deltas
 
 from .helpers import logits_of, tiny_inputs, tiny_model
 
@@ -266,7 +266,7 @@ def test_merge_folds_several_types_on_one_site(model_name, site, specs, kept):
 
 
 def test_mixed_ia3_space_adds_keys_values_and_ffn_inputs():
-    from s3delta_ds.builders import Backbone
+    from s3delta_ds.structure.builders import Backbone
 
     plan = Backbone.plan("t5-base")
     mixed, with_ia3 = plan.space("mixed"), plan.space("mixed+ia3")
@@ -280,7 +280,7 @@ def test_mixed_ia3_space_adds_keys_values_and_ffn_inputs():
 
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama", "tiny-bert"])
 def test_mixed_ia3_supernet_gates(name):
-    from s3delta_ds.space import enumerate_space
+    from s3delta_ds.method.space import enumerate_space
 
     model = _model(name)
     sm = SiteMap(model, family_for(model.config))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from s3delta_ds.checkpoint import read_delta_metadata
+from s3delta_ds.run.checkpoint import read_delta_metadata
 from s3delta_ds.structure import Structure
 
 from .launching import ROOT, env

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from s3delta_ds.builders import Backbone
 from s3delta_ds.structure import Budget, ModuleChoice, Structure
+from s3delta_ds.structure.builders import Backbone
 
 from .helpers import tiny_inputs
 from .launching import ROOT, TINY, alphas, command, deltas, env, max_diff, run
@@ -61,7 +61,7 @@ def test_merge_export_with_a_zero3_partitioned_backbone(tmp_path):
     cmd = [
         *launcher,
         "--module",
-        "s3delta_ds.export",
+        "s3delta_ds.artifacts.export",
         str(tmp_path / "run"),
         "--merge",
         "--zero3",

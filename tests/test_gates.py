@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from s3delta_ds.errors import BudgetError
-from s3delta_ds.gates import (
+from s3delta_ds.method.gates import (
     BUDGET_SLACK,
     concrete_sample,
     discretise,

@@ -12,16 +12,16 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-from s3delta_ds import export
-from s3delta_ds.builders import Backbone
-from s3delta_ds.checkpoint import load_deltas
+from s3delta_ds.artifacts import export
+from s3delta_ds.artifacts.export import export_merged, export_peft, load_run, peft_base_name, save_hf
 from s3delta_ds.cli import main
 from s3delta_ds.config import ModelConfig
 from s3delta_ds.engine.backbone import materialise_embedded
 from s3delta_ds.errors import StructureError
-from s3delta_ds.export import export_merged, export_peft, load_run, peft_base_name, save_hf
+from s3delta_ds.method.supernet import attach
+from s3delta_ds.run.checkpoint import load_deltas
 from s3delta_ds.structure import Budget, ModuleChoice, Structure
-from s3delta_ds.supernet import attach
+from s3delta_ds.structure.builders import Backbone
 
 from .helpers import tiny_inputs
 from .launching import run
@@ -143,7 +143,7 @@ def test_unmergeable_deltas_are_refused_or_kept_beside_the_model(t5_with_bitfit,
 @pytest.mark.distributed
 def test_sharded_save_loads(t5_mergeable, tmp_path):
     model, plan, _ = load_run(t5_mergeable)
-    from s3delta_ds.merge import merge
+    from s3delta_ds.artifacts.merge import merge
 
     merge(model, plan.site_map)
     files = save_hf(model, tmp_path / "sharded", max_shard_bytes=200_000)

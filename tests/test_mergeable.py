@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from s3delta_ds.builders import Backbone
-from s3delta_ds.merge import merge
-from s3delta_ds.supernet import DeltaSpec, attach, delta_parameters, slots
+from s3delta_ds.artifacts.merge import merge
+from s3delta_ds.method.supernet import DeltaSpec, attach, delta_parameters, slots
+from s3delta_ds.structure.builders import Backbone
 
 from .helpers import logits_of, tiny_inputs, tiny_model
 from .launching import env, run
@@ -76,7 +76,7 @@ print(json.dumps(logits.flatten().tolist()))
 @pytest.mark.distributed
 @pytest.mark.parametrize("name, family", [("tiny-t5", "t5"), ("tiny-llama", "llama")])
 def test_mergeable_search_exports_a_plain_hf_model(tmp_path, name, family):
-    from s3delta_ds.export import export_merged, load_run
+    from s3delta_ds.artifacts.export import export_merged, load_run
 
     common = [
         f"model.name_or_path={name}",

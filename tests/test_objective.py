@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from s3delta_ds.builders import Backbone, manual
-from s3delta_ds.objective import DeltaModel, per_example_nll
-from s3delta_ds.supernet import attach, named_delta_parameters
+from s3delta_ds.method.objective import DeltaModel, per_example_nll
+from s3delta_ds.method.supernet import attach, named_delta_parameters
+from s3delta_ds.structure.builders import Backbone, manual
 
 from .helpers import tiny_inputs, tiny_model
 

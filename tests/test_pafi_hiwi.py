@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 
 from s3delta_ds.backbones import SiteDims, SiteMap, family_for
-from s3delta_ds.builders import Backbone
 from s3delta_ds.deltas import resolve
 from s3delta_ds.deltas.pafi import smallest_magnitude
 from s3delta_ds.errors import SearchSpaceError, StructureError
-from s3delta_ds.pafi import compute_mask, load_mask, mask_structure, save_mask
-from s3delta_ds.supernet import DeltaSpec, attach, delta_parameters
+from s3delta_ds.method.supernet import DeltaSpec, attach, delta_parameters
+from s3delta_ds.structure.builders import Backbone
+from s3delta_ds.structure.pafi import compute_mask, load_mask, mask_structure, save_mask
 
 from .helpers import logits_of, tiny_inputs, tiny_model
 
@@ -141,8 +141,8 @@ def test_space_with_pafi_and_hiwi_accounts_trainable_parameters():
 
 def test_search_step_with_pafi_and_hiwi_candidates_moves_their_gates():
     m, sm = _with_map("tiny-t5")
-    from s3delta_ds.space import enumerate_space
-    from s3delta_ds.supernet import GateContext
+    from s3delta_ds.method.space import enumerate_space
+    from s3delta_ds.method.supernet import GateContext
 
     space = enumerate_space(m, "mixed+pafi+hiwi", site_map=sm)
     ctx = GateContext()

@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
+from s3delta_ds.artifacts.export import _check_pooling
 from s3delta_ds.backbones.pooling import checkpoint_pooling, pooling_of, resolve_pooling, use_mean_pooling
 from s3delta_ds.config import ModelConfig, load_run_config
 from s3delta_ds.engine.backbone import load_backbone, materialise_embedded
 from s3delta_ds.errors import BackboneError, ConfigError, StructureError
-from s3delta_ds.export import _check_pooling
 
 from .helpers import tiny_inputs, tiny_model
 from .launching import env
@@ -139,7 +139,7 @@ def test_a_run_records_the_pooling_auto_chose(tmp_path):
         f"output_dir={tmp_path / 'run'}",
     ]
     script = (
-        "import sys; from s3delta_ds.config import load_run_config; from s3delta_ds.recipe import prepare; "
+        "import sys; from s3delta_ds.config import load_run_config; from s3delta_ds.run.runtime import prepare; "
         "cfg = load_run_config(None, sys.argv[1:]); "
         "print('pooling', prepare(cfg, cfg.search, resume=False, kind='retrain').cfg.model.pooling)"
     )

@@ -9,16 +9,16 @@ import json
 import pytest
 import torch
 
-from s3delta_ds import builders
 from s3delta_ds.config import load_run_config
 from s3delta_ds.data import Collator, Encoder, get_task, load_tokenizer
 from s3delta_ds.errors import BackboneError, ConfigError, SearchSpaceError, StructureError
-from s3delta_ds.evaluate import evaluate
-from s3delta_ds.objective import DeltaModel
-from s3delta_ds.preflight import preflight_retrain, preflight_search
-from s3delta_ds.recipe import load_data
+from s3delta_ds.method.objective import DeltaModel
 from s3delta_ds.retrain import run_retrain
+from s3delta_ds.run.evaluate import evaluate
+from s3delta_ds.run.preflight import preflight_retrain, preflight_search
+from s3delta_ds.run.runtime import load_data
 from s3delta_ds.search import run_search
+from s3delta_ds.structure import builders
 
 from .helpers import tiny_model
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from s3delta_ds.builders import Backbone
+from s3delta_ds.structure.builders import Backbone
 
 from .launching import ROOT, env
 

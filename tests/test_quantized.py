@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from s3delta_ds.builders import Backbone, manual
+from s3delta_ds.artifacts.export import export_merged
 from s3delta_ds.config import ModelConfig
 from s3delta_ds.engine.backbone import load_backbone, resolve_source
 from s3delta_ds.errors import SearchSpaceError, StructureError
-from s3delta_ds.export import export_merged
-from s3delta_ds.supernet import DeltaSpec, attach
+from s3delta_ds.method.supernet import DeltaSpec, attach
+from s3delta_ds.structure.builders import Backbone, manual
 
 from .helpers import tiny_inputs
 from .launching import run

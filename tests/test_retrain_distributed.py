@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from s3delta_ds.backbones import SiteMap, family_for
-from s3delta_ds.checkpoint import load_deltas, verify_delta_file
 from s3delta_ds.config import load_run_config
 from s3delta_ds.data import Collator, Encoder, get_task, load_rows, load_tokenizer
 from s3delta_ds.engine.backbone import load_backbone, materialise_embedded
 from s3delta_ds.errors import CheckpointError
-from s3delta_ds.evaluate import evaluate
-from s3delta_ds.objective import DeltaModel
+from s3delta_ds.method.objective import DeltaModel
+from s3delta_ds.method.supernet import attach, named_delta_parameters
+from s3delta_ds.run.checkpoint import load_deltas, verify_delta_file
+from s3delta_ds.run.evaluate import evaluate
 from s3delta_ds.structure import Structure
-from s3delta_ds.supernet import attach, named_delta_parameters
 
 from .launching import TINY, deltas, max_diff, run
 

@@ -24,9 +24,9 @@ from s3delta_ds.backbones.loading import build_model, load_config
 from s3delta_ds.engine import zero
 from s3delta_ds.engine.bilevel import BiLevel, adamw_virtual_step
 from s3delta_ds.errors import ConfigError
-from s3delta_ds.objective import DeltaModel
-from s3delta_ds.space import enumerate_space
-from s3delta_ds.supernet import DeltaSpec, GateContext, attach, delta_parameters, freeze_backbone
+from s3delta_ds.method.objective import DeltaModel
+from s3delta_ds.method.space import enumerate_space
+from s3delta_ds.method.supernet import DeltaSpec, GateContext, attach, delta_parameters, freeze_backbone
 
 from .helpers import tiny_inputs
 from .launching import ROOT, env, run

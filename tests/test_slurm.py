@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from s3delta_ds import builders
-from s3delta_ds.checkpoint import verify_delta_file
-from s3delta_ds.structure import Structure
+from s3delta_ds.run.checkpoint import verify_delta_file
+from s3delta_ds.structure import Structure, builders
 
 from .launching import ROOT, TINY, deltas, env
 from .slurm_cluster import CPU_ONLY, SlurmCluster, missing_binaries
@@ -42,7 +41,7 @@ def test_scripts_ask_for_gpus_and_cpus_to_feed_them(name):
     d = directives(ROOT / "slurm" / name)
     gpus = int(d["--gpus-per-node"])
     assert gpus >= 1 and int(d["--cpus-per-task"]) >= 4 * gpus, d
-    assert d["--ntasks-per-node"] == "1"  # one torchrun per node (s3delta_ds.slurm)
+    assert d["--ntasks-per-node"] == "1"  # one torchrun per node (s3delta_ds.run.slurm)
 
 
 def srun_args(tmp_path: Path, script: str, argv: list[str]) -> list[str]:
@@ -95,7 +94,7 @@ def test_scripts_leave_deepspeed_to_the_run_config_unless_asked(script, argv, ex
     args = srun_args(tmp_path, script, argv)
     # srun gets the job's CPUs explicitly (Slurm 22.05-23.02's srun does not inherit them)
     assert args[:5] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=64", "python", "-m"]
-    assert args[5:7] == ["s3delta_ds.slurm", script.removesuffix(".sh")]
+    assert args[5:7] == ["s3delta_ds.run.slurm", script.removesuffix(".sh")]
     assert args[7:] == expected
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from s3delta_ds.builders import Backbone
 from s3delta_ds.errors import SearchSpaceError
+from s3delta_ds.structure.builders import Backbone
 
 
 @pytest.mark.parametrize(

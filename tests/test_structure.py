@@ -8,10 +8,9 @@ import os
 
 import pytest
 
-from s3delta_ds import builders
-from s3delta_ds.builders import MANUAL_PRESETS, Backbone
 from s3delta_ds.errors import StructureError
-from s3delta_ds.structure import Structure
+from s3delta_ds.structure import Structure, builders
+from s3delta_ds.structure.builders import MANUAL_PRESETS, Backbone
 
 TOP_KEYS = [
     "format",

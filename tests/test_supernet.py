@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from s3delta_ds.backbones import SiteMap, family_for
-from s3delta_ds.space import enumerate_space
-from s3delta_ds.supernet import (
+from s3delta_ds.method.space import enumerate_space
+from s3delta_ds.method.supernet import (
     DeltaSpec,
     GateContext,
     attach,

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, MT5Config
 
 from s3delta_ds.backbones.loading import build_model, count_params, load_config
-from s3delta_ds.builders import Backbone
 from s3delta_ds.config import ModelConfig
 from s3delta_ds.engine.backbone import load_backbone
+from s3delta_ds.structure.builders import Backbone
 
 
 def _shares_embeddings(model) -> bool:

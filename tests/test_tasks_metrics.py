@@ -10,7 +10,7 @@ import pytest
 from s3delta_ds.data import get_task, load_rows
 from s3delta_ds.data.glue import STSB_WORDS
 from s3delta_ds.errors import DataError
-from s3delta_ds.metrics import compute
+from s3delta_ds.run.metrics import compute
 
 
 def test_registry_has_glue_superglue_and_offline_tasks():

@@ -7,12 +7,11 @@ import random
 
 import pytest
 
-from s3delta_ds import builders
-from s3delta_ds.builders import Backbone
 from s3delta_ds.cli import main
 from s3delta_ds.errors import BudgetError, StructureError
-from s3delta_ds.structure import Structure
-from s3delta_ds.transfer import RULE, map_probabilities, rediscretise, transfer
+from s3delta_ds.structure import Structure, builders
+from s3delta_ds.structure.builders import Backbone
+from s3delta_ds.structure.transfer import RULE, map_probabilities, rediscretise, transfer
 
 
 def _searched(shape: str, budget: float, seed: int = 0, space: str = "mixed") -> Structure:

@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..assets import fetch
+    from ..data.assets import fetch
 
     manifest = fetch(args.names or None, Path(args.cache) if args.cache else None)
     for name, entry in manifest.items():

@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import describe, run_demo
+    from ..run.demo import describe, run_demo
 
     print(describe(run_demo(Path(args.out), nproc=args.nproc, overwrite=args.overwrite, overrides=args.overrides)))
     return 0

@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export import export_merged, export_peft
+    from ..artifacts.export import export_merged, export_peft
 
     out = Path(args.output)
     if args.merge:

@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..slurm import hostfile
+    from ..run.slurm import hostfile
 
     text = hostfile(args.nodelist, args.slots)
     if args.output:

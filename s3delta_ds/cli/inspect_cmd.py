@@ -35,8 +35,8 @@ def _budgets(text: str) -> list[float]:
 def sweep(args, structure: Structure) -> int:
     from pathlib import Path
 
-    from ..builders import Backbone
-    from ..transfer import rediscretise
+    from ..structure.builders import Backbone
+    from ..structure.transfer import rediscretise
 
     target = Backbone.plan(structure.backbone.name_or_path)
     results = [(b, rediscretise(structure, b, target)) for b in _budgets(args.budgets)]
@@ -44,7 +44,7 @@ def sweep(args, structure: Structure) -> int:
         for b, s in results:
             s.save(Path(args.write) / f"structure_{b:g}.json")
     if args.plot:
-        from ..report import budget_sweep_plot
+        from ..run.report import budget_sweep_plot
 
         budget_sweep_plot(Path(args.plot), [(b, s.summary()) for b, s in results])
     if args.json:

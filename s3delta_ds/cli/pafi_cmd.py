@@ -15,10 +15,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..builders import Backbone
     from ..config import ModelConfig
     from ..engine.backbone import load_backbone, resolve_source
-    from ..pafi import compute_mask, mask_structure, save_mask
+    from ..structure.builders import Backbone
+    from ..structure.pafi import compute_mask, mask_structure, save_mask
 
     cfg = ModelConfig(name_or_path=args.model)
     model = load_backbone(cfg, source=resolve_source(cfg), dtype="fp32", ds_config={})
@@ -29,7 +29,7 @@ def run(args) -> int:
     n = sum(int(v.numel()) for v in mask.values())
     print(f"wrote {args.output}: {n:,} trainable entries over {len(mask)} tensors ({args.ranking} ranking)")
     if args.structure:
-        from ..pafi import load_mask
+        from ..structure.pafi import load_mask
 
         mask, meta = load_mask(args.output, backbone)
         mask_structure(backbone, mask, meta).save(args.structure)

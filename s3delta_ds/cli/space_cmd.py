@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..builders import Backbone
-from ..space import SPACES
+from ..method.space import SPACES
+from ..structure.builders import Backbone
 from ._format import fmt_int, print_json, table
 
 

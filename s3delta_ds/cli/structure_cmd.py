@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .. import builders
-from ..builders import MANUAL_PRESETS, Backbone
-from ..space import SPACES
+from ..method.space import SPACES
+from ..structure import builders
+from ..structure.builders import MANUAL_PRESETS, Backbone
 from ._format import fmt_int
 
 

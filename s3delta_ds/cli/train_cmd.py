@@ -28,7 +28,7 @@ def run(args) -> int:
     forwarded = ([f"--config={args.config}"] if args.config else []) + (["--resume"] if args.resume else [])
     forwarded += list(args.overrides)
     if args.nproc:
-        from ..launch import launch
+        from ..run.launch import launch
 
         return launch(args.script, forwarded, args.nproc)
     if args.script == "search":

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..builders import Backbone
 from ..structure import Structure
-from ..transfer import transfer
+from ..structure.builders import Backbone
+from ..structure.transfer import transfer
 from ._format import fmt_int, table
 
 

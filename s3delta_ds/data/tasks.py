@@ -84,7 +84,7 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
     if data_dir is None and task.builtin_dir is not None:
         data_dir = str(resources.files("s3delta_ds") / task.builtin_dir)
     if data_dir is None and task.asset_dir is not None:
-        from ..assets import asset_path
+        from .assets import asset_path
 
         data_dir = str(asset_path("data", task.asset_dir))
         if not Path(data_dir).is_dir():

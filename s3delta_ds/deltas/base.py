@@ -2,7 +2,7 @@
 with validated kwargs, an exact parameter count computable without building it, and (PEFT's layer
 pattern) its own fold into the frozen host and its own PEFT export.
 
-A delta's ``forward`` returns only its *contribution*; the :class:`~s3delta_ds.supernet.DeltaSlot`
+A delta's ``forward`` returns only its *contribution*; the :class:`~s3delta_ds.method.supernet.DeltaSlot`
 scales it by the candidate's gate and adds it. Where it adds is the delta's :class:`Slot`:
 
 * ``input`` — to the module input, computed from that input (x' = x + z·D(x), e.g. IA3 on the

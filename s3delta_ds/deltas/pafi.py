@@ -3,7 +3,7 @@
 A sparse, parallel delta on a Linear (or a norm's scale): ΔW has ``n`` trainable entries at fixed
 positions, the n smallest |w| of that matrix (``ranking="per-matrix"``, computable from shapes, so
 usable in search spaces) or positions from a backbone-wide mask (``ranking="global"``, see
-``s3delta_ds.pafi``; ``count`` then records this matrix's share). Optimizer state exists only for
+``s3delta_ds.structure.pafi``; ``count`` then records this matrix's share). Optimizer state exists only for
 the n values, never for a dense copy of the weight. Merging adds the values in place.
 """
 

@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..errors import ConfigError, DistributedSetupError, TrainingError
-from ..objective import DeltaModel, move
+from ..method.objective import DeltaModel, move
 from . import zero
 from .gatelogits import GateLogits
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..gates import concrete_sample, probabilities, step_generator
+from ..method.gates import concrete_sample, probabilities, step_generator
 from . import zero
 
 

@@ -12,8 +12,8 @@ import torch
 
 from ..backbones import SiteMap
 from ..engine import zero
-from ..objective import DeltaModel
-from ..supernet import DeltaSpec, GateContext, attach, cast_deltas, freeze_backbone
+from ..method.objective import DeltaModel
+from ..method.supernet import DeltaSpec, GateContext, attach, cast_deltas, freeze_backbone
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 import time
 
-from ..checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
 from ..config import RunConfig
 from ..data import BatchStream
 from ..engine import zero
 from ..engine.backbone import DTYPES
 from ..engine.bilevel import delta_update
-from ..evaluate import evaluate
-from ..plan import RunPlan
-from ..preflight import preflight_retrain
-from ..recipe import model_source, prepare
-from ..report import MetricsLog
+from ..run.checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
+from ..run.evaluate import evaluate
+from ..run.plan import RunPlan
+from ..run.preflight import preflight_retrain
+from ..run.report import MetricsLog
+from ..run.runtime import model_source, prepare
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
 from .state import LoopState, checkpoint_due, log_step, progress_bar, stop_early, stop_note
@@ -46,7 +46,7 @@ class RetrainRecipe:
             structure.check_backbone(rt.site_map)
             specs = structure.specs()
             if rc.pafi_mask:
-                from ..pafi import load_mask
+                from ..structure.pafi import load_mask
 
                 masks, _ = load_mask(rc.pafi_mask, rt.backbone)
         self.pipe = pipe = build_pipeline(

@@ -7,22 +7,21 @@ from __future__ import annotations
 import json
 import time
 
-from .. import builders
-from ..checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
 from ..config import RunConfig
 from ..data import BatchStream, split_halves
 from ..engine import zero
 from ..engine.backbone import DTYPES
 from ..engine.bilevel import BiLevel, check_mode
 from ..engine.gatelogits import GateLogits
-from ..evaluate import evaluate
-from ..gates import discretise, probabilities
-from ..plan import RunPlan
-from ..preflight import preflight_search
-from ..recipe import model_source, prepare
-from ..report import MetricsLog, gates_csv, heatmap
-from ..structure import Structure
-from ..supernet import DeltaSpec, GateContext
+from ..method.gates import discretise, probabilities
+from ..method.supernet import DeltaSpec, GateContext
+from ..run.checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
+from ..run.evaluate import evaluate
+from ..run.plan import RunPlan
+from ..run.preflight import preflight_search
+from ..run.report import MetricsLog, gates_csv, heatmap
+from ..run.runtime import model_source, prepare
+from ..structure import Structure, builders
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
 from .state import LoopState, checkpoint_due, log_step, progress_bar, stop_early, stop_note

@@ -30,9 +30,9 @@ from s3delta_ds.data import BatchStream, split_halves  # noqa: E402
 from s3delta_ds.engine import zero  # noqa: E402
 from s3delta_ds.engine.bilevel import GATE_PHASE, BiLevel  # noqa: E402
 from s3delta_ds.engine.gatelogits import GateLogits  # noqa: E402
-from s3delta_ds.objective import DeltaModel  # noqa: E402
-from s3delta_ds.recipe import prepare  # noqa: E402
-from s3delta_ds.supernet import DeltaSpec, GateContext, attach, cast_deltas, freeze_backbone  # noqa: E402
+from s3delta_ds.method.objective import DeltaModel  # noqa: E402
+from s3delta_ds.method.supernet import DeltaSpec, GateContext, attach, cast_deltas, freeze_backbone  # noqa: E402
+from s3delta_ds.run.runtime import prepare  # noqa: E402
 
 LR, WEIGHT_DECAY, STEPS = 0.02, 0.01, 2
 

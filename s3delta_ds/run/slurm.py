@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from .errors import DistributedSetupError
+from ..errors import DistributedSetupError
 
 SCRIPTS = ("search", "retrain")
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SCRIPTS:
         print(
-            f"usage: srun python -m s3delta_ds.slurm {{{','.join(SCRIPTS)}}} [--config C.yaml] [key=value ...]",
+            f"usage: srun python -m s3delta_ds.run.slurm {{{','.join(SCRIPTS)}}} [--config C.yaml] [key=value ...]",
             file=sys.stderr,
         )
         return 2

@@ -18,12 +18,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .backbones import FAMILIES, SiteMap, parse_site
-from .backbones.loading import BackboneInfo
-from .deltas import DELTAS, build_config, config_kwargs, resolve
-from .errors import S3DeltaError, StructureError
-from .supernet import DeltaSpec
-from .util import atomic_write_text
+from ..backbones import FAMILIES, SiteMap, parse_site
+from ..backbones.loading import BackboneInfo
+from ..deltas import DELTAS, build_config, config_kwargs, resolve
+from ..errors import S3DeltaError, StructureError
+from ..method.supernet import DeltaSpec
+from ..util import atomic_write_text
 
 FORMAT = "s3delta-structure"
 VERSION = 1

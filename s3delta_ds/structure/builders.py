@@ -11,12 +11,12 @@ from typing import Any
 
 import torch.nn as nn
 
-from .backbones import Family, SiteMap, family_for
-from .backbones.loading import BackboneInfo, build_model, config_hash, load_config
-from .errors import BudgetError, SearchSpaceError
-from .gates import discretise, random_structure
-from .space import Rule, SearchSpace, backbone_params, enumerate_rules, enumerate_space
-from .structure import Budget, CandidateRecord, ModuleChoice, Structure
+from ..backbones import Family, SiteMap, family_for
+from ..backbones.loading import BackboneInfo, build_model, config_hash, load_config
+from ..errors import BudgetError, SearchSpaceError
+from ..method.gates import discretise, random_structure
+from ..method.space import Rule, SearchSpace, backbone_params, enumerate_rules, enumerate_space
+from . import Budget, CandidateRecord, ModuleChoice, Structure
 
 _MATMUL = ("attn.proj", "mlp.in", "mlp.out")
 

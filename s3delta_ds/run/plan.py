@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .builders import Backbone, absolute_budget
-from .config import ModelConfig, RunConfig
-from .engine import zero
-from .gates import check_budget
-from .space import SearchSpace
-from .structure import Structure
+from ..config import ModelConfig, RunConfig
+from ..engine import zero
+from ..method.gates import check_budget
+from ..method.space import SearchSpace
+from ..structure import Structure
+from ..structure.builders import Backbone, absolute_budget
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

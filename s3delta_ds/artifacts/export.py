@@ -27,17 +27,18 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .backbones.pooling import pooling_of
-from .builders import Backbone
-from .checkpoint import load_deltas, save_deltas
-from .config import ModelConfig, load_run_config
-from .deltas import DELTAS, delta_class
-from .engine import zero
-from .engine.backbone import load_backbone, resolve_source
-from .errors import CheckpointError, StructureError
+from ..backbones.pooling import pooling_of
+from ..config import ModelConfig, load_run_config
+from ..deltas import DELTAS, delta_class
+from ..engine import zero
+from ..engine.backbone import load_backbone, resolve_source
+from ..errors import CheckpointError, StructureError
+from ..method.supernet import SLOT_ATTR, attach, slots
+from ..run.checkpoint import load_deltas, save_deltas
+from ..structure import Budget, ModuleChoice, Structure
+from ..structure.builders import Backbone
+from ..util import atomic_write_text
 from .merge import merge, plan_merge
-from .structure import Budget, ModuleChoice, Structure, atomic_write_text
-from .supernet import SLOT_ATTR, attach, slots
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 _TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
@@ -87,14 +88,14 @@ def _check_pooling(model: nn.Module) -> None:
 
 
 def _family(cfg):
-    from .backbones import family_for
-    from .backbones.loading import load_config
+    from ..backbones import family_for
+    from ..backbones.loading import load_config
 
     return family_for(load_config(resolve_source(cfg.model)))
 
 
 def _num_labels(cfg) -> int | None:
-    from .data import OBJECTIVES, resolve_task
+    from ..data import OBJECTIVES, resolve_task
 
     return len(resolve_task(cfg.data).label_words) if OBJECTIVES[_family(cfg).name] == "classify" else None
 
@@ -144,7 +145,7 @@ def save_hf(model: nn.Module, out: Path, max_shard_bytes: int = DEFAULT_SHARD_BY
 
 
 def _copy_tokenizer(run: Path, out: Path) -> None:
-    from .data import load_tokenizer
+    from ..data import load_tokenizer
 
     cfg = load_run_config(run / "config.yaml")
     try:
@@ -304,15 +305,15 @@ def _write_adapter(out: Path, config: dict, state: dict[str, torch.Tensor]) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m s3delta_ds.export RUN (--merge|--peft) -o OUT [--zero3]``; with ``--zero3`` under a
+    """``python -m s3delta_ds.artifacts.export RUN (--merge|--peft) -o OUT [--zero3]``; with ``--zero3`` under a
     launcher (deepspeed/torchrun), the backbone is loaded partitioned across the ranks and every
     tensor is gathered on its own while merging and saving."""
     import argparse
     import sys
 
-    from .errors import S3DeltaError
+    from ..errors import S3DeltaError
 
-    p = argparse.ArgumentParser(prog="python -m s3delta_ds.export")
+    p = argparse.ArgumentParser(prog="python -m s3delta_ds.artifacts.export")
     p.add_argument("run")
     p.add_argument("--merge", action="store_true")
     p.add_argument("--peft", action="store_true")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import BudgetError
+from ..errors import BudgetError
 
 #: The original solves Σ n_i p_i = B·(1 − 1e-7): a hair under the budget, so rounding never overshoots.
 BUDGET_SLACK = 1e-7

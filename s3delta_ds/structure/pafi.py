@@ -19,12 +19,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .backbones import SiteMap
+from ..backbones import SiteMap
+from ..deltas.pafi import smallest_magnitude
+from ..errors import ConfigError, StructureError
+from ..util import atomic_path
+from . import Budget, ModuleChoice, Structure
 from .builders import Backbone
-from .deltas.pafi import smallest_magnitude
-from .errors import ConfigError, StructureError
-from .structure import Budget, ModuleChoice, Structure
-from .util import atomic_path
 
 MASK_FORMAT = "s3delta-pafi-mask"
 ELIGIBLE = ("linear", "norm")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .backbones import parse_site
-from .space import SearchSpace
-from .util import atomic_path, atomic_write_text
+from ..backbones import parse_site
+from ..method.space import SearchSpace
+from ..util import atomic_path, atomic_write_text
 
 
 class MetricsLog:

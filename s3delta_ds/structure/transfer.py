@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .backbones import parse_site
+from ..backbones import parse_site
+from ..deltas import resolve
+from ..errors import StructureError
+from ..method.gates import discretise
+from ..method.space import Candidate, SearchSpace, rules_of
+from . import Structure
 from .builders import Backbone, absolute_budget, from_indices
-from .deltas import resolve
-from .errors import StructureError
-from .gates import discretise
-from .space import Candidate, SearchSpace, rules_of
-from .structure import Structure
 
 RULE = "overlap-mean"
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .data import Collator, EvalShard, Task
-from .engine import zero
+from ..data import Collator, EvalShard, Task
+from ..engine import zero
+from ..method.objective import DeltaModel, move
 from .metrics import compute
-from .objective import DeltaModel, move
 
 
 @torch.no_grad()

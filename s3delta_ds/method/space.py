@@ -14,10 +14,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from .backbones import Family, SiteMap, family_for
-from .backbones.loading import count_params
-from .deltas import config_kwargs, delta_class, host_of, resolve
-from .errors import SearchSpaceError
+from ..backbones import Family, SiteMap, family_for
+from ..backbones.loading import count_params
+from ..deltas import config_kwargs, delta_class, host_of, resolve
+from ..errors import SearchSpaceError
 
 _MATMULS = ("attn.proj", "mlp.in", "mlp.out")
 

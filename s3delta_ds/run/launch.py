@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .util import free_port
+from ..util import free_port
 
-SCRIPTS = {name: str(Path(__file__).with_name(f"{name}.py")) for name in ("search", "retrain")}
+SCRIPTS = {name: str(Path(__file__).resolve().parents[1] / f"{name}.py") for name in ("search", "retrain")}
 
 
 def launcher_command(script: str, args: list[str], nproc: int, master_port: int | None = None) -> list[str]:

@@ -12,12 +12,11 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from . import builders
-from .config import load_run_config
-from .errors import ConfigError, S3DeltaError
+from ..config import load_run_config
+from ..errors import ConfigError, S3DeltaError
+from ..structure import Structure, builders
+from ..util import atomic_write_text
 from .launch import launch
-from .structure import Structure
-from .util import atomic_write_text
 
 DEMO_CONFIG = str(resources.files("s3delta_ds") / "assets" / "demo.yaml")
 

@@ -24,10 +24,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .engine import zero
-from .errors import CheckpointError
-from .supernet import named_delta_buffers, named_delta_parameters
-from .util import atomic_path
+from ..engine import zero
+from ..errors import CheckpointError
+from ..method.supernet import named_delta_buffers, named_delta_parameters
+from ..util import atomic_path
 
 DELTA_FORMAT = "s3delta-deltas"
 COMPLETE = "COMPLETE"

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .backbones import SiteMap
-from .deltas import Slot, fold_all, host_of
-from .supernet import slots
+from ..backbones import SiteMap
+from ..deltas import Slot, fold_all, host_of
+from ..method.supernet import slots
 
 
 @dataclass

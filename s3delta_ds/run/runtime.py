@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Family, SiteMap, family_for
-from .backbones.pooling import pooling_of
-from .builders import Backbone
-from .config import RunConfig, TrainConfig, dump_yaml
-from .data import OBJECTIVES, Collator, Encoder, Task, load_rows, load_tokenizer, resolve_task
-from .data.encode import encode_all
-from .engine import zero
-from .engine.backbone import load_backbone, resolve_source
-from .errors import BackboneError, BudgetError, ConfigError, DataError, SearchSpaceError, StructureError
+from ..backbones import Family, SiteMap, family_for
+from ..backbones.pooling import pooling_of
+from ..config import RunConfig, TrainConfig, dump_yaml
+from ..data import OBJECTIVES, Collator, Encoder, Task, load_rows, load_tokenizer, resolve_task
+from ..data.encode import encode_all
+from ..engine import zero
+from ..engine.backbone import load_backbone, resolve_source
+from ..errors import BackboneError, BudgetError, ConfigError, DataError, SearchSpaceError, StructureError
+from ..structure.builders import Backbone
+from ..util import atomic_write_text
 from .plan import RunPlan
-from .util import atomic_write_text
 
 
 @dataclass
@@ -124,12 +124,12 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
     ``cfg`` must have been through ``preflight`` (model and task resolved, names checked). ``plan``:
     the run's plan (``RunPlan``), resolved here for a bare setup when not given."""
     if cfg.model.name_or_path is None or cfg.data.task is None:
-        raise ConfigError("model.name_or_path and data.task must be resolved first (s3delta_ds.preflight)")
+        raise ConfigError("model.name_or_path and data.task must be resolved first (s3delta_ds.run.preflight)")
     rank, world = zero.init_distributed()
     plan = plan or RunPlan.for_setup(cfg, model_source(cfg))
     _output_dir(Path(cfg.output_dir), rank, resume=resume, overwrite=cfg.overwrite)
 
-    from .backbones.loading import load_config
+    from ..backbones.loading import load_config
 
     config = load_config(plan.source)
     family = family_for(config)
@@ -219,8 +219,8 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
     """Shared argument handling of search.py / retrain.py (every launcher passes --local_rank)."""
     import argparse
 
-    from .config import load_run_config
-    from .errors import S3DeltaError
+    from ..config import load_run_config
+    from ..errors import S3DeltaError
 
     p = argparse.ArgumentParser(prog=prog, description="Keys of the YAML config can be overridden as section.key=value")
     p.add_argument("--config", help="YAML run config (see examples/)")

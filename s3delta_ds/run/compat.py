@@ -3,7 +3,7 @@ one backbone and precision, in one launch, and record what works (and the error 
 does not). ``scripts/compat_matrix.py`` launches every (family, precision) with 2 ranks and renders
 the table that README.md shows.
 
-    deepspeed --num_gpus 2 --module s3delta_ds.compat --model tiny-t5 --precision 4bit --out DIR
+    deepspeed --num_gpus 2 --module s3delta_ds.run.compat --model tiny-t5 --precision 4bit --out DIR
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from .builders import Backbone, manual
-from .config import load_run_config
-from .engine import zero
+from ..config import load_run_config
+from ..engine import zero
+from ..structure.builders import Backbone, manual
 
 PRECISIONS = {
     "fp32": ["model.dtype=fp32"],
@@ -47,8 +47,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def run_cell(model: str, precision: str, stage: int, mode: str, out: Path, structure: Path) -> dict:
-    from .retrain import run_retrain
-    from .search import run_search
+    from ..retrain import run_retrain
+    from ..search import run_search
 
     overrides = [
         f"model.name_or_path={model}",
@@ -71,7 +71,7 @@ def run_cell(model: str, precision: str, stage: int, mode: str, out: Path, struc
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m s3delta_ds.compat")
+    p = argparse.ArgumentParser(prog="python -m s3delta_ds.run.compat")
     p.add_argument("--model", required=True)
     p.add_argument("--precision", required=True, choices=sorted(PRECISIONS))
     p.add_argument("--out", required=True)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .config import RunConfig
-from .errors import ConfigError, StructureError
-from .structure import Structure
+from ..config import RunConfig
+from ..errors import ConfigError, StructureError
+from ..structure import Structure
 
 DEFAULT_MODEL = "tiny-t5"
 DEFAULT_TASK = "tiny-sentiment"
@@ -56,13 +56,13 @@ def from_accelerate(cfg: RunConfig, log=log0) -> RunConfig:
 
 def _check_common(cfg: RunConfig) -> str:
     """Task, DeepSpeed config and model family; returns the model's family name ("" for GGUF)."""
-    from .backbones import family_for
-    from .backbones.loading import load_config
-    from .data import resolve_task
+    from ..backbones import family_for
+    from ..backbones.loading import load_config
+    from ..data import resolve_task
 
     resolve_task(cfg.data)
     if cfg.deepspeed != "auto":
-        from .engine import zero
+        from ..engine import zero
 
         zero.read_ds_config(cfg.deepspeed)
     if cfg.model.gguf_file is not None:  # the architecture is inside the GGUF file, read at load time
@@ -77,7 +77,7 @@ def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
         ConfigError, SearchSpaceError, BackboneError: a name that does not exist (the message lists
             the valid ones).
     """
-    from .space import rules_of
+    from ..method.space import rules_of
 
     if cfg.model.name_or_path is None:
         cfg = _replace(cfg, "model", name_or_path=DEFAULT_MODEL)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .backbones import SiteMap
-from .deltas import Delta, Slot, resolve
+from ..backbones import SiteMap
+from ..deltas import Delta, Slot, resolve
 
 SLOT_ATTR = "s3delta"
 
@@ -154,7 +154,7 @@ def attach(
     positions from a backbone-wide PaFi mask instead), and HiWi, which reads the weight in every
     forward, is announced to ZeRO-3 with ``register_external(delta_module, param)``.
     """
-    from .errors import SearchSpaceError
+    from ..errors import SearchSpaceError
 
     by_site: dict[str, list[DeltaSpec]] = {}
     for spec in specs:
