@@ -5,6 +5,7 @@ and how close does it come to full fine-tuning? On real pretrained weights and r
     python benchmarks/quality.py --smoke                              # CI: the whole pipeline, tiny
     python benchmarks/quality.py                                      # MiniLM + SmolLM2, 2 tasks, 2 budgets, 3 seeds
     python benchmarks/quality.py --backbones minilm --tasks rt-sentiment --seeds 0
+    python benchmarks/quality.py --phase 1 [--report]                 # issue 15's phase 1 (validation only)
 
 For each (backbone, task, seed): full fine-tuning and the manual structures at their own size
 (LoRA r=8 on q,v; BitFit; LNFit; LowRankAdapter; Adapter; PaFi 0.5%; HiWi on FFN weights); for
@@ -27,13 +28,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s3delta_ds import builders  # noqa: E402
-from s3delta_ds.assets import asset_path  # noqa: E402
 from s3delta_ds.config import load_run_config  # noqa: E402
-from s3delta_ds.structure import Structure  # noqa: E402
+from s3delta_ds.data.assets import asset_path  # noqa: E402
+from s3delta_ds.structure import Structure, builders  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MANUAL = ("lora", "bitfit", "lnfit", "lra", "adapter", "pafi", "hiwi")
@@ -257,6 +259,540 @@ def report(out: Path, md: Path, title: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------------------------------------------
+# Phase 1 (issue 15): make the search good, choosing on VALIDATION only.
+#
+#     python benchmarks/quality.py --phase 1            # resumable: one JSON per unit, skipped if present
+#     python benchmarks/quality.py --phase 1 --report   # only rewrite quality-phase1.md from what exists
+#
+# MiniLM-L6 on rt-sentiment at one budget (1e-3), seeds 0 and 1. Units, in priority order (the queue
+# can be cut anywhere and resumed): learning curves of LoRA r=8 and full fine-tuning; random
+# structures; then one search per (variant, seed), each followed by retrains of its structures. The
+# variants change one factor of the base search at a time. Selection rules need no extra search:
+# the rule only reads the trajectory, so the gate logits of every validation pass are recorded once
+# and each rule's structure is discretised from them (the "metric" one is checked against the
+# structure search.py writes). Test sets are capped at 32 rows (retrain always scores its best step
+# on test) and no test score is ever written to a phase-1 record: the table reads validation only.
+# ---------------------------------------------------------------------------------------------------
+
+P1_OUT = RESULTS / "quality-phase1"
+P1_BACKBONE, P1_TASK, P1_BUDGET, P1_SEEDS = "minilm", "rt-sentiment", 1e-3, (0, 1)
+P1_VAL = 500  # validation rows (of the task's 1,000): one standard error ~2 points per run
+P1_TEST_CAP = 32  # retrain scores its best step on test whatever we do: keep it tiny, never record it
+P1_BATCH, P1_LR, P1_FULL_LR = 16, 2e-3, 1e-4
+P1_RETRAIN_STEPS = 300  # chosen from the learning curves (quality-phase1.md and -notes.md)
+P1_EVAL_EVERY = 50
+# learning curves (seed 0, validation every 40): LoRA r=8, full fine-tuning, and the seed-0 random
+# structure at the budget (does a 22k-parameter structure converge as fast as the larger LoRA?)
+P1_CURVES = {"lora": 400, "full": 320, "random": 400}
+P1_SEARCH_BASE = {
+    "mode": "first-order",
+    "gate_lr": 0.1,
+    "temperature": 1.0,
+    "beta": 1.0,
+    "mult": 1,  # search steps = mult × retrain steps
+    "warmup": 0.0,  # fraction of search steps before the gates move (prototype, see _install_search_probes)
+    "space": "mixed",
+    "gate_adam": "per-logit",  # "shared": one second moment for all logits (prototype, _install_search_probes)
+}
+P1_RULES = ("metric", "loss", "last")
+# name -> (changes from the base, retrain the structures of all three selection rules?)
+P1_VARIANTS = {
+    "base": ({}, True),
+    # mixed without BitFit on attention keys: q·(k + b) = q·k + q·b shifts every score of a query by
+    # the same amount, so softmax ignores it (BERT/T5; not under RoPE): a candidate that cannot act
+    "no-kbias": ({"space": "mixed-nokb"}, False),
+    # AdamW normalises each logit's step: a tiny but steady gate gradient moves a logit as fast as a
+    # large one. One second moment shared by all logits keeps their relative sizes.
+    "shared-adam": ({"gate_adam": "shared"}, False),
+    "len2x": ({"mult": 2}, True),
+    "glr0.3": ({"gate_lr": 0.3}, False),
+    "second-order": ({"mode": "second-order"}, False),  # ~3x a first-order step
+    "glr0.03": ({"gate_lr": 0.03}, False),
+    "warmup0.25": ({"warmup": 0.25}, False),
+    "temp0.5": ({"temperature": 0.5}, False),
+    "beta0.5": ({"beta": 0.5}, False),
+    "temp2": ({"temperature": 2.0}, False),
+    "beta2": ({"beta": 2.0}, False),
+    "len4x": ({"mult": 4}, True),
+}
+
+_TRACE: list[dict] = []  # per validation pass of the running search: step, score, loss, gate logits
+_GATE_WARMUP = {"steps": 0, "shared_adam": False}
+
+
+def _register_nokb_space() -> None:
+    """Prototype space ``mixed-nokb``: ``mixed`` less BitFit on attention keys (a no-op there)."""
+    from s3delta_ds.method import space as space_mod
+
+    if "mixed-nokb" in space_mod.SPACES:
+        return
+
+    class NoKeyRule(space_mod.Rule):
+        __slots__ = ()
+
+        def sites(self, site_map, *args, **kwargs):
+            return [s for s in space_mod.Rule.sites(self, site_map, *args, **kwargs) if s.component != "attn.k"]
+
+    rules = list(space_mod.SPACES["mixed"])
+    rules[1] = NoKeyRule(rules[1].roles, rules[1].delta, rules[1].kwargs, rules[1].components)
+    assert rules[1].delta == "bitfit"
+    space_mod.SPACES["mixed-nokb"] = tuple(rules)
+
+
+def _install_search_probes() -> None:
+    """Record the gate logits of every validation pass of a search, and the prototype gate warm-up.
+    Read-only for the search itself (warm-up 0 changes nothing)."""
+    from s3delta_ds.engine.gatelogits import GateLogits
+    from s3delta_ds.recipes.state import LoopState
+
+    _register_nokb_space()
+
+    if getattr(LoopState, "_phase1_probed", False):
+        return
+    orig_eval_p, orig_apply, orig_is_better = GateLogits.eval_p, GateLogits.apply, LoopState.is_better
+    last = {}
+
+    def eval_p(self):
+        last["logits"] = self.logits.detach().cpu().clone()
+        return orig_eval_p(self)
+
+    def is_better(state, result, metric, select="metric"):
+        if "logits" in last:  # a search's validation pass (retrain has no gates)
+            _TRACE.append(
+                {"step": state.step, "score": result[metric], "loss": result["loss"], "logits": last.pop("logits")}
+            )
+        return orig_is_better(state, result, metric, select)
+
+    def apply(self, grad):
+        self._p1_calls = getattr(self, "_p1_calls", 0) + 1
+        if self._p1_calls <= _GATE_WARMUP["steps"]:  # gates frozen: keep the schedule, skip the update
+            self.last_grad_norm = float(grad.norm())
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        if _GATE_WARMUP["shared_adam"]:  # Adam with one second moment (mean g² over logits), same lr schedule
+            g = grad.to(self.logits.dtype)
+            norm = float(g.norm())
+            if self.clip > 0 and norm > self.clip:
+                g = g * (self.clip / (norm + 1e-6))
+            self.last_grad_norm = norm
+            st = self.__dict__.setdefault("_p1_shared", {"t": 0, "m": torch.zeros_like(g), "v": 0.0})
+            st["t"] += 1
+            st["m"].mul_(0.9).add_(g, alpha=0.1)
+            st["v"] = 0.999 * st["v"] + 0.001 * float((g * g).mean())
+            lr = self.optimizer.param_groups[0]["lr"]
+            step = st["m"] / (1 - 0.9 ** st["t"]) / (((st["v"] / (1 - 0.999 ** st["t"])) ** 0.5) + 1e-8)
+            with torch.no_grad():
+                self.logits.sub_(lr * step)
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        orig_apply(self, grad)
+
+    GateLogits.eval_p, GateLogits.apply, LoopState.is_better = eval_p, apply, is_better
+    LoopState._phase1_probed = True
+
+
+def _select(trace: list[dict], rule: str) -> dict:
+    """The validation pass a rule picks, exactly as recipe.is_better walks them."""
+    best, best_score, best_loss = None, float("-inf"), float("inf")
+    for t in trace:
+        if rule == "last":
+            ok = True
+        elif rule == "loss":
+            ok = t["loss"] <= best_loss
+        else:
+            ok = t["score"] > best_score if t["score"] != best_score else t["loss"] <= best_loss
+        if ok:
+            best, best_score, best_loss = t, t["score"], t["loss"]
+    return best
+
+
+def _p1_common(seed: int, out: Path) -> list[str]:
+    return [
+        f"model.name_or_path={SETUPS[P1_BACKBONE].model}",
+        f"data.task={P1_TASK}",
+        f"data.max_eval_examples={P1_VAL}",
+        f"data.max_test_examples={P1_TEST_CAP}",
+        "data.split_seed=0",
+        f"seed={seed}",
+        f"output_dir={out}",
+        "overwrite=true",
+        "zero_stage=0",
+        "model.dtype=fp32",
+    ]
+
+
+def _p1_train(section: str, steps: int, eval_every: int, lr: float) -> list[str]:
+    return [
+        f"{section}.steps={steps}",
+        f"{section}.micro_batch_size={P1_BATCH}",
+        f"{section}.eval_every={eval_every}",
+        f"{section}.lr={lr}",
+        f"{section}.eval_batch_size=64",
+        f"{section}.log_every={eval_every}",
+        f"{section}.checkpoint_every=1000000",  # no checkpoints: a killed unit reruns from its start
+    ]
+
+
+def _validation_curve(run_dir: Path) -> list[list[float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [[r["step"], r["accuracy"], r["loss"]] for r in rows if r.get("phase") == "validation"]
+
+
+def _p1_retrain(seed: int, work: Path, structure: Path | None, steps: int, eval_every: int) -> dict:
+    """Retrain (or fully fine-tune) and return VALIDATION results only."""
+    from s3delta_ds.retrain import run_retrain
+
+    lr = P1_FULL_LR if structure is None else P1_LR
+    extra = ["retrain.full_finetune=true"] if structure is None else [f"retrain.structure={structure}"]
+    cfg = load_run_config(None, [*_p1_common(seed, work), *_p1_train("retrain", steps, eval_every, lr), *extra])
+    t0 = time.time()
+    s = run_retrain(cfg)
+    return {
+        "validation": s["validation_score"],
+        "best_step": s["best_step"],
+        "steps": s["steps"],
+        "trainable_params": s["trainable_params"],
+        "curve": _validation_curve(work),  # [step, accuracy, loss] per validation pass
+        "median_step_s": round(s["median_step_s"], 3),
+        "time_s": round(time.time() - t0, 1),
+    }  # s["test"], s["test_score"]: deliberately dropped
+
+
+def _composition(structure: Structure) -> dict:
+    return {t: v["count"] for t, v in sorted(structure.summary()["by_type"].items())}
+
+
+def _modules_key(structure: Structure) -> str:
+    """What a retrain depends on: the modules (the digest also covers the search metadata)."""
+    import hashlib
+
+    mods = sorted(json.dumps(m.to_dict(), sort_keys=True) for m in structure.modules)
+    return hashlib.sha256("\n".join(mods).encode()).hexdigest()[:16]
+
+
+def _p1_units() -> list[tuple[str, tuple]]:
+    units: list[tuple[str, tuple]] = [(f"curves/{m}-s0", ("curve", m, 0)) for m in P1_CURVES]
+    units += [(f"retrain/random-s{s}", ("random", s)) for s in P1_SEEDS]
+    for name, (_, all_rules) in P1_VARIANTS.items():
+        for s in P1_SEEDS:
+            units.append((f"search/{name}-s{s}", ("search", name, s)))
+            for rule in P1_RULES if all_rules else ("metric",):
+                units.append((f"retrain/{name}-{rule}-s{s}", ("retrain", name, rule, s)))
+    return units
+
+
+def _p1_search(name: str, seed: int, work: Path) -> dict:
+    from s3delta_ds.method.gates import probabilities
+    from s3delta_ds.search import run_search
+
+    cfg_s = {**P1_SEARCH_BASE, **P1_VARIANTS[name][0]}
+    steps = P1_RETRAIN_STEPS * cfg_s["mult"]
+    _install_search_probes()
+    _TRACE.clear()
+    _GATE_WARMUP["steps"] = int(round(cfg_s["warmup"] * steps))
+    _GATE_WARMUP["shared_adam"] = cfg_s["gate_adam"] == "shared"
+    eval_every = P1_EVAL_EVERY * cfg_s["mult"] if cfg_s["mult"] > 1 else P1_EVAL_EVERY
+    eval_every = min(eval_every, max(P1_EVAL_EVERY, steps // 4))
+    overrides = [
+        *_p1_common(seed, work),
+        *_p1_train("search", steps, eval_every, P1_LR),
+        f"search.space={cfg_s['space']}",
+        f"search.budget={P1_BUDGET}",
+        f"search.mode={cfg_s['mode']}",
+        f"search.gate_lr={cfg_s['gate_lr']}",
+        f"search.temperature={cfg_s['temperature']}",
+        f"search.beta={cfg_s['beta']}",
+        "search.select=metric",
+    ]
+    t0 = time.time()
+    try:
+        summary = run_search(load_run_config(None, overrides))
+    finally:
+        _GATE_WARMUP.update(steps=0, shared_adam=False)
+    written = Structure.load(work / "structure.json")
+    plan = builders.Backbone.plan(SETUPS[P1_BACKBONE].model)
+    space = plan.space(cfg_s["space"])
+    n = torch.tensor(space.params, dtype=torch.float64)
+    budget = builders.absolute_budget(P1_BUDGET, plan.info.num_params)
+    structures, picks = {}, {}
+    for rule in P1_RULES:
+        t = _select(_TRACE, rule)
+        p, _ = probabilities(t["logits"].double(), n, budget, cfg_s["beta"])
+        meta = {
+            **written.search,
+            "select": rule,
+            "selected_step": t["step"],
+            "score": t["score"],
+            "validation_loss": t["loss"],
+        }
+        s = builders.searched(space, plan.info, p.tolist(), t["logits"].tolist(), P1_BUDGET, search=meta)
+        structures[rule], picks[rule] = s, t
+    same = [(m.site, m.type) for m in structures["metric"].modules] == [(m.site, m.type) for m in written.modules]
+    if not same:
+        raise RuntimeError(f"phase 1: the re-discretised 'metric' structure differs from search.py's ({work})")
+    sdir = P1_OUT / "structures"
+    sdir.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for rule, s in structures.items():
+        s.save(sdir / f"{name}-{rule}-s{seed}.json")
+        digests[rule] = s.digest()
+    last_logits = _TRACE[-1]["logits"]
+    return {
+        "unit": "search",
+        "variant": name,
+        "seed": seed,
+        "settings": {**cfg_s, "steps": steps, "eval_every": eval_every, "retrain_steps": P1_RETRAIN_STEPS},
+        "supernet_curve": [[t["step"], t["score"], t["loss"]] for t in _TRACE],
+        "rules": {
+            rule: {
+                "selected_step": picks[rule]["step"],
+                "supernet_validation": picks[rule]["score"],
+                "modules": len(structures[rule].modules),
+                "params_used": structures[rule].budget.used,
+                "composition": _composition(structures[rule]),
+                "structure_digest": digests[rule],
+                "modules_key": _modules_key(structures[rule]),
+            }
+            for rule in P1_RULES
+        },
+        "final_logit_std": float(last_logits.std()),
+        "final_logit_range": float(last_logits.max() - last_logits.min()),
+        "median_step_s": round(summary["median_step_s"], 3),
+        "time_s": round(time.time() - t0, 1),
+    }
+
+
+def _p1_run_unit(key: str, spec: tuple, work: Path) -> dict:
+    kind = spec[0]
+    if kind == "curve":
+        _, method, seed = spec
+        structure = None
+        if method != "full":
+            structure = work / "structure.json"
+            work.mkdir(parents=True, exist_ok=True)
+            plan = builders.Backbone.plan(SETUPS[P1_BACKBONE].model)
+            if method == "random":
+                s = builders.random_baseline(plan.space("mixed"), plan.info, P1_BUDGET, seed)
+            else:
+                s = builders.manual(plan, method)
+            s.save(structure)
+        r = _p1_retrain(seed, work / "retrain", structure, P1_CURVES[method], 40)
+        return {"unit": "curve", "method": method, "seed": seed, "lr": P1_FULL_LR if structure is None else P1_LR, **r}
+    if kind == "random":
+        _, seed = spec
+        plan = builders.Backbone.plan(SETUPS[P1_BACKBONE].model)
+        s = builders.random_baseline(plan.space("mixed"), plan.info, P1_BUDGET, seed)
+        work.mkdir(parents=True, exist_ok=True)
+        s.save(work / "structure.json")
+        r = _p1_retrain(seed, work / "retrain", work / "structure.json", P1_RETRAIN_STEPS, P1_EVAL_EVERY)
+        return {
+            "unit": "retrain",
+            "variant": "random",
+            "rule": None,
+            "seed": seed,
+            "modules": len(s.modules),
+            "params_used": s.budget.used,
+            "composition": _composition(s),
+            **r,
+        }
+    if kind == "search":
+        _, name, seed = spec
+        return _p1_search(name, seed, work / "search")
+    _, name, rule, seed = spec
+    structure = P1_OUT / "structures" / f"{name}-{rule}-s{seed}.json"
+    s = Structure.load(structure)
+    # the same structure under another rule already retrained: reuse it (same seed, same protocol)
+    for other in P1_RULES:
+        prev = P1_OUT / "retrain" / f"{name}-{other}-s{seed}.json"
+        if other != rule and prev.exists():
+            rec = json.loads(prev.read_text())
+            if rec.get("modules_key") == _modules_key(s) and rec.get("retrain_steps") == P1_RETRAIN_STEPS:
+                return {**rec, "rule": rule, "reused_from": other}
+    r = _p1_retrain(seed, work / "retrain", structure, P1_RETRAIN_STEPS, P1_EVAL_EVERY)
+    return {
+        "unit": "retrain",
+        "variant": name,
+        "rule": rule,
+        "seed": seed,
+        "modules": len(s.modules),
+        "params_used": s.budget.used,
+        "composition": _composition(s),
+        "structure_digest": s.digest(),
+        "modules_key": _modules_key(s),
+        "retrain_steps": P1_RETRAIN_STEPS,
+        **r,
+    }
+
+
+def run_phase1(work_root: Path, only: str | None = None) -> None:
+    units = _p1_units()
+    if only:
+        units = [u for u in units if u[0].startswith(tuple(only.split(",")))]
+    print(f"[phase1] {len(units)} units -> {P1_OUT}", flush=True)
+    for i, (key, spec) in enumerate(units):
+        path = P1_OUT / f"{key}.json"
+        if path.exists():
+            continue
+        if spec[0] == "retrain" and not (P1_OUT / f"search/{spec[1]}-s{spec[3]}.json").exists():
+            print(f"[phase1] {key}: its search has no record yet, skipped", flush=True)
+            continue
+        t0 = time.time()
+        try:
+            rec = _p1_run_unit(key, spec, work_root / key.replace("/", "_"))
+        except Exception as e:  # noqa: BLE001 - one failed unit must not stop the queue; it reruns next start
+            import traceback
+
+            traceback.print_exc()
+            print(f"[phase1] {i + 1}/{len(units)} {key}: FAILED ({type(e).__name__}: {e}); continuing", flush=True)
+            continue
+        rec.setdefault("retrain_steps", P1_RETRAIN_STEPS)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec, indent=1) + "\n")
+        print(
+            f"[phase1] {i + 1}/{len(units)} {key}: validation {rec.get('validation', '-')} ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
+        report_phase1()
+
+
+def _plot_curves(curves: dict[str, dict], png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, rec in sorted(curves.items()):
+        name = f"random structure at {P1_BUDGET:g}" if method == "random" else method
+        steps = [c[0] for c in rec["curve"]]
+        ax.plot(
+            steps,
+            [100 * c[1] for c in rec["curve"]],
+            marker="o",
+            label=f"{name}: {rec['trainable_params']:,} trainable, lr {rec['lr']:g}",
+        )
+    ax.set_xlabel(f"step (batch {P1_BATCH}, linear decay to 0 at the last step)")
+    ax.set_ylabel(f"validation accuracy ({P1_VAL} rows), %")
+    ax.set_title(f"{P1_BACKBONE} · {P1_TASK}: learning curves (seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _mean(xs):
+    return statistics.mean(xs) if xs else float("nan")
+
+
+def report_phase1() -> str:
+    """quality-phase1.md from the records that exist (validation scores only: the records hold no test score)."""
+    load = lambda sub: [json.loads(p.read_text()) for p in sorted((P1_OUT / sub).glob("*.json"))]  # noqa: E731
+    curves = {r["method"]: r for r in load("curves")}
+    searches = {(r["variant"], r["seed"]): r for r in load("search")}
+    retrains = load("retrain")
+    md = P1_OUT.with_suffix(".md")
+    lines = [
+        "# Quality, phase 1: choosing the search's defaults on validation (issue 15)",
+        "",
+        f"`python benchmarks/quality.py --phase 1` (resumable; `--report` rewrites this file). {P1_BACKBONE} "
+        f"(all-MiniLM-L6-v2) on `{P1_TASK}`, budget {P1_BUDGET:g}, seeds {', '.join(map(str, P1_SEEDS))}, "
+        f"batch {P1_BATCH}, delta lr {P1_LR:g} (search and retrain), full fine-tuning lr {P1_FULL_LR:g}, "
+        f"validation = {P1_VAL} of the task's validation rows (`data.split_seed=0`), fp32, one CPU thread.",
+        "",
+        "**Every number here is a validation score.** The records under `quality-phase1/` hold no test "
+        "score (retrain scores its best step on a test set capped at "
+        f"{P1_TEST_CAP} rows, and the runner drops it), so no choice below could read a test set.",
+        "",
+    ]
+    if curves:
+        png = P1_OUT.parent / "quality-phase1-curves.png"
+        plotted = _plot_curves(curves, png)
+        lines += ["## (a) Training length: learning curves", ""]
+        if plotted:
+            lines += [f"![learning curves]({png.name})", ""]
+        steps = sorted({c[0] for r in curves.values() for c in r["curve"]})
+        names = sorted(curves)
+        lines += ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for st in steps:
+            cells = []
+            for m in names:
+                v = [c[1] for c in curves[m]["curve"] if c[0] == st]
+                cells.append(f"{100 * v[0]:.1f}" if v else "")
+            lines.append(f"| {st} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Per step: "
+            + ", ".join(f"{m} {curves[m]['median_step_s']:.2f} s" for m in names)
+            + f". Chosen retrain length: **{P1_RETRAIN_STEPS} steps** (validation every {P1_EVAL_EVERY}).",
+            "",
+        ]
+    if retrains:
+        lines += [
+            "## Ablation (retrained structures, validation accuracy ×100)",
+            "",
+            "One factor changed from `base` (first order, gate lr 0.1, concrete temperature 1, β 1, "
+            f"search steps = retrain steps = {P1_RETRAIN_STEPS}, selection by validation metric). "
+            "`mean` = mean over seeds of the retrain's best validation accuracy; `Δ rand` = mean − random's mean; "
+            "`supernet` = the search's validation accuracy at the selected step (z = p); `sel. step` per seed; "
+            "composition = modules per delta type, per seed.",
+            "",
+            "| variant | rule | mean | per seed | Δ rand | supernet | sel. step | params | composition | search s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        groups: dict[tuple, list[dict]] = {}
+        for r in retrains:
+            groups.setdefault((r["variant"], r["rule"]), []).append(r)
+        rand = [r["validation"] for r in groups.get(("random", None), [])]
+        order = {v: i for i, v in enumerate(["random", *P1_VARIANTS])}
+        rows = []
+        for (variant, rule), rs in sorted(
+            groups.items(), key=lambda kv: (order.get(kv[0][0], 99), P1_RULES.index(kv[0][1]) if kv[0][1] else -1)
+        ):
+            rs = sorted(rs, key=lambda r: r["seed"])
+            vals = [r["validation"] for r in rs]
+            srch = [searches.get((variant, r["seed"])) for r in rs]
+            sup = [s["rules"][rule]["supernet_validation"] for s in srch if s and rule]
+            sel = [str(s["rules"][rule]["selected_step"]) for s in srch if s and rule]
+            stime = [s["time_s"] for s in srch if s]
+            comp = "; ".join(" ".join(f"{k} {v}" for k, v in r["composition"].items()) for r in rs)
+            delta = f"{100 * (_mean(vals) - _mean(rand)):+.1f}" if rand and variant != "random" else ""
+            rows.append((variant, rule, _mean(vals), len(vals)))
+            lines.append(
+                f"| {variant} | {rule or '—'} | {100 * _mean(vals):.1f} | "
+                + " / ".join(f"{100 * v:.1f}" for v in vals)
+                + f" | {delta} | "
+                + (" / ".join(f"{100 * v:.1f}" for v in sup) if sup else "—")
+                + f" | {' / '.join(sel) or '—'} | {_mean([r['params_used'] for r in rs]):,.0f} | {comp} | "
+                + (f"{_mean(stime):.0f}" if stime else "—")
+                + " |"
+            )
+        complete = [r for r in rows if r[3] == len(P1_SEEDS) and r[0] != "random"]
+        if complete:
+            best = max(complete, key=lambda r: r[2])
+            lines += [
+                "",
+                f"Best complete row so far (mean over {len(P1_SEEDS)} seeds, validation): **{best[0]} / {best[1]}** "
+                f"at {100 * best[2]:.1f}"
+                + (f" (random {100 * _mean(rand):.1f})" if rand else "")
+                + f". {len(complete)} complete searched rows of "
+                f"{sum(len(P1_RULES) if a else 1 for _, a in P1_VARIANTS.values())} planned.",
+            ]
+        lines.append("")
+    notes = P1_OUT.parent / "quality-phase1-notes.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    text = "\n".join(lines)
+    md.write_text(text)
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny embedded backbones and task, 1 seed (CI)")
@@ -276,7 +812,25 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", default=None, help="result directory (default benchmarks/results/quality[-smoke])")
     p.add_argument("--work", default=None, help="scratch directory for run outputs (default: a temp dir)")
+    p.add_argument(
+        "--phase",
+        type=int,
+        choices=(1,),
+        default=None,
+        help="1: issue 15's phase-1 ablation on validation (resumable; see quality-phase1.md)",
+    )
+    p.add_argument(
+        "--only", default=None, help="--phase 1: only units whose key starts with these (curves,search/base)"
+    )
+    p.add_argument("--report", action="store_true", help="--phase 1: only rewrite the markdown from existing records")
     args = p.parse_args(argv)
+    if args.phase == 1:
+        global P1_OUT
+        P1_OUT = Path(args.out) if args.out else P1_OUT
+        if not args.report:
+            run_phase1(Path(args.work or "/tmp/s3delta-quality-phase1"), args.only)
+        print(report_phase1())
+        return 0
     if args.smoke:
         args.backbones, args.tasks, args.budgets, args.seeds = (
             "tiny-bert,tiny-llama",
