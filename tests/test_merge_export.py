@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +314,65 @@ def test_ia3_alone_carries_the_classification_head(tmp_path_factory, tmp_path):
     model = PeftModel.from_pretrained(base, tmp_path / "peft" / "ia3").eval()
     reference = _logits(load_run(run_dir)[0], "tiny-bert")
     assert (_logits(model, "tiny-bert") - reference).abs().max() < 1e-5
+
+
+# -- BitFit on Linears rides in the LoRA adapter as lora_bias ----------------------------------------
+
+
+def _hand_made_run(tmp_path, name: str, keep) -> Path:
+    """A finished retrain directory without training: the structure, perturbed deltas, config.yaml."""
+    from s3delta_ds.config import dump_yaml, load_run_config
+    from s3delta_ds.method.supernet import named_delta_parameters
+    from s3delta_ds.run.checkpoint import save_deltas
+
+    from .helpers import tiny_model
+
+    plan = Backbone.plan(name)
+    cands = [c for c in plan.space("mixed").candidates if keep(c)]
+    modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in cands)
+    structure = Structure(
+        kind="manual", backbone=plan.info, budget=Budget(None, None, sum(m.params for m in modules)), modules=modules
+    )
+    run_dir = tmp_path / "run"
+    structure.save(run_dir / "structure.json")
+    model = tiny_model(name)
+    attach(model, Backbone.from_model(model).site_map, structure.specs())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in named_delta_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_deltas(model, run_dir / "deltas.safetensors")
+    cfg = load_run_config(None, [f"model.name_or_path={name}", "data.task=tiny-sentiment"])
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    return run_dir
+
+
+def test_bitfit_on_linears_exports_as_lora_bias(tmp_path):
+    from peft import PeftModel
+
+    def keep(c):  # LoRA on q only; BitFit on q (beside LoRA) and v, mlp.down (alone); LNFit on norms
+        comp = c.site.split(".", 2)[-1]
+        return (
+            (c.type == "lora" and comp == "attn.q")
+            or (c.type == "bitfit" and comp in ("attn.q", "attn.v", "mlp.down"))
+            or c.type == "lnfit"
+        )
+
+    run_dir = _hand_made_run(tmp_path, "tiny-t5", keep)
+    result = export_peft(run_dir, tmp_path / "peft")
+    assert set(result["adapters"]) == {"lora", "ln_tuning"} and result["not_exported"] == []
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["lora_bias"] is True
+    bias_only = [k for k in cfg["target_modules"] if k.endswith("SelfAttention.v")]
+    assert bias_only and all(cfg["alpha_pattern"][k] == 1.0 for k in bias_only)  # zero rank-1 LoRA, α/r = 1
+    reference = _logits(load_run(run_dir)[0], "tiny-t5")
+    base = AutoModelForSeq2SeqLM.from_pretrained(cfg["base_model_name_or_path"])
+    tuned = PeftModel.from_pretrained(base, tmp_path / "peft" / "ln_tuning").merge_and_unload()
+    model = PeftModel.from_pretrained(tuned, tmp_path / "peft").eval()  # unmerged: T5 has no bias to merge into
+    assert (_logits(model, "tiny-t5") - reference).abs().max() < 1e-5
+
+
+def test_bitfit_where_peft_cannot_hold_it_is_refused_by_name(tmp_path):
+    run_dir = _hand_made_run(tmp_path, "tiny-t5", lambda c: c.type == "bitfit" and c.site.endswith("attn_norm"))
+    with pytest.raises(StructureError, match="bitfit on encoder.0.attn_norm: PEFT holds an added bias only on a Lin"):
+        export_peft(run_dir, tmp_path / "peft")

@@ -237,43 +237,68 @@ def peft_base_name(model_cfg: ModelConfig) -> str:
     return str(local.resolve()) if local.is_dir() else source
 
 
+def _peft_refusals(model: nn.Module, backbone, structure: Structure) -> list[tuple[str, str, str]]:
+    """(site, type, why) of every module PEFT cannot hold. Besides types without a counterpart:
+    BitFit off a Linear, and BitFit beside IA3 (IA3 must be loaded after LoRA is merged, and a LoRA
+    carrying a bias cannot be merged into a bias-less layer)."""
+    types = {m.type for m in structure.modules}
+    out = []
+    for m in structure.modules:
+        cls = delta_class(m.type)
+        why = cls.peft_refusal(model.get_submodule(backbone.site_map.path(m.site)))
+        if why is None and m.type == "bitfit" and "ia3" in types:
+            why = "BitFit (LoRA's lora_bias) and IA3 cannot be stacked in PEFT's loading order"
+        if why is not None:
+            out.append((m.site, m.type, why))
+    return out
+
+
 def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
-    """Every delta with a PEFT counterpart as a PEFT adapter: LoRA in ``out``, LNFit (LN tuning) in
-    ``out/ln_tuning``, IA3 in ``out/ia3`` (see the module docstring for the loading order)."""
+    """Every delta with a PEFT counterpart as a PEFT adapter: LoRA (with BitFit on Linears as
+    ``lora_bias``) in ``out``, LNFit (LN tuning) in ``out/ln_tuning``, IA3 in ``out/ia3`` (see the
+    module docstring for the loading order). One adapter per PEFT method: a method's first type in
+    registry order writes its layers (``peft_site_state``) and its config (``peft_config``)."""
     model, backbone, structure = load_run(run)
     _check_pooling(model)
     family = backbone.family
-    unsupported = [(m.site, m.type) for m in structure.modules if delta_class(m.type).peft_adapter is None]
-    expressible = "/".join(t for t, cls in DELTAS.items() if cls.peft_adapter is not None)
-    if unsupported and not partial:
-        listed = ", ".join(f"{t} on {s}" for s, t in unsupported[:10])
+    refused = _peft_refusals(model, backbone, structure)
+    if refused and not partial:
+        listed = "; ".join(f"{t} on {s}: {why}" for s, t, why in refused[:6])
         raise StructureError(
-            f"PEFT cannot express {len(unsupported)} of the modules ({listed}"
-            f"{'...' if len(unsupported) > 10 else ''}): "
-            f"it has no counterpart of {', '.join(sorted({t for _, t in unsupported}))}. Use export --merge, or "
-            f"--partial to export only the {expressible} part"
+            f"PEFT cannot express {len(refused)} of the modules ({listed}{'; ...' if len(refused) > 6 else ''}). "
+            "Use export --merge, or --partial to export the rest"
         )
     if out.exists() and any(out.iterdir()):
         raise StructureError(f"{out} is not empty; choose a new directory")
+    skip = {(site, t) for site, t, _ in refused}
     source = peft_base_name(load_run_config(run / "config.yaml").model)
     head = list(family.head_modules)
     head_left = True  # the head goes into the first adapter that can hold it
+    groups: dict[str, list[str]] = {}  # adapter name -> its types, in registry order
+    for type_name, cls in DELTAS.items():
+        if cls.peft_adapter is not None:
+            groups.setdefault(cls.peft_adapter.name, []).append(type_name)
     written = {}
-    for type_name, cls in DELTAS.items():  # registry order: LoRA, LN tuning, IA3
-        adapter = cls.peft_adapter
-        members = [
-            (backbone.site_map.path(site), slot.deltas[type_name])
+    for names in groups.values():
+        primary = DELTAS[names[0]]
+        adapter = primary.peft_adapter
+        sites = {
+            site: {t: slot.deltas[t] for t in names if t in slot.deltas and (site, t) not in skip}
             for site, slot in slots(model).items()
-            if type_name in slot.deltas
-        ]
-        if adapter is None or not members:
+        }
+        sites = {site: ds for site, ds in sites.items() if ds}
+        if not sites:
             continue
+        types = frozenset(t for ds in sites.values() for t in ds)
+        members = [(backbone.site_map.path(site), d) for site, ds in sites.items() for d in ds.values()]
         state = {}
-        for path, d in members:
+        for site, ds in sites.items():
+            path = backbone.site_map.path(site)
             host = model.get_submodule(path)
-            # one module at a time under ZeRO-3: the host (LN tuning stores g + Δg) and the delta
-            with zero.gathered([*host.parameters(recurse=False), *d.parameters()]):
-                state |= {f"base_model.model.{path}.{k}": v for k, v in d.peft_state(host).items()}
+            # one module at a time under ZeRO-3: the host (LN tuning stores g + Δg) and its deltas
+            with zero.gathered([*host.parameters(recurse=False), *(p for d in ds.values() for p in d.parameters())]):
+                site_state = primary.peft_site_state(host, ds, types)
+            state |= {f"base_model.model.{path}.{k}": v for k, v in site_state.items()}
         carries = adapter.carries_head and head_left
         if carries:
             head_left = False
@@ -284,14 +309,15 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
             "peft_type": adapter.peft_type,
             "task_type": _TASK_TYPES[family.name],
             "base_model_name_or_path": source,
-            **cls.peft_config(members, head if carries else None),
+            **primary.peft_config(members, head if carries else None),
             "inference_mode": True,
         }
         _write_adapter(out / adapter.folder, config, state)
         written[adapter.name] = str(out / adapter.folder)
     if not written:
-        raise StructureError(f"the structure has no {expressible} module: nothing PEFT can load")
-    return {"adapters": written, "base": source, "not_exported": [f"{t} on {s}" for s, t in unsupported]}
+        expressible = "/".join(t for t, cls in DELTAS.items() if cls.peft_adapter is not None)
+        raise StructureError(f"the structure has no {expressible} module PEFT can hold: nothing to export")
+    return {"adapters": written, "base": source, "not_exported": [f"{t} on {s}" for s, t, _ in refused]}
 
 
 def _write_adapter(out: Path, config: dict, state: dict[str, torch.Tensor]) -> None:

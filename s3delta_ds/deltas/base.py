@@ -137,6 +137,20 @@ class Delta(nn.Module):
 
     # -- PEFT export -------------------------------------------------------------------------------
 
+    @classmethod
+    def peft_refusal(cls, module: nn.Module) -> str | None:
+        """Why PEFT cannot hold this type on ``module`` (None: it can)."""
+        return None if cls.peft_adapter is not None else f"PEFT has no counterpart of {cls.type_name}"
+
+    @classmethod
+    def peft_site_state(
+        cls, module: nn.Module, deltas: Mapping[str, Delta], types: frozenset[str]
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's tensors for one host ``module`` from the ``deltas`` (type → delta) on it that
+        share this adapter; ``types``: every type present in the adapter. Called on the adapter's
+        first type in registry order, which knows how its PEFT layer holds the others."""
+        return {k: v for d in deltas.values() for k, v in d.peft_state(module).items()}
+
     def peft_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """This delta's tensors in PEFT's layout, keyed relative to the host module's path
         (``lora_A.weight``); ``module`` is the host, gathered. Only for types with a ``peft_adapter``."""

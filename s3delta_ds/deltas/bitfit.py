@@ -4,7 +4,10 @@ of their own, so this adds one). Sequential slot, as in the original S3Delta ``B
 
 Folds into the host's bias: an existing one (BERT/RoBERTa, LayerNorm), or one the family can add
 (LLaMA's ``attention_bias`` / ``mlp_bias``; ``merge`` turns the flag on). T5 linears and RMSNorms
-cannot hold a bias in the HF architecture, so BitFit there does not fold."""
+cannot hold a bias in the HF architecture, so BitFit there does not fold.
+
+In a PEFT export, BitFit on a Linear rides in the LoRA adapter as PEFT's ``lora_bias`` (the bias of
+``lora_B``; see ``LoRA.peft_site_state``). PEFT has no bias for norms or whole blocks."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .base import Delta, Host, Slot
+from .base import Delta, Host, PeftAdapter, Slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,7 @@ class BitFit(Delta):
     Config = BitFitConfig
     mergeable = True
     needs_host_bias = True
+    peft_adapter = PeftAdapter("lora", "", "LORA", carries_head=True)
 
     def __init__(self, dims, cfg: BitFitConfig):
         super().__init__(dims, cfg)
@@ -57,3 +61,9 @@ class BitFit(Delta):
 
     def fold_updates(self, module):
         return [(module.bias, self.bias.detach())]
+
+    @classmethod
+    def peft_refusal(cls, module):
+        if isinstance(module, nn.Linear):
+            return None
+        return f"PEFT holds an added bias only on a Linear (LoRA's lora_bias), not on a {type(module).__name__}"

@@ -74,17 +74,46 @@ class LoRA(Delta):
         }
 
     @classmethod
+    def peft_site_state(cls, module, deltas, types):
+        """PEFT's LoRA layer on one Linear: lora_A, lora_B and, when the adapter holds BitFit
+        anywhere (``lora_bias=True`` puts a bias on every lora_B), lora_B.bias. PEFT scales the
+        whole lora_B output, bias included, by α/r, so the bias is stored divided by it. A site with
+        BitFit and no LoRA gets a zero rank-1 LoRA with α = 1 that only carries the bias."""
+        lora, bitfit = deltas.get("lora"), deltas.get("bitfit")
+        if lora is not None:
+            state, scaling = lora.peft_state(module), lora.scaling
+        else:
+            state = {
+                "lora_A.weight": torch.zeros(1, module.in_features),
+                "lora_B.weight": torch.zeros(module.out_features, 1),
+            }
+            scaling = 1.0
+        if "bitfit" in types:
+            bias = bitfit.bias.detach().float().cpu() if bitfit is not None else torch.zeros(module.out_features)
+            state["lora_B.bias"] = bias / scaling
+        return state
+
+    @classmethod
     def peft_config(cls, members, head):
-        """One adapter for every LoRA; per-module ranks and alphas in ``rank_pattern``/``alpha_pattern``."""
-        ranks = {path: d.cfg.r for path, d in members}
-        alphas = {path: d.cfg.alpha for path, d in members}
-        r0, a0 = members[0][1].cfg.r, members[0][1].cfg.alpha
+        """One adapter for every LoRA (per-module ranks and alphas in ``rank_pattern`` /
+        ``alpha_pattern``), and BitFit on Linears as ``lora_bias`` (bias-only sites: rank 1, α 1)."""
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        for path, d in members:
+            if d.type_name == "lora":
+                ranks[path], alphas[path] = d.cfg.r, d.cfg.alpha
+        for path, d in members:
+            if d.type_name != "lora" and path not in ranks:
+                ranks[path], alphas[path] = 1, 1.0
+        first = next((d for _, d in members if d.type_name == "lora"), None)
+        r0, a0 = (first.cfg.r, first.cfg.alpha) if first is not None else (1, 1.0)
         return {
             "target_modules": sorted(ranks),
             "r": r0,
             "lora_alpha": a0,
             "lora_dropout": 0.0,
             "bias": "none",
+            "lora_bias": any(d.type_name == "bitfit" for _, d in members),
             "rank_pattern": {k: v for k, v in ranks.items() if v != r0},
             "alpha_pattern": {k: v for k, v in alphas.items() if v != a0},
             "modules_to_save": head or None,
