@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from s3delta_ds.util import free_port  # noqa: F401 - tests import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
+MODULES = {"export": "s3delta_ds.artifacts.export"}  # `python -m` paths that are not s3delta_ds.<script>
 SCRIPTS = {"search": ROOT / "s3delta_ds" / "search.py", "retrain": ROOT / "s3delta_ds" / "retrain.py"}
 
 # A small, fast, fp32 configuration of the embedded tiny default.
@@ -81,7 +82,7 @@ def command(launcher: str, script: str, args: list[str], nproc: int = 2) -> list
             *args,
         ]
     if launcher == "python":
-        return [sys.executable, "-m", f"s3delta_ds.{script}", *args]
+        return [sys.executable, "-m", MODULES.get(script, f"s3delta_ds.{script}"), *args]
     if launcher == "accelerate":
         return [
             sys.executable,

@@ -4,6 +4,7 @@ or from pretrained weights (optionally sharded by ZeRO-3 from the start, see ``e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -120,9 +121,25 @@ def build_model(config, *, device: str | torch.device = "cpu", family: Family | 
     """
     family = family or family_for(config)
     cls = family.model_class(config)
-    with torch.device(device):
+    with torch.device(device), _without_hf_zero3():
         model = cls.from_config(config)
     return model
+
+
+@contextlib.contextmanager
+def _without_hf_zero3():
+    """A plain construction even while a ZeRO-3 run's ``HfDeepSpeedConfig`` is alive in this process
+    (a retrain planned after a search, a compat cell after another, a notebook): transformers would
+    otherwise run its ZeRO-3 weight init, which fails on the meta device and partitions on the CPU.
+    transformers keeps the live config only as a module-level weakref; it is put back afterwards."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
 
 def logical_numel(p: torch.Tensor) -> int:

@@ -272,6 +272,9 @@ def destroy() -> None:
     for k, v in _DS_GROUP_DEFAULTS.items():
         setattr(ds_groups, k, copy.copy(v))
     ds_comm.cdb = None
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # the run's ZeRO-3 loading context ends with it
 
 
 # -- engine and ZeRO helpers -------------------------------------------------------------------
