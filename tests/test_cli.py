@@ -37,19 +37,20 @@ def test_space_t5_base_mixed_json(capsys):
     s = run_json(capsys, "space", "t5-base", "--space", "mixed", "--json")
     assert s["family"] == "t5"
     assert s["space"] == "mixed"
-    assert s["candidates"] == 460
-    assert s["params"] == 706944
+    assert s["candidates"] == 460 - 24  # the original's 460, less the 24 self-attention key biases
+    assert s["inert_left_out"] == 24
+    assert s["params"] == 706944 - 24 * 768
     assert s["backbone_params"] == 222903552
     assert s["depths"] == {"encoder": 12, "decoder": 12}
-    assert {t: v["count"] for t, v in s["by_type"].items()} == {"lora": 144, "bitfit": 206, "lnfit": 62, "lra": 48}
+    assert {t: v["count"] for t, v in s["by_type"].items()} == {"lora": 144, "bitfit": 182, "lnfit": 62, "lra": 48}
     assert {t: v["params"] for t, v in s["by_type"].items()} == {
         "lora": 331776,
-        "bitfit": 213504,
+        "bitfit": 213504 - 24 * 768,
         "lnfit": 47616,
         "lra": 114048,
     }
-    assert sum(v["params"] for v in s["by_type"].values()) == 706944
-    assert s["fraction_of_backbone"] == pytest.approx(706944 / 222903552)
+    assert sum(v["params"] for v in s["by_type"].values()) == 688512
+    assert s["fraction_of_backbone"] == pytest.approx(688512 / 222903552)
     assert "candidate_list" not in s
 
 
@@ -62,7 +63,7 @@ def test_space_t5_large_lora_json(capsys):
 
 def test_space_default_is_mixed(capsys):
     s = run_json(capsys, "space", "t5-large", "--json")
-    assert (s["space"], s["candidates"]) == ("mixed", 916)
+    assert (s["space"], s["candidates"]) == ("mixed", 916 - 48)
 
 
 def _type_rows(out: str) -> dict[str, tuple[int, int]]:
@@ -79,9 +80,10 @@ def test_space_table_t5_base(capsys):
     assert (rc, err) == (0, "")
     lines = out.splitlines()
     assert lines[0] == "t5-base: family t5, 222,903,552 parameters, layers: encoder 12, decoder 12"
-    assert lines[1] == "space 'mixed': 460 candidates, 706,944 parameters (0.3172% of the backbone) if all were on"
+    assert lines[1] == "space 'mixed': 436 candidates, 688,512 parameters (0.3089% of the backbone) if all were on"
+    assert "left out: 24 candidates that cannot change the output" in out
     assert _type_rows(out) == {
-        "bitfit": (206, 213504),
+        "bitfit": (182, 213504 - 24 * 768),
         "lnfit": (62, 47616),
         "lra": (48, 114048),
         "lora": (144, 331776),
@@ -99,10 +101,10 @@ def test_space_table_t5_large_lora(capsys):
 def test_space_candidates_json_lists_every_candidate(capsys):
     s = run_json(capsys, "space", "tiny-t5", "--space", "mixed", "--json", "--candidates")
     cands = s["candidate_list"]
-    assert len(cands) == s["candidates"] == 80
-    assert [c["index"] for c in cands] == list(range(80))
-    assert sum(c["params"] for c in cands) == s["params"] == 8496
-    assert len({(c["site"], c["type"]) for c in cands}) == 80
+    assert len(cands) == s["candidates"] == 80 - 4  # 4 self-attention key biases left out
+    assert [c["index"] for c in cands] == list(range(76))
+    assert sum(c["params"] for c in cands) == s["params"] == 8496 - 4 * 64
+    assert len({(c["site"], c["type"]) for c in cands}) == 76
     first = cands[0]
     assert first == {"index": 0, "site": "encoder.0.attn_norm", "type": "bitfit", "kwargs": {}, "params": 64}
     lora = next(c for c in cands if c["type"] == "lora")
@@ -150,10 +152,10 @@ def test_space_on_a_bare_config_file(capsys, tmp_path):
         )
     )
     s = run_json(capsys, "space", path, "--space", "bias", "--json")
-    # bitfit on q,k,v,o (32), up (64), down (32) and 2 norms (32); lnfit on the 2 norms; 3 layers
+    # bitfit on q,v,o (32), up (64), down (32) and 2 norms (32) (k: inert); lnfit on the 2 norms; 3 layers
     assert (s["family"], s["depths"]) == ("bert", {"encoder": 3})
     assert s["by_type"] == {
-        "bitfit": {"count": 3 * 8, "params": 3 * (7 * 32 + 64)},
+        "bitfit": {"count": 3 * 7, "params": 3 * (6 * 32 + 64)},
         "lnfit": {"count": 3 * 2, "params": 3 * 2 * 32},
     }
 
@@ -216,7 +218,7 @@ def test_structure_random_same_seed_same_modules(capsys, tmp_path):
     a, b, c = (json.loads((tmp_path / f"{x}.json").read_text())["modules"] for x in "abc")
     assert a == b
     assert a != c
-    assert (len(a), len(c)) == (34, 32)  # tiny-t5, mixed, 2% budget
+    assert (len(a), len(c)) == (35, 32)  # tiny-t5, mixed, 2% budget
 
 
 def test_structure_random_lora_space(capsys, tmp_path):
@@ -288,7 +290,7 @@ def _assert_fails(capsys, tmp_path, argv, *expected, out_name="out.json"):
     "budget, expected",
     [
         ("1e-9", "is smaller than the cheapest candidate (64 parameters): no structure fits; raise the budget"),
-        ("0.9999", "is not below the total of all candidates (8,496): every candidate fits"),
+        ("0.9999", "is not below the total of all candidates (8,240): every candidate fits"),
         ("1.0", "budget 1.0 must be a fraction of the backbone's parameters in (0, 1)"),
         ("0", "budget 0.0 must be a fraction of the backbone's parameters in (0, 1)"),
         ("-0.01", "budget -0.01 must be a fraction"),

@@ -270,7 +270,7 @@ def test_mixed_ia3_space_adds_keys_values_and_ffn_inputs():
 
     plan = Backbone.plan("t5-base")
     mixed, with_ia3 = plan.space("mixed"), plan.space("mixed+ia3")
-    assert len(mixed) == 460 and len(with_ia3) == 460 + 12 * 2 + 12 * 2 + 24
+    assert len(mixed) == 436 and len(with_ia3) == 436 + 12 * 2 + 12 * 2 + 24
     assert with_ia3.by_type()["ia3"] == {"count": 72, "params": 24 * (768 + 768) + 24 * 3072}
     by = {(c.site, c.type): c.kwargs for c in with_ia3.candidates}
     assert by[("decoder.5.attn.v", "ia3")] == {"position": "output"}

@@ -136,7 +136,7 @@ def test_space_with_pafi_and_hiwi_accounts_trainable_parameters():
     assert by[("encoder.0.attn.q", "pafi")] == math.ceil(768 * 768 / 512)
     assert by[("encoder.0.mlp.up", "hiwi")] == 2 * 768 + 1 + 768  # trainable, not the 768 x 3072 it stores
     assert by[("encoder.0.mlp.down", "hiwi")] == 2 * 3072 + 1 + 3072
-    assert len(s) == 460 + 144 + 48
+    assert len(s) == 436 + 144 + 48
 
 
 def test_search_step_with_pafi_and_hiwi_candidates_moves_their_gates():

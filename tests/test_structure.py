@@ -81,7 +81,7 @@ def test_searched_structure_content(tiny_t5, mixed):
     p, alpha = _p_alpha(len(mixed))
     assert s.kind == "searched"
     assert s.space == "mixed"
-    assert len(s.candidates) == len(mixed) == 80
+    assert len(s.candidates) == len(mixed) == 76
     assert [c.p for c in s.candidates] == p
     assert [c.alpha for c in s.candidates] == alpha
     assert [(c.site, c.type, c.params) for c in s.candidates] == [(c.site, c.type, c.params) for c in mixed.candidates]
@@ -522,10 +522,10 @@ def test_summary_of_a_random_structure(tiny_t5, mixed):
     s = builders.random_baseline(mixed, tiny_t5.info, 0.02, seed=1)
     summary = s.summary()
     assert summary["params_used"] == s.budget.used == sum(m.params for m in s.modules) == 3602
-    assert summary["modules"] == len(s.modules) == 34
-    assert sum(v["count"] for v in summary["by_type"].values()) == 34
+    assert summary["modules"] == len(s.modules) == 35
+    assert sum(v["count"] for v in summary["by_type"].values()) == 35
     assert sum(v["params"] for v in summary["by_type"].values()) == 3602
-    assert sum(summary["modules_per_layer"].values()) == 34
+    assert sum(summary["modules_per_layer"].values()) == 35
     assert summary["candidates"] == 0
     assert summary["budget_absolute"] == pytest.approx(3621.12)
 

@@ -120,6 +120,12 @@ class Family(ABC):
         reloads (LLaMA's ``attention_bias`` / ``mlp_bias``), or None: where BitFit can fold."""
         return None
 
+    def key_shift_invariant(self, config) -> bool:
+        """Does attention ignore a constant added to every key? q·(k + b) = q·k + q·b shifts all of a
+        query's scores by the same amount, which softmax cancels, unless positions act on keys after
+        the projection (rotary embeddings, key-side relative terms). False unless a family knows."""
+        return False
+
     def model_class(self, config):
         """The class that builds ``config``'s training model with the parameter sharing of its
         checkpoints (``from_config`` and ``from_pretrained`` alike); the Auto class unless the

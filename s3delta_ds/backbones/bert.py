@@ -43,6 +43,11 @@ class BertFamily(Family):
             "mlp.block": ("mlp.down",),
         }
 
+    def key_shift_invariant(self, config):
+        # absolute embeddings act before the projections; relative_key adds q·r_ij (no key term);
+        # relative_key_query adds k·r_ij, which a key bias changes
+        return getattr(config, "position_embedding_type", "absolute") in (None, "absolute", "relative_key")
+
     def hidden_size(self, config):
         return config.hidden_size
 

@@ -121,6 +121,9 @@ class T5Family(Family):
             "mlp.block": ("mlp",),
         }
 
+    def key_shift_invariant(self, config):
+        return True  # the relative position bias is added to the scores, not to the keys
+
     def hidden_size(self, config):
         return config.d_model
 

@@ -42,6 +42,11 @@ def run(args) -> int:
     )
     rows = [[t, str(v["count"]), fmt_int(v["params"])] for t, v in summary["by_type"].items()]
     print(table(rows, ["type", "count", "params"]))
+    if space.inert:
+        kinds = sorted({(t, why) for _, t, why in space.inert})
+        print(f"\nleft out: {len(space.inert)} candidates that cannot change the output")
+        for t, why in kinds:
+            print(f"  {t}: {why}")
     if args.candidates:
         print()
         print(

@@ -111,6 +111,12 @@ class Delta(nn.Module):
                 f"sites, and this one is a {dims.kind}"
             )
 
+    @classmethod
+    def inert_at(cls, site, site_map) -> str | None:
+        """Why a delta of this type at ``site`` provably cannot change the model's output (None: it
+        can). Search spaces leave such candidates out: the search would only spend budget on them."""
+        return None
+
     # -- folding (export --merge) --------------------------------------------------------------
 
     @classmethod

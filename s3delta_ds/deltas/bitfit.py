@@ -49,6 +49,15 @@ class BitFit(Delta):
         return self.bias
 
     @classmethod
+    def inert_at(cls, site, site_map) -> str | None:
+        if site.component == "attn.k" and site_map.family.key_shift_invariant(site_map.config):
+            return (
+                "a bias on attention keys shifts all of a query's scores equally, and softmax cancels it "
+                f"({site_map.family.name} applies no rotary embedding to keys)"
+            )
+        return None
+
+    @classmethod
     def fold_refusal(cls, host: Host) -> str | None:
         module = host.module
         if isinstance(module, nn.Linear):
