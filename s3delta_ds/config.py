@@ -24,6 +24,7 @@ MODES = ("first-order", "second-order")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SELECT = ("metric", "loss", "last")
 VIRTUAL_STEPS = ("adamw", "sgd")
+GATE_OPTIMIZERS = ("adamw", "adam-shared")
 LABEL_SCORING = ("sum", "length-normalised")
 
 
@@ -196,6 +197,14 @@ class SearchConfig(TrainConfig):
     """Second order only: the virtual delta step w' = w - ξ·u. adamw (the original: u is the AdamW
     update with the delta optimizer's moments) or sgd (DARTS: u = the gradient)."""
     gate_lr: float = 0.1
+    gate_optimizer: str = "adamw"
+    """adamw: per-logit AdamW (the original). adam-shared: Adam with one second moment for all
+    logits (the mean of g²), so logits move in proportion to their gradients: per-logit AdamW moves a
+    logit with a tiny but steady gradient as fast as one with a large gradient."""
+    gate_warmup: float = 0.0
+    """Fraction of the steps that train the delta weights only, the gates held at their start (equal
+    logits), before the gate steps begin: a gate gradient measured through untrained deltas mostly
+    reflects their initialisation. The gate learning rate then decays over the remaining steps."""
     gate_clip: float = 2.0
     beta: float = 1.0
     """Sigmoid temperature of the shifted global sigmoid."""
@@ -214,6 +223,16 @@ class SearchConfig(TrainConfig):
             f"search.virtual_step must be one of {', '.join(VIRTUAL_STEPS)}, got {self.virtual_step!r}",
         )
         _check(self.gate_lr > 0, f"search.gate_lr must be > 0, got {self.gate_lr}")
+        _check(
+            self.gate_optimizer in GATE_OPTIMIZERS,
+            f"search.gate_optimizer must be one of {', '.join(GATE_OPTIMIZERS)}, got {self.gate_optimizer!r}",
+        )
+        _check(0 <= self.gate_warmup < 1, f"search.gate_warmup must be a fraction in [0, 1), got {self.gate_warmup}")
+
+    @property
+    def gate_warmup_steps(self) -> int:
+        """Steps before the first gate step (``gate_warmup`` of ``steps``)."""
+        return int(round(self.gate_warmup * self.steps))
         _check(self.gate_clip >= 0, f"search.gate_clip must be >= 0, got {self.gate_clip}")
         _check(self.beta > 0, f"search.beta must be > 0, got {self.beta}")
         _check(self.temperature > 0, f"search.temperature must be > 0, got {self.temperature}")

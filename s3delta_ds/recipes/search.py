@@ -70,11 +70,12 @@ class SearchRecipe:
             plan.budget_params,
             lr=sc.gate_lr,
             clip=sc.gate_clip,
-            total_steps=sc.steps,
+            total_steps=sc.steps - sc.gate_warmup_steps,
             beta=sc.beta,
             temperature=sc.temperature,
             seed=cfg.seed,
             device=rt.device,
+            optimizer=sc.gate_optimizer,
         )
         self.bilevel = BiLevel(
             self.pipe.engine, self.gates, mode=sc.mode, virtual_step=sc.virtual_step, device=rt.device
@@ -97,14 +98,18 @@ class SearchRecipe:
                 weight_batches, gate_batches = self.streams["weights"].next(), self.streams["gates"].next()
                 # Gates first, on their own half of the training data (the original's order): a
                 # gradient on the batches the weights were just fitted to would favour overfitting.
-                gate_loss = self.bilevel.gate_update(weight_batches, gate_batches, state.step)
+                gate_loss = None  # search.gate_warmup: the delta weights train alone first
+                if state.step >= sc.gate_warmup_steps:
+                    gate_loss = self.bilevel.gate_update(weight_batches, gate_batches, state.step)
                 delta_loss = self.bilevel.delta_step(weight_batches, state.step)  # a fresh gate sample
                 state.step_times.append(time.perf_counter() - t0)
                 state.step += 1
                 bar.update(1)
                 if state.step % sc.log_every == 0:
                     lr = float(self.pipe.engine.get_lr()[0])
-                    stats = {"delta_loss": delta_loss, "gate_loss": gate_loss, "gate_grad_norm": gates.last_grad_norm}
+                    stats = {"delta_loss": delta_loss, "gate_grad_norm": gates.last_grad_norm}
+                    if gate_loss is not None:
+                        stats["gate_loss"] = gate_loss
                     log_step(self.metrics, bar, state.step, "search", {**stats, "lr": lr})
                 evaluated = state.step % sc.eval_every == 0 or state.step == sc.steps
                 if evaluated:
@@ -232,6 +237,8 @@ class SearchRecipe:
             "dtype": rt.dtype,
             "lr": sc.lr,
             "gate_lr": sc.gate_lr,
+            "gate_optimizer": sc.gate_optimizer,
+            "gate_warmup": sc.gate_warmup,
             "beta": sc.beta,
             "temperature": sc.temperature,
             **({"virtual_step": sc.virtual_step} if sc.mode == "second-order" else {}),

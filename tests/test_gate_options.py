@@ -1,0 +1,99 @@
+"""The gate optimizer (``search.gate_optimizer``) and the gate warm-up (``search.gate_warmup``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from s3delta_ds.config import ConfigError, SearchConfig
+from s3delta_ds.engine.gatelogits import GateLogits, SharedMomentAdam
+
+
+def _steps(opt_name: str, grads: list[torch.Tensor]) -> torch.Tensor:
+    gates = GateLogits(
+        [10, 10, 10], 12.0, lr=0.1, clip=0.0, total_steps=100, beta=1.0, temperature=1.0, seed=0,
+        device=torch.device("cpu"), optimizer=opt_name,
+    )  # fmt: skip
+    for g in grads:
+        gates.apply(g)
+    return gates.logits.detach().clone()
+
+
+def test_shared_moment_adam_matches_its_formula():
+    torch.manual_seed(0)
+    grads = [torch.randn(3) for _ in range(4)]
+    x = torch.zeros(3, requires_grad=True)
+    opt = SharedMomentAdam([x], lr=0.05)
+    m, v = torch.zeros(3), 0.0
+    ref = torch.zeros(3)
+    for t, g in enumerate(grads, 1):
+        x.grad = g.clone()
+        opt.step()
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * float((g * g).mean())
+        ref -= 0.05 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)) ** 0.5 + 1e-8)
+    assert torch.allclose(x.detach(), ref, atol=1e-6)
+
+
+def test_shared_moment_keeps_steps_proportional_to_gradients_and_adamw_does_not():
+    """A steady gradient 100x smaller: per-logit AdamW moves that logit as far as the large one;
+    one shared second moment moves it 100x less."""
+    grads = [torch.tensor([1.0, 0.01, 0.0])] * 20
+    adamw, shared = _steps("adamw", grads), _steps("adam-shared", grads)
+    assert adamw[1] / adamw[0] == pytest.approx(1.0, rel=1e-3)
+    assert shared[1] / shared[0] == pytest.approx(0.01, rel=1e-3)
+    assert adamw[2] == shared[2] == 0
+
+
+def test_shared_moment_state_round_trips():
+    grads = [torch.tensor([0.5, -0.2, 0.1])] * 3
+    a = GateLogits([10, 10, 10], 12.0, lr=0.1, clip=0.0, total_steps=10, beta=1.0, temperature=1.0, seed=0,
+                   device=torch.device("cpu"), optimizer="adam-shared")  # fmt: skip
+    for g in grads:
+        a.apply(g)
+    b = GateLogits([10, 10, 10], 12.0, lr=0.1, clip=0.0, total_steps=10, beta=1.0, temperature=1.0, seed=0,
+                   device=torch.device("cpu"), optimizer="adam-shared")  # fmt: skip
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as through torch.save: no shared tensors
+    a.apply(grads[0])
+    b.apply(grads[0])
+    assert torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [({"gate_optimizer": "sgd"}, "gate_optimizer must be one of adamw, adam-shared"), ({"gate_warmup": 1.0}, "[0, 1)")],
+)
+def test_bad_gate_options_are_named(kw, msg):
+    with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace(")", r"\)")):
+        SearchConfig(**kw)
+
+
+def test_warmup_steps_round_the_fraction():
+    assert SearchConfig(steps=300, gate_warmup=0.25).gate_warmup_steps == 75
+    assert SearchConfig(steps=6).gate_warmup_steps == 0
+
+
+@pytest.mark.slow
+def test_a_search_with_warmup_holds_the_gates_then_moves_them(tmp_path):
+    """No gate step during the warm-up (no gate loss logged, equal logits in the checkpointed
+    metrics), gate steps after it; the options are recorded in the structure."""
+    from tests.launching import TINY, run
+
+    out = tmp_path / "s"
+    run(
+        "python",
+        "search",
+        [*TINY, "deepspeed=zero2", f"output_dir={out}", "search.gate_warmup=0.5", "search.gate_optimizer=adam-shared"],
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    search = [r for r in rows if r.get("phase") == "search"]
+    assert [r["step"] for r in search] == [1, 2, 3, 4, 5, 6]
+    assert ["gate_loss" in r for r in search] == [False] * 3 + [True] * 3
+    assert all(r["gate_grad_norm"] == 0 for r in search[:3]) and all(r["gate_grad_norm"] > 0 for r in search[3:])
+    meta = json.loads((out / "structure.json").read_text())["search"]
+    assert (meta["gate_warmup"], meta["gate_optimizer"]) == (0.5, "adam-shared")
+    alphas = [c["alpha"] for c in json.loads((out / "structure.json").read_text())["candidates"]]
+    assert len(set(alphas)) > 1  # the gates moved after the warm-up
