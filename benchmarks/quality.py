@@ -291,25 +291,22 @@ P1_SEARCH_BASE = {
     "temperature": 1.0,
     "beta": 1.0,
     "mult": 1,  # search steps = mult × retrain steps
-    "warmup": 0.0,  # fraction of search steps before the gates move (prototype, see _install_search_probes)
-    "space": "mixed",
-    "gate_adam": "per-logit",  # "shared": one second moment for all logits (prototype, _install_search_probes)
+    "gate_warmup": 0.0,  # search.gate_warmup
+    "space": "mixed",  # since 602c96a without the inert BitFit on attention keys
+    "gate_optimizer": "adamw",  # search.gate_optimizer
 }
 P1_RULES = ("metric", "loss", "last")
 # name -> (changes from the base, retrain the structures of all three selection rules?)
 P1_VARIANTS = {
     "base": ({}, True),
-    # mixed without BitFit on attention keys: q·(k + b) = q·k + q·b shifts every score of a query by
-    # the same amount, so softmax ignores it (BERT/T5; not under RoPE): a candidate that cannot act
-    "no-kbias": ({"space": "mixed-nokb"}, False),
     # AdamW normalises each logit's step: a tiny but steady gate gradient moves a logit as fast as a
     # large one. One second moment shared by all logits keeps their relative sizes.
-    "shared-adam": ({"gate_adam": "shared"}, False),
+    "shared-adam": ({"gate_optimizer": "adam-shared"}, False),
+    "warmup0.25": ({"gate_warmup": 0.25}, False),
     "len2x": ({"mult": 2}, True),
     "glr0.3": ({"gate_lr": 0.3}, False),
     "second-order": ({"mode": "second-order"}, False),  # ~3x a first-order step
     "glr0.03": ({"gate_lr": 0.03}, False),
-    "warmup0.25": ({"warmup": 0.25}, False),
     "temp0.5": ({"temperature": 0.5}, False),
     "beta0.5": ({"beta": 0.5}, False),
     "temp2": ({"temperature": 2.0}, False),
@@ -318,39 +315,17 @@ P1_VARIANTS = {
 }
 
 _TRACE: list[dict] = []  # per validation pass of the running search: step, score, loss, gate logits
-_GATE_WARMUP = {"steps": 0, "shared_adam": False}
-
-
-def _register_nokb_space() -> None:
-    """Prototype space ``mixed-nokb``: ``mixed`` less BitFit on attention keys (a no-op there)."""
-    from s3delta_ds.method import space as space_mod
-
-    if "mixed-nokb" in space_mod.SPACES:
-        return
-
-    class NoKeyRule(space_mod.Rule):
-        __slots__ = ()
-
-        def sites(self, site_map, *args, **kwargs):
-            return [s for s in space_mod.Rule.sites(self, site_map, *args, **kwargs) if s.component != "attn.k"]
-
-    rules = list(space_mod.SPACES["mixed"])
-    rules[1] = NoKeyRule(rules[1].roles, rules[1].delta, rules[1].kwargs, rules[1].components)
-    assert rules[1].delta == "bitfit"
-    space_mod.SPACES["mixed-nokb"] = tuple(rules)
 
 
 def _install_search_probes() -> None:
-    """Record the gate logits of every validation pass of a search, and the prototype gate warm-up.
-    Read-only for the search itself (warm-up 0 changes nothing)."""
+    """Record the gate logits of every validation pass of a search, so that one search gives the
+    structures of all three selection rules. Read-only: the search runs exactly as without it."""
     from s3delta_ds.engine.gatelogits import GateLogits
     from s3delta_ds.recipes.state import LoopState
 
-    _register_nokb_space()
-
     if getattr(LoopState, "_phase1_probed", False):
         return
-    orig_eval_p, orig_apply, orig_is_better = GateLogits.eval_p, GateLogits.apply, LoopState.is_better
+    orig_eval_p, orig_is_better = GateLogits.eval_p, LoopState.is_better
     last = {}
 
     def eval_p(self):
@@ -364,33 +339,7 @@ def _install_search_probes() -> None:
             )
         return orig_is_better(state, result, metric, select)
 
-    def apply(self, grad):
-        self._p1_calls = getattr(self, "_p1_calls", 0) + 1
-        if self._p1_calls <= _GATE_WARMUP["steps"]:  # gates frozen: keep the schedule, skip the update
-            self.last_grad_norm = float(grad.norm())
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            return
-        if _GATE_WARMUP["shared_adam"]:  # Adam with one second moment (mean g² over logits), same lr schedule
-            g = grad.to(self.logits.dtype)
-            norm = float(g.norm())
-            if self.clip > 0 and norm > self.clip:
-                g = g * (self.clip / (norm + 1e-6))
-            self.last_grad_norm = norm
-            st = self.__dict__.setdefault("_p1_shared", {"t": 0, "m": torch.zeros_like(g), "v": 0.0})
-            st["t"] += 1
-            st["m"].mul_(0.9).add_(g, alpha=0.1)
-            st["v"] = 0.999 * st["v"] + 0.001 * float((g * g).mean())
-            lr = self.optimizer.param_groups[0]["lr"]
-            step = st["m"] / (1 - 0.9 ** st["t"]) / (((st["v"] / (1 - 0.999 ** st["t"])) ** 0.5) + 1e-8)
-            with torch.no_grad():
-                self.logits.sub_(lr * step)
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            return
-        orig_apply(self, grad)
-
-    GateLogits.eval_p, GateLogits.apply, LoopState.is_better = eval_p, apply, is_better
+    GateLogits.eval_p, LoopState.is_better = eval_p, is_better
     LoopState._phase1_probed = True
 
 
@@ -492,8 +441,6 @@ def _p1_search(name: str, seed: int, work: Path) -> dict:
     steps = P1_RETRAIN_STEPS * cfg_s["mult"]
     _install_search_probes()
     _TRACE.clear()
-    _GATE_WARMUP["steps"] = int(round(cfg_s["warmup"] * steps))
-    _GATE_WARMUP["shared_adam"] = cfg_s["gate_adam"] == "shared"
     eval_every = P1_EVAL_EVERY * cfg_s["mult"] if cfg_s["mult"] > 1 else P1_EVAL_EVERY
     eval_every = min(eval_every, max(P1_EVAL_EVERY, steps // 4))
     overrides = [
@@ -505,13 +452,12 @@ def _p1_search(name: str, seed: int, work: Path) -> dict:
         f"search.gate_lr={cfg_s['gate_lr']}",
         f"search.temperature={cfg_s['temperature']}",
         f"search.beta={cfg_s['beta']}",
+        f"search.gate_warmup={cfg_s['gate_warmup']}",
+        f"search.gate_optimizer={cfg_s['gate_optimizer']}",
         "search.select=metric",
     ]
     t0 = time.time()
-    try:
-        summary = run_search(load_run_config(None, overrides))
-    finally:
-        _GATE_WARMUP.update(steps=0, shared_adam=False)
+    summary = run_search(load_run_config(None, overrides))
     written = Structure.load(work / "structure.json")
     plan = builders.Backbone.plan(SETUPS[P1_BACKBONE].model)
     space = plan.space(cfg_s["space"])
