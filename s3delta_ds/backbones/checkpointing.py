@@ -48,5 +48,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def checkpointed_blocks(model: nn.Module) -> int:
-    """How many modules of ``model`` checkpoint their forward in training."""
-    return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True)
+    """How many blocks of ``model`` checkpoint their forward in training (0: checkpointing is off)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)

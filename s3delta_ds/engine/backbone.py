@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..backbones import family_for
+from ..backbones.checkpointing import enable_activation_checkpointing
 from ..backbones.loading import build_model, config_hash, load_config
 from ..backbones.pooling import resolve_pooling, use_mean_pooling
 from ..config import ModelConfig
@@ -99,6 +100,8 @@ def load_backbone(
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot load backbone weights from {source!r}: {e}") from e
     model.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     _apply_pooling(model, cfg, source)
     model.config._name_or_path = cfg.name_or_path
     # transformers holds the DeepSpeed config by weakref and consults it again later (generate,

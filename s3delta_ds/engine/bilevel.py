@@ -18,9 +18,11 @@ micro-batches), so gradient accumulation is exactly a larger batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn as nn
 
 from ..errors import ConfigError, DistributedSetupError, TrainingError
 from ..method.objective import DeltaModel, move
@@ -92,6 +94,18 @@ def adamw_virtual_step(
     return out
 
 
+class _Call(nn.Module):
+    """``fn(model, *args)`` as a module's forward, so that ``torch.func.functional_call`` swaps
+    ``model``'s tensors (named ``model.<name>``) for the whole of ``fn``: forward and backward."""
+
+    def __init__(self, model: nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args):
+        return self.fn(self.model, *args)
+
+
 class BiLevel:
     def __init__(self, engine, gates: GateLogits, *, mode: str, device: torch.device, virtual_step: str = "adamw"):
         """``virtual_step`` (second order only): "adamw", the original's w − ξ·(one AdamW update with
@@ -141,31 +155,40 @@ class BiLevel:
         parameters themselves; ∂/∂w is taken w.r.t. whichever is used. ``frozen``: name → tensor
         to use in place of other parameters and buffers (the fp32 backbone of the second order).
         """
-        if weights is None:
-            ws, forward = self.delta_params, self.model
-        else:
-            ws = [w.detach().requires_grad_(want_w) for w in weights]
-            swap = {**(frozen or {}), **dict(zip(self.delta_names, ws, strict=True))}
+        ws = self.delta_params if weights is None else [w.detach().requires_grad_(want_w) for w in weights]
+        inputs = [z_leaf] + (list(ws) if want_w else [])
 
-            def forward(batch):
-                return torch.func.functional_call(self.model, swap, (batch,), strict=False)
+        def loss_and_grads(model: DeltaModel, batch) -> tuple[torch.Tensor, tuple]:
+            loss_sum, _ = model(batch)
+            loss = loss_sum.sum()
+            check_finite(loss, "gate phase")
+            return loss.detach(), torch.autograd.grad(loss / items, inputs, allow_unused=True)
+
+        if weights is None:
+            run = functools.partial(loss_and_grads, self.model)
+        else:
+            # The backward runs inside the functional_call too: with activation checkpointing it
+            # recomputes blocks, and the recomputation must read the swapped weights, not the
+            # module's own (it would silently use those, or fail checkpoint's shape check).
+            swapped = _Call(self.model, loss_and_grads)
+            swap = {**(frozen or {}), **dict(zip(self.delta_names, ws, strict=True))}
+            swap = {f"model.{n}": t for n, t in swap.items()}
+
+            def run(batch):
+                return torch.func.functional_call(swapped, swap, (batch,), strict=False)
 
         gz = torch.zeros_like(z_leaf)
         gw = [torch.zeros_like(w) for w in ws] if want_w else None
         total = 0.0
         self.model.gate_ctx.z = z_leaf
         for mb in micro_batches:
-            loss_sum, _ = forward(move(mb, self.device))
-            loss = loss_sum.sum()
-            check_finite(loss, "gate phase")
-            inputs = [z_leaf] + (list(ws) if want_w else [])
-            grads = torch.autograd.grad(loss / items, inputs, allow_unused=True)
+            loss, grads = run(move(mb, self.device))
             gz += grads[0]
             if want_w:
                 for acc, g in zip(gw, grads[1:], strict=True):
                     if g is not None:
                         acc += g
-            total += float(loss.detach())
+            total += float(loss)
         zero.all_reduce_sum_(gz)
         if want_w:
             for g in gw:
