@@ -2,8 +2,10 @@
 
 Every step takes one *global* batch of ``micro_batch × grad_accum × world`` examples from a seeded
 per-epoch permutation; rank r gets the r-th contiguous slice, cut into ``grad_accum`` micro-batches.
-So 4 × 2 and 1 × 8 (or 2 ranks × 2 and 1 rank × 4) see exactly the same examples per step, and a
-run resumed from ``state_dict()`` continues with the very next batch.
+So 4 × 2 and 1 × 8 (or 2 ranks × 2 and 1 rank × 4) see exactly the same examples per step: which
+examples form global step k depends on the seed and k alone, never on the world size. A run resumed
+from ``state_dict()`` continues with the very next batch, on any world size whose geometry keeps the
+global batch (``accumulation_for``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 def split_halves(examples: Sequence, seed: int) -> tuple[list, list]:
@@ -23,6 +25,32 @@ def split_halves(examples: Sequence, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     half = len(order) // 2
     return [examples[i] for i in order[:half]], [examples[i] for i in order[half : 2 * half]]
+
+
+def accumulation_for(global_batch: int, micro_batch: int, world: int, *, written_by: int, section: str) -> int:
+    """The gradient accumulation that keeps ``global_batch`` on ``world`` ranks of ``micro_batch``.
+
+    A checkpoint written by ``written_by`` ranks resumes with its global batch (the examples of each
+    step, and so the trajectory, stay what they were): global = micro_batch × accumulation × world.
+
+    Raises:
+        ConfigError: ``global_batch`` is not a multiple of ``micro_batch × world``; names the numbers and
+            the micro-batch sizes that would divide it.
+    """
+    per_step = micro_batch * world
+    if global_batch % per_step == 0:
+        return global_batch // per_step
+    fits = [m for m in range(1, global_batch // world + 1) if global_batch % (m * world) == 0]
+    raise ConfigError(
+        f"cannot resume the checkpoint of {written_by} rank(s) on {world}: its global batch {global_batch} is not a "
+        f"multiple of {section}.micro_batch_size {micro_batch} × {world} ranks = {per_step}, so no gradient "
+        "accumulation keeps it; "
+        + (
+            f"set {section}.micro_batch_size to one of {fits}"
+            if fits
+            else f"run on a number of ranks that divides {global_batch}"
+        )
+    )
 
 
 class BatchStream:

@@ -13,7 +13,7 @@ from ..data import BatchStream
 from ..engine import zero
 from ..engine.backbone import DTYPES
 from ..engine.bilevel import delta_update
-from ..run.checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
+from ..run.checkpoint import geometry, latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
 from ..run.evaluate import evaluate
 from ..run.plan import RunPlan
 from ..run.preflight import preflight_retrain
@@ -21,7 +21,16 @@ from ..run.report import MetricsLog
 from ..run.runtime import model_source, prepare
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
-from .state import LoopState, checkpoint_due, log_step, progress_bar, stop_early, stop_note
+from .state import (
+    CHECKPOINTS,
+    LoopState,
+    checkpoint_due,
+    log_step,
+    progress_bar,
+    resume_geometry,
+    stop_early,
+    stop_note,
+)
 
 DELTA_FILE = "deltas.safetensors"
 
@@ -37,10 +46,15 @@ class RetrainRecipe:
     def setup(self) -> None:
         """The plan (sized by the structure), the runtime, the deltas and their engine, the data
         stream and the resumed state."""
+        _, world = zero.init_distributed()
+        elastic = None
+        if self.resume:  # on another number of ranks: the accumulation that keeps the global batch
+            self.cfg, elastic = resume_geometry(self.cfg, "retrain", world)
         cfg, rc, structure = self.cfg, self.cfg.retrain, self._structure
-        zero.init_distributed()
         self.plan = plan = RunPlan.for_retrain(cfg, model_source(cfg), structure)
         self.rt = rt = prepare(cfg, rc, resume=self.resume, kind="retrain", plan=plan)
+        if elastic:
+            rt.log(elastic)
         specs = masks = None
         if structure is not None:
             structure.check_backbone(rt.site_map)
@@ -78,7 +92,7 @@ class RetrainRecipe:
             name="train",
         )
         self.state = LoopState()
-        self.ckpt_dir = rt.out / "checkpoints"
+        self.ckpt_dir = rt.out / CHECKPOINTS
         if self.resume:
             self.load_checkpoint()
         self.metrics = MetricsLog(rt.out, rt.is_main)
@@ -133,7 +147,8 @@ class RetrainRecipe:
 
     def save_checkpoint(self) -> None:
         client = {"stream": self.stream.state_dict(), "state": self.state.state_dict()}
-        save_run_checkpoint(self.pipe.engine, self.ckpt_dir, self.state.step, client)
+        batch = geometry(self.cfg.retrain, self.rt.world)
+        save_run_checkpoint(self.pipe.engine, self.ckpt_dir, self.state.step, client, batch=batch)
 
     def load_checkpoint(self) -> None:
         client = load_run_checkpoint(self.pipe.engine, self.ckpt_dir)

@@ -15,7 +15,7 @@ from ..engine.bilevel import BiLevel, check_mode
 from ..engine.gatelogits import GateLogits
 from ..method.gates import discretise, probabilities
 from ..method.supernet import DeltaSpec, GateContext
-from ..run.checkpoint import latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
+from ..run.checkpoint import geometry, latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
 from ..run.evaluate import evaluate
 from ..run.plan import RunPlan
 from ..run.preflight import preflight_search
@@ -24,7 +24,16 @@ from ..run.runtime import model_source, prepare
 from ..structure import Structure, builders
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
-from .state import LoopState, checkpoint_due, log_step, progress_bar, stop_early, stop_note
+from .state import (
+    CHECKPOINTS,
+    LoopState,
+    checkpoint_due,
+    log_step,
+    progress_bar,
+    resume_geometry,
+    stop_early,
+    stop_note,
+)
 
 SUPERNET_DELTAS = "supernet_deltas.safetensors"
 
@@ -39,12 +48,17 @@ class SearchRecipe:
     def setup(self) -> None:
         """The plan (space, budget, strategy: checked before anything is written), the runtime, the
         supernet and its engine, the gate logits, the two data streams, and the resumed state."""
+        _, world = zero.init_distributed()
+        elastic = None
+        if self.resume:  # on another number of ranks: the accumulation that keeps the global batch
+            self.cfg, elastic = resume_geometry(self.cfg, "search", world)
         cfg, sc = self.cfg, self.cfg.search
-        zero.init_distributed()
         self.plan = plan = RunPlan.for_search(cfg, model_source(cfg))
         self.rt = rt = prepare(cfg, sc, resume=self.resume, kind="search", plan=plan)
         self.stage = zero.zero_stage(rt.ds_config)
         check_mode(sc.mode, self.stage)
+        if elastic:
+            rt.log(elastic)
         space = plan.space
         rt.log(
             f"space {sc.space}: {len(space)} candidates, {space.total_params:,} parameters if all on; budget "
@@ -82,7 +96,7 @@ class SearchRecipe:
         )
         self.streams = self._streams()
         self.state = LoopState()
-        self.ckpt_dir = rt.out / "checkpoints"
+        self.ckpt_dir = rt.out / CHECKPOINTS
         if self.resume:
             self.load_checkpoint()
         self.metrics = MetricsLog(rt.out, rt.is_main)
@@ -153,7 +167,8 @@ class SearchRecipe:
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "state": self.state.state_dict(),
         }
-        save_run_checkpoint(self.pipe.engine, self.ckpt_dir, self.state.step, client)
+        batch = geometry(self.cfg.search, self.rt.world)
+        save_run_checkpoint(self.pipe.engine, self.ckpt_dir, self.state.step, client, batch=batch)
 
     def load_checkpoint(self) -> None:
         client = load_run_checkpoint(self.pipe.engine, self.ckpt_dir)

@@ -7,10 +7,14 @@ import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..config import RunConfig, TrainConfig
+from ..run.checkpoint import resume_grad_accum
+
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,6 +60,21 @@ class LoopState:
     def load_state_dict(self, state: dict) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, state[f.name])
+
+
+def resume_geometry(cfg: RunConfig, section: str, world: int) -> tuple[RunConfig, str | None]:
+    """``--resume``: the run config with the gradient accumulation that keeps the newest checkpoint's
+    global batch on ``world`` ranks (``section``: "search" or "retrain"), and the line saying so when
+    it resumes on another number of ranks (None otherwise).
+
+    Raises:
+        ConfigError: no whole accumulation keeps the global batch.
+    """
+    tc: TrainConfig = getattr(cfg, section)
+    acc, note = resume_grad_accum(Path(cfg.output_dir) / CHECKPOINTS, tc, world, section)
+    if acc != tc.grad_accum:
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(tc, grad_accum=acc)})
+    return cfg, note
 
 
 def checkpoint_due(tc: TrainConfig, step: int, evaluated: bool) -> bool:

@@ -4,10 +4,13 @@
   safetensors on rank 0 under family-neutral keys (``encoder.3.attn.q/lora.lora_A``), then read
   back and checked tensor by tensor: a file missing a tensor or holding an empty one is an error,
   not a 40-byte surprise.
-* Run checkpoints: ``engine.save_checkpoint(exclude_frozen_parameters=True)`` (delta weights,
-  their optimizer and scheduler) + our client state (gates, gate optimizer, data positions, best
-  so far) + every rank's RNG state. Never the frozen backbone: resume reloads it from its source.
-  A checkpoint counts only once its ``COMPLETE`` marker exists (written after all ranks saved).
+* Run checkpoints: one file any world size can resume from (``state.pt``, written atomically by
+  rank 0): the trainable weights and their AdamW moments and step as full fp32 tensors (gathered
+  from ZeRO's partitions), the delta LR schedule, the recipe's client state (gate logits and their
+  optimizer, data positions, the loop state), every rank's RNG state, and the writer's batch
+  geometry. Never the frozen backbone: resume reloads it from its source. On another number of
+  ranks, ``resume_grad_accum`` keeps the global batch (docs/multinode.md). A checkpoint counts only
+  once its ``COMPLETE`` marker exists (written after the state file).
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..config import TrainConfig
+from ..data.batches import accumulation_for
 from ..engine import zero
 from ..errors import CheckpointError
 from ..method.supernet import named_delta_buffers, named_delta_parameters
-from ..util import atomic_path
+from ..util import atomic_path, atomic_write_text
 
 DELTA_FORMAT = "s3delta-deltas"
 COMPLETE = "COMPLETE"
+RUN_FORMAT = "s3delta-run-checkpoint"
+STATE_FILE = "state.pt"
 
 
 def trainable_named(model: nn.Module, head_prefixes: tuple[str, ...] = ()) -> list[tuple[str, nn.Parameter]]:
@@ -128,16 +135,61 @@ def _tag(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save_run_checkpoint(engine, root: str | os.PathLike, step: int, client_state: dict, keep: int = 2) -> Path:
-    """Collective. Writes ``root/step-XXXXXXXX/`` and marks it complete; prunes older ones."""
-    root = Path(root)
-    tag = _tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    torch.save(rng, root / tag / f"rng-rank{zero.rank()}.pt")
-    zero.barrier()
+def geometry(tc: TrainConfig, world: int) -> dict[str, int]:
+    """The batch geometry a checkpoint records: global batch = micro_batch × grad_accum × world."""
+    return {
+        "world": world,
+        "micro_batch": tc.micro_batch_size,
+        "grad_accum": tc.grad_accum,
+        "global_batch": tc.micro_batch_size * tc.grad_accum * world,
+    }
+
+
+def _trainable(engine) -> tuple[list[str], list[torch.nn.Parameter]]:
+    """The engine's trainable parameters in its own order, with names that no world size changes."""
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def _rng_state() -> dict:
+    cpu, accelerator = zero.rng_state()
+    return {"torch": cpu, "accelerator": accelerator, "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(rng: dict) -> None:
+    zero.set_rng_state((rng["torch"], rng["accelerator"]))
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+
+
+def save_run_checkpoint(
+    engine, root: str | os.PathLike, step: int, client_state: dict, *, batch: dict[str, int], keep: int = 2
+) -> Path:
+    """Write ``root/step-XXXXXXXX/state.pt`` (see the module docstring) and mark it complete; prune
+    all but the ``keep`` newest. Collective (the gathers of ZeRO's partitions).
+
+    Args:
+        client_state: the recipe's state, the same on every rank (rank 0's is written).
+        batch: the writer's :func:`geometry`.
+    """
+    root, tag = Path(root), _tag(step)
+    names, params = _trainable(engine)
+    trainable = zero.trainable_state(engine, params)  # full tensors on every rank
+    rngs = zero.all_gather_object(_rng_state())
     if zero.rank() == 0:
-        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "world": zero.world()}))
+        state = {
+            "format": RUN_FORMAT,
+            "version": 1,
+            "step": step,
+            "batch": batch,
+            "names": names,
+            "trainable": trainable,
+            "client": client_state,
+            "rng": rngs,
+        }
+        with atomic_path(root / tag / STATE_FILE) as tmp:
+            torch.save(state, tmp)
+        atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, **batch}))
         for old in sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     zero.barrier()
@@ -149,23 +201,73 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_run_checkpoint(engine, root: str | os.PathLike) -> dict:
-    """Restore the newest complete checkpoint into ``engine``; returns its client state.
+def resume_grad_accum(root: str | os.PathLike, tc: TrainConfig, world: int, section: str) -> tuple[int, str | None]:
+    """The gradient accumulation that resumes the newest checkpoint under ``root`` on ``world``
+    ranks with the global batch it was written with, and the line to print when the world size or
+    the accumulation changes (None otherwise, and when there is no checkpoint to resume).
 
     Raises:
-        CheckpointError: no complete checkpoint, or one written by a different number of ranks.
+        ConfigError: no accumulation keeps the global batch (see ``accumulation_for``).
+    """
+    ckpt = latest_checkpoint(root)
+    info = json.loads((ckpt / COMPLETE).read_text()) if ckpt else {}
+    if "global_batch" not in info:  # nothing to resume, or a checkpoint of an older version
+        return tc.grad_accum, None
+    g, n = info["global_batch"], info["world"]
+    acc = accumulation_for(g, tc.micro_batch_size, world, written_by=n, section=section)
+    if n == world and acc == tc.grad_accum:
+        return acc, None
+    change = f"{section}.grad_accum {tc.grad_accum} -> {acc}" if acc != tc.grad_accum else f"{section}.grad_accum {acc}"
+    return acc, (
+        f"resuming {ckpt.name} of {n} rank(s) on {world}: {change} keeps the global batch {g} "
+        f"(micro_batch {tc.micro_batch_size} x grad_accum {acc} x {world} ranks)"
+    )
+
+
+def load_run_checkpoint(engine, root: str | os.PathLike) -> dict:
+    """Restore the newest complete checkpoint into ``engine`` (written on any number of ranks, any
+    ZeRO stage); returns its client state. Collective.
+
+    Rank r takes the RNG state of the writer's rank r (of rank r mod N when the writer had N < r + 1
+    ranks): the data order and the gate samples depend on the seed and step alone, so only
+    randomness inside the forward (dropout) could tell the difference.
+
+    Raises:
+        CheckpointError: no complete checkpoint, one of another format, or one whose trainable
+            parameters differ from this run's; an older checkpoint without a state file written
+            by a different number of ranks.
     """
     ckpt = latest_checkpoint(root)
     if ckpt is None:
         raise CheckpointError(f"no complete checkpoint under {root} to resume from")
+    if not (ckpt / STATE_FILE).exists():
+        return _load_engine_checkpoint(engine, ckpt)
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{ckpt / STATE_FILE}: not an s3delta run checkpoint")
+    names, params = _trainable(engine)
+    if state["names"] != names:
+        diff = sorted(set(state["names"]) ^ set(names))[:5]
+        raise CheckpointError(
+            f"{ckpt} trains other parameters than this run ({len(state['names'])} vs {len(names)}; differing: "
+            f"{diff or 'the order'}): resume with the run's own config"
+        )
+    zero.load_trainable_state(engine, params, state["trainable"])
+    _set_rng_state(state["rng"][zero.rank() % len(state["rng"])])
+    return state["client"]
+
+
+def _load_engine_checkpoint(engine, ckpt: Path) -> dict:
+    """A checkpoint of an older s3delta_ds (a DeepSpeed engine checkpoint, tied to its world size)."""
     info = json.loads((ckpt / COMPLETE).read_text())
     if info["world"] != zero.world():
-        raise CheckpointError(f"{ckpt} was written by {info['world']} ranks; this run has {zero.world()}")
-    _, client = engine.load_checkpoint(str(Path(root)), tag=ckpt.name, load_module_strict=False)
+        raise CheckpointError(
+            f"{ckpt} is a DeepSpeed engine checkpoint of {info['world']} ranks (an older s3delta_ds); "
+            f"resume it on {info['world']} ranks, not {zero.world()}"
+        )
+    _, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
     rng = torch.load(ckpt / f"rng-rank{zero.rank()}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    _set_rng_state({**rng, "accelerator": None})
     return client

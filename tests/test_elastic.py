@@ -1,0 +1,152 @@
+"""Elastic resume: a checkpoint written on N ranks resumes on M ranks with the same global batch
+(the accumulation adjusted) and ends where the uninterrupted run does.
+
+The unit tests pin the two rules it rests on: which examples form global step k depends on the seed
+and k only (1 rank × accumulation 2 and 2 ranks × accumulation 1 see the same ones), and the
+accumulation that keeps a checkpoint's global batch (or the error naming the numbers). The
+distributed tests run the tiny default in fp32: a search under ZeRO-3 and a retrain under ZeRO-2,
+each uninterrupted on 2 ranks, resumed from its 2-rank step-2 checkpoint on 1 rank, and stopped on
+1 rank then resumed on 2 ranks; every ending equals the uninterrupted one (1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from s3delta_ds.config import SearchConfig
+from s3delta_ds.data.batches import BatchStream, accumulation_for
+from s3delta_ds.errors import ConfigError
+
+TOL = 1e-5
+
+
+# -- unit: the rules ------------------------------------------------------------------------------
+
+
+def _global_batch(streams: list[BatchStream]) -> list[int]:
+    """One step's examples on all ranks, in rank order, micro-batches concatenated."""
+    return [x for s in streams for micro in s.next() for x in micro]
+
+
+def test_global_batches_do_not_depend_on_the_world_size():
+    examples = list(range(37))  # 9 global batches of 4 per epoch, one example left over
+    make = lambda rank, world, accum: BatchStream(  # noqa: E731
+        examples, micro_batch=2, grad_accum=accum, rank=rank, world=world, seed=5, collate=list
+    )
+    one = [make(0, 1, 2)]
+    two = [make(0, 2, 1), make(1, 2, 1)]
+    seen = []
+    for _ in range(20):  # across two epoch boundaries
+        a, b = _global_batch(one), _global_batch(two)
+        assert a == b and len(a) == 4
+        seen.append(a)
+    assert seen[0] != seen[9]  # a fresh permutation each epoch
+    # a stream resumed on another world size continues with the very next global batch
+    state = one[0].state_dict()
+    resumed = [make(0, 2, 1), make(1, 2, 1)]
+    for s in resumed:
+        s.load_state_dict(state)
+    assert _global_batch(resumed) == _global_batch(one)
+
+
+def test_accumulation_keeps_the_global_batch():
+    assert accumulation_for(4, 2, 1, written_by=2, section="search") == 2
+    assert accumulation_for(4, 2, 2, written_by=1, section="search") == 1
+    assert accumulation_for(32, 4, 8, written_by=2, section="retrain") == 1
+
+
+def test_accumulation_that_cannot_keep_the_global_batch_names_the_numbers():
+    with pytest.raises(ConfigError) as e:
+        accumulation_for(12, 4, 2, written_by=3, section="retrain")
+    msg = str(e.value)
+    assert "checkpoint of 3 rank(s) on 2" in msg and "global batch 12" in msg
+    assert "retrain.micro_batch_size 4 × 2 ranks = 8" in msg and "[1, 2, 3, 6]" in msg
+    with pytest.raises(ConfigError, match="run on a number of ranks that divides 4"):
+        accumulation_for(4, 2, 3, written_by=2, section="search")
+
+
+def test_resume_reads_the_checkpoint_geometry(tmp_path):
+    from s3delta_ds.run.checkpoint import COMPLETE, resume_grad_accum
+
+    sc = SearchConfig(micro_batch_size=2, grad_accum=1)
+    assert resume_grad_accum(tmp_path, sc, 1, "search") == (1, None)  # nothing to resume
+    (tmp_path / "step-00000002").mkdir()
+    info = {"step": 2, "world": 2, "micro_batch": 2, "grad_accum": 1, "global_batch": 4}
+    (tmp_path / "step-00000002" / COMPLETE).write_text(json.dumps(info))
+    assert resume_grad_accum(tmp_path, sc, 2, "search") == (1, None)  # same world: nothing to say
+    acc, note = resume_grad_accum(tmp_path, sc, 1, "search")
+    assert acc == 2
+    assert "of 2 rank(s) on 1" in note and "search.grad_accum 1 -> 2" in note and "global batch 4" in note
+
+
+# -- distributed: search (ZeRO-3) and retrain (ZeRO-2) ---------------------------------------------
+
+STEPS = ["search.steps=4", "search.eval_every=4", "retrain.steps=4", "retrain.eval_every=4"]
+SEARCH = ["search.micro_batch_size=2", "search.checkpoint_every=2"]  # zero3_cpu (TINY's)
+RETRAIN = ["zero_stage=2", "retrain.micro_batch_size=2", "retrain.checkpoint_every=2"]
+
+
+def _resume_copy(src: Path, dst: Path, step: int) -> None:
+    """``dst``: ``src`` as a launch stopped after ``step`` steps leaves it (only that checkpoint, no outputs)."""
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / f"step-{step:08d}", dst / "checkpoints" / f"step-{step:08d}")
+    shutil.copy(src / "config.yaml", dst / "config.yaml")
+
+
+def _elastic_runs(script: str, args: list[str], root: Path) -> dict[str, Path]:
+    """(a) uninterrupted on 2 ranks (checkpointing at steps 2 and 4); (b) its step-2 checkpoint resumed
+    on 1 rank; (c) 1 rank × accumulation 2 stopped after 2 steps, resumed on 2 ranks."""
+    from .launching import run
+
+    section = script if script == "retrain" else "search"
+    out = {k: root / k for k in ("a", "b", "c")}
+    run("torchrun", script, [*args, f"output_dir={out['a']}"], 2)
+    _resume_copy(out["a"], out["b"], 2)
+    b = run("python", script, ["--resume", *args, f"output_dir={out['b']}"], 1)
+    assert f"of 2 rank(s) on 1: {section}.grad_accum 1 -> 2 keeps the global batch 4" in b.stdout
+    one = [*args, f"{section}.grad_accum=2", f"output_dir={out['c']}"]
+    run("python", script, [*one, f"{section}.stop_after=2"], 1)
+    assert json.loads((out["c"] / "checkpoints" / "step-00000002" / "COMPLETE").read_text())["world"] == 1
+    c = run("torchrun", script, ["--resume", *one], 2)
+    assert f"of 1 rank(s) on 2: {section}.grad_accum 2 -> 1 keeps the global batch 4" in c.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> dict[str, Path]:
+    from .launching import TINY
+
+    return _elastic_runs("search", [*TINY, *STEPS, *SEARCH], tmp_path_factory.mktemp("elastic-search"))
+
+
+@pytest.mark.distributed
+def test_search_resumes_on_another_number_of_ranks(searched):
+    from .launching import alphas, deltas, max_diff
+
+    ref_a, ref_d = alphas(searched["a"]), deltas(searched["a"] / "supernet_deltas.safetensors")
+    assert ref_a.abs().max() > 1e-3  # the gates really moved
+    for k in ("b", "c"):
+        assert (alphas(searched[k]) - ref_a).abs().max() < TOL, k
+        assert max_diff(deltas(searched[k] / "supernet_deltas.safetensors"), ref_d) < TOL, k
+        summary = json.loads((searched[k] / "summary.json").read_text())
+        assert summary["zero_stage"] == 3 and summary["world_size"] == {"b": 1, "c": 2}[k]
+
+
+@pytest.mark.distributed
+def test_retrain_resumes_on_another_number_of_ranks(searched, tmp_path):
+    from .launching import TINY, deltas, max_diff
+
+    structure = searched["a"] / "structure.json"
+    runs = _elastic_runs("retrain", [*TINY, *STEPS, *RETRAIN, f"retrain.structure={structure}"], tmp_path)
+    ref = json.loads((runs["a"] / "summary.json").read_text())
+    ref_d = deltas(runs["a"] / "deltas.safetensors")
+    for k in ("b", "c"):
+        assert max_diff(deltas(runs[k] / "deltas.safetensors"), ref_d) < TOL, k
+        summary = json.loads((runs[k] / "summary.json").read_text())
+        assert summary["best_step"] == ref["best_step"] == 4
+        assert summary["test"]["loss"] == pytest.approx(ref["test"]["loss"], abs=TOL)
+        assert summary["zero_stage"] == 2 and summary["world_size"] == {"b": 1, "c": 2}[k]
