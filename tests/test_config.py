@@ -21,7 +21,7 @@ from s3delta_ds.config import (
 from s3delta_ds.engine.zero import read_ds_config, resolve_ds_config, resolve_dtype, shipped_ds_configs
 from s3delta_ds.errors import ConfigError
 
-SHIPPED = ("zero2", "zero3", "zero3_offload", "zero3_cpu")
+SHIPPED = ("zero2", "zero3", "zero3_offload", "zero3_cpu", "zero3_multinode")
 
 
 def _write(tmp_path, text: str, name: str = "run.yaml"):
@@ -236,7 +236,7 @@ def _walk(obj, path=""):
         yield path, obj
 
 
-GEOMETRY = dict(micro_batch=2, grad_accum=3, world=4, clip=1.5, hidden_size=64)
+GEOMETRY = dict(micro_batch=2, grad_accum=3, world=4, clip=1.5, hidden_size=64, local_world=2)
 
 
 def test_shipped_names():
@@ -273,8 +273,12 @@ def test_resolve_shipped(name):
     if name == "zero3_cpu":
         assert zero["stage3_param_persistence_threshold"] == 0
         assert zero["stage3_prefetch_bucket_size"] == 3686
-    if name in ("zero3", "zero3_offload"):
+    if name in ("zero3", "zero3_offload", "zero3_multinode"):
         assert zero["stage3_param_persistence_threshold"] == 640
+    if name == "zero3_multinode":  # ZeRO++ hpZ: the secondary partition spans the 2 ranks of a node
+        assert zero["zero_hpz_partition_size"] == 2
+    else:
+        assert "zero_hpz_partition_size" not in zero
     leftovers = [p for p, v in _walk(cfg) if v == "auto"]
     assert leftovers == []
     # explicit values elsewhere are kept

@@ -111,8 +111,15 @@ class RunPlan:
 
 def auto_strategy(model: ModelConfig, num_params: int, trainable: int) -> tuple[str, str]:
     """``deepspeed=auto``: the frozen backbone's bytes (from the planner's count and the storage
-    dtype) and the trainable state decide replication or ZeRO-3 (``engine.zero.choose_strategy``)."""
+    dtype) and the trainable state decide replication or ZeRO-3, and the ranks per node whether
+    ZeRO-3 takes hpZ (``engine.zero.choose_strategy``). Needs the process group (joined before the plan)."""
     per_param = {"4bit": 0.5, "8bit": 1.0}.get(model.quantize or "", 2.0 if model.dtype in ("bf16", "fp16") else 4.0)
     if model.dtype == "auto" and zero.device_type() != "cpu" and not model.quantize:
         per_param = 2.0
-    return zero.choose_strategy(int(num_params * per_param), trainable, zero.device_memory_bytes())
+    return zero.choose_strategy(
+        int(num_params * per_param),
+        trainable,
+        zero.device_memory_bytes(),
+        world=zero.world(),
+        local_world=zero.local_world_size(),
+    )
