@@ -52,6 +52,11 @@ class ModelConfig:
     pooling: str = "auto"
     """Encoder classifiers: what the head sees. cls (the model's CLS pooler), mean (masked mean of the
     token states), or auto: the checkpoint's sentence-transformers pooling if it has one, else cls."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing: keep only each transformer block's input in the forward and run the
+    block again in the backward (non-reentrant). Saved activations shrink from every block's to the
+    block inputs plus one block's, for about one more forward per step (docs/performance.md); the
+    gradients are unchanged. Search and retrain, ZeRO stages 0-3."""
 
     def __post_init__(self):
         _check(self.name_or_path is None or bool(self.name_or_path), "model.name_or_path must not be empty")
@@ -159,7 +164,12 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps (each consumes micro_batch_size × grad_accum × world examples per phase)."""
     micro_batch_size: int = 8
+    """Examples per rank per forward."""
     grad_accum: int = 1
+    """Micro-batches accumulated per step; the global batch is micro_batch_size × grad_accum × ranks.
+    On ``--resume`` the checkpoint's global batch is kept: grad_accum becomes global batch /
+    (micro_batch_size × ranks), on any number of ranks, and the run says when that changes it; an
+    error names the numbers when no whole accumulation does (docs/multinode.md)."""
     eval_batch_size: int = 32
     eval_every: int = 50
     """Validate every N steps (and at the end); the best validation score is kept."""
@@ -228,15 +238,15 @@ class SearchConfig(TrainConfig):
             f"search.gate_optimizer must be one of {', '.join(GATE_OPTIMIZERS)}, got {self.gate_optimizer!r}",
         )
         _check(0 <= self.gate_warmup < 1, f"search.gate_warmup must be a fraction in [0, 1), got {self.gate_warmup}")
+        _check(self.gate_clip >= 0, f"search.gate_clip must be >= 0, got {self.gate_clip}")
+        _check(self.beta > 0, f"search.beta must be > 0, got {self.beta}")
+        _check(self.temperature > 0, f"search.temperature must be > 0, got {self.temperature}")
+        _check(self.select in SELECT, f"search.select must be one of {', '.join(SELECT)}, got {self.select!r}")
 
     @property
     def gate_warmup_steps(self) -> int:
         """Steps before the first gate step (``gate_warmup`` of ``steps``)."""
         return int(round(self.gate_warmup * self.steps))
-        _check(self.gate_clip >= 0, f"search.gate_clip must be >= 0, got {self.gate_clip}")
-        _check(self.beta > 0, f"search.beta must be > 0, got {self.beta}")
-        _check(self.temperature > 0, f"search.temperature must be > 0, got {self.temperature}")
-        _check(self.select in SELECT, f"search.select must be one of {', '.join(SELECT)}, got {self.select!r}")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -260,8 +270,9 @@ class RunConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     output_dir: str = "runs/default"
     deepspeed: str = "auto"
-    """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload, zero3_cpu), a json path,
-    or "auto": replicate the frozen backbone (zero2) when it fits on a device, ZeRO-3 when not."""
+    """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_multinode, zero3_offload, zero3_cpu),
+    a json path, or "auto": replicate the frozen backbone (zero2) when it fits on a device, ZeRO-3 when
+    not (zero3_multinode, with ZeRO++ hpZ, when the job spans nodes)."""
     zero_stage: int | None = None
     """Override the DeepSpeed config's ZeRO stage (0-3)."""
     seed: int = 0

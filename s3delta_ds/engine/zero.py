@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,12 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 from deepspeed.comm import comm as ds_comm
 from deepspeed.utils import groups as ds_groups
-from deepspeed.utils import safe_get_full_optimizer_state
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 
 from ..errors import ConfigError, DistributedSetupError
 from ..util import free_port
@@ -41,7 +47,8 @@ def shipped_ds_configs() -> dict[str, Path]:
 
 
 def read_ds_config(name_or_path: str) -> tuple[dict, str]:
-    """A DeepSpeed json by path, or by name (``zero2``, ``zero3``, ``zero3_offload``, ``zero3_cpu``)."""
+    """A DeepSpeed json by path, or by name (``zero2``, ``zero3``, ``zero3_multinode``, ``zero3_offload``,
+    ``zero3_cpu``)."""
     path = Path(name_or_path)
     if not path.is_file():
         shipped = shipped_ds_configs()
@@ -91,11 +98,14 @@ def resolve_ds_config(
     dtype: str,
     hidden_size: int,
     zero_stage: int | None = None,
+    local_world: int | None = None,
 ) -> dict:
     """Fill every "auto" of a DeepSpeed config from the run's settings and check the rest agree.
 
-    ``dtype`` is the resolved backbone dtype (fp32 | bf16 | fp16). Raises :class:`ConfigError` on a
-    disagreement, on an optimizer/scheduler section, or on an "auto" this function cannot fill.
+    ``dtype`` is the resolved backbone dtype (fp32 | bf16 | fp16). ``local_world``: ranks per node
+    (:func:`local_world_size`), what ZeRO++'s ``zero_hpz_partition_size: "auto"`` becomes. Raises
+    :class:`ConfigError` on a disagreement, on an optimizer/scheduler section, or on an "auto" this
+    function cannot fill.
     """
     cfg = copy.deepcopy(template)
     owned = [s for s in _OWNED_SECTIONS if s in cfg]
@@ -125,11 +135,79 @@ def resolve_ds_config(
     ):
         if zero.get(key) == "auto":
             zero[key] = value
+    if "zero_hpz_partition_size" in zero:
+        _resolve_hpz(zero, world, local_world)
     left = _find_auto(cfg)
     if left:
         raise ConfigError(f'cannot resolve "auto" for {", ".join(left)} in the DeepSpeed config; set explicit values')
     cfg.setdefault("steps_per_print", 10**6)
     return cfg
+
+
+def _resolve_hpz(zero: dict, world: int, local_world: int | None) -> None:
+    """ZeRO++ hierarchical partitioning: a secondary copy of the parameters partitioned over
+    ``zero_hpz_partition_size`` consecutive ranks, which the forward/backward all-gathers read. It
+    must be the ranks per node, so that those gathers stay on NVLink (DeepSpeed groups ranks
+    [0, h), [h, 2h), ...: the launchers number ranks node by node, Slurm's default block placement too)."""
+    if zero["zero_hpz_partition_size"] == "auto":
+        if local_world is None:
+            raise ConfigError(
+                'zero_optimization.zero_hpz_partition_size is "auto" but the ranks per node are unknown: none of '
+                f"{', '.join(LOCAL_WORLD_VARS)} is set. Launch with deepspeed/torchrun/srun, or set "
+                "zero_hpz_partition_size to the GPUs per node in the DeepSpeed config"
+            )
+        # One node: the secondary copy would be the primary partition again (memory for nothing).
+        zero["zero_hpz_partition_size"] = local_world if world > local_world else 1
+    hpz = zero["zero_hpz_partition_size"]
+    if not isinstance(hpz, int) or hpz < 1 or world % hpz:
+        raise ConfigError(
+            f"zero_optimization.zero_hpz_partition_size={hpz!r} must be a positive integer dividing the world "
+            f'size {world} (the ranks per node); set it to "auto"'
+        )
+
+
+# Ranks per node, in the order read: torchrun, the deepspeed launcher (and our Slurm mapping), then
+# Slurm itself for one task per rank (torchrun inside a one-task-per-node step sets LOCAL_WORLD_SIZE,
+# so SLURM_NTASKS_PER_NODE=1 there is never read).
+LOCAL_WORLD_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE")
+
+
+def local_world_size(environ: dict[str, str] | None = None) -> int | None:
+    """Ranks on this node from the launcher's environment (:data:`LOCAL_WORLD_VARS`), None if unknown.
+
+    Slurm writes ``SLURM_NTASKS_PER_NODE`` as ``4`` or ``4(x2)``; ``SLURM_GPUS_ON_NODE`` may be
+    ``8`` or ``a100:8``."""
+    environ = os.environ if environ is None else environ
+    for var in LOCAL_WORLD_VARS:
+        raw = environ.get(var, "").split("(")[0].rsplit(":", 1)[-1].strip()
+        if raw.isdigit() and int(raw) > 0:
+            return int(raw)
+    return None
+
+
+def hpz_placement_error(hosts: list[str], hpz: int) -> str | None:
+    """Why the hpZ groups (ranks [0, hpz), [hpz, 2 hpz), ...) are not each on one node, or None.
+
+    ``hosts``: each rank's host name, by rank. Pure (:func:`check_hpz_placement` gathers the names)."""
+    for start in range(0, len(hosts), hpz):
+        group = hosts[start : start + hpz]
+        if len(set(group)) > 1:
+            return (
+                f"zero_hpz_partition_size={hpz} groups ranks {start}..{start + hpz - 1}, but they run on "
+                f"{', '.join(sorted(set(group)))}: the secondary partition's all-gathers would cross nodes. "
+                "Number ranks node by node (the deepspeed launcher and torchrun do; with srun use "
+                "--distribution=block) or set zero_hpz_partition_size to the ranks per node"
+            )
+    return None
+
+
+def check_hpz_placement(ds_config: dict) -> None:
+    """Collective: refuse hpZ groups that span nodes (see :func:`hpz_placement_error`)."""
+    hpz = int(ds_config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1))
+    if hpz > 1:
+        err = hpz_placement_error(all_gather_object(socket.gethostname()), hpz)
+        if err:
+            raise DistributedSetupError(err)
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -170,7 +248,9 @@ def _env_from_slurm() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    local = local_world_size()  # SLURM_NTASKS_PER_NODE or SLURM_GPUS_ON_NODE; unknown stays unset, not 1
+    if local is not None:
+        os.environ.setdefault("LOCAL_SIZE", str(local))
     if "MASTER_ADDR" not in os.environ:
         raise DistributedSetupError("running one Slurm task per rank but MASTER_ADDR is not set (see slurm/*.sh)")
 
@@ -275,6 +355,22 @@ def destroy() -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # the run's ZeRO-3 loading context ends with it
+    restore_functional_linear()
+
+
+def restore_functional_linear() -> None:
+    """Undo ZeRO-3's process-wide swap of ``torch.nn.functional.linear``.
+
+    ``zero.Init`` (every ZeRO-3 engine) replaces it with its "memory-efficient" linear, a Python
+    ``autograd.Function``, and never puts it back. Every later model in the process, ZeRO-2 or
+    plain PyTorch, then runs its linears through it: 1.2-1.3x slower on small shapes (a search
+    after a ZeRO-3 run in a notebook; every baseline that step.py timed after a ZeRO-3 variant).
+    The next ``zero.Init`` swaps it in again."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
 
 
 # -- engine and ZeRO helpers -------------------------------------------------------------------
@@ -330,25 +426,65 @@ def device_memory_bytes() -> int:
     if device_type() != "cpu":
         return int(get_accelerator().total_memory())
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(ram // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))))
+    return int(ram // (local_world_size() or 1))
 
 
-def choose_strategy(frozen_bytes: int, trainable_params: int, memory: int, fraction: float = 0.5) -> tuple[str, str]:
+def choose_strategy(
+    frozen_bytes: int,
+    trainable_params: int,
+    memory: int,
+    fraction: float = 0.5,
+    *,
+    world: int = 1,
+    local_world: int | None = None,
+    cpu: bool | None = None,
+) -> tuple[str, str]:
     """``deepspeed=auto``: replicate the frozen backbone (ZeRO-2: no parameter gathering at all,
     trainable state still sharded) when it fits in ``fraction`` of a device next to the trainable
     state (16 bytes per trainable parameter for weights, gradients and Adam); ZeRO-3 otherwise.
-    Returns (shipped config name, the reason to print)."""
+
+    ZeRO-3 across nodes (``world`` > ``local_world``) takes ZeRO++'s hierarchical partitioning
+    (``zero3_multinode``) when its secondary copy fits: every rank then holds the backbone's
+    primary partition (1/world) plus a secondary one (1/local_world) that the per-layer all-gathers
+    read from within the node, so they never cross the slow inter-node link. Pure: sizes in, no
+    processes (``cpu`` None means this machine's accelerator decides).
+
+    Args:
+        frozen_bytes: the frozen backbone's bytes in its storage dtype.
+        trainable_params: parameters the optimizer owns.
+        memory: bytes one rank may use (:func:`device_memory_bytes`).
+        world: ranks in the job; local_world: ranks per node (None: all on one node).
+
+    Returns:
+        (shipped config name, the reason to print).
+    """
     need = frozen_bytes + 16 * trainable_params
-    cpu = device_type() == "cpu"
+    cpu = device_type() == "cpu" if cpu is None else cpu
+    local_world = world if local_world is None else local_world
     gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     if need <= fraction * memory:
         return "zero2", (
             f"frozen backbone {gb(frozen_bytes)} + trainable state {gb(16 * trainable_params)} fits in "
             f"{fraction:.0%} of {gb(memory)} per rank: replicate it (ZeRO-2, no parameter gathering)"
         )
-    return ("zero3_cpu" if cpu else "zero3"), (
+    why = (
         f"frozen backbone {gb(frozen_bytes)} + trainable state {gb(16 * trainable_params)} exceeds {fraction:.0%} "
         f"of {gb(memory)} per rank: shard it (ZeRO-3)"
+    )
+    single = "zero3_cpu" if cpu else "zero3"
+    if world <= local_world:
+        return single, why
+    nodes = f"the job spans {world // local_world} nodes ({world} ranks, {local_world} per node)"
+    hpz_need = frozen_bytes // local_world + frozen_bytes // world + 16 * trainable_params // world
+    if hpz_need > fraction * memory:
+        return single, (
+            f"{why}; {nodes}, but hpZ's secondary copy (1/{local_world} of the backbone per rank, "
+            f"{gb(hpz_need)} in all) exceeds {fraction:.0%} of {gb(memory)}: every all-gather crosses nodes"
+        )
+    return "zero3_multinode", (
+        f"{why}; {nodes}: ZeRO++ hpZ keeps a secondary copy partitioned within each node "
+        f"({gb(frozen_bytes // local_world)} per rank, {gb(hpz_need)} in all) so the per-layer all-gathers "
+        "stay intra-node"
     )
 
 
@@ -396,7 +532,8 @@ def adamw_state(engine, params: list[nn.Parameter]) -> AdamWState:
     data-parallel group, so every rank must call this with the same ``params`` in the same order.
     Stage 0 reads the optimizer's state directly: keyed by the parameters themselves (fp32), or by
     their fp32 master copies (bf16/fp16 without ZeRO). ZeRO-3 is never asked here
-    (second-order search refuses it at start-up).
+    (second-order search refuses it at start-up) except by ``trainable_state`` (checkpoints), where
+    ``safe_get_full_optimizer_state`` all-gathers a partitioned parameter's moments.
 
     Raises:
         ConfigError: the delta optimizer is not a plain torch AdamW with one betas/eps/weight decay.
@@ -418,8 +555,8 @@ def adamw_state(engine, params: list[nn.Parameter]) -> AdamWState:
     # empty state means no step has been taken (torch AdamW creates its state lazily).
     step = max((int(s["step"]) for s in basic.state.values() if "step" in s), default=0)
     if step == 0:
-        moments = [[torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] for _ in range(2)]
-    elif all(hasattr(p, "_hp_mapping") for p in params):  # ZeRO-1/2 (and DeepSpeed's BF16_Optimizer)
+        moments = [[torch.zeros(_full_shape(p), dtype=torch.float32) for p in params] for _ in range(2)]
+    elif all(_zero_owned(p) for p in params):  # ZeRO-1/2/3 (and DeepSpeed's BF16_Optimizer)
         moments = [[safe_get_full_optimizer_state(p, key).float() for p in params] for key in ("exp_avg", "exp_avg_sq")]
     elif hasattr(engine.optimizer, "fp32_groups"):  # stage 0 bf16/fp16: an fp32 master per parameter
         moments = [_master_state(engine.optimizer, basic, params, key) for key in ("exp_avg", "exp_avg_sq")]
@@ -437,6 +574,105 @@ def _master_state(wrapper, basic: torch.optim.Optimizer, params: list[nn.Paramet
         for p, m in zip(lp, hp, strict=True)
     }
     return [basic.state[master[id(p)]][key].detach().float() for p in params]
+
+
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def _zero_owned(p: torch.Tensor) -> bool:
+    """A parameter whose fp32 master and optimizer state ZeRO keeps (partitioned, or mapped to
+    fragments of flat groups) and which DeepSpeed's ``safe_*_full_*`` helpers read and write."""
+    return is_partitioned(p) or hasattr(p, "_hp_mapping")
+
+
+# -- the trainable state in full (checkpoints any world size can resume) -----------------------
+
+
+def trainable_state(engine, params: list[nn.Parameter]) -> dict:
+    """The trainable weights and their AdamW state as full fp32 CPU tensors, and the delta schedule:
+    everything of the engine a checkpoint needs, with no world size or ZeRO partitioning in it.
+
+    Collective: ZeRO assembles each parameter's fp32 master and moments from its partitions (an
+    all-reduce or all-gather per tensor), so every rank calls this with the same ``params`` in the
+    same order, and every rank gets the full tensors.
+
+    Returns:
+        ``{"weights", "exp_avg", "exp_avg_sq"}``: one tensor per parameter, full shape; ``"step"``:
+        AdamW steps taken; ``"scheduler"``: the delta LR scheduler's state dict.
+    """
+    moments = adamw_state(engine, params)
+    masters = _stage0_masters(engine, params)
+    weights = [
+        (safe_get_full_fp32_param(p) if _zero_owned(p) else m).detach().to("cpu", torch.float32).clone()
+        for p, m in zip(params, masters, strict=True)
+    ]
+    cpu = lambda ts: [t.detach().to("cpu", torch.float32).clone() for t in ts]  # noqa: E731
+    return {
+        "weights": weights,
+        "exp_avg": cpu(moments.exp_avg),
+        "exp_avg_sq": cpu(moments.exp_avg_sq),
+        "step": moments.step,
+        "scheduler": engine.lr_scheduler.state_dict(),
+    }
+
+
+def load_trainable_state(engine, params: list[nn.Parameter], state: dict) -> None:
+    """Write a ``trainable_state`` (taken on any world size, any ZeRO stage) into ``engine``: the
+    fp32 masters, the weights the forward reads, the AdamW moments and step, and the schedule.
+    Collective: every rank calls it with the same ``params`` and ``state``."""
+    wrapper, basic, step = engine.optimizer, engine.basic_optimizer, int(state["step"])
+    if step:
+        # torch AdamW creates its state at its first step. Create it now (zeros, the checkpoint's step
+        # count) for every tensor the optimizer steps (ZeRO's flat fp32 partitions; ZeRO-3 hands them to
+        # the optimizer only during a step), so that there is state to write the moments into.
+        flat = getattr(wrapper, "fp32_partitioned_groups_flat", None)
+        for t in flat if flat is not None else [t for g in basic.param_groups for t in g["params"]]:
+            basic.state[t] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.zeros_like(t),
+                "exp_avg_sq": torch.zeros_like(t),
+            }
+        if hasattr(wrapper, "_hp_optimizer_states_linked"):  # ZeRO-1/2, BF16_Optimizer: map fragments to it
+            wrapper._hp_optimizer_states_linked = False
+            wrapper._lazy_init_hp_params_optimizer_state()
+    masters = _stage0_masters(engine, params)
+    with torch.no_grad():
+        tensors = zip(params, masters, state["weights"], state["exp_avg"], state["exp_avg_sq"], strict=True)
+        for p, hp, w, m, v in tensors:
+            if _zero_owned(p):  # each rank writes its own partition of the full tensors
+                safe_set_full_fp32_param(p, w.to(device()))
+                if step:
+                    safe_set_full_optimizer_state(p, m.to(device()), "exp_avg")
+                    safe_set_full_optimizer_state(p, v.to(device()), "exp_avg_sq")
+            else:
+                hp.copy_(w.view(hp.shape))
+                if step:
+                    basic.state[hp]["exp_avg"].copy_(m.view(hp.shape))
+                    basic.state[hp]["exp_avg_sq"].copy_(v.view(hp.shape))
+        # The weights the forward reads (ZeRO keeps them apart from its fp32 masters). Under ZeRO-3 each
+        # rank holds a partition: gather, write, and let rank 0's values be partitioned again on exit.
+        with gathered(params, modifier_rank=0):
+            for p, w in zip(params, state["weights"], strict=True):
+                p.copy_(w.view(p.shape).to(p.dtype))
+    engine.lr_scheduler.load_state_dict(state["scheduler"])
+    # a scheduler sets the learning rate when it steps; the restored one has not stepped yet
+    for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+
+
+def _stage0_masters(engine, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """The tensor the torch optimizer steps for each parameter outside ZeRO: the fp32 master of a
+    16-bit stage-0 run, else the parameter itself (ZeRO-owned parameters map to themselves, unused)."""
+    wrapper = engine.optimizer
+    if not hasattr(wrapper, "fp32_groups") or not hasattr(wrapper, "fp16_groups"):
+        return list(params)
+    master = {
+        id(p): m
+        for lp, hp in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)
+        for p, m in zip(lp, hp, strict=True)
+    }
+    return [master.get(id(p), p) for p in params]
 
 
 def rng_state() -> tuple[torch.Tensor, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..backbones import Family, SiteMap, family_for
+from ..backbones.checkpointing import checkpointed_blocks
 from ..backbones.pooling import pooling_of
 from ..config import RunConfig, TrainConfig, dump_yaml
 from ..data import OBJECTIVES, Collator, Encoder, Task, load_rows, load_tokenizer, resolve_task
@@ -144,7 +145,9 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
         dtype=dtype,
         hidden_size=family.hidden_size(config),
         zero_stage=cfg.zero_stage,
+        local_world=zero.local_world_size(),
     )
+    zero.check_hpz_placement(ds_config)
     task, objective, tokenizer, collate, data = _task_data(cfg, family, config)
 
     t0 = time.time()
@@ -195,6 +198,8 @@ def _announce(rt: Runtime, kind: str, load_s: float) -> None:
     if plan.strategy:
         rt.log(f"[s3delta {kind}] deepspeed=auto: {plan.strategy} -> {plan.deepspeed}")
     pooling = f", {cfg.model.pooling} pooling" if family.name == "bert" else ""
+    if cfg.model.gradient_checkpointing:
+        pooling += f", activation checkpointing on {checkpointed_blocks(rt.model)} blocks"
     rt.log(
         f"[s3delta {kind}] {rt.world} rank(s) on {zero.device_type()}, ZeRO stage {zero.zero_stage(rt.ds_config)}, "
         f"{rt.dtype}; backbone {cfg.model.name_or_path} ({rt.backbone.info.num_params:,} parameters, family "
