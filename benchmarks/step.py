@@ -10,15 +10,21 @@ Variants (LoRA r=8 on q,v for a, b, c; the `mixed` space for d, e):
   c  s3delta_ds retrain step, ZeRO-3            c2  the same with deepspeed=auto (replicated backbone: ZeRO-2)
   d  s3delta_ds first-order search step, ZeRO-3 d2  the same with deepspeed=auto
   e  second-order search step (ZeRO-2: it needs replicated weights)
-Reports median step time, tokens/s, FLOP-count MFU against a matmul peak measured in the same run
-(4·N FLOPs per token: a frozen backbone needs activation gradients but no weight gradients), peak
-memory, frozen-backbone bytes per rank, and the ratios c/a, d/c, e/c, c2/c, d2/d. Writes JSON and
-markdown under benchmarks/results/.
+--gradient-checkpointing on|both runs them (also) with the backbone's blocks checkpointed, as
+model.gradient_checkpointing=true does (rows KEY+ckpt, ratios KEY+ckpt/KEY). "step memory" is the
+peak allocated during one extra step above what was allocated before it (``step_memory``).
+Reports median step time, tokens/s, MFU (model FLOPs of the step, ``benchmarks/flops.py``: encoder
+weights on source tokens, decoder weights on target tokens, attention products, one pass per
+forward+backward through the backbone, against the best matmul measured in the same run with its
+dtype and threads; never above 100%), peak memory, frozen-backbone bytes per rank, and the ratios
+c/a, d/c, e/c, c2/c, d2/d. Writes JSON and markdown under benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import json
 import platform
 import resource
@@ -32,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.flops import PASSES, matmul_peak, pass_flops  # noqa: E402
+from s3delta_ds.backbones.checkpointing import enable_activation_checkpointing  # noqa: E402
 from s3delta_ds.backbones.loading import build_model, load_config  # noqa: E402
 from s3delta_ds.engine import zero  # noqa: E402
 from s3delta_ds.engine.bilevel import BiLevel, delta_update  # noqa: E402
@@ -39,6 +47,7 @@ from s3delta_ds.engine.gatelogits import GateLogits  # noqa: E402
 from s3delta_ds.method.supernet import DeltaSpec, GateContext  # noqa: E402
 from s3delta_ds.recipes.pipeline import build_pipeline  # noqa: E402
 from s3delta_ds.structure.builders import Backbone, manual  # noqa: E402
+from s3delta_ds.util import atomic_write_text  # noqa: E402
 
 SHAPES = {
     "tiny": "tiny-t5-v1_1",
@@ -49,22 +58,7 @@ SHAPES = {
     "llama-7b": "llama-2-7b",
 }
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matmul, measured here (the MFU denominator)."""
-    n = 4096 if device.type != "cpu" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 20 if device.type != "cpu" else 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+CKPT = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 def sync(device: torch.device) -> None:
@@ -97,6 +91,7 @@ def ds_config(stage: int, micro: int, dtype: str, hidden: int, *, hf_auto: bool 
         dtype=dtype,
         hidden_size=hidden,
         zero_stage=stage,
+        local_world=zero.local_world_size(),
     )
     if hf_auto and stage == 3:  # what HF's Trainer fills in for "auto"
         cfg["zero_optimization"].update(
@@ -105,10 +100,14 @@ def ds_config(stage: int, micro: int, dtype: str, hidden: int, *, hf_auto: bool 
     return cfg
 
 
-def fresh_model(shape: str, dtype: torch.dtype):
+def fresh_model(shape: str, dtype: torch.dtype, ckpt: bool = False):
+    """A random-init backbone, built directly on the run's device (an 11B model initialised on the
+    CPU would take minutes per variant)."""
     torch.manual_seed(0)
-    model = build_model(load_config(SHAPES[shape]))
+    model = build_model(load_config(SHAPES[shape]), device=zero.device())
     model.requires_grad_(False)
+    if ckpt:  # what model.gradient_checkpointing=true does to the backbone
+        enable_activation_checkpointing(model)
     return model.to(dtype)
 
 
@@ -130,10 +129,35 @@ def peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def variant_peft_plain(shape, dtype, batch, device):
+def step_memory(step, device) -> int:
+    """Peak bytes allocated during one step above what was allocated when it began: saved
+    activations (with checkpointing: the block inputs, and one block's activations while it is
+    recomputed), gradients, ZeRO-3 gathers and temporaries; not the resident weights or optimizer
+    state. GPU: ``torch.cuda.max_memory_allocated``. CPU: torch's allocator keeps no peak, so the
+    allocation and free events of the profiler (``profile_memory``) are summed in time order."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = prof.profiler.kineto_results.events()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def variant_peft_plain(shape, dtype, batch, device, ckpt=False):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(fresh_model(shape, dtype), LoraConfig(r=8, lora_alpha=16, target_modules=_qv(shape)))
+    model = get_peft_model(fresh_model(shape, dtype, ckpt), LoraConfig(r=8, lora_alpha=16, target_modules=_qv(shape)))
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -146,11 +170,11 @@ def variant_peft_plain(shape, dtype, batch, device):
     return step, None
 
 
-def variant_peft_zero3(shape, dtype, batch, device, micro, dtype_name):
+def variant_peft_zero3(shape, dtype, batch, device, micro, dtype_name, ckpt=False):
     import deepspeed
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(fresh_model(shape, dtype), LoraConfig(r=8, lora_alpha=16, target_modules=_qv(shape)))
+    model = get_peft_model(fresh_model(shape, dtype, ckpt), LoraConfig(r=8, lora_alpha=16, target_modules=_qv(shape)))
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -176,9 +200,11 @@ def _qv(shape: str) -> list[str]:
     return ["q_proj", "v_proj"] if shape.startswith("llama") else ["q", "v"]
 
 
-def variant_s3delta(shape, dtype, batch, device, micro, dtype_name, *, stage: int, search: bool, mode="first-order"):
+def variant_s3delta(
+    shape, dtype, batch, device, micro, dtype_name, *, stage: int, search: bool, mode="first-order", ckpt=False
+):
     """The recipes' own assembly (``build_pipeline``) on a random-init backbone of ``shape``."""
-    model = fresh_model(shape, dtype)
+    model = fresh_model(shape, dtype, ckpt)
     plan = Backbone.from_model(model, SHAPES[shape])
     ctx = GateContext() if search else None
     if search:
@@ -228,6 +254,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default="a,b,c,c2,d,d2,e")
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=sorted(CKPT),
+        default="off",
+        help="activation checkpointing of the backbone's blocks (model.gradient_checkpointing): off, on, or both "
+        "(each variant twice; the checkpointed row is KEY+ckpt)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -241,58 +274,99 @@ def main(argv=None) -> int:
     batch = batch_for(config, bsz, src, args.tgt, device)
     n_params = Backbone.plan(SHAPES[args.shape]).info.num_params
     tokens = bsz * (src + (args.tgt if config.is_encoder_decoder else 0))
-    peak = matmul_peak(device, dtype)
+    peak = matmul_peak(device, dtype, lambda: sync(device))
+    flops_per_pass = pass_flops(build_model(config, device="meta"), bsz, src, args.tgt)
     auto_name, auto_reason = zero.choose_strategy(int(n_params * (2 if gpu else 4)), 0, zero.device_memory_bytes())
     auto_stage = 2 if auto_name == "zero2" else 3
     builders = {
-        "a": ("plain PyTorch + PEFT LoRA", lambda: variant_peft_plain(args.shape, dtype, batch, device) + (None,)),
+        "a": (
+            "plain PyTorch + PEFT LoRA",
+            lambda ckpt: variant_peft_plain(args.shape, dtype, batch, device, ckpt) + (None,),
+        ),
         "b": (
             "PEFT + stock DeepSpeed ZeRO-3",
-            lambda: variant_peft_zero3(args.shape, dtype, batch, device, bsz, dtype_name) + (None,),
+            lambda ckpt: variant_peft_zero3(args.shape, dtype, batch, device, bsz, dtype_name, ckpt) + (None,),
         ),
         "c": (
             "s3delta retrain, ZeRO-3",
-            lambda: variant_s3delta(args.shape, dtype, batch, device, bsz, dtype_name, stage=3, search=False),
+            lambda ckpt: variant_s3delta(
+                args.shape, dtype, batch, device, bsz, dtype_name, stage=3, search=False, ckpt=ckpt
+            ),
         ),
         "c2": (
             f"s3delta retrain, deepspeed=auto (ZeRO-{auto_stage})",
-            lambda: variant_s3delta(args.shape, dtype, batch, device, bsz, dtype_name, stage=auto_stage, search=False),
+            lambda ckpt: variant_s3delta(
+                args.shape, dtype, batch, device, bsz, dtype_name, stage=auto_stage, search=False, ckpt=ckpt
+            ),
         ),
         "d": (
             "s3delta search (first order), ZeRO-3",
-            lambda: variant_s3delta(args.shape, dtype, batch, device, bsz, dtype_name, stage=3, search=True),
+            lambda ckpt: variant_s3delta(
+                args.shape, dtype, batch, device, bsz, dtype_name, stage=3, search=True, ckpt=ckpt
+            ),
         ),
         "d2": (
             f"s3delta search (first order), deepspeed=auto (ZeRO-{auto_stage})",
-            lambda: variant_s3delta(args.shape, dtype, batch, device, bsz, dtype_name, stage=auto_stage, search=True),
+            lambda ckpt: variant_s3delta(
+                args.shape, dtype, batch, device, bsz, dtype_name, stage=auto_stage, search=True, ckpt=ckpt
+            ),
         ),
         "e": (
             "s3delta search (second order), ZeRO-2",
-            lambda: variant_s3delta(
-                args.shape, dtype, batch, device, bsz, dtype_name, stage=2, search=True, mode="second-order"
+            lambda ckpt: variant_s3delta(
+                args.shape, dtype, batch, device, bsz, dtype_name, stage=2, search=True, mode="second-order", ckpt=ckpt
             ),
         ),
     }
     rows = {}
-    for key in args.variants.split(","):
+    out = Path(args.out or RESULTS / f"step-{args.shape}-w{zero.world()}-{'gpu' if gpu else 'cpu'}")
+    for key, ckpt in [(k, c) for k in args.variants.split(",") for c in CKPT[args.gradient_checkpointing]]:
         name, build = builders[key]
         if key == "a" and zero.world() > 1:
             continue  # plain PyTorch has no data parallelism here: measured in single-rank runs
-        step, _, frozen = build()
+        step = None
+        gc.collect()  # the previous variant's engine (DeepSpeed engines hold reference cycles)
+        if gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        zero.restore_functional_linear()  # a ZeRO-3 variant's linear swap would slow every later variant
+        step, _, frozen = build(ckpt)
         times = time_steps(step, args.steps, args.warmup, device)
         med = statistics.median(times)
-        rows[key] = {
+        # MFU counts model FLOPs: checkpointing's recomputation is overhead, not useful work
+        row, name = (key + "+ckpt", name + " + activation checkpointing") if ckpt else (key, name)
+        rows[row] = {
             "variant": name,
+            "gradient_checkpointing": ckpt,
             "median_s": med,
             "tokens_per_s": tokens * zero.world() / med,
-            "mfu": 4 * n_params * tokens / med / peak,
+            "model_flops": PASSES[key] * flops_per_pass,
+            "mfu": PASSES[key] * flops_per_pass / med / peak,
             "peak_memory_bytes": peak_memory(device),
+            "step_memory_bytes": step_memory(functools.partial(step, args.warmup + args.steps), device),
             "frozen_bytes_per_rank": frozen,
         }
         if zero.rank() == 0:
-            print(f"[step] {args.shape} {key}: {name}: {med:.4f}s", flush=True)
+            print(f"[step] {args.shape} {row}: {name}: {med:.4f}s", flush=True)
+            facts = dict(gpu=gpu, dtype_name=dtype_name, n_params=n_params, bsz=bsz, tokens=tokens, peak=peak)
+            write(out, result_of(args, rows, builders, flops_per_pass=flops_per_pass, auto_reason=auto_reason, **facts))
+    if zero.rank() == 0:
+        print(out.with_suffix(".md").read_text() if rows else "no variant ran")
+    zero.destroy()
+    return 0
+
+
+def write(out: Path, result: dict) -> None:
+    """The JSON and markdown, rewritten after every variant: a run stopped at a time limit (the GPU
+    check) keeps what it measured."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), render(result))
+
+
+def result_of(args, rows, builders, *, gpu, dtype_name, n_params, bsz, tokens, peak, flops_per_pass, auto_reason):
     ratio = lambda x, y: rows[x]["median_s"] / rows[y]["median_s"] if x in rows and y in rows else None  # noqa: E731
-    result = {
+    return {
         "shape": args.shape,
         "config": SHAPES[args.shape],
         "params": n_params,
@@ -302,7 +376,9 @@ def main(argv=None) -> int:
         "batch_per_rank": bsz,
         "tokens_per_rank": tokens,
         "matmul_peak_flops": peak,
+        "flops_per_pass": flops_per_pass,
         "auto_strategy": auto_reason,
+        "step_memory_source": "cuda" if gpu else "profiler",
         "variants": rows,
         "ratios": {
             "c/a": ratio("c", "a"),
@@ -313,16 +389,9 @@ def main(argv=None) -> int:
             "c2/c": ratio("c2", "c"),
             "d2/d": ratio("d2", "d"),
             "d2/c2": ratio("d2", "c2"),
+            **{f"{k}+ckpt/{k}": ratio(f"{k}+ckpt", k) for k in builders},
         },
     }
-    if zero.rank() == 0:
-        out = Path(args.out or RESULTS / f"step-{args.shape}-w{zero.world()}-{'gpu' if gpu else 'cpu'}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(render(result))
-        print(render(result))
-    zero.destroy()
-    return 0
 
 
 def render(r: dict) -> str:
@@ -333,15 +402,25 @@ def render(r: dict) -> str:
         f"Per rank: batch {r['batch_per_rank']}, {r['tokens_per_rank']} tokens; matmul peak "
         f"{r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s (measured). deepspeed=auto chose: {r['auto_strategy']}.",
         "",
-        "| variant | median s/step | tokens/s | MFU | peak memory | frozen bytes/rank |",
-        "|---|---|---|---|---|---|",
+        "| variant | median s/step | tokens/s | MFU | peak memory | step memory | frozen bytes/rank |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, v in r["variants"].items():
         lines.append(
             f"| {key}: {v['variant']} | {v['median_s']:.4f} | {v['tokens_per_s']:,.0f} | {100 * v['mfu']:.1f}% "
-            f"| {v['peak_memory_bytes'] / 2**20:,.0f} MiB | {v['frozen_bytes_per_rank'] or 0:,} |"
+            f"| {v['peak_memory_bytes'] / 2**20:,.0f} MiB | {v['step_memory_bytes'] / 2**20:,.1f} MiB "
+            f"| {v['frozen_bytes_per_rank'] or 0:,} |"
         )
     lines += ["", "Ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items() if v is not None)]
+    if r.get("step_memory_source") == "profiler":
+        lines += [
+            "",
+            "Step memory from the profiler's allocation events (CPU); the profiler's buffers also raise the "
+            "process peak RSS (peak memory) of the rows after the first.",
+        ]
+    over = [k for k, v in r["variants"].items() if v["mfu"] > 1]
+    if over:  # the FLOP count or the measured peak is wrong: say so rather than print it quietly
+        lines += ["", f"**MFU above 100% for {', '.join(over)}: the measured matmul peak is too low (contention?)**"]
     return "\n".join(lines) + "\n"
 
 
