@@ -298,13 +298,61 @@ def retrain(ctx: Context, until: float) -> dict:
     }
 
 
+def _step_stage(shape: str):
+    """``benchmarks/step.py`` on a random-init ``shape`` in bf16 (variants a, b, c, c2, d, d2, then c2 and
+    d2 with activation checkpointing), one process on one GPU. step.py rewrites its JSON after every
+    variant, so a stage stopped at its limit still brings back what it measured."""
+
+    def run(ctx: Context, until: float) -> dict:
+        out = ctx.work / f"step-{shape}"
+        if ctx.dry_run:
+            shape_args, plain, ckpt = ["--shape", "tiny", "--steps", "1", "--warmup", "1"], "c,c2,d,d2", "c2"
+        else:
+            shape_args, plain, ckpt = ["--shape", shape, "--steps", "3", "--warmup", "1"], "a,b,c,c2,d,d2", "c2,d2"
+        runs = []
+        for variants, mode in ((plain, "off"), (ckpt, "on")):
+            cmd = [ctx.python, "benchmarks/step.py", *shape_args, "--variants", variants,
+                   "--gradient-checkpointing", mode, "--out", str(out.with_name(out.name + f"-{mode}"))]  # fmt: skip
+            runs.append(run_command(ctx, cmd, until=until, log=ctx.work / f"step-{shape}-{mode}.log"))
+            if time.monotonic() >= until:
+                break
+        results = [read_json(out.with_name(out.name + f"-{mode}").with_suffix(".json")) for mode in ("off", "on")]
+        variants = {k: v for r in results if r for k, v in r["variants"].items()}
+        problems = [f"exit {d.rc}" + (" (timed out)" if d.timed_out else "") for d in runs if not d.ok]
+        want = [*plain.split(","), *(f"{k}+ckpt" for k in ckpt.split(","))]
+        missing = [k for k in want if k not in variants]
+        if missing:
+            problems.append(f"no measurement for {', '.join(missing)}")
+        over = [k for k, v in variants.items() if v["mfu"] > 1]
+        if over:
+            problems.append(f"MFU above 100% for {', '.join(over)}")
+        first = next((r for r in results if r), {})
+        return {
+            "ok": not problems,
+            "timed_out": any(d.timed_out for d in runs),
+            "problems": problems,
+            "results": results,
+            "commands": [d.record(tail=1500) for d in runs],
+            "brief": {
+                "median_s": {k: round(v["median_s"], 4) for k, v in variants.items()},
+                "mfu": {k: round(v["mfu"], 3) for k, v in variants.items()},
+                "ratios": {k: round(v, 3) for r in results if r for k, v in r["ratios"].items() if v is not None},
+                "matmul_peak_tflops": round(first.get("matmul_peak_flops", 0) / 1e12, 1),
+            },
+        }
+
+    return run
+
+
 # The checks, in order; one line each. Stages that need another's output fall back to something of
 # their own (retrain → a manual structure) so that a failure does not cascade.
 STAGES = (
-    Stage(name="00-env", timeout_s=90, run=env_report, text=True),
-    Stage(name="01-unit", timeout_s=150, run=unit_tests, text=True),
-    Stage(name="02-search", timeout_s=180, run=search),
-    Stage(name="03-retrain", timeout_s=150, run=retrain),
+    Stage(name="00-env", timeout_s=45, run=env_report, text=True),
+    Stage(name="01-unit", timeout_s=75, run=unit_tests, text=True),
+    Stage(name="02-search", timeout_s=75, run=search),
+    Stage(name="03-retrain", timeout_s=60, run=retrain),
+    Stage(name="04-step-xxl", timeout_s=110, run=_step_stage("xxl")),
+    Stage(name="05-step-llama-7b", timeout_s=85, run=_step_stage("llama-7b")),
 )
 
 
@@ -312,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_check"), help="result files")
     p.add_argument("--work", default=None, help="run directories and logs (default: runs/gpu_check-work)")
-    p.add_argument("--budget-s", type=float, default=None, help="overall limit (default 390 on a GPU, 300 dry)")
+    p.add_argument("--budget-s", type=float, default=None, help="overall limit (default 450 on a GPU, 420 dry)")
     p.add_argument("--only", default=None, help="comma-separated stage names to run (default: all)")
     p.add_argument("--dry-run", action="store_true", help="every stage in a CPU form (tiny-t5, 3 steps)")
     args = p.parse_args(argv)
@@ -328,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         out=Path(args.out).resolve(),
         work=Path(args.work or ROOT / "runs" / "gpu_check-work").resolve(),
         dry_run=args.dry_run,
-        budget_s=args.budget_s or (300.0 if args.dry_run else 390.0),
+        budget_s=args.budget_s or (420.0 if args.dry_run else 450.0),
     )
 
 

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STAGE_FILES = ["00-env.txt", "01-unit.txt", "02-search.json", "03-retrain.json"]
+STAGE_FILES = ["00-env.txt", "01-unit.txt", "02-search.json", "03-retrain.json", "04-step-xxl.json",
+               "05-step-llama-7b.json"]  # fmt: skip
 
 
 def _load():
@@ -116,7 +117,7 @@ def test_dry_run_exercises_every_stage_on_the_cpu(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted([*STAGE_FILES, "summary.json"])
