@@ -392,7 +392,60 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=ds_config
     )
+    trim_zero3_hooks(engine)
     return engine
+
+
+def trim_zero3_hooks(engine) -> int:
+    """Remove ZeRO-3's module hooks where they have nothing to do; returns how many modules lost them.
+
+    ZeRO-3 hooks every module four times (pre/post forward, pre/post backward), and on a frozen
+    backbone most of its per-step cost is these Python calls, not the gathers
+    (benchmarks/zero3_profile.py). A module whose own parameters are all persistent (none: containers,
+    dropout, activations, the delta slots; or small ones under ``stage3_param_persistence_threshold``:
+    norms, most deltas) has nothing to fetch or release, so its hooks only record it in the prefetch
+    trace and in the stack that adopts dangling parameters (which then falls to the nearest hooked
+    ancestor). Gradients are reduced from hooks on the parameters, which stay. DeepSpeed releases
+    persistent parameters around an optimizer step and a checkpoint load, so a pre-forward hook on
+    the root gathers the trimmed modules' parameters back whenever one is missing."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:  # not ZeRO-3
+        return 0
+    root = engine.module
+
+    def idle(m: nn.Module) -> bool:
+        return m is not root and all(getattr(p, "ds_persist", False) for p in m._parameters.values() if p is not None)
+
+    bare = {}
+    for m in root.modules():
+        if idle(m):
+            bare[id(m._forward_pre_hooks)] = bare[id(m._forward_hooks)] = m
+    trimmed: dict[int, nn.Module] = {}
+    for hooks in (offload.forward_hooks, offload.backward_hooks):
+        keep = []
+        for handle in hooks:
+            owner = handle.hooks_dict_ref()
+            module = bare.get(id(owner)) if owner is not None else None
+            if module is None:
+                keep.append(handle)
+            else:
+                handle.remove()
+                trimmed[id(module)] = module
+        hooks[:] = keep
+    persistent = [p for m in trimmed.values() for p in m._parameters.values() if p is not None]
+
+    @torch.no_grad()
+    def gather_persistent(_module, _args):
+        missing = [p for p in persistent if p.ds_status.name != "AVAILABLE"]
+        if missing:
+            missing[0].all_gather(missing)
+
+    if persistent:
+        root.register_forward_pre_hook(gather_persistent, prepend=True)
+    coordinator = offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():  # re-recorded on the next forward, without the trimmed modules
+        coordinator._invalidate_trace()
+    return len(trimmed)
 
 
 def is_partitioned(p: torch.Tensor) -> bool:

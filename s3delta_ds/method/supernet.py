@@ -48,7 +48,11 @@ class DeltaSpec:
 
 
 class DeltaSlot(nn.Module):
-    """All deltas of one site. Holds the deltas as children so ZeRO treats them as modules."""
+    """All deltas of one site. Holds the deltas as children so ZeRO treats them as modules.
+
+    The site hooks call :meth:`forward` directly, not through ``__call__``: module hooks on a slot
+    would do nothing (it owns no parameter; the deltas inside keep theirs, which ZeRO-3 needs to
+    gather and reduce them), and under ZeRO-3 they cost four Python calls per slot per pass."""
 
     def __init__(self, site: str, ctx: GateContext | None):
         super().__init__()
@@ -84,7 +88,10 @@ class DeltaSlot(nn.Module):
             out = out + self._scale(key, self.deltas[key](x))
         return out
 
-    def forward(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y0: torch.Tensor | None = None) -> torch.Tensor:
+        """y0 None: the input deltas' x' (the pre-hook); else the module output with the deltas."""
+        if y0 is None:
+            return self.scale_input(x)
         y = y0
         for key in self._order[Slot.PARALLEL]:
             y = y + self._scale(key, self.deltas[key](x))
@@ -112,9 +119,9 @@ class DeltaSlot(nn.Module):
 def _input_hook(slot: DeltaSlot):
     def hook(module, args, kwargs):
         if args:
-            return (slot.scale_input(args[0]),) + args[1:], kwargs
+            return (slot.forward(args[0]),) + args[1:], kwargs
         name = "hidden_states" if "hidden_states" in kwargs else "input"
-        return args, {**kwargs, name: slot.scale_input(kwargs[name])}
+        return args, {**kwargs, name: slot.forward(kwargs[name])}
 
     return hook
 
@@ -124,8 +131,8 @@ def _hook(slot: DeltaSlot):
         # args are what the module ran on: x' when a pre-hook scaled the input
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
         if isinstance(output, tuple):
-            return (slot(x, output[0]),) + output[1:]
-        return slot(x, output)
+            return (slot.forward(x, output[0]),) + output[1:]
+        return slot.forward(x, output)
 
     return hook
 
