@@ -67,7 +67,7 @@ def test_trimmed_zero3_hooks_change_no_number():
     r = json.loads(line[len("RESULT ") :])
     full, trimmed = r["False"], r["True"]
     close = lambda a, b: all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))  # noqa: E731
-    assert len(full["losses"]) == 3 and all(close(a, b) for a, b in zip(trimmed["losses"], full["losses"]))
+    assert len(full["losses"]) == 3 and all(close(a, b) for a, b in zip(trimmed["losses"], full["losses"], strict=True))
     assert close(trimmed["deltas"], full["deltas"]) and close(trimmed["logits"], full["logits"])
     assert any(abs(x) > 1e-3 for x in trimmed["logits"])  # the gates moved: the comparison is not vacuous
     assert full["hooked"] == full["modules"]  # stock ZeRO-3: every module
