@@ -231,8 +231,8 @@ def test_zero2_adamw_moments_equal_the_unpartitioned_optimizers(tmp_path):
     two = probe(tmp_path, "zero2", "moments", 2, "zero_stage=2", "search.micro_batch_size=2")
     assert (one["world"], two["world"], two["stage"]) == (1, 2, 2) and one["step"] == two["step"] == 2
 
-    def flat(r, key, skip_k_bias=False):
-        keep = [i for i, n in enumerate(r["names"]) if not (skip_k_bias and ".k.s3delta.deltas.bitfit" in n)]
+    def flat(r, key, skip_keys=False):
+        keep = [i for i, n in enumerate(r["names"]) if not (skip_keys and ".k.s3delta.deltas." in n)]
         return torch.cat([torch.tensor(r[key][i]).flatten() for i in keep])
 
     for key in ("exp_avg", "exp_avg_sq"):
@@ -240,6 +240,12 @@ def test_zero2_adamw_moments_equal_the_unpartitioned_optimizers(tmp_path):
         assert a.abs().max() > 0 and (a - b).abs().max() <= 1e-6 * a.abs().max(), key
     # stage 0: the virtual weights are what torch AdamW makes of the engine's own state
     assert (flat(one, "virtual") - flat(one, "torch_adamw")).abs().max() <= 1e-6
-    # ZeRO-2 gives the same virtual weights (a bias on attention keys has no gradient: Adam turns
-    # round-off there into lr-sized steps, see launching.NO_GRADIENT)
-    assert (flat(one, "virtual", True) - flat(two, "virtual", True)).abs().max() <= 1e-6
+    # ZeRO-2 gives the same virtual weights where the gradient is more than round-off. Adam's g/√v
+    # turns round-off into lr-sized steps (see launching.NO_GRADIENT) in two places: attention keys
+    # (softmax cancels the part of a key gradient common to all keys, so what is left is a difference
+    # of near-equal sums; measured 4.6e-6 on a key LoRA factor) and entries whose gradient is below
+    # 1e-4 of the largest (a LoRA A factor while its B is still near zero: 1.5e-6 at √v = 7e-7).
+    v = flat(one, "exp_avg_sq", True)
+    signal = v > 1e-8 * v.max()
+    assert signal.float().mean() > 0.5
+    assert (flat(one, "virtual", True) - flat(two, "virtual", True))[signal].abs().max() <= 1e-6
