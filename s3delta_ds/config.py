@@ -257,9 +257,15 @@ class RetrainConfig(TrainConfig):
     """Train every backbone weight instead of a structure (the full fine-tuning baseline)."""
     pafi_mask: str | None = None
     """PaFi mask file (``s3delta pafi-mask``) for structures with globally ranked PaFi modules."""
+    test_at: str = "end"
+    """When the test split is scored: "end" once, after training, on the selected step's deltas
+    reloaded from deltas.safetensors (the same scores as "best", which scores test at every new best
+    validation step, at a fraction of the cost on a large test set). Full fine-tuning keeps no copy
+    of its best weights, so it always scores test at each new best."""
 
     def __post_init__(self):
         self._validate("retrain")
+        _check(self.test_at in ("end", "best"), f"retrain.test_at must be end or best, got {self.test_at!r}")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -13,7 +13,14 @@ from ..data import BatchStream
 from ..engine import zero
 from ..engine.backbone import DTYPES
 from ..engine.bilevel import delta_update
-from ..run.checkpoint import geometry, latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
+from ..run.checkpoint import (
+    geometry,
+    latest_checkpoint,
+    load_deltas,
+    load_run_checkpoint,
+    save_deltas,
+    save_run_checkpoint,
+)
 from ..run.evaluate import evaluate
 from ..run.plan import RunPlan
 from ..run.preflight import preflight_retrain
@@ -130,7 +137,7 @@ class RetrainRecipe:
         rt, state, metric = self.rt, self.state, self.rt.task.metric
         result = self._evaluate("validation")
         if state.is_better(result, metric):
-            state.select(result, metric, test=self._evaluate("test"))
+            state.select(result, metric, test=None if self._test_at_end else self._evaluate("test"))
             if self.plan.structure is not None:
                 meta = {
                     "structure": self.plan.structure.digest(),
@@ -156,9 +163,23 @@ class RetrainRecipe:
         self.state.load_state_dict(client["state"])
         self.rt.log(f"resumed from {latest_checkpoint(self.ckpt_dir)} at step {self.state.step}")
 
+    @property
+    def _test_at_end(self) -> bool:
+        return self.cfg.retrain.test_at == "end" and self.plan.structure is not None
+
+    def _test_selected(self) -> None:
+        """``retrain.test_at=end``: reload the selected step's deltas (the ones saved at the best
+        validation step) and score the test split once. Collective."""
+        rt = self.rt
+        if self.state.test is None and self._test_at_end:
+            load_deltas(rt.model, rt.out / DELTA_FILE, head_prefixes=rt.family.head_modules)
+            self.state.test = self._evaluate("test")
+            rt.log(f"test scored on the deltas of step {self.state.best_step}")
+
     def finish(self) -> dict:
         """Write summary.json (and the structure next to the deltas) on rank 0. Returns the summary
         on every rank."""
+        self._test_selected()
         rt, state, structure, metric = self.rt, self.state, self.plan.structure, self.rt.task.metric
         summary = self._summary()
         if rt.is_main:
