@@ -1,6 +1,6 @@
 """Linear probes on frozen all-MiniLM-L6-v2 features for the RT snippets: the CLS pooler output (what
 BertForSequenceClassification feeds its head) against mean pooling (what the checkpoint was trained
-for). The evidence behind ``model.pooling`` (benchmarks/results/quality-notes.md).
+for). The evidence behind ``model.pooling`` (benchmarks/results/quality-round1-notes.md).
 
     python benchmarks/probe_pooling.py      # after `s3delta fetch-assets minilm rt`
 """

@@ -6,6 +6,9 @@ and how close does it come to full fine-tuning? On real pretrained weights and r
     python benchmarks/quality.py                                      # MiniLM + SmolLM2, 2 tasks, 2 budgets, 3 seeds
     python benchmarks/quality.py --backbones minilm --tasks rt-sentiment --seeds 0
     python benchmarks/quality.py --phase 1 [--report]                 # issue 15's phase 1 (validation only)
+    python benchmarks/quality.py --phase 2 [--report]                 # issue 15's table (quality.md; quality_phase2.py)
+
+Without --phase this is the first round's sweep (results in quality-round1.md).
 
 For each (backbone, task, seed): full fine-tuning and the manual structures at their own size
 (LoRA r=8 on q,v; BitFit; LNFit; LowRankAdapter; Adapter; PaFi 0.5%; HiWi on FFN weights); for
@@ -756,20 +759,28 @@ def main(argv=None) -> int:
         default=",".join(SCALED),
         help="manual types also resized to each budget ('' for none; their own-size rows always run)",
     )
-    p.add_argument("--out", default=None, help="result directory (default benchmarks/results/quality[-smoke])")
+    p.add_argument("--out", default=None, help="result directory (default results/quality-round1 or quality-smoke)")
     p.add_argument("--work", default=None, help="scratch directory for run outputs (default: a temp dir)")
     p.add_argument(
         "--phase",
         type=int,
-        choices=(1,),
+        choices=(1, 2),
         default=None,
-        help="1: issue 15's phase-1 ablation on validation (resumable; see quality-phase1.md)",
+        help="1: issue 15's phase-1 ablation on validation (quality-phase1.md); 2: its table on test "
+        "(quality.md). Both resumable",
     )
     p.add_argument(
         "--only", default=None, help="--phase 1: only units whose key starts with these (curves,search/base)"
     )
-    p.add_argument("--report", action="store_true", help="--phase 1: only rewrite the markdown from existing records")
+    p.add_argument("--report", action="store_true", help="--phase 1|2: only rewrite the markdown from existing records")
     args = p.parse_args(argv)
+    if args.phase == 2:
+        from benchmarks import quality_phase2
+
+        if not args.report:
+            quality_phase2.run_phase2(Path(args.work or "/tmp/s3delta-quality-phase2"))
+        print(quality_phase2.report())
+        return 0
     if args.phase == 1:
         global P1_OUT
         P1_OUT = Path(args.out) if args.out else P1_OUT
@@ -784,7 +795,7 @@ def main(argv=None) -> int:
             "0.02,0.01",
             "0",
         )
-    out = Path(args.out or RESULTS / ("quality-smoke" if args.smoke else "quality"))
+    out = Path(args.out or RESULTS / ("quality-smoke" if args.smoke else "quality-round1"))
     md = out.with_suffix(".md")
     work = Path(args.work or os.environ.get("TMPDIR", "/tmp")) / f"s3delta-quality-{os.getpid()}"
     runs = plan_runs(

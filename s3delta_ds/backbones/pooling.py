@@ -5,7 +5,7 @@ pre-trained with a CLS objective (BERT), wrong for sentence-transformers checkpo
 (all-MiniLM-L6-v2, ...), which were trained on the masked mean of the token states and whose CLS
 state carries little: a converged linear probe on frozen all-MiniLM-L6-v2 features reaches 63-64%
 validation accuracy on the RT snippets through the CLS pooler and 72-75% on mean-pooled features
-(benchmarks/results/quality.md). With the CLS pooler, every delta too small to re-route attention
+(benchmarks/results/quality-round1.md). With the CLS pooler, every delta too small to re-route attention
 (BitFit, LNFit, tiny budgets) stays at the majority class.
 
 ``model.pooling=auto`` uses the mode the checkpoint's sentence-transformers config declares

@@ -1,0 +1,556 @@
+"""Quality, phase 2 (issue 15): searched vs random vs the best budget-matched manual method, on test.
+
+    python benchmarks/quality.py --phase 2 --work DIR       # resumable; start one worker per free core
+    python benchmarks/quality.py --phase 2 --report         # rewrite benchmarks/results/quality.md only
+
+MiniLM-L6 × {Rotten Tomatoes, Reuters R8} × budgets {1e-3, 3e-4}. Per (task, budget) cell: the
+searched and the random structure with the same 5 seeds (paired: a seed fixes the data order and the
+delta initialisation of both), every budget-matched manual method (a preset at its own size that
+fits, or a scalable one resized to the budget) screened with seed 0, and the two best of them **on
+validation** with seeds 1 and 2 as well. Per task: full fine-tuning and LoRA r=8 at its own size,
+3 seeds. The search runs with the package's defaults (frozen from phase 1) and only this protocol's
+lengths, batch and learning rate.
+
+How the test sets stay out of every choice: the search selects its gates on validation, every
+retrain selects its step on validation, the manual methods are ranked on their validation score,
+"best manual" for the interval is the one of the two with the higher mean validation score, and the
+protocol (lengths, rates, defaults) was fixed before any phase-2 run. Test scores are only read by
+``report()``.
+
+The queue is a list of units in priority order. A unit's record is one JSON file; a worker claims a
+unit with an exclusive lock file (a dead worker's lock is taken over), so ``nohup`` several workers,
+one per core, and rerun any time: finished units are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import socket
+import statistics
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.quality import RESULTS, SETUPS, _composition, _modules_key
+from benchmarks.quality_stats import Interval, mean_std, paired_t_interval, welch_interval
+from s3delta_ds.config import load_run_config
+from s3delta_ds.structure import Structure, builders
+
+P2_OUT = RESULTS / "quality-phase2"
+P2_MD = RESULTS / "quality.md"
+P2_BACKBONE = "minilm"
+P2_TASKS = ("rt-sentiment", "reuters-r8")
+P2_BUDGETS = (1e-3, 3e-4)
+P2_PAIRED = (0, 1, 2, 3, 4)  # searched and random
+P2_SEEDS = (0, 1, 2)  # manual, full fine-tuning, LoRA
+P2_STEPS = 400  # phase 1's curves: the 1e-3 random structure within ~1 point of its plateau from 300
+P2_SEARCH_MULT = 1  # search steps = P2_SEARCH_MULT × retrain steps (phase 1's choice)
+P2_EVAL_EVERY = 50
+P2_VAL = 500  # validation rows, as in phase 1 (one standard error ~2 points)
+P2_TEST = 100_000  # every test row: 1,000 (RT), 2,189 (R8)
+P2_BATCH, P2_LR, P2_FULL_LR = 16, 2e-3, 1e-4
+P2_TOP = 2  # manual methods carried to 3 seeds
+
+
+def _fmt_budget(b: float) -> str:
+    return f"{b:g}"
+
+
+def _overrides(task: str, seed: int, out: Path, section: str, steps: int, lr: float) -> list[str]:
+    return [
+        f"model.name_or_path={SETUPS[P2_BACKBONE].model}",
+        f"data.task={task}",
+        f"data.max_eval_examples={P2_VAL}",
+        f"data.max_test_examples={P2_TEST}",
+        "data.split_seed=0",
+        f"seed={seed}",
+        f"output_dir={out}",
+        "overwrite=true",
+        "zero_stage=0",
+        "model.dtype=fp32",
+        f"{section}.steps={steps}",
+        f"{section}.micro_batch_size={P2_BATCH}",
+        f"{section}.eval_every={P2_EVAL_EVERY * (steps // P2_STEPS or 1)}",
+        f"{section}.lr={lr}",
+        f"{section}.eval_batch_size=64",
+        f"{section}.log_every={P2_EVAL_EVERY}",
+        f"{section}.checkpoint_every=1000000",  # no checkpoints: a killed unit reruns from its start
+    ]
+
+
+def _curve(run_dir: Path, metric: str) -> list[list[float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [[r["step"], r[metric], r["loss"]] for r in rows if r.get("phase") == "validation"]
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _plan():
+    return builders.Backbone.plan(SETUPS[P2_BACKBONE].model)
+
+
+def manual_candidates(plan, budget: float) -> dict[str, Structure]:
+    """Every manual method that fits ``budget``: scalable presets at the largest size that fits,
+    the others at their own size when it fits."""
+    absolute = builders.absolute_budget(budget, plan.info.num_params)
+    out: dict[str, Structure] = {}
+    for preset in builders.MANUAL_PRESETS:
+        if preset in builders.SCALABLE:
+            s = builders.scaled_manual(plan, preset, budget)
+        else:
+            s = builders.manual(plan, preset)
+            s = s if s.budget.used <= absolute else None
+        if s is not None:
+            out[preset] = s
+    return out
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One run. ``kind``: full | lora | search | searched | random | manual; ``preset`` for manual
+    (``top0``/``top1`` until the screen has ranked the candidates)."""
+
+    task: str
+    kind: str
+    seed: int
+    budget: float | None = None
+    preset: str | None = None
+
+    @property
+    def cell(self) -> str:
+        return self.task if self.budget is None else f"{self.task}@{_fmt_budget(self.budget)}"
+
+    @property
+    def key(self) -> str:
+        name = self.kind if self.preset is None else f"{self.kind}-{self.preset}"
+        return f"{self.cell}/{name}-s{self.seed}"
+
+    @property
+    def path(self) -> Path:
+        return P2_OUT / f"{self.key}.json"
+
+
+def ranked_manual(task: str, budget: float, plan=None) -> list[str] | None:
+    """The budget-matched manual presets by their seed-0 VALIDATION score (None until all are screened)."""
+    cands = manual_candidates(plan or _plan(), budget)
+    scores = {}
+    for preset in cands:
+        p = Unit(task, "manual", 0, budget, preset).path
+        if not p.exists():
+            return None
+        scores[preset] = json.loads(p.read_text())["validation"]
+    return sorted(scores, key=lambda k: -scores[k])
+
+
+def units() -> list[Unit]:
+    """Every unit, in priority order; a cell's paired seeds go together so that cells complete in turn."""
+    plan = _plan()
+    out: list[Unit] = []
+    for task in P2_TASKS:
+        out += [Unit(task, "full", 0), Unit(task, "lora", 0)]
+        for budget in P2_BUDGETS:
+            for seed in P2_PAIRED:
+                out += [Unit(task, "search", seed, budget), Unit(task, "searched", seed, budget)]
+                out.append(Unit(task, "random", seed, budget))
+            cands = manual_candidates(plan, budget)
+            out += [Unit(task, "manual", 0, budget, p) for p in cands]
+            ranked = ranked_manual(task, budget, plan)
+            for k in range(min(P2_TOP, len(cands))):
+                preset = ranked[k] if ranked else f"top{k}"
+                out += [Unit(task, "manual", s, budget, preset) for s in P2_SEEDS if s != 0]
+        out += [Unit(task, m, s) for m in ("full", "lora") for s in P2_SEEDS if s != 0]
+    return out
+
+
+def ready(u: Unit) -> bool:
+    if u.kind == "searched":
+        return Unit(u.task, "search", u.seed, u.budget).path.exists()
+    if u.kind == "manual" and u.preset and u.preset.startswith("top"):
+        return False  # resolved once the screen is complete
+    return True
+
+
+# -- running one unit ------------------------------------------------------------------------------
+
+
+def _structures() -> Path:
+    return P2_OUT / "structures"
+
+
+def _retrain(u: Unit, work: Path, structure: Path | None) -> dict:
+    from s3delta_ds.retrain import run_retrain
+
+    lr = P2_FULL_LR if structure is None else P2_LR
+    extra = ["retrain.full_finetune=true"] if structure is None else [f"retrain.structure={structure}"]
+    cfg = load_run_config(None, [*_overrides(u.task, u.seed, work, "retrain", P2_STEPS, lr), *extra])
+    t0 = time.time()
+    s = run_retrain(cfg)
+    rec = {
+        "task": u.task,
+        "method": u.kind,
+        "budget": u.budget,
+        "seed": u.seed,
+        "preset": u.preset,
+        "metric": s["metric"],
+        "validation": s["validation_score"],
+        "test": s["test_score"],
+        "test_all": s["test"],
+        "best_step": s["best_step"],
+        "steps": s["steps"],
+        "trainable_params": s["trainable_params"],
+        "curve": _curve(work, s["metric"]),
+        "median_step_s": round(s["median_step_s"], 3),
+        "time_s": round(time.time() - t0, 1),
+    }
+    if structure is not None:
+        st = Structure.load(structure)
+        rec.update(
+            params_used=st.budget.used,
+            modules=len(st.modules),
+            composition=_composition(st),
+            modules_key=_modules_key(st),
+            scaled=st.search.get("scaled"),
+            structure=str(structure.relative_to(P2_OUT)) if structure.is_relative_to(P2_OUT) else None,
+        )
+    return rec
+
+
+def _save_structure(s: Structure, u: Unit) -> Path:
+    path = _structures() / f"{u.cell}-{u.kind if u.preset is None else u.preset}-s{u.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s.save(path)
+    return path
+
+
+def run_unit(u: Unit, work: Path) -> dict:
+    plan = _plan()
+    if u.kind == "full":
+        return _retrain(u, work, None)
+    if u.kind == "lora":
+        return _retrain(u, work, _save_structure(builders.manual(plan, "lora"), u))
+    if u.kind == "random":
+        s = builders.random_baseline(plan.space("mixed"), plan.info, u.budget, u.seed)
+        return _retrain(u, work, _save_structure(s, u))
+    if u.kind == "manual":
+        return _retrain(u, work, _save_structure(manual_candidates(plan, u.budget)[u.preset], u))
+    if u.kind == "searched":
+        return _retrain(u, work, _structures() / f"{u.cell}-search-s{u.seed}.json")
+    from s3delta_ds.search import run_search  # kind == "search"
+
+    steps = P2_SEARCH_MULT * P2_STEPS
+    cfg = load_run_config(
+        None, [*_overrides(u.task, u.seed, work, "search", steps, P2_LR), f"search.budget={u.budget}"]
+    )
+    t0 = time.time()
+    summary = run_search(cfg)
+    st = Structure.load(work / "structure.json")
+    path = _save_structure(st, u)
+    return {
+        "task": u.task,
+        "method": "search",
+        "budget": u.budget,
+        "seed": u.seed,
+        "settings": {
+            k: getattr(cfg.search, k)
+            for k in ("mode", "space", "gate_lr", "gate_optimizer", "gate_warmup", "temperature", "beta", "select")
+        },
+        "steps": steps,
+        "selected_step": st.search.get("selected_step"),
+        "supernet_curve": _curve(work, st.search.get("metric", "accuracy")),
+        "params_used": st.budget.used,
+        "modules": len(st.modules),
+        "composition": _composition(st),
+        "structure": str(path.relative_to(P2_OUT)),
+        "median_step_s": round(summary["median_step_s"], 3),
+        "time_s": round(time.time() - t0, 1),
+    }
+
+
+# -- the queue: exclusive lock files, so several workers can share it --------------------------------
+
+
+def _lock_path(u: Unit) -> Path:
+    return P2_OUT / ".locks" / (u.key.replace("/", "__") + ".lock")
+
+
+def _alive(lock: Path) -> bool:
+    try:
+        host, pid = lock.read_text().split()
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return True  # another machine's worker: trust it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(u: Unit) -> bool:
+    """Take ``u`` for this process; a lock whose process died is taken over."""
+    lock = _lock_path(u)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _alive(lock):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def run_phase2(work_root: Path, poll_s: float = 30.0) -> int:
+    """Run units until none is left that this worker can take. Returns the number it ran."""
+    failed: set[str] = set()
+    done = 0
+    while True:
+        pending = [u for u in units() if not u.path.exists() and u.key not in failed]
+        if not pending:
+            break
+        taken = False
+        for u in pending:
+            if not ready(u) or not claim(u):
+                continue
+            taken = True
+            t0 = time.time()
+            try:
+                work = work_root / u.key.replace("/", "__")
+                rec = run_unit(u, work)
+                u.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = u.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(rec, indent=1) + "\n")
+                tmp.replace(u.path)
+                shutil.rmtree(work, ignore_errors=True)
+                done += 1
+                print(
+                    f"[phase2] {u.key}: validation {rec.get('validation', '-')} ({time.time() - t0:.0f}s)", flush=True
+                )
+            except Exception as e:  # noqa: BLE001 - one failed unit must not stop the queue; it reruns next start
+                traceback.print_exc()
+                failed.add(u.key)
+                print(f"[phase2] {u.key}: FAILED ({type(e).__name__}: {e}); continuing", flush=True)
+            finally:
+                _lock_path(u).unlink(missing_ok=True)
+            try:
+                report()
+            except Exception:  # noqa: BLE001 - a report bug must not stop the runs
+                traceback.print_exc()
+            break  # rescan from the top: priorities and resolved manual presets may have changed
+        if not taken:
+            if not any(_lock_path(u).exists() and _alive(_lock_path(u)) for u in pending):
+                break  # what is left waits for units that failed here or for nobody
+            time.sleep(poll_s)
+    return done
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+
+def _load() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(P2_OUT.rglob("*.json")) if "structures" not in p.parts]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def best_manual(rows: list[dict], task: str, budget: float) -> tuple[str | None, list[dict]]:
+    """Of the manual presets carried to every seed, the one with the higher mean VALIDATION score."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] == "manual" and r["task"] == task and r["budget"] == budget:
+            by.setdefault(r["preset"], []).append(r)
+    full = {p: rs for p, rs in by.items() if len(rs) == len(P2_SEEDS)}
+    if not full:
+        return None, []
+    best = max(full, key=lambda p: statistics.mean(r["validation"] for r in full[p]))
+    return best, sorted(full[best], key=lambda r: r["seed"])
+
+
+def cell_verdicts(rows: list[dict], task: str, budget: float) -> dict:
+    """Searched − random (paired by seed) and searched − best manual (Welch), on test."""
+    pick = lambda m: {r["seed"]: r for r in rows if r["method"] == m and r["task"] == task and r["budget"] == budget}  # noqa: E731
+    searched, random_ = pick("searched"), pick("random")
+    seeds = sorted(set(searched) & set(random_))
+    out: dict = {"seeds": seeds}
+    if len(seeds) >= 2:
+        out["vs_random"] = paired_t_interval([searched[s]["test"] for s in seeds], [random_[s]["test"] for s in seeds])
+    name, manual = best_manual(rows, task, budget)
+    out["best_manual"] = name
+    if name and len(searched) >= 2:
+        out["vs_manual"] = welch_interval([r["test"] for r in searched.values()], [r["test"] for r in manual])
+    return out
+
+
+def _plot_heatmap(structs: list[Structure], png: Path, title: str) -> bool:
+    """Share of the seeds' searched structures holding each (layer, site, delta type)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    counts: dict[tuple[int, str], int] = {}
+    for s in structs:
+        for m in s.modules:
+            parts = m.site.split(".")
+            layer = next((int(p) for p in parts if p.isdigit()), -1)
+            where = ".".join(p for p in parts if not p.isdigit() and p not in ("encoder", "decoder"))
+            counts[(layer, f"{where} · {m.type}")] = counts.get((layer, f"{where} · {m.type}"), 0) + 1
+    if not counts:
+        return False
+    layers = sorted({k[0] for k in counts})
+    cols = sorted({k[1] for k in counts})
+    grid = [[counts.get((layer, c), 0) / len(structs) for c in cols] for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(cols) + 2), 0.45 * len(layers) + 2.2))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=70, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=f"share of {len(structs)} seeds")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_curves(rows: list[dict], task: str, png: Path) -> bool:
+    """Mean validation curve per method (own size and each budget)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups: dict[str, list[list]] = {}
+    for r in rows:
+        if r["task"] != task or r["method"] == "search" or not r.get("curve"):
+            continue
+        label = (
+            r["method"]
+            if r["budget"] is None
+            else f"{r['method']}{'-' + r['preset'] if r['preset'] else ''} @{r['budget']:g}"
+        )
+        groups.setdefault(label, []).append(r["curve"])
+    if not groups:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, curves in sorted(groups.items()):
+        steps = [c[0] for c in curves[0]]
+        mean = [100 * statistics.mean(c[i][1] for c in curves if len(c) > i) for i in range(len(steps))]
+        ax.plot(steps, mean, marker=".", label=f"{label} (n={len(curves)})")
+    ax.set_xlabel(f"step (batch {P2_BATCH})")
+    ax.set_ylabel(f"validation ({P2_VAL} rows), %")
+    ax.set_title(f"{P2_BACKBONE} · {task}: mean validation curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def report() -> str:
+    rows = [r for r in _load() if r.get("method") != "search"]
+    searches = [r for r in _load() if r.get("method") == "search"]
+    todo = [u for u in units() if not u.path.exists()]
+    lines = [
+        "# Quality, phase 2: searched vs random vs the best budget-matched manual method (issue 15)",
+        "",
+        f"`python benchmarks/quality.py --phase 2` (resumable, several workers may share the queue; `--report` "
+        f"rewrites this file). {P2_BACKBONE} (all-MiniLM-L6-v2), fp32, one CPU thread per run; retrain "
+        f"{P2_STEPS} steps × batch {P2_BATCH}, validation every {P2_EVAL_EVERY} on {P2_VAL} rows, delta lr "
+        f"{P2_LR:g}, full fine-tuning lr {P2_FULL_LR:g}; search {P2_SEARCH_MULT}× the retrain's steps with the "
+        "package's defaults. Scores are on the **full test split** at the step selected on validation "
+        "(×100). Every choice (gates, steps, the best manual method) was made on validation.",
+        "",
+        f"Progress: {len(units()) - len(todo)} of {len(units())} units done.",
+        "",
+    ]
+    summary = [
+        "## Verdicts (95% intervals, test)",
+        "",
+        "| cell | searched | random | best manual (validation) | searched − random (paired t) | "
+        "searched − best manual (Welch) | searched / full FT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    tables: list[str] = []
+    for task in P2_TASKS:
+        trs = [r for r in rows if r["task"] == task]
+        if not trs and not any(s["task"] == task for s in searches):
+            continue
+        full = [r["test"] for r in trs if r["method"] == "full"]
+        full_mean = statistics.mean(full) if full else None
+        tables += [
+            f"## {task}",
+            "",
+            "| budget | method | params | validation | test | % full FT | n |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        groups: dict[tuple, list[dict]] = {}
+        for r in trs:
+            groups.setdefault((r["budget"] or 0.0, r["method"], r.get("preset")), []).append(r)
+        order = {"full": 0, "lora": 1, "searched": 2, "random": 3, "manual": 4}
+        for (budget, method, preset), rs in sorted(
+            groups.items(), key=lambda kv: (-kv[0][0] if kv[0][0] else -1, order[kv[0][1]], kv[0][2] or "")
+        ):
+            vm, vs = mean_std([r["validation"] for r in rs])
+            tm, ts = mean_std([r["test"] for r in rs])
+            pct = f"{100 * tm / full_mean:.1f}%" if full_mean else "—"
+            name = method if not preset else f"{preset} {rs[0].get('scaled') or '(own size)'}"
+            params = statistics.mean(r.get("params_used", r["trainable_params"]) for r in rs)
+            tables.append(
+                f"| {'own size' if not budget else _fmt_budget(budget)} | {name} | {params:,.0f} | "
+                f"{_pct(vm)} ± {_pct(vs)} | {_pct(tm)} ± {_pct(ts)} | {pct} | {len(rs)} |"
+            )
+        tables.append("")
+        png = RESULTS / f"quality-curves-{task}.png"
+        if _plot_curves(trs, task, png):
+            tables += [f"![validation curves, {task}]({png.name})", ""]
+        for budget in P2_BUDGETS:
+            v = cell_verdicts(rows, task, budget)
+            s = [r["test"] for r in trs if r["method"] == "searched" and r["budget"] == budget]
+            rn = [r["test"] for r in trs if r["method"] == "random" and r["budget"] == budget]
+            fmt = lambda xs: f"{_pct(statistics.mean(xs))} (n={len(xs)})" if xs else "—"  # noqa: E731
+            vr: Interval | None = v.get("vs_random")
+            vmn: Interval | None = v.get("vs_manual")
+            ft = f"{100 * statistics.mean(s) / full_mean:.1f}%" if s and full_mean else "—"
+            summary.append(
+                f"| {task} @ {_fmt_budget(budget)} | {fmt(s)} | {fmt(rn)} | {v['best_manual'] or '—'} | "
+                + (f"{vr.fmt()} **{vr.verdict()}**" if vr else "—")
+                + " | "
+                + (f"{vmn.fmt()} **{vmn.verdict()}**" if vmn else "—")
+                + f" | {ft} |"
+            )
+            structs = [
+                Structure.load(P2_OUT / r["structure"])
+                for r in searches
+                if r["task"] == task and r["budget"] == budget and (P2_OUT / r["structure"]).exists()
+            ]
+            png = RESULTS / f"quality-heatmap-{task}-{_fmt_budget(budget)}.png"
+            if structs and _plot_heatmap(structs, png, f"searched structures, {task} @ {_fmt_budget(budget)}"):
+                tables += [f"![searched structures, {task} @ {_fmt_budget(budget)}]({png.name})", ""]
+    lines += [*summary, "", *tables]
+    notes = RESULTS / "quality-notes.md"
+    if notes.exists():  # the analysis of these numbers, written by whoever ran them
+        lines += ["", notes.read_text().strip()]
+    text = "\n".join(lines) + "\n"
+    P2_MD.write_text(text)
+    return text

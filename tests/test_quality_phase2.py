@@ -1,0 +1,139 @@
+"""benchmarks/quality_phase2.py without training: the plan (paired seeds, manual methods chosen on
+validation), the shared queue's locks, and the verdicts and report built from records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import quality_phase2 as q2
+from benchmarks.quality_stats import paired_t_interval, welch_interval
+from s3delta_ds.structure import builders
+
+
+@pytest.fixture
+def phase2(tmp_path, monkeypatch):
+    """The runner on the embedded tiny-bert (no assets), writing under tmp_path."""
+    plan = builders.Backbone.plan("tiny-bert")
+    monkeypatch.setattr(q2, "_plan", lambda: plan)
+    monkeypatch.setattr(q2, "P2_OUT", tmp_path / "q2")
+    monkeypatch.setattr(q2, "RESULTS", tmp_path)
+    monkeypatch.setattr(q2, "P2_MD", tmp_path / "quality.md")
+    monkeypatch.setattr(q2, "P2_TASKS", ("tiny-sentiment",))
+    monkeypatch.setattr(q2, "P2_BUDGETS", (0.02,))
+    return plan
+
+
+def _write(u: q2.Unit, **rec):
+    u.path.parent.mkdir(parents=True, exist_ok=True)
+    base = {"task": u.task, "method": u.kind, "budget": u.budget, "seed": u.seed, "preset": u.preset}
+    u.path.write_text(json.dumps({**base, "trainable_params": 100, "best_step": 50, "curve": [], **rec}))
+
+
+def test_plan_pairs_seeds_and_carries_the_validation_best_manual_methods(phase2):
+    cands = q2.manual_candidates(phase2, 0.02)
+    assert len(cands) >= 3  # the test needs a choice to make
+    absolute = builders.absolute_budget(0.02, phase2.info.num_params)
+    assert all(s.budget.used <= absolute for s in cands.values())
+    units = q2.units()
+    seeds = lambda kind: [u.seed for u in units if u.kind == kind]  # noqa: E731
+    assert seeds("search") == seeds("searched") == seeds("random") == list(q2.P2_PAIRED)
+    assert sorted(seeds("full")) == sorted(seeds("lora")) == list(q2.P2_SEEDS)
+    screens = [u for u in units if u.kind == "manual" and u.seed == 0]
+    assert sorted(u.preset for u in screens) == sorted(cands)
+    tops = [u for u in units if u.kind == "manual" and u.seed != 0]
+    assert {u.preset for u in tops} == {"top0", "top1"} and not any(q2.ready(u) for u in tops)
+    # searched waits for its search
+    searched0 = next(u for u in units if u.kind == "searched" and u.seed == 0)
+    assert not q2.ready(searched0)
+    _write(q2.Unit("tiny-sentiment", "search", 0, 0.02))
+    assert q2.ready(searched0)
+    # screen scores: validation ranks them one way, test the opposite way; validation decides
+    order = sorted(cands)
+    for i, preset in enumerate(order):
+        _write(q2.Unit("tiny-sentiment", "manual", 0, 0.02, preset), validation=0.5 + 0.01 * i, test=0.9 - 0.01 * i)
+    assert q2.ranked_manual("tiny-sentiment", 0.02) == order[::-1]
+    tops = [u for u in q2.units() if u.kind == "manual" and u.seed != 0]
+    assert {u.preset for u in tops} == set(order[-2:]) and all(q2.ready(u) for u in tops)
+    assert len(tops) == 2 * (len(q2.P2_SEEDS) - 1)
+
+
+def test_a_unit_is_claimed_once_and_a_dead_workers_lock_is_taken_over(phase2):
+    u = q2.Unit("tiny-sentiment", "random", 3, 0.02)
+    assert q2.claim(u) and not q2.claim(u)  # held by this (live) process
+    dead = 2**30  # above any pid_max (2**22 at most): no such process
+    q2._lock_path(u).write_text(f"{q2.socket.gethostname()} {dead}\n")
+    assert q2.claim(u)
+    assert q2._lock_path(u).read_text().split()[1] == str(q2.os.getpid())
+
+
+def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(phase2):
+    t, b = "tiny-sentiment", 0.02
+    searched = [0.84, 0.82, 0.85, 0.83, 0.86]
+    random_ = [0.80, 0.81, 0.80, 0.79, 0.82]
+    for s in q2.P2_PAIRED:
+        _write(q2.Unit(t, "searched", s, b), validation=0.8, test=searched[s], params_used=90)
+        _write(q2.Unit(t, "random", s, b), validation=0.8, test=random_[s], params_used=95)
+    # "lnfit" is better on validation, "lora" on test: the interval must use lnfit
+    for s in q2.P2_SEEDS:
+        _write(q2.Unit(t, "manual", s, b, "lnfit"), validation=0.83, test=0.78 + 0.01 * s, params_used=80)
+        _write(q2.Unit(t, "manual", s, b, "lora"), validation=0.81, test=0.90, params_used=80)
+        _write(q2.Unit(t, "full", s), validation=0.9, test=0.88)
+    rows = [r for r in q2._load() if r["method"] != "search"]
+    v = q2.cell_verdicts(rows, t, b)
+    assert v["best_manual"] == "lnfit" and v["seeds"] == list(q2.P2_PAIRED)
+    assert v["vs_random"] == paired_t_interval(searched, random_) and v["vs_random"].win
+    assert v["vs_manual"] == welch_interval(searched, [0.78, 0.79, 0.80]) and v["vs_manual"].win
+    text = q2.report()
+    assert text == (q2.P2_MD).read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| {t} @ 0.02 |"))
+    assert "| lnfit |" in row and row.count("**win**") == 2
+    assert f"{100 * sum(searched) / 5 / 0.88:.1f}%" in row  # searched / full fine-tuning
+
+
+_END_TO_END = """
+import sys
+from pathlib import Path
+from benchmarks import quality_phase2 as q2
+from benchmarks.quality import Setup
+from s3delta_ds.structure import builders
+
+out = Path(sys.argv[1])
+q2.SETUPS = {"minilm": Setup("tiny-bert", steps=0, batch=0, eval_every=0, val=0, test=0, lr=0, full_lr=0)}
+q2.P2_OUT, q2.RESULTS, q2.P2_MD = out / "q2", out, out / "quality.md"
+q2.P2_TASKS, q2.P2_BUDGETS, q2.P2_PAIRED, q2.P2_SEEDS = ("tiny-sentiment",), (0.02,), (0, 1), (0, 1)
+q2.P2_STEPS, q2.P2_EVAL_EVERY, q2.P2_VAL, q2.P2_BATCH = 4, 2, 16, 4
+q2.manual_candidates = lambda plan, budget, f=q2.manual_candidates: dict(list(f(plan, budget).items())[:3])
+assert q2.run_phase2(out / "work", poll_s=0.1) == len(q2.units())
+"""
+
+
+@pytest.mark.slow
+def test_phase2_runs_every_kind_of_unit_end_to_end(tmp_path):
+    """Every unit kind trains for real (tiny-bert, 4 steps), records validation and test, and the
+    report reads them; rerunning skips everything."""
+    import subprocess
+    import sys
+
+    from .launching import ROOT, env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _END_TO_END, str(tmp_path)],
+        cwd=ROOT,
+        env=env({"PYTHONPATH": str(ROOT)}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "q2").rglob("*.json") if "structures" not in p.parts]
+    kinds = sorted({r["method"] for r in recs})
+    assert kinds == ["full", "lora", "manual", "random", "search", "searched"]
+    for r in recs:
+        if r["method"] != "search":
+            assert 0 <= r["test"] <= 1 and 0 <= r["validation"] <= 1 and r["curve"][-1][0] == 4
+    # 2 tops x 1 extra seed, chosen among the 3 screened presets
+    assert len([r for r in recs if r["method"] == "manual"]) == 3 + 2
+    assert "| tiny-sentiment @ 0.02 |" in (tmp_path / "quality.md").read_text()
+    assert not list((tmp_path / "q2" / ".locks").iterdir())
