@@ -770,7 +770,10 @@ def main(argv=None) -> int:
         "(quality.md). Both resumable",
     )
     p.add_argument(
-        "--only", default=None, help="--phase 1: only units whose key starts with these (curves,search/base)"
+        "--only",
+        default=None,
+        help="--phase 1: only units whose key starts with these (curves,search/base); "
+        "--phase 2: only these unit kinds (full,lora,random,manual,search,searched)",
     )
     p.add_argument("--report", action="store_true", help="--phase 1|2: only rewrite the markdown from existing records")
     args = p.parse_args(argv)
@@ -778,7 +781,8 @@ def main(argv=None) -> int:
         from benchmarks import quality_phase2
 
         if not args.report:
-            quality_phase2.run_phase2(Path(args.work or "/tmp/s3delta-quality-phase2"))
+            kinds = tuple(args.only.split(",")) if args.only else None
+            quality_phase2.run_phase2(Path(args.work or "/tmp/s3delta-quality-phase2"), kinds=kinds)
         print(quality_phase2.report())
         return 0
     if args.phase == 1:

@@ -313,12 +313,15 @@ def claim(u: Unit) -> bool:
     return False
 
 
-def run_phase2(work_root: Path, poll_s: float = 30.0) -> int:
-    """Run units until none is left that this worker can take. Returns the number it ran."""
+def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | None = None) -> int:
+    """Run units until none is left that this worker can take. Returns the number it ran.
+
+    ``kinds``: only these unit kinds (e.g. the baselines, which do not depend on the search's
+    defaults, while phase 1 is still choosing them)."""
     failed: set[str] = set()
     done = 0
     while True:
-        pending = [u for u in units() if not u.path.exists() and u.key not in failed]
+        pending = [u for u in units() if not u.path.exists() and u.key not in failed and (not kinds or u.kind in kinds)]
         if not pending:
             break
         taken = False
