@@ -49,6 +49,8 @@ P2_PAIRED = (0, 1, 2, 3, 4)  # searched and random
 P2_SEEDS = (0, 1, 2)  # manual, full fine-tuning, LoRA
 P2_STEPS = 400  # phase 1's curves: the 1e-3 random structure within ~1 point of its plateau from 300
 P2_SEARCH_MULT = 1  # search steps = P2_SEARCH_MULT × retrain steps (phase 1's choice)
+P2_CURVE_STEPS = 2 * P2_STEPS  # the convergence check: seed-0 runs twice as long as the table's
+P2_CURVES = ("full", "lora", "random")  # random: at the smallest budget (the slowest to converge)
 P2_EVAL_EVERY = 50
 P2_VAL = 500  # validation rows, as in phase 1 (one standard error ~2 points)
 P2_TEST = 100_000  # every test row: 1,000 (RT), 2,189 (R8)
@@ -60,7 +62,9 @@ def _fmt_budget(b: float) -> str:
     return f"{b:g}"
 
 
-def _overrides(task: str, seed: int, out: Path, section: str, steps: int, lr: float) -> list[str]:
+def _overrides(
+    task: str, seed: int, out: Path, section: str, steps: int, lr: float, eval_every: int = P2_EVAL_EVERY
+) -> list[str]:
     return [
         f"model.name_or_path={SETUPS[P2_BACKBONE].model}",
         f"data.task={task}",
@@ -74,7 +78,7 @@ def _overrides(task: str, seed: int, out: Path, section: str, steps: int, lr: fl
         "model.dtype=fp32",
         f"{section}.steps={steps}",
         f"{section}.micro_batch_size={P2_BATCH}",
-        f"{section}.eval_every={P2_EVAL_EVERY * (steps // P2_STEPS or 1)}",
+        f"{section}.eval_every={eval_every}",
         f"{section}.lr={lr}",
         f"{section}.eval_batch_size=64",
         f"{section}.log_every={P2_EVAL_EVERY}",
@@ -113,8 +117,8 @@ def manual_candidates(plan, budget: float) -> dict[str, Structure]:
 
 @dataclass(frozen=True)
 class Unit:
-    """One run. ``kind``: full | lora | search | searched | random | manual; ``preset`` for manual
-    (``top0``/``top1`` until the screen has ranked the candidates)."""
+    """One run. ``kind``: curve | full | lora | search | searched | random | manual; ``preset``: the
+    manual method (``top0``/``top1`` until the screen has ranked the candidates) or the curve's method."""
 
     task: str
     kind: str
@@ -135,16 +139,26 @@ class Unit:
     def path(self) -> Path:
         return P2_OUT / f"{self.key}.json"
 
+    @property
+    def steps(self) -> int:
+        if self.kind == "curve":
+            return P2_CURVE_STEPS
+        return P2_SEARCH_MULT * P2_STEPS if self.kind == "search" else P2_STEPS
+
+    def done(self) -> bool:
+        """A record exists and was made with today's lengths (a changed P2_STEPS reruns the unit)."""
+        return self.path.exists() and json.loads(self.path.read_text()).get("steps") == self.steps
+
 
 def ranked_manual(task: str, budget: float, plan=None) -> list[str] | None:
     """The budget-matched manual presets by their seed-0 VALIDATION score (None until all are screened)."""
     cands = manual_candidates(plan or _plan(), budget)
     scores = {}
     for preset in cands:
-        p = Unit(task, "manual", 0, budget, preset).path
-        if not p.exists():
+        u = Unit(task, "manual", 0, budget, preset)
+        if not u.done():
             return None
-        scores[preset] = json.loads(p.read_text())["validation"]
+        scores[preset] = json.loads(u.path.read_text())["validation"]
     return sorted(scores, key=lambda k: -scores[k])
 
 
@@ -153,6 +167,8 @@ def units() -> list[Unit]:
     plan = _plan()
     out: list[Unit] = []
     for task in P2_TASKS:
+        low = min(P2_BUDGETS)
+        out += [Unit(task, "curve", 0, low if m == "random" else None, m) for m in P2_CURVES]
         out += [Unit(task, "full", 0), Unit(task, "lora", 0)]
         for budget in P2_BUDGETS:
             for seed in P2_PAIRED:
@@ -170,7 +186,7 @@ def units() -> list[Unit]:
 
 def ready(u: Unit) -> bool:
     if u.kind == "searched":
-        return Unit(u.task, "search", u.seed, u.budget).path.exists()
+        return Unit(u.task, "search", u.seed, u.budget).done()
     if u.kind == "manual" and u.preset and u.preset.startswith("top"):
         return False  # resolved once the screen is complete
     return True
@@ -188,7 +204,7 @@ def _retrain(u: Unit, work: Path, structure: Path | None) -> dict:
 
     lr = P2_FULL_LR if structure is None else P2_LR
     extra = ["retrain.full_finetune=true"] if structure is None else [f"retrain.structure={structure}"]
-    cfg = load_run_config(None, [*_overrides(u.task, u.seed, work, "retrain", P2_STEPS, lr), *extra])
+    cfg = load_run_config(None, [*_overrides(u.task, u.seed, work, "retrain", u.steps, lr), *extra])
     t0 = time.time()
     s = run_retrain(cfg)
     rec = {
@@ -230,6 +246,14 @@ def _save_structure(s: Structure, u: Unit) -> Path:
 
 def run_unit(u: Unit, work: Path) -> dict:
     plan = _plan()
+    if u.kind == "curve":
+        kind = Unit(u.task, u.preset, u.seed, u.budget)
+        if u.preset == "full":
+            return _retrain(u, work, None)
+        if u.preset == "lora":
+            return _retrain(u, work, _save_structure(builders.manual(plan, "lora"), kind))
+        s = builders.random_baseline(plan.space("mixed"), plan.info, u.budget, u.seed)
+        return _retrain(u, work, _save_structure(s, kind))
     if u.kind == "full":
         return _retrain(u, work, None)
     if u.kind == "lora":
@@ -243,9 +267,9 @@ def run_unit(u: Unit, work: Path) -> dict:
         return _retrain(u, work, _structures() / f"{u.cell}-search-s{u.seed}.json")
     from s3delta_ds.search import run_search  # kind == "search"
 
-    steps = P2_SEARCH_MULT * P2_STEPS
+    steps, every = u.steps, P2_EVAL_EVERY * P2_SEARCH_MULT
     cfg = load_run_config(
-        None, [*_overrides(u.task, u.seed, work, "search", steps, P2_LR), f"search.budget={u.budget}"]
+        None, [*_overrides(u.task, u.seed, work, "search", steps, P2_LR, every), f"search.budget={u.budget}"]
     )
     t0 = time.time()
     summary = run_search(cfg)
@@ -321,7 +345,7 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
     failed: set[str] = set()
     done = 0
     while True:
-        pending = [u for u in units() if not u.path.exists() and u.key not in failed and (not kinds or u.kind in kinds)]
+        pending = [u for u in units() if not u.done() and u.key not in failed and (not kinds or u.kind in kinds)]
         if not pending:
             break
         taken = False
@@ -364,7 +388,10 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
 
 
 def _load() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(P2_OUT.rglob("*.json")) if "structures" not in p.parts]
+    """Every record made with today's lengths (older ones are left for their units to replace)."""
+    expected = {"curve": P2_CURVE_STEPS, "search": P2_SEARCH_MULT * P2_STEPS}
+    recs = [json.loads(p.read_text()) for p in sorted(P2_OUT.rglob("*.json")) if "structures" not in p.parts]
+    return [r for r in recs if r.get("steps") == expected.get(r["method"], P2_STEPS)]
 
 
 def _pct(x: float) -> str:
@@ -470,10 +497,46 @@ def _plot_curves(rows: list[dict], task: str, png: Path) -> bool:
     return True
 
 
+def _length_section(curves: list[dict], rows: list[dict]) -> list[str]:
+    """Is P2_STEPS long enough? Seed-0 runs of twice the length against the table's runs, and how
+    often a table run selected its last evaluation (still improving when it stopped)."""
+    if not curves and not rows:
+        return []
+    out = [
+        "## Training length",
+        "",
+        f"Seed-0 runs of {P2_CURVE_STEPS} steps (validation every {P2_EVAL_EVERY}) against the table's "
+        f"{P2_STEPS}-step runs: if the long run's best validation is not above the short runs', "
+        f"{P2_STEPS} steps converge. `last` = table runs whose selected step is their last evaluation.",
+        "",
+        f"| task | method | best validation, {P2_CURVE_STEPS} steps (at step) | mean best validation, "
+        f"{P2_STEPS} steps | last |",
+        "|---|---|---|---|---|",
+    ]
+    for c in sorted(curves, key=lambda r: (r["task"], r["preset"])):
+        method = c["preset"]
+        same = [
+            r
+            for r in rows
+            if r["task"] == c["task"] and r["method"] == method and (method != "random" or r["budget"] == c["budget"])
+        ]
+        name = method if method != "random" else f"random @{c['budget']:g}"
+        short = f"{_pct(statistics.mean(r['validation'] for r in same))} (n={len(same)})" if same else "—"
+        last = sum(r["best_step"] == r["steps"] for r in same)
+        out.append(
+            f"| {c['task']} | {name} | {_pct(c['validation'])} ({c['best_step']}) | {short} | {last}/{len(same)} |"
+        )
+    stuck = [r for r in rows if r["best_step"] == r["steps"]]
+    out += ["", f"All table runs that selected their last evaluation: {len(stuck)} of {len(rows)}.", ""]
+    return out
+
+
 def report() -> str:
-    rows = [r for r in _load() if r.get("method") != "search"]
-    searches = [r for r in _load() if r.get("method") == "search"]
-    todo = [u for u in units() if not u.path.exists()]
+    loaded = _load()
+    rows = [r for r in loaded if r["method"] not in ("search", "curve")]
+    searches = [r for r in loaded if r["method"] == "search"]
+    curves = [r for r in loaded if r["method"] == "curve"]
+    todo = [u for u in units() if not u.done()]
     lines = [
         "# Quality, phase 2: searched vs random vs the best budget-matched manual method (issue 15)",
         "",
@@ -550,7 +613,7 @@ def report() -> str:
             png = RESULTS / f"quality-heatmap-{task}-{_fmt_budget(budget)}.png"
             if structs and _plot_heatmap(structs, png, f"searched structures, {task} @ {_fmt_budget(budget)}"):
                 tables += [f"![searched structures, {task} @ {_fmt_budget(budget)}]({png.name})", ""]
-    lines += [*summary, "", *tables]
+    lines += [*summary, "", *_length_section(curves, rows), *tables]
     notes = RESULTS / "quality-notes.md"
     if notes.exists():  # the analysis of these numbers, written by whoever ran them
         lines += ["", notes.read_text().strip()]

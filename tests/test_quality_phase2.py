@@ -28,7 +28,8 @@ def phase2(tmp_path, monkeypatch):
 def _write(u: q2.Unit, **rec):
     u.path.parent.mkdir(parents=True, exist_ok=True)
     base = {"task": u.task, "method": u.kind, "budget": u.budget, "seed": u.seed, "preset": u.preset}
-    u.path.write_text(json.dumps({**base, "trainable_params": 100, "best_step": 50, "curve": [], **rec}))
+    base.update(trainable_params=100, best_step=50, curve=[], steps=u.steps)
+    u.path.write_text(json.dumps({**base, **rec}))
 
 
 def test_plan_pairs_seeds_and_carries_the_validation_best_manual_methods(phase2):
@@ -37,6 +38,12 @@ def test_plan_pairs_seeds_and_carries_the_validation_best_manual_methods(phase2)
     absolute = builders.absolute_budget(0.02, phase2.info.num_params)
     assert all(s.budget.used <= absolute for s in cands.values())
     units = q2.units()
+    # the convergence check comes first: seed-0 runs twice as long, random at the smallest budget
+    assert [(u.kind, u.preset, u.budget, u.steps) for u in units[:3]] == [
+        ("curve", "full", None, 2 * q2.P2_STEPS),
+        ("curve", "lora", None, 2 * q2.P2_STEPS),
+        ("curve", "random", 0.02, 2 * q2.P2_STEPS),
+    ]
     seeds = lambda kind: [u.seed for u in units if u.kind == kind]  # noqa: E731
     assert seeds("search") == seeds("searched") == seeds("random") == list(q2.P2_PAIRED)
     assert sorted(seeds("full")) == sorted(seeds("lora")) == list(q2.P2_SEEDS)
@@ -47,6 +54,8 @@ def test_plan_pairs_seeds_and_carries_the_validation_best_manual_methods(phase2)
     # searched waits for its search
     searched0 = next(u for u in units if u.kind == "searched" and u.seed == 0)
     assert not q2.ready(searched0)
+    _write(q2.Unit("tiny-sentiment", "search", 0, 0.02), steps=q2.P2_STEPS + 1)  # made with other lengths
+    assert not q2.ready(searched0) and not q2.Unit("tiny-sentiment", "search", 0, 0.02).done()
     _write(q2.Unit("tiny-sentiment", "search", 0, 0.02))
     assert q2.ready(searched0)
     # screen scores: validation ranks them one way, test the opposite way; validation decides
@@ -103,7 +112,7 @@ out = Path(sys.argv[1])
 q2.SETUPS = {"minilm": Setup("tiny-bert", steps=0, batch=0, eval_every=0, val=0, test=0, lr=0, full_lr=0)}
 q2.P2_OUT, q2.RESULTS, q2.P2_MD = out / "q2", out, out / "quality.md"
 q2.P2_TASKS, q2.P2_BUDGETS, q2.P2_PAIRED, q2.P2_SEEDS = ("tiny-sentiment",), (0.02,), (0, 1), (0, 1)
-q2.P2_STEPS, q2.P2_EVAL_EVERY, q2.P2_VAL, q2.P2_BATCH = 4, 2, 16, 4
+q2.P2_STEPS, q2.P2_CURVE_STEPS, q2.P2_EVAL_EVERY, q2.P2_VAL, q2.P2_BATCH = 4, 8, 2, 16, 4
 q2.manual_candidates = lambda plan, budget, f=q2.manual_candidates: dict(list(f(plan, budget).items())[:3])
 assert q2.run_phase2(out / "work", poll_s=0.1) == len(q2.units())
 """
@@ -129,11 +138,13 @@ def test_phase2_runs_every_kind_of_unit_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(p.read_text()) for p in (tmp_path / "q2").rglob("*.json") if "structures" not in p.parts]
     kinds = sorted({r["method"] for r in recs})
-    assert kinds == ["full", "lora", "manual", "random", "search", "searched"]
+    assert kinds == ["curve", "full", "lora", "manual", "random", "search", "searched"]
     for r in recs:
         if r["method"] != "search":
-            assert 0 <= r["test"] <= 1 and 0 <= r["validation"] <= 1 and r["curve"][-1][0] == 4
+            assert 0 <= r["test"] <= 1 and 0 <= r["validation"] <= 1
+            assert r["curve"][-1][0] == r["steps"] == (8 if r["method"] == "curve" else 4)
     # 2 tops x 1 extra seed, chosen among the 3 screened presets
     assert len([r for r in recs if r["method"] == "manual"]) == 3 + 2
-    assert "| tiny-sentiment @ 0.02 |" in (tmp_path / "quality.md").read_text()
+    text = (tmp_path / "quality.md").read_text()
+    assert "| tiny-sentiment @ 0.02 |" in text and "| tiny-sentiment | random @0.02 |" in text
     assert not list((tmp_path / "q2" / ".locks").iterdir())
