@@ -313,7 +313,7 @@ def _alive(lock: Path) -> bool:
     except (OSError, ValueError):
         return False
     if host != socket.gethostname():
-        return True  # another machine's worker: trust it
+        return True  # another machine's worker: trust it (delete its locks by hand if it died)
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -355,6 +355,9 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
         taken = False
         for u in pending:
             if not ready(u) or not claim(u):
+                continue
+            if u.done():  # another worker finished it between the scan and the claim
+                _lock_path(u).unlink(missing_ok=True)
                 continue
             taken = True
             t0 = time.time()
@@ -623,5 +626,7 @@ def report() -> str:
     if notes.exists():  # the analysis of these numbers, written by whoever ran them
         lines += ["", notes.read_text().strip()]
     text = "\n".join(lines) + "\n"
-    P2_MD.write_text(text)
+    tmp = P2_MD.with_suffix(f".{os.getpid()}.tmp")  # workers report concurrently: never a torn file
+    tmp.write_text(text)
+    tmp.replace(P2_MD)
     return text
