@@ -733,6 +733,23 @@ def report_phase1() -> str:
                 + f". {len(complete)} complete searched rows of "
                 f"{sum(len(P1_RULES) if a else 1 for _, a in P1_VARIANTS.values())} planned.",
             ]
+        # seed-to-seed noise, pooled over every distinct row with all seeds (other rules reuse retrains)
+        spread = [
+            [r["validation"] for r in rs]
+            for (v, rule), rs in groups.items()
+            if rule in (None, "metric") and len(rs) == len(P1_SEEDS)
+        ]
+        if spread:
+            dof = sum(len(x) - 1 for x in spread)
+            sd = (sum((len(x) - 1) * statistics.variance(x) for x in spread) / dof) ** 0.5
+            se = sd * (2 / len(P1_SEEDS)) ** 0.5
+            lines += [
+                "",
+                f"Noise: the pooled seed-to-seed standard deviation of one run is {100 * sd:.1f} points "
+                f"({len(spread)} rows, {dof} degrees of freedom), so the difference of two {len(P1_SEEDS)}-seed "
+                f"means has a standard error of ~{100 * se:.1f} points. A variant replaces a default only when it "
+                f"leads `base` by more than two of them ({200 * se:.1f} points).",
+            ]
         lines.append("")
     notes = P1_OUT.parent / "quality-phase1-notes.md"
     if notes.exists():
