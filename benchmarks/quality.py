@@ -297,6 +297,7 @@ P1_SEARCH_BASE = {
     "gate_warmup": 0.0,  # search.gate_warmup
     "space": "mixed",  # since 602c96a without the inert BitFit on attention keys
     "gate_optimizer": "adamw",  # search.gate_optimizer
+    "shift_gradient": "renormalise",  # search.shift_gradient
 }
 P1_RULES = ("metric", "loss", "last")
 # name -> (changes from the base, retrain the structures of all three selection rules?)
@@ -315,6 +316,10 @@ P1_VARIANTS = {
     "temp2": ({"temperature": 2.0}, False),
     "beta2": ({"beta": 2.0}, False),
     "len4x": ({"mult": 4}, True),
+    # The exact gradient through the budget's shift charges a logit for its module's parameters; it
+    # only keeps that proportion with one shared second moment (per-logit AdamW normalises it away).
+    "exact-shared": ({"shift_gradient": "exact", "gate_optimizer": "adam-shared"}, False),
+    "exact-shift": ({"shift_gradient": "exact"}, False),
 }
 
 _TRACE: list[dict] = []  # per validation pass of the running search: step, score, loss, gate logits
@@ -457,6 +462,7 @@ def _p1_search(name: str, seed: int, work: Path) -> dict:
         f"search.beta={cfg_s['beta']}",
         f"search.gate_warmup={cfg_s['gate_warmup']}",
         f"search.gate_optimizer={cfg_s['gate_optimizer']}",
+        f"search.shift_gradient={cfg_s['shift_gradient']}",
         "search.select=metric",
     ]
     t0 = time.time()

@@ -25,6 +25,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 SELECT = ("metric", "loss", "last")
 VIRTUAL_STEPS = ("adamw", "sgd")
 GATE_OPTIMIZERS = ("adamw", "adam-shared")
+SHIFT_GRADIENTS = ("renormalise", "exact")
 LABEL_SCORING = ("sum", "length-normalised")
 
 
@@ -215,6 +216,10 @@ class SearchConfig(TrainConfig):
     """Fraction of the steps that train the delta weights only, the gates held at their start (equal
     logits), before the gate steps begin: a gate gradient measured through untrained deltas mostly
     reflects their initialisation. The gate learning rate then decays over the remaining steps."""
+    shift_gradient: str = "renormalise"
+    """How the gate gradient treats the budget's shift b. renormalise: b held constant and the
+    original's sum-preserving renormalisation of p. exact: the gradient through b as the budget
+    constraint defines it, so a module's logit pays for the parameters it takes (method/gates.py)."""
     gate_clip: float = 2.0
     beta: float = 1.0
     """Sigmoid temperature of the shifted global sigmoid."""
@@ -236,6 +241,10 @@ class SearchConfig(TrainConfig):
         _check(
             self.gate_optimizer in GATE_OPTIMIZERS,
             f"search.gate_optimizer must be one of {', '.join(GATE_OPTIMIZERS)}, got {self.gate_optimizer!r}",
+        )
+        _check(
+            self.shift_gradient in SHIFT_GRADIENTS,
+            f"search.shift_gradient must be one of {', '.join(SHIFT_GRADIENTS)}, got {self.shift_gradient!r}",
         )
         _check(0 <= self.gate_warmup < 1, f"search.gate_warmup must be a fraction in [0, 1), got {self.gate_warmup}")
         _check(self.gate_clip >= 0, f"search.gate_clip must be >= 0, got {self.gate_clip}")

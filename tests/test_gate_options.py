@@ -97,3 +97,63 @@ def test_a_search_with_warmup_holds_the_gates_then_moves_them(tmp_path):
     assert (meta["gate_warmup"], meta["gate_optimizer"]) == (0.5, "adam-shared")
     alphas = [c["alpha"] for c in json.loads((out / "structure.json").read_text())["candidates"]]
     assert len(set(alphas)) > 1  # the gates moved after the warm-up
+
+
+def _probs_with_resolved_shift(logits, n, budget, beta):
+    """p with the shift solved again for these logits: what exact_shift must differentiate."""
+    from s3delta_ds.method.gates import probabilities
+
+    return probabilities(logits, n, budget, beta, renormalise=False)[0]
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_exact_shift_gradient_is_the_gradient_under_the_budget_constraint(beta):
+    from s3delta_ds.method.gates import probabilities
+
+    g = torch.Generator().manual_seed(0)
+    n = torch.tensor([384.0, 1536.0, 768.0, 1920.0, 384.0, 1188.0, 96.0], dtype=torch.float64)
+    logits = torch.randn(7, generator=g, dtype=torch.float64).requires_grad_()
+    c = torch.randn(7, generator=g, dtype=torch.float64)  # a linear loss L = c · p
+    budget = 2500.0
+    p, _ = probabilities(logits, n, budget, beta, exact_shift=True)
+    ref, _ = probabilities(logits.detach(), n, budget, beta)
+    assert torch.allclose(p, ref, atol=1e-12)  # the value is the constrained p, unchanged
+    (grad,) = torch.autograd.grad((c * p).sum(), logits)
+    eps, fd = 1e-6, torch.zeros(7, dtype=torch.float64)
+    for j in range(7):
+        up, dn = logits.detach().clone(), logits.detach().clone()
+        up[j] += eps
+        dn[j] -= eps
+        fd[j] = (c * _probs_with_resolved_shift(up, n, budget, beta)).sum() - (
+            c * _probs_with_resolved_shift(dn, n, budget, beta)
+        ).sum()
+    fd /= 2 * eps
+    assert torch.allclose(grad, fd, rtol=1e-5, atol=1e-9), (grad, fd)
+    # and the renormalised gradient is a different one (it ignores what a module costs)
+    p_r, _ = probabilities(logits, n, budget, beta)
+    (grad_r,) = torch.autograd.grad((c * p_r).sum(), logits)
+    assert not torch.allclose(grad_r, fd, rtol=1e-2)
+
+
+def test_exact_shift_charges_a_module_that_does_nothing_for_its_parameters():
+    """g_j = 0 for the two idle modules: under the exact gradient they move by −s_j n_j λ, so the
+    expensive one moves 10x the cheap one; the renormalised gradient moves both by −s_j ḡ."""
+    from s3delta_ds.method.gates import probabilities
+
+    n = torch.tensor([100.0, 1000.0, 500.0, 500.0], dtype=torch.float64)
+    logits = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([0.0, 0.0, 1.0, 0.5], dtype=torch.float64)  # modules 0 and 1 do nothing
+    p, _ = probabilities(logits, n, 1000.0, exact_shift=True)
+    (g,) = torch.autograd.grad((c * p).sum(), logits)
+    assert g[1] / g[0] == pytest.approx(10.0)
+    p, _ = probabilities(logits, n, 1000.0)
+    (g,) = torch.autograd.grad((c * p).sum(), logits)
+    assert g[1] / g[0] == pytest.approx(1.0)
+
+
+def test_shift_gradient_option_is_checked_and_recorded():
+    from s3delta_ds.config import load_run_config
+
+    assert load_run_config(None, ["search.shift_gradient=exact"]).search.shift_gradient == "exact"
+    with pytest.raises(ConfigError, match="search.shift_gradient must be one of renormalise, exact, got 'exakt'"):
+        load_run_config(None, ["search.shift_gradient=exakt"])

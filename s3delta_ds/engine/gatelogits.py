@@ -65,8 +65,10 @@ class GateLogits:
         seed: int,
         device: torch.device,
         optimizer: str = "adamw",
+        shift_gradient: str = "renormalise",
     ):
         self.n = torch.tensor(params, dtype=torch.float64)
+        self.exact_shift = shift_gradient == "exact"
         self.budget, self.beta, self.temperature, self.seed, self.clip = budget, beta, temperature, seed, clip
         self.logits = torch.zeros(len(params), dtype=torch.float32, device=device, requires_grad=True)
         self.optimizer = gate_optimizer(optimizer, self.logits, lr)
@@ -78,7 +80,9 @@ class GateLogits:
 
     def probs(self) -> torch.Tensor:
         """p (num_candidates,), differentiable in the logits; Σ n_i p_i = budget."""
-        p, _ = probabilities(self.logits, self.n, self.budget, self.beta, check=False)  # checked by the plan
+        p, _ = probabilities(  # budget checked by the plan
+            self.logits, self.n, self.budget, self.beta, check=False, exact_shift=self.exact_shift
+        )
         return p
 
     def sample(self, step: int, phase: int) -> torch.Tensor:

@@ -116,13 +116,28 @@ def probabilities(
     renormalise: bool = True,
     *,
     check: bool = True,
+    exact_shift: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Gate means p (differentiable in ``logits``) and the shift b used.
 
     ``renormalise`` applies the original's sum-preserving stop-gradient step p ← p·sg(Σp)/Σp: the
     value is unchanged, and the gradient loses its component that would move all gates together.
+
+    ``exact_shift`` (``search.shift_gradient=exact``; replaces the renormalisation) differentiates
+    through the shift as the budget constraint Σ n_i p_i = B defines it: db/dα_j = n_j s_j / Σ n_i s_i
+    with s_i = p_i(1 − p_i)/β, so logit j receives s_j (g_j − n_j λ), λ = Σ s_i g_i / Σ n_i s_i. A
+    module pays for the budget it takes: with the renormalised gradient, s_j (g_j − ḡ), a cheap module
+    that barely acts climbs as fast as an expensive one whenever the gates hurt on average (ḡ > 0).
     """
     b = solve_shift(logits, n, budget, beta, check=check) if shift is None else shift
+    if exact_shift:
+        with torch.no_grad():
+            p0 = torch.sigmoid(torch.clamp((logits - b) / beta, min=-200.0))
+            ns = n.to(logits.dtype) * p0 * (1 - p0) / beta
+            total = ns.sum()
+            w = ns / total if total > 0 else torch.zeros_like(ns)
+        b_t = b + (w * (logits - logits.detach())).sum()  # value b; gradient db/dα
+        return torch.sigmoid(torch.clamp((logits - b_t) / beta, min=-200.0)), b
     p = torch.sigmoid(torch.clamp((logits - b) / beta, min=-200.0))
     if renormalise:
         total = p.sum()

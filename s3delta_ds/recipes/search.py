@@ -90,6 +90,7 @@ class SearchRecipe:
             seed=cfg.seed,
             device=rt.device,
             optimizer=sc.gate_optimizer,
+            shift_gradient=sc.shift_gradient,
         )
         self.bilevel = BiLevel(
             self.pipe.engine, self.gates, mode=sc.mode, virtual_step=sc.virtual_step, device=rt.device
@@ -254,6 +255,7 @@ class SearchRecipe:
             "gate_lr": sc.gate_lr,
             "gate_optimizer": sc.gate_optimizer,
             "gate_warmup": sc.gate_warmup,
+            "shift_gradient": sc.shift_gradient,
             "beta": sc.beta,
             "temperature": sc.temperature,
             **({"virtual_step": sc.virtual_step} if sc.mode == "second-order" else {}),
