@@ -24,6 +24,7 @@ one per core, and rerun any time: finished units are skipped.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -39,6 +40,7 @@ from benchmarks.quality import RESULTS, SETUPS, _composition, _modules_key
 from benchmarks.quality_stats import Interval, mean_std, paired_t_interval, welch_interval
 from s3delta_ds.config import load_run_config
 from s3delta_ds.structure import Structure, builders
+from s3delta_ds.util import atomic_path, atomic_write_text
 
 P2_OUT = RESULTS / "quality-phase2"
 P2_MD = RESULTS / "quality.md"
@@ -150,8 +152,23 @@ class Unit:
         return P2_SEARCH_MULT * P2_STEPS if self.kind == "search" else P2_STEPS
 
     def done(self) -> bool:
-        """A record exists and was made with today's lengths (a changed P2_STEPS reruns the unit)."""
-        return self.path.exists() and json.loads(self.path.read_text()).get("steps") == self.steps
+        """A readable record made with today's lengths (a changed P2_STEPS reruns the unit); for a
+        retrain of a searched structure, of the structure its search holds now."""
+        rec = _read(self.path)
+        if rec is None or rec.get("steps") != self.steps:
+            return False
+        if self.kind == "searched":
+            search = _read(Unit(self.task, "search", self.seed, self.budget).path)
+            return search is not None and rec.get("modules_key") == search.get("modules_key")
+        return True
+
+
+def _read(path: Path) -> dict | None:
+    """A record, or None when it is missing or unreadable (a crash mid-write is rerun, not fatal)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def ranked_manual(task: str, budget: float, plan=None) -> list[str] | None:
@@ -162,7 +179,7 @@ def ranked_manual(task: str, budget: float, plan=None) -> list[str] | None:
         u = Unit(task, "manual", 0, budget, preset)
         if not u.done():
             return None
-        scores[preset] = json.loads(u.path.read_text())["validation"]
+        scores[preset] = _read(u.path)["validation"]
     return sorted(scores, key=lambda k: -scores[k])
 
 
@@ -294,50 +311,67 @@ def run_unit(u: Unit, work: Path) -> dict:
         "params_used": st.budget.used,
         "modules": len(st.modules),
         "composition": _composition(st),
+        "modules_key": _modules_key(st),
         "structure": str(path.relative_to(P2_OUT)),
         "median_step_s": round(summary["median_step_s"], 3),
         "time_s": round(time.time() - t0, 1),
     }
 
 
-# -- the queue: exclusive lock files, so several workers can share it --------------------------------
+# -- the queue: one lock file per unit, held with flock while the unit runs ---------------------------
+#
+# The kernel drops a process's flock when the process dies, so a killed worker frees its unit with no
+# liveness guessing. flock is per machine (run the workers of one queue on one machine).
+
+_HELD: dict[str, int] = {}  # unit key -> fd of the lock this process holds
 
 
 def _lock_path(u: Unit) -> Path:
     return P2_OUT / ".locks" / (u.key.replace("/", "__") + ".lock")
 
 
-def _alive(lock: Path) -> bool:
+def claim(u: Unit) -> bool:
+    """Take ``u`` for this process (False: another live worker holds it)."""
+    lock = _lock_path(u)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR)
     try:
-        host, pid = lock.read_text().split()
-    except (OSError, ValueError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         return False
-    if host != socket.gethostname():
-        return True  # another machine's worker: trust it (delete its locks by hand if it died)
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:  # its holder released (unlinked) it while we waited: the unit is done or free again
+        os.close(fd)
         return False
-    except PermissionError:
-        return True
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())  # for people reading .locks
+    _HELD[u.key] = fd
     return True
 
 
-def claim(u: Unit) -> bool:
-    """Take ``u`` for this process; a lock whose process died is taken over."""
-    lock = _lock_path(u)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _alive(lock):
-                return False
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+def release(u: Unit) -> None:
+    fd = _HELD.pop(u.key, None)
+    if fd is not None:
+        _lock_path(u).unlink(missing_ok=True)  # before the unlock: a waiting worker then sees the record
+        os.close(fd)
+
+
+def _held_elsewhere(lock: Path) -> bool:
+    """Does a live process hold this lock?"""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
+    finally:
+        os.close(fd)  # also drops the probe's lock
     return False
 
 
@@ -357,18 +391,17 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
             if not ready(u) or not claim(u):
                 continue
             if u.done():  # another worker finished it between the scan and the claim
-                _lock_path(u).unlink(missing_ok=True)
+                release(u)
                 continue
             taken = True
             t0 = time.time()
             try:
                 work = work_root / u.key.replace("/", "__")
                 rec = run_unit(u, work)
-                u.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = u.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(rec, indent=1) + "\n")
-                tmp.replace(u.path)
+                atomic_write_text(u.path, json.dumps(rec, indent=1) + "\n")
                 shutil.rmtree(work, ignore_errors=True)
+                if not u.done():  # a record that does not count would rerun forever
+                    raise RuntimeError(f"{u.path}: the record written does not count as done")
                 done += 1
                 print(
                     f"[phase2] {u.key}: validation {rec.get('validation', '-')} ({time.time() - t0:.0f}s)", flush=True
@@ -378,14 +411,16 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
                 failed.add(u.key)
                 print(f"[phase2] {u.key}: FAILED ({type(e).__name__}: {e}); continuing", flush=True)
             finally:
-                _lock_path(u).unlink(missing_ok=True)
+                release(u)
             try:
                 report()
             except Exception:  # noqa: BLE001 - a report bug must not stop the runs
                 traceback.print_exc()
             break  # rescan from the top: priorities and resolved manual presets may have changed
         if not taken:
-            if not any(_lock_path(u).exists() and _alive(_lock_path(u)) for u in pending):
+            # any live worker (also one running a unit this worker's --only leaves out, e.g. the
+            # searches a retrain waits for) may still unblock what is left
+            if not any(_held_elsewhere(p) for p in (P2_OUT / ".locks").glob("*.lock")):
                 break  # what is left waits for units that failed here or for nobody
             time.sleep(poll_s)
     return done
@@ -397,7 +432,8 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
 def _load() -> list[dict]:
     """Every record made with today's lengths (older ones are left for their units to replace)."""
     expected = {"curve": P2_CURVE_STEPS, "search": P2_SEARCH_MULT * P2_STEPS}
-    recs = [json.loads(p.read_text()) for p in sorted(P2_OUT.rglob("*.json")) if "structures" not in p.parts]
+    recs = [_read(p) for p in sorted(P2_OUT.rglob("*.json")) if "structures" not in p.parts]
+    recs = [r for r in recs if r is not None]
     return [r for r in recs if r.get("steps") == expected.get(r["method"], P2_STEPS)]
 
 
@@ -406,13 +442,17 @@ def _pct(x: float) -> str:
 
 
 def best_manual(rows: list[dict], task: str, budget: float) -> tuple[str | None, list[dict]]:
-    """Of the manual presets carried to every seed, the one with the higher mean VALIDATION score."""
+    """Of the P2_TOP presets the screen ranked highest (on validation), the one with the higher mean
+    VALIDATION score over P2_SEEDS; none until all of them have every seed."""
+    ranked = ranked_manual(task, budget)
+    if not ranked:
+        return None, []
     by: dict[str, list[dict]] = {}
     for r in rows:
         if r["method"] == "manual" and r["task"] == task and r["budget"] == budget:
             by.setdefault(r["preset"], []).append(r)
-    full = {p: rs for p, rs in by.items() if len(rs) == len(P2_SEEDS)}
-    if not full:
+    full = {p: by.get(p, []) for p in ranked[:P2_TOP]}
+    if any(sorted(r["seed"] for r in rs) != sorted(P2_SEEDS) for rs in full.values()):
         return None, []
     best = max(full, key=lambda p: statistics.mean(r["validation"] for r in full[p]))
     return best, sorted(full[best], key=lambda r: r["seed"])
@@ -462,7 +502,8 @@ def _plot_heatmap(structs: list[Structure], png: Path, title: str) -> bool:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=f"share of {len(structs)} seeds")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with atomic_path(png, suffix=".tmp.png") as tmp:  # workers report concurrently
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return True
 
@@ -499,7 +540,8 @@ def _plot_curves(rows: list[dict], task: str, png: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with atomic_path(png, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return True
 
@@ -626,7 +668,5 @@ def report() -> str:
     if notes.exists():  # the analysis of these numbers, written by whoever ran them
         lines += ["", notes.read_text().strip()]
     text = "\n".join(lines) + "\n"
-    tmp = P2_MD.with_suffix(f".{os.getpid()}.tmp")  # workers report concurrently: never a torn file
-    tmp.write_text(text)
-    tmp.replace(P2_MD)
+    atomic_write_text(P2_MD, text)  # workers report concurrently: never a torn file
     return text
