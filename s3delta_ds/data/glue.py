@@ -8,7 +8,7 @@ with local train/validation[/test] files works everywhere; without it the hub is
 
 from __future__ import annotations
 
-from .assets import REUTERS_R8
+from .assets import NEWSGROUPS_20, REUTERS_R8
 from .task import Task
 
 _ALL: list[Task] = []
@@ -169,6 +169,18 @@ _add(
         columns=("text",),
         max_source_length=128,
         asset_dir="reuters-r8",
+    )
+)
+_add(
+    Task(
+        name="newsgroups-20",
+        # 20 Newsgroups (bydate split); the label words are the newsgroup names (NEWSGROUPS_20). The
+        # subject line comes first, so 128 tokens hold it and the post's opening.
+        template="topic: {text}",
+        label_words=NEWSGROUPS_20,
+        columns=("text",),
+        max_source_length=128,
+        asset_dir="newsgroups-20",
     )
 )
 _add(
