@@ -61,6 +61,27 @@ P2_BATCH, P2_LR, P2_FULL_LR = 16, 2e-3, 1e-4
 # 2.8x an RT step on this CPU: 14 core-hours for its two cells instead of ~6).
 P2_SOURCE_LENGTH = 64
 P2_TOP = 2  # manual methods carried to 3 seeds
+#: The search settings a search record holds. A search made under other defaults is not done: it
+#: reruns (and so do the retrains of its structure), so a default changed after phase 1 cannot mix in.
+P2_SEARCH_SETTINGS = (
+    "mode",
+    "space",
+    "gate_lr",
+    "gate_optimizer",
+    "shift_gradient",
+    "gate_warmup",
+    "temperature",
+    "beta",
+    "select",
+)
+
+
+def search_defaults() -> dict:
+    """The package's search defaults, as a search record stores them."""
+    from s3delta_ds.config import SearchConfig
+
+    defaults = SearchConfig()
+    return {k: getattr(defaults, k) for k in P2_SEARCH_SETTINGS}
 
 
 def _fmt_budget(b: float) -> str:
@@ -153,10 +174,13 @@ class Unit:
 
     def done(self) -> bool:
         """A readable record made with today's lengths (a changed P2_STEPS reruns the unit); for a
-        retrain of a searched structure, of the structure its search holds now."""
+        search, with today's search defaults; for a retrain of a searched structure, of the structure
+        its search holds now."""
         rec = _read(self.path)
         if rec is None or rec.get("steps") != self.steps:
             return False
+        if self.kind == "search":
+            return rec.get("settings") == search_defaults()
         if self.kind == "searched":
             search = _read(Unit(self.task, "search", self.seed, self.budget).path)
             return search is not None and rec.get("modules_key") == search.get("modules_key")
@@ -301,10 +325,7 @@ def run_unit(u: Unit, work: Path) -> dict:
         "method": "search",
         "budget": u.budget,
         "seed": u.seed,
-        "settings": {
-            k: getattr(cfg.search, k)
-            for k in ("mode", "space", "gate_lr", "gate_optimizer", "gate_warmup", "temperature", "beta", "select")
-        },
+        "settings": {k: getattr(cfg.search, k) for k in P2_SEARCH_SETTINGS},
         "steps": steps,
         "selected_step": st.search.get("selected_step"),
         "supernet_curve": _curve(work, st.search.get("metric", "accuracy")),

@@ -54,9 +54,10 @@ def test_plan_pairs_seeds_and_carries_the_validation_best_manual_methods(phase2)
     # searched waits for its search
     searched0 = next(u for u in units if u.kind == "searched" and u.seed == 0)
     assert not q2.ready(searched0)
-    _write(q2.Unit("tiny-sentiment", "search", 0, 0.02), steps=q2.P2_STEPS + 1)  # made with other lengths
-    assert not q2.ready(searched0) and not q2.Unit("tiny-sentiment", "search", 0, 0.02).done()
-    _write(q2.Unit("tiny-sentiment", "search", 0, 0.02))
+    search0, today = q2.Unit("tiny-sentiment", "search", 0, 0.02), q2.search_defaults()
+    _write(search0, steps=q2.P2_STEPS + 1, settings=today)  # made with other lengths
+    assert not q2.ready(searched0) and not search0.done()
+    _write(search0, settings=today)
     assert q2.ready(searched0)
     # screen scores: validation ranks them one way, test the opposite way; validation decides
     order = sorted(cands)
@@ -94,6 +95,16 @@ def test_a_searched_retrain_of_an_older_search_is_not_done(phase2):
     assert searched.done()
     _write(search, modules_key="def")  # the search ran again and found another structure
     assert not searched.done()
+
+
+def test_a_search_made_under_other_defaults_is_not_done(phase2):
+    search = q2.Unit("tiny-sentiment", "search", 0, 0.02)
+    _write(search, modules_key="abc", settings=q2.search_defaults())
+    assert search.done()
+    _write(search, modules_key="abc", settings={**q2.search_defaults(), "shift_gradient": "other"})
+    assert not search.done()  # a default changed since: the search (and its retrain) reruns
+    _write(search, modules_key="abc")  # a record without settings does not count either
+    assert not search.done()
 
 
 def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(phase2):
