@@ -98,3 +98,21 @@ def test_mt5_has_its_own_lm_head():
 )
 def test_shipped_shapes_plan_the_checkpoint_counts(name, num_params):
     assert Backbone.plan(name).info.num_params == num_params
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_zero3_models_live_deepspeed_config_does_not_reach_the_next_load(v1_1_checkpoint, dtype):
+    """A ZeRO-3 run keeps transformers' HfDeepSpeedConfig alive with its model (a weakref that
+    transformers consults in from_pretrained). A later ZeRO-0/2 run in the same process (the Python
+    API, a notebook, a compat launch) must load whole weights, not ZeRO-3 placeholders."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from s3delta_ds.engine import zero
+
+    path, lm_head = v1_1_checkpoint
+    live = zero.hf_deepspeed_config({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert is_deepspeed_zero3_enabled()  # what the earlier ZeRO-3 run leaves while its model lives
+    model = load_backbone(ModelConfig(name_or_path=path), source=path, dtype=dtype, ds_config={})
+    assert model.shared.weight.dim() == 2 and not hasattr(model.shared.weight, "ds_id")
+    assert torch.equal(model.lm_head.weight.float(), lm_head.to(model.lm_head.weight.dtype).float())
+    assert is_deepspeed_zero3_enabled() and live is not None  # the other run's context is left as it was

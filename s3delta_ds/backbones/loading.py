@@ -121,13 +121,13 @@ def build_model(config, *, device: str | torch.device = "cpu", family: Family | 
     """
     family = family or family_for(config)
     cls = family.model_class(config)
-    with torch.device(device), _without_hf_zero3():
+    with torch.device(device), without_hf_zero3():
         model = cls.from_config(config)
     return model
 
 
 @contextlib.contextmanager
-def _without_hf_zero3():
+def without_hf_zero3():
     """A plain construction even while a ZeRO-3 run's ``HfDeepSpeedConfig`` is alive in this process
     (a retrain planned after a search, a compat cell after another, a notebook): transformers would
     otherwise run its ZeRO-3 weight init, which fails on the meta device and partitions on the CPU.

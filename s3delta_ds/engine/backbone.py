@@ -8,6 +8,7 @@ seeded random model, saved once into a cache directory and then loaded like any 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ import torch.nn as nn
 
 from ..backbones import family_for
 from ..backbones.checkpointing import enable_activation_checkpointing
-from ..backbones.loading import build_model, config_hash, load_config
+from ..backbones.loading import build_model, config_hash, load_config, without_hf_zero3
 from ..backbones.pooling import resolve_pooling, use_mean_pooling
 from ..config import ModelConfig
 from ..errors import BackboneError
@@ -77,6 +78,23 @@ def load_backbone(
     torch.manual_seed(seed)  # a freshly initialised head is the same on every rank and every run
     head = {} if num_labels is None else {"num_labels": num_labels}
     keep_alive = zero.hf_deepspeed_config(ds_config) if zero.zero_stage(ds_config) == 3 else None
+    # Below ZeRO-3, hide the config an earlier ZeRO-3 model in this process keeps alive (the Python
+    # API, a notebook, one compat launch running several precisions): transformers would partition
+    # these weights into ZeRO-3 placeholders that nothing gathers.
+    with contextlib.nullcontext() if keep_alive is not None else without_hf_zero3():
+        model = _load_weights(cfg, source, torch_dtype, head)
+    model.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    _apply_pooling(model, cfg, source)
+    model.config._name_or_path = cfg.name_or_path
+    # transformers holds the DeepSpeed config by weakref and consults it again later (generate,
+    # resizing): keep it alive as long as the model.
+    model._s3delta_hf_ds_config = keep_alive
+    return model
+
+
+def _load_weights(cfg: ModelConfig, source: str, torch_dtype: torch.dtype, head: dict) -> nn.Module:
     try:
         if cfg.random_init:
             if cfg.quantize:
@@ -99,14 +117,6 @@ def load_backbone(
             model = cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot load backbone weights from {source!r}: {e}") from e
-    model.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    _apply_pooling(model, cfg, source)
-    model.config._name_or_path = cfg.name_or_path
-    # transformers holds the DeepSpeed config by weakref and consults it again later (generate,
-    # resizing): keep it alive as long as the model.
-    model._s3delta_hf_ds_config = keep_alive
     return model
 
 

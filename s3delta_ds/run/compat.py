@@ -1,9 +1,10 @@
-"""One cell row of the compatibility matrix: run search and retrain under ZeRO stages 0, 2 and 3 for
-one backbone and precision, in one launch, and record what works (and the error users get when it
-does not). ``scripts/compat_matrix.py`` launches every (family, precision) with 2 ranks and renders
-the table that README.md shows.
+"""Rows of the compatibility matrix: run search and retrain under ZeRO stages 0, 2 and 3 for one
+backbone and each precision asked for, in one launch, and record what works (and the error users
+get when it does not) in ``compat-<precision>.json``. ``scripts/compat_matrix.py`` launches every
+family once with 2 ranks (all precisions: one start-up instead of four) and renders the table that
+README.md shows.
 
-    deepspeed --num_gpus 2 --module s3delta_ds.run.compat --model tiny-t5 --precision 4bit --out DIR
+    deepspeed --num_gpus 2 --module s3delta_ds.run.compat --model tiny-t5 --precision fp32,4bit --out DIR
 """
 
 from __future__ import annotations
@@ -73,26 +74,30 @@ def run_cell(model: str, precision: str, stage: int, mode: str, out: Path, struc
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m s3delta_ds.run.compat")
     p.add_argument("--model", required=True)
-    p.add_argument("--precision", required=True, choices=sorted(PRECISIONS))
+    p.add_argument("--precision", required=True, help=f"comma-separated, of {', '.join(PRECISIONS)}")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    precisions = args.precision.split(",")
+    unknown = [x for x in precisions if x not in PRECISIONS]
+    if unknown:
+        p.error(f"unknown precision(s) {unknown}; known: {', '.join(PRECISIONS)}")
     out = Path(args.out)
     zero.init_distributed()
     structure = out / "lora.json"
     if zero.rank() == 0:
         manual(Backbone.plan(args.model), "lora").save(structure)
     zero.barrier()
-    results = {}
-    for stage in STAGES:
-        for mode in ("search", "retrain"):
-            results[f"{mode}-z{stage}"] = run_cell(args.model, args.precision, stage, mode, out, structure)
-            print(
-                f"[compat] {args.model} {args.precision} {mode} ZeRO-{stage}: {results[f'{mode}-z{stage}']}", flush=True
-            )
-    if zero.rank() == 0:
-        record = {"model": args.model, "precision": args.precision, "world": zero.world(), "cells": results}
-        (out / "compat.json").write_text(json.dumps(record, indent=2) + "\n")
+    for precision in precisions:
+        results = {}
+        for stage in STAGES:
+            for mode in ("search", "retrain"):
+                cell = run_cell(args.model, precision, stage, mode, out / precision, structure)
+                results[f"{mode}-z{stage}"] = cell
+                print(f"[compat] {args.model} {precision} {mode} ZeRO-{stage}: {cell}", flush=True)
+        if zero.rank() == 0:  # written as each precision ends: a later crash keeps the rows before it
+            record = {"model": args.model, "precision": precision, "world": zero.world(), "cells": results}
+            (out / f"compat-{precision}.json").write_text(json.dumps(record, indent=2) + "\n")
     zero.destroy()
     return 0
 
