@@ -355,11 +355,18 @@ def _variant_setting(variant: str) -> tuple[str, float]:
             if tag in tag_task:
                 task = tag_task[tag]
             else:
-                budget = float(tag)
+                try:
+                    budget = float(tag)
+                except ValueError:
+                    raise ValueError(
+                        f"phase 1: {variant!r}: {tag!r} is neither a task tag ({', '.join(tag_task)}) nor a budget"
+                    ) from None
         return task, budget
     if variant in P1_REFERENCES:
         return P1_REFERENCES[variant][1], P1_BUDGET
-    changes = P1_VARIANTS.get(variant, ({},))[0]
+    if variant not in P1_VARIANTS:
+        raise ValueError(f"phase 1: unknown variant {variant!r}; known: {', '.join(P1_VARIANTS)}")
+    changes = P1_VARIANTS[variant][0]
     return changes.get("task", P1_TASK), changes.get("budget", P1_BUDGET)
 
 
@@ -778,8 +785,16 @@ def report_phase1() -> str:
         for r in retrains:
             groups.setdefault((r["variant"], r["rule"]), []).append(r)
 
+        def setting(v: str) -> tuple[str, float] | None:  # None: a record of a variant no longer planned
+            try:
+                return _variant_setting(v)
+            except ValueError:
+                return None
+
         def rand_at(v: str) -> list[float]:
-            task, budget = _variant_setting(v)
+            if setting(v) is None:
+                return []
+            task, budget = setting(v)
             return [r["validation"] for r in groups.get((_random_name(budget, task), None), [])]
 
         rand = rand_at("base")
@@ -822,7 +837,7 @@ def report_phase1() -> str:
             for r in rows
             if r[3] == len(P1_SEEDS)
             and not r[0].startswith("random")
-            and _variant_setting(r[0]) == (P1_TASK, P1_BUDGET)
+            and setting(r[0]) == (P1_TASK, P1_BUDGET)
         ]
         if complete:
             best = max(complete, key=lambda r: r[2])

@@ -61,27 +61,27 @@ P2_BATCH, P2_LR, P2_FULL_LR = 16, 2e-3, 1e-4
 # 2.8x an RT step on this CPU: 14 core-hours for its two cells instead of ~6).
 P2_SOURCE_LENGTH = 64
 P2_TOP = 2  # manual methods carried to 3 seeds
-#: The search settings a search record holds. A search made under other defaults is not done: it
-#: reruns (and so do the retrains of its structure), so a default changed after phase 1 cannot mix in.
-P2_SEARCH_SETTINGS = (
-    "mode",
-    "space",
-    "gate_lr",
-    "gate_optimizer",
-    "shift_gradient",
-    "gate_warmup",
-    "temperature",
-    "beta",
-    "select",
+#: Search keys this protocol sets itself (``_overrides`` and the budget). A search record holds every
+#: other search setting, and a search made under other package defaults is not done: it reruns (and
+#: so do the retrains of its structure), so a default changed after phase 1 cannot mix in.
+P2_SEARCH_PROTOCOL_KEYS = frozenset(
+    {"steps", "micro_batch_size", "eval_every", "lr", "eval_batch_size", "log_every", "checkpoint_every", "budget"}
 )
+
+
+def search_settings(search) -> dict:
+    """What a search record stores of ``search`` (a SearchConfig): every key but the protocol's."""
+    from dataclasses import fields
+
+    keys = [f.name for f in fields(search) if f.name not in P2_SEARCH_PROTOCOL_KEYS]
+    return json.loads(json.dumps({k: getattr(search, k) for k in keys}))
 
 
 def search_defaults() -> dict:
     """The package's search defaults, as a search record stores them."""
     from s3delta_ds.config import SearchConfig
 
-    defaults = SearchConfig()
-    return {k: getattr(defaults, k) for k in P2_SEARCH_SETTINGS}
+    return search_settings(SearchConfig())
 
 
 def _fmt_budget(b: float) -> str:
@@ -325,7 +325,7 @@ def run_unit(u: Unit, work: Path) -> dict:
         "method": "search",
         "budget": u.budget,
         "seed": u.seed,
-        "settings": {k: getattr(cfg.search, k) for k in P2_SEARCH_SETTINGS},
+        "settings": search_settings(cfg.search),
         "steps": steps,
         "selected_step": st.search.get("selected_step"),
         "supernet_curve": _curve(work, st.search.get("metric", "accuracy")),

@@ -29,7 +29,36 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(model: str, precisions: list[str], family_dir: Path, env: dict) -> str | None:
+    """One 2-rank launch running ``precisions`` in turn; None when it ended cleanly, else why not."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_port()),
+        "--module",
+        "s3delta_ds.run.compat",
+        "--model",
+        model,
+        "--precision",
+        ",".join(precisions),
+        "--out",
+        str(family_dir),
+    ]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600 * len(precisions))
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    return None if proc.returncode == 0 else f"launch failed (exit {proc.returncode})"
+
+
 def run_all(out: Path) -> list[dict]:
+    """Every family in one launch (one start-up for its four precisions). A precision the launch
+    did not finish (a crash or hang in it, or in one before it) is relaunched alone, so one broken
+    precision cannot blank the rows after it, and its row names its own failure."""
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -40,41 +69,23 @@ def run_all(out: Path) -> list[dict]:
     records = []
     for family, model in FAMILIES.items():
         family_dir = out / model
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(_port()),
-            "--module",
-            "s3delta_ds.run.compat",
-            "--model",
-            model,
-            "--precision",
-            ",".join(PRECISIONS),
-            "--out",
-            str(family_dir),
-        ]
-        try:
-            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600 * len(PRECISIONS))
-        except subprocess.TimeoutExpired:
-            proc = None
+        for old in family_dir.glob("compat-*.json"):  # a reused --out must not show an older run's rows
+            old.unlink()
+        errors = dict.fromkeys(PRECISIONS, _launch(model, list(PRECISIONS), family_dir, env))
+        for precision in PRECISIONS:
+            if not (family_dir / f"compat-{precision}.json").exists():
+                errors[precision] = _launch(model, [precision], family_dir, env)
         for precision in PRECISIONS:
             result = family_dir / f"compat-{precision}.json"
-            if result.exists():  # a launch that died later still keeps the precisions it finished
+            if result.exists():
                 record = json.loads(result.read_text())
             else:
-                why = "timed out" if proc is None else f"launch failed (exit {proc.returncode})"
+                why = errors[precision] or "launch ended without a result"
                 record = {"model": model, "precision": precision, "cells": {}, "launch_error": why}
             record["family"] = family
             records.append(record)
-            print(
-                f"[compat] {family} {precision}: " + ", ".join(f"{k} {v['status']}" for k, v in record["cells"].items())
-                or record.get("launch_error"),
-                flush=True,
-            )
+            cells = ", ".join(f"{k} {v['status']}" for k, v in record["cells"].items())
+            print(f"[compat] {family} {precision}: " + (cells or record["launch_error"]), flush=True)
     return records
 
 

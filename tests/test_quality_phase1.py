@@ -26,6 +26,13 @@ def test_the_names_of_records_already_made_are_kept():
     assert q._variant_setting("random@20ng@0.0003") == ("newsgroups-20", 3e-4)
 
 
+def test_unknown_variants_and_tags_are_named():
+    with pytest.raises(ValueError, match="'random@2Ong': '2Ong' is neither a task tag"):
+        q._variant_setting("random@2Ong")
+    with pytest.raises(ValueError, match="unknown variant 'bsae'"):
+        q._variant_setting("bsae")
+
+
 def test_units_put_a_settings_baselines_before_its_searches_and_retrains_after_their_search():
     units = q._p1_units()
     keys = [k for k, _ in units]
@@ -64,6 +71,7 @@ def test_the_ablation_reads_each_row_against_the_random_structures_of_its_own_ta
         rec("base", s, 0.81)
         rec("base@20ng", s, 0.55)
     rec("full@20ng", 0, 0.70, None)
+    rec("dropped-variant", 0, 0.60)  # a record of a variant no longer planned is listed, not a crash
     text = q.report_phase1()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| +1.0 |" in rows["base"]  # 81 against RT's random 80

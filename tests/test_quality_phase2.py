@@ -105,6 +105,15 @@ def test_a_search_made_under_other_defaults_is_not_done(phase2):
     assert not search.done()  # a default changed since: the search (and its retrain) reruns
     _write(search, modules_key="abc")  # a record without settings does not count either
     assert not search.done()
+    # what a search unit runs with is what done() expects (else the queue would rerun it forever),
+    # and the protocol's own keys are the only ones left out
+    from s3delta_ds.config import load_run_config
+
+    overrides = q2._overrides("tiny-sentiment", 0, q2.P2_OUT, "search", 4, q2.P2_LR)
+    ran = load_run_config(None, [*overrides, "search.budget=0.02"]).search
+    assert q2.search_settings(ran) == q2.search_defaults()
+    assert {"shift_gradient", "gate_clip", "virtual_step", "weight_decay"} <= set(q2.search_defaults())
+    assert not q2.P2_SEARCH_PROTOCOL_KEYS & set(q2.search_defaults())
 
 
 def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(phase2):

@@ -12,6 +12,7 @@ from transformers import AutoModelForSeq2SeqLM, MT5Config
 from s3delta_ds.backbones.loading import build_model, count_params, load_config
 from s3delta_ds.config import ModelConfig
 from s3delta_ds.engine.backbone import load_backbone
+from s3delta_ds.errors import BackboneError
 from s3delta_ds.structure.builders import Backbone
 
 
@@ -116,3 +117,6 @@ def test_a_zero3_models_live_deepspeed_config_does_not_reach_the_next_load(v1_1_
     assert model.shared.weight.dim() == 2 and not hasattr(model.shared.weight, "ds_id")
     assert torch.equal(model.lm_head.weight.float(), lm_head.to(model.lm_head.weight.dtype).float())
     assert is_deepspeed_zero3_enabled() and live is not None  # the other run's context is left as it was
+    with pytest.raises(BackboneError, match="cannot find a model or config"):  # restored when a load fails too
+        load_backbone(ModelConfig(name_or_path=path), source=str(path) + "-missing", dtype=dtype, ds_config={})
+    assert is_deepspeed_zero3_enabled()

@@ -131,7 +131,9 @@ def without_hf_zero3():
     """A plain construction even while a ZeRO-3 run's ``HfDeepSpeedConfig`` is alive in this process
     (a retrain planned after a search, a compat cell after another, a notebook): transformers would
     otherwise run its ZeRO-3 weight init, which fails on the meta device and partitions on the CPU.
-    transformers keeps the live config only as a module-level weakref; it is put back afterwards."""
+    transformers keeps the live config only as a module-level weakref; it is put back afterwards,
+    also when the load raises. Process-wide, so not for loads running in parallel threads (a
+    ZeRO-3 load in another thread would see no config while this one runs)."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref
