@@ -44,3 +44,16 @@ def pytest_runtest_setup(item):
 def pytest_runtest_call(item):
     with _no_processes(item):
         yield
+
+
+@pytest.fixture(scope="session")
+def zero3_search(tmp_path_factory):
+    """One 2-rank ZeRO-3 search (deepspeed launcher, the tiny default, micro-batch 2) that several
+    modules read instead of each launching the same run: test_distributed's ``ds_stage3`` shape,
+    test_checkpointing's search without activation checkpointing, and the structure that
+    test_retrain_distributed retrains. Tests read it and never write into it."""
+    from .launching import TINY, run
+
+    out = tmp_path_factory.mktemp("zero3-search") / "run"
+    run("deepspeed", "search", [*TINY, "zero_stage=3", "search.micro_batch_size=2", f"output_dir={out}"])
+    return out

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from s3delta_ds.backbones import SiteMap, family_for
 from s3delta_ds.backbones.checkpointing import checkpointed_blocks, enable_activation_checkpointing
@@ -244,13 +245,16 @@ def assert_same_losses(on, off, phase: str, keys: tuple[str, ...]) -> None:
 
 
 @pytest.fixture(scope="module")
-def searches(tmp_path_factory):
-    """The same 2-rank ZeRO-3 search with and without checkpointing."""
+def searches(tmp_path_factory, zero3_search):
+    """The same 2-rank ZeRO-3 search with and without checkpointing (without: the session's shared
+    run, conftest.zero3_search, which ZERO3's search settings equal; its retrain.* keys do not
+    touch a search)."""
     root = tmp_path_factory.mktemp("ckpt")
     on = run("deepspeed", "search", [*ZERO3, ON, f"output_dir={root / 'on'}"])
     assert "activation checkpointing on 4 blocks" in on.stdout  # tiny-t5: 2 encoder + 2 decoder blocks
-    run("deepspeed", "search", [*ZERO3, f"output_dir={root / 'off'}"])
-    return root / "on", root / "off"
+    shared = yaml.safe_load((zero3_search / "config.yaml").read_text())
+    assert not shared["model"].get("gradient_checkpointing") and shared["zero_stage"] == 3
+    return root / "on", zero3_search
 
 
 @pytest.mark.distributed

@@ -21,20 +21,20 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def t5_runs(tmp_path_factory):
-    """The same search under four launch shapes (module-scoped: several tests read them)."""
+def t5_runs(tmp_path_factory, zero3_search):
+    """The same search under four launch shapes (module-scoped: several tests read them); the
+    ZeRO-3 one is the session's shared run (conftest.zero3_search: deepspeed, 2 ranks, micro-batch 2)."""
     root = tmp_path_factory.mktemp("t5")
     shapes = {
         "single": ("python", 1, ["zero_stage=0", "search.micro_batch_size=4"]),
         "ds_stage0": ("deepspeed", 2, ["zero_stage=0", "search.micro_batch_size=2"]),
         "torchrun_stage2": ("torchrun", 2, ["zero_stage=2", "search.micro_batch_size=2"]),
-        "ds_stage3": ("deepspeed", 2, ["zero_stage=3", "search.micro_batch_size=2"]),
     }
     out = {}
     for name, (launcher, nproc, args) in shapes.items():
         out[name] = root / name
         run(launcher, "search", [*TINY, *args, f"output_dir={out[name]}"], nproc)
-    return out
+    return {**out, "ds_stage3": zero3_search}
 
 
 def test_search_trajectories_equal_across_zero_stages_and_launchers(t5_runs):

@@ -24,10 +24,8 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    out = tmp_path_factory.mktemp("search")
-    run("deepspeed", "search", [*TINY, "search.micro_batch_size=2", f"output_dir={out}"])
-    return out / "structure.json"
+def searched(zero3_search):
+    return zero3_search / "structure.json"  # the session's 2-rank ZeRO-3 search (conftest)
 
 
 @pytest.fixture(scope="module")
