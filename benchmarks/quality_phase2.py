@@ -19,7 +19,9 @@ protocol (lengths, rates, defaults) was fixed before any phase-2 run. Test score
 
 The queue is a list of units in priority order. A unit's record is one JSON file; a worker claims a
 unit with an exclusive lock file (a dead worker's lock is taken over), so ``nohup`` several workers,
-one per core, and rerun any time: finished units are skipped.
+one per core, and rerun any time: finished units are skipped, and a unit whose worker was killed
+continues from its last evaluation (every run checkpoints after each one; ``--resume`` reproduces
+the uninterrupted run), so a stop costs at most ``P2_EVAL_EVERY`` steps of one run per worker.
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ def _fmt_budget(b: float) -> str:
 
 
 def _overrides(
-    task: str, seed: int, out: Path, section: str, steps: int, lr: float, eval_every: int = P2_EVAL_EVERY
+    task: str, seed: int, out: Path, section: str, steps: int, lr: float, eval_every: int | None = None
 ) -> list[str]:
+    eval_every = eval_every or P2_EVAL_EVERY  # read at call time: tests shorten the protocol
     return [
         f"model.name_or_path={SETUPS[P2_BACKBONE].model}",
         f"data.task={task}",
@@ -112,7 +115,7 @@ def _overrides(
         f"{section}.lr={lr}",
         f"{section}.eval_batch_size=64",
         f"{section}.log_every={P2_EVAL_EVERY}",
-        f"{section}.checkpoint_every=1000000",  # no checkpoints: a killed unit reruns from its start
+        f"{section}.checkpoint_every=0",  # after every evaluation: a killed unit continues from there
     ]
 
 
@@ -247,14 +250,57 @@ def _structures() -> Path:
     return P2_OUT / "structures"
 
 
+@dataclass
+class Launch:
+    """One launch of a unit's run in ``work``: whether it continues an interrupted one, and the
+    time spent on the unit so far (the earlier launches up to the checkpoint resumed from).
+
+    ``work/unit.json`` keeps the run's overrides and its structure's modules; a checkpoint is
+    resumed only under the very same ones (a changed protocol, or a searched structure that a new
+    search replaced, starts the unit over). The run itself writes to ``work/run``."""
+
+    run_dir: Path
+    resume: bool
+    spent_s: float
+    launches: int
+    start: float
+
+    @classmethod
+    def begin(cls, work: Path, overrides: list[str], structure: Path | None = None) -> Launch:
+        from s3delta_ds.run.checkpoint import COMPLETE, latest_checkpoint
+
+        meta_path, run_dir = work / "unit.json", work / "run"
+        meta = _read(meta_path) or {}
+        inputs = {
+            "overrides": overrides,
+            "modules": None if structure is None else _modules_key(Structure.load(structure)),
+        }
+        ckpt = latest_checkpoint(run_dir / "checkpoints") if run_dir.is_dir() else None
+        now = time.time()
+        if ckpt is not None and meta.get("inputs") == inputs:
+            spent = meta["spent_s"] + max(0.0, (ckpt / COMPLETE).stat().st_mtime - meta["start"])
+            launch = cls(run_dir, True, spent, meta["launches"] + 1, now)
+            print(f"[phase2] {work.name}: continuing from {ckpt.name} (launch {launch.launches})", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            launch = cls(run_dir, False, 0.0, 1, now)
+        work.mkdir(parents=True, exist_ok=True)
+        meta = {"inputs": inputs, "spent_s": launch.spent_s, "launches": launch.launches, "start": now}
+        atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+        return launch
+
+    def timing(self) -> dict:
+        return {"time_s": round(self.spent_s + time.time() - self.start, 1), "launches": self.launches}
+
+
 def _retrain(u: Unit, work: Path, structure: Path | None) -> dict:
     from s3delta_ds.retrain import run_retrain
 
     lr = P2_FULL_LR if structure is None else P2_LR
     extra = ["retrain.full_finetune=true"] if structure is None else [f"retrain.structure={structure}"]
-    cfg = load_run_config(None, [*_overrides(u.task, u.seed, work, "retrain", u.steps, lr), *extra])
-    t0 = time.time()
-    s = run_retrain(cfg)
+    overrides = [*_overrides(u.task, u.seed, work / "run", "retrain", u.steps, lr), *extra]
+    launch = Launch.begin(work, overrides, structure)
+    s = run_retrain(load_run_config(None, overrides), resume=launch.resume)
     rec = {
         "task": u.task,
         "method": u.kind,
@@ -268,9 +314,9 @@ def _retrain(u: Unit, work: Path, structure: Path | None) -> dict:
         "best_step": s["best_step"],
         "steps": s["steps"],
         "trainable_params": s["trainable_params"],
-        "curve": _curve(work, s["metric"]),
+        "curve": _curve(launch.run_dir, s["metric"]),
         "median_step_s": round(s["median_step_s"], 3),
-        "time_s": round(time.time() - t0, 1),
+        **launch.timing(),
     }
     if structure is not None:
         st = Structure.load(structure)
@@ -316,12 +362,11 @@ def run_unit(u: Unit, work: Path) -> dict:
     from s3delta_ds.search import run_search  # kind == "search"
 
     steps, every = u.steps, P2_EVAL_EVERY * P2_SEARCH_MULT
-    cfg = load_run_config(
-        None, [*_overrides(u.task, u.seed, work, "search", steps, P2_LR, every), f"search.budget={u.budget}"]
-    )
-    t0 = time.time()
-    summary = run_search(cfg)
-    st = Structure.load(work / "structure.json")
+    overrides = [*_overrides(u.task, u.seed, work / "run", "search", steps, P2_LR, every), f"search.budget={u.budget}"]
+    launch = Launch.begin(work, overrides)
+    cfg = load_run_config(None, overrides)
+    summary = run_search(cfg, resume=launch.resume)
+    st = Structure.load(launch.run_dir / "structure.json")
     path = _save_structure(st, u)
     return {
         "task": u.task,
@@ -331,14 +376,14 @@ def run_unit(u: Unit, work: Path) -> dict:
         "settings": search_settings(cfg.search),
         "steps": steps,
         "selected_step": st.search.get("selected_step"),
-        "supernet_curve": _curve(work, st.search.get("metric", "accuracy")),
+        "supernet_curve": _curve(launch.run_dir, st.search.get("metric", "accuracy")),
         "params_used": st.budget.used,
         "modules": len(st.modules),
         "composition": _composition(st),
         "modules_key": _modules_key(st),
         "structure": str(path.relative_to(P2_OUT)),
         "median_step_s": round(summary["median_step_s"], 3),
-        "time_s": round(time.time() - t0, 1),
+        **launch.timing(),
     }
 
 

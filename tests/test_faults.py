@@ -92,6 +92,13 @@ def test_killed_rank_ends_the_job_and_resume_matches(launcher, reference, tmp_pa
     ours, ref = json.loads((out / "structure.json").read_text()), json.loads((reference / "structure.json").read_text())
     assert [(m["site"], m["type"]) for m in ours["modules"]] == [(m["site"], m["type"]) for m in ref["modules"]]
     assert (alphas(out) - alphas(reference)).abs().max() < 1e-6
+    # the rows the killed launch wrote after its checkpoint are replaced, not duplicated
+    assert _rows(out) == _rows(reference)
+
+
+def _rows(run_dir: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["phase"], round(r.get("delta_loss", r.get("loss", 0.0)), 4)) for r in rows]
 
 
 def test_two_nodes_without_ssh_on_one_machine(tmp_path):

@@ -116,6 +116,31 @@ def test_a_search_made_under_other_defaults_is_not_done(phase2):
     assert not q2.P2_SEARCH_PROTOCOL_KEYS & set(q2.search_defaults())
 
 
+def _checkpoint(work, step: int) -> None:
+    ckpt = work / "run" / "checkpoints" / f"step-{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("{}")
+
+
+def test_a_killed_unit_continues_from_its_checkpoint_only_under_the_same_inputs(phase2, tmp_path):
+    work, structure = tmp_path / "unit", tmp_path / "s.json"
+    builders.manual(phase2, "lora").save(structure)
+    first = q2.Launch.begin(work, ["a=1"], structure)
+    assert not first.resume and first.launches == 1 and first.run_dir == work / "run"
+    assert not q2.Launch.begin(work, ["a=1"], structure).resume  # killed before its first checkpoint
+    _checkpoint(work, 2)
+    again = q2.Launch.begin(work, ["a=1"], structure)
+    assert again.resume and again.launches == 2 and again.spent_s >= 0
+    assert (work / "run" / "checkpoints").is_dir()  # resumed in place, nothing deleted
+    # another protocol, or a structure a newer search replaced: the unit starts over
+    fresh = q2.Launch.begin(work, ["a=2"], structure)
+    assert not fresh.resume and fresh.launches == 1 and not (work / "run").exists()
+    q2.Launch.begin(work, ["a=1"], structure)
+    _checkpoint(work, 2)
+    builders.manual(phase2, "bitfit").save(structure)  # a newer search found another structure
+    assert not q2.Launch.begin(work, ["a=1"], structure).resume and not (work / "run").exists()
+
+
 def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(phase2):
     t, b = "tiny-sentiment", 0.02
     searched = [0.84, 0.82, 0.85, 0.83, 0.86]
@@ -142,6 +167,88 @@ def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(
     row = next(line for line in text.splitlines() if line.startswith(f"| {t} @ 0.02 |"))
     assert "| lnfit |" in row and row.count("**win**") == 2
     assert f"{100 * sum(searched) / 5 / 0.88:.1f}%" in row  # searched / full fine-tuning
+
+
+_INTERRUPTED = """
+import json, sys
+from pathlib import Path
+from benchmarks import quality_phase2 as q2
+from benchmarks.quality import Setup
+from s3delta_ds.recipes import retrain, search
+
+out = Path(sys.argv[1])
+q2.SETUPS = {"minilm": Setup("tiny-bert", steps=0, batch=0, eval_every=0, val=0, test=0, lr=0, full_lr=0)}
+q2.P2_OUT, q2.RESULTS, q2.P2_MD = out / "q2", out, out / "quality.md"
+q2.P2_STEPS, q2.P2_EVAL_EVERY, q2.P2_VAL, q2.P2_BATCH = 6, 2, 16, 4
+
+
+def killed_at(module, step):
+    # the launch dies just before its checkpoint at `step`: the rows of the steps since the last
+    # checkpoint are written, their checkpoint is not
+    real = module.save_run_checkpoint
+
+    def save(engine, root, at, *a, **k):
+        if at == step:
+            module.save_run_checkpoint = real
+            raise KeyboardInterrupt
+        return real(engine, root, at, *a, **k)
+
+    module.save_run_checkpoint = save
+
+
+recs = {}
+for kind, module in (("search", search), ("random", retrain)):
+    u = q2.Unit("tiny-sentiment", kind, 0, 0.02)
+    ref = q2.run_unit(u, out / f"{kind}-reference")
+    killed_at(module, 4)
+    try:
+        q2.run_unit(u, out / kind)
+        raise SystemExit("the launch was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    recs[kind] = [ref, q2.run_unit(u, out / kind)]
+print(json.dumps(recs))
+"""
+
+
+@pytest.mark.slow
+def test_an_interrupted_unit_resumes_to_the_uninterrupted_record(tmp_path):
+    """A search and a retrain killed between two checkpoints continue from the first and record
+    what runs that were never interrupted record: the same curve (one row per evaluation), step,
+    scores and structure."""
+    import subprocess
+    import sys
+
+    from .launching import ROOT, env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED, str(tmp_path)],
+        cwd=ROOT,
+        env=env({"PYTHONPATH": str(ROOT)}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "continuing from step-00000002 (launch 2)" in proc.stdout
+    for kind, keys in (
+        ("search", ("supernet_curve", "selected_step", "modules_key", "params_used")),
+        ("random", ("curve", "best_step", "validation", "test", "test_all", "modules_key")),
+    ):
+        ref, resumed = recs[kind]
+        assert (resumed["launches"], ref["launches"]) == (2, 1), kind
+        for key in keys:
+            assert _flat(resumed[key]) == pytest.approx(_flat(ref[key]), abs=1e-6), (kind, key)
+    assert [step for step, *_ in recs["random"][1]["curve"]] == [2, 4, 6]
+
+
+def _flat(value) -> list:
+    if isinstance(value, dict):
+        return [x for k in sorted(value) for x in [k, *_flat(value[k])]]
+    if isinstance(value, list):
+        return [x for v in value for x in _flat(v)]
+    return [value]
 
 
 _END_TO_END = """

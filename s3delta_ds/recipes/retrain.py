@@ -102,7 +102,7 @@ class RetrainRecipe:
         self.ckpt_dir = rt.out / CHECKPOINTS
         if self.resume:
             self.load_checkpoint()
-        self.metrics = MetricsLog(rt.out, rt.is_main)
+        self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
 
     def train(self) -> bool:
         """The retrain loop. Returns False when the launch stopped early (``retrain.stop_after``)."""

@@ -100,7 +100,7 @@ class SearchRecipe:
         self.ckpt_dir = rt.out / CHECKPOINTS
         if self.resume:
             self.load_checkpoint()
-        self.metrics = MetricsLog(rt.out, rt.is_main)
+        self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
 
     def train(self) -> bool:
         """The search loop. Returns False when the launch stopped early (``search.stop_after``)."""

@@ -16,16 +16,24 @@ from ..util import atomic_path, atomic_write_text
 
 
 class MetricsLog:
-    """Rank-0 writer of ``metrics.jsonl`` and tensorboard events under ``tb/``; no-op on other ranks."""
+    """Rank-0 writer of ``metrics.jsonl`` and tensorboard events under ``tb/``; no-op on other ranks.
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    ``resumed_at``: the step of the checkpoint a resumed run continues from. The rows an interrupted
+    launch wrote after it are dropped (the resumed launch writes those steps again), so a curve read
+    from the file has one row per step and phase, as an uninterrupted run's has."""
+
+    def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None = None):
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self._tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(out_dir / "tb"))
+            if resumed_at is not None and self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines() if _row_at_or_before(line, resumed_at)]
+                atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+            purge = None if resumed_at is None else resumed_at + 1
+            self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge)
 
     def log(self, step: int, phase: str, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -39,6 +47,14 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _row_at_or_before(line: str, last: int) -> bool:
+    """Is ``line`` a complete row of a step <= ``last``? (A launch killed mid-write leaves a torn line.)"""
+    try:
+        return json.loads(line)["step"] <= last
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def gates_csv(path: Path, space: SearchSpace, logits: torch.Tensor, p: torch.Tensor, chosen: set[int]) -> None:
