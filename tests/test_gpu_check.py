@@ -138,6 +138,13 @@ def test_dry_run_exercises_every_stage_on_the_cpu(tmp_path):
     assert 0 < s["params_used"] <= s["budget_params"] and s["modules"] == sum(search["modules_by_type"].values())
     assert 0 < s["median_step_s"] < search["seconds"] and math.isfinite(s["search_score"])
 
+    # the two step stages share the dry run's tiny shape: the plain variants in one, checkpointing in the other
+    measured = {n: json.loads((out / f"{n}.json").read_text())["median_s"] for n in ("04-step-xxl", "05-step-llama-7b")}
+    assert sorted(measured["04-step-xxl"]) == ["c", "c2", "d", "d2"] and list(measured["05-step-llama-7b"]) == [
+        "c2+ckpt"
+    ]
+    assert all(v > 0 for m in measured.values() for v in m.values())
+
     retrain = json.loads((out / "03-retrain.json").read_text())
     r = retrain["summary"]
     assert retrain["status"] == "pass" and retrain["structure_source"] == "searched"
