@@ -57,6 +57,7 @@ P2_SEEDS = (0, 1, 2)  # manual, full fine-tuning, LoRA
 P2_STEPS = 800
 P2_SEARCH_MULT = 1  # search steps = P2_SEARCH_MULT × retrain steps (phase 1's choice)
 P2_CURVE_STEPS = 2 * P2_STEPS  # the convergence check: seed-0 runs twice as long as the table's
+P2_LENGTH_MARGIN = 0.020  # the check's margin: one standard error of (one 500-row score − a mean of 3)
 P2_CURVES = ("full", "lora", "random")  # random: at the smallest budget (the slowest to converge)
 P2_EVAL_EVERY = 100  # 8 validations per table run, as the 400-step protocol had
 P2_VAL = 500  # validation rows, as in phase 1 (one standard error ~2 points)
@@ -615,6 +616,10 @@ def _plot_curves(rows: list[dict], task: str, png: Path) -> bool:
     return True
 
 
+def _seeds(seeds) -> str:
+    return f"{min(seeds)}-{max(seeds)}" if list(seeds) == list(range(min(seeds), max(seeds) + 1)) else str(list(seeds))
+
+
 def _length_section(curves: list[dict], rows: list[dict]) -> list[str]:
     """Is P2_STEPS long enough? Seed-0 runs of twice the length against the table's runs, and how
     often a table run selected its last evaluation (still improving when it stopped)."""
@@ -624,25 +629,36 @@ def _length_section(curves: list[dict], rows: list[dict]) -> list[str]:
         "## Training length",
         "",
         f"Seed-0 runs of {P2_CURVE_STEPS} steps (validation every {P2_EVAL_EVERY}) against the table's "
-        f"{P2_STEPS}-step runs: if the long run's best validation is not above the short runs', "
-        f"{P2_STEPS} steps converge. `last` = table runs whose selected step is their last evaluation.",
+        f"{P2_STEPS}-step runs of seeds {_seeds(P2_SEEDS)}: {P2_STEPS} steps converge for a method unless the "
+        f"long run's best validation exceeds their mean best validation by more than "
+        f"{100 * P2_LENGTH_MARGIN:.1f} points (the rule and its margin: quality-notes.md). `last` = table runs "
+        "whose selected step is their last evaluation.",
         "",
         f"| task | method | best validation, {P2_CURVE_STEPS} steps (at step) | mean best validation, "
-        f"{P2_STEPS} steps | last |",
-        "|---|---|---|---|---|",
+        f"{P2_STEPS} steps | difference | {P2_STEPS} steps converge | last |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in sorted(curves, key=lambda r: (r["task"], r["preset"])):
         method = c["preset"]
         same = [
             r
             for r in rows
-            if r["task"] == c["task"] and r["method"] == method and (method != "random" or r["budget"] == c["budget"])
+            if r["task"] == c["task"]
+            and r["method"] == method
+            and r["seed"] in P2_SEEDS
+            and (method != "random" or r["budget"] == c["budget"])
         ]
         name = method if method != "random" else f"random @{c['budget']:g}"
-        short = f"{_pct(statistics.mean(r['validation'] for r in same))} (n={len(same)})" if same else "—"
+        short, diff, verdict = "—", "—", "—"
+        if same:
+            mean = statistics.mean(r["validation"] for r in same)
+            short, diff = f"{_pct(mean)} (n={len(same)})", f"{100 * (c['validation'] - mean):+.1f}"
+            verdict = "yes" if c["validation"] - mean <= P2_LENGTH_MARGIN else "**no**"
+            verdict += "" if len(same) == len(P2_SEEDS) else " (so far)"
         last = sum(r["best_step"] == r["steps"] for r in same)
         out.append(
-            f"| {c['task']} | {name} | {_pct(c['validation'])} ({c['best_step']}) | {short} | {last}/{len(same)} |"
+            f"| {c['task']} | {name} | {_pct(c['validation'])} ({c['best_step']}) | {short} | {diff} | {verdict} "
+            f"| {last}/{len(same)} |"
         )
     stuck = [r for r in rows if r["best_step"] == r["steps"]]
     out += ["", f"All table runs that selected their last evaluation: {len(stuck)} of {len(rows)}.", ""]

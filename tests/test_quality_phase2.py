@@ -116,6 +116,19 @@ def test_a_search_made_under_other_defaults_is_not_done(phase2):
     assert not q2.P2_SEARCH_PROTOCOL_KEYS & set(q2.search_defaults())
 
 
+def test_the_length_check_applies_its_margin_to_the_mean_of_seeds_0_to_2(phase2):
+    t = "tiny-sentiment"
+    _write(q2.Unit(t, "curve", 0, None, "full"), validation=0.86, test=0.5, best_step=1300)
+    _write(q2.Unit(t, "curve", 0, None, "lora"), validation=0.84, test=0.5, best_step=1300)
+    for seed, score in enumerate((0.80, 0.81, 0.82)):
+        _write(q2.Unit(t, "full", seed), validation=score, test=0.5)
+    for seed in (0, 1):  # LoRA's third seed has not run yet
+        _write(q2.Unit(t, "lora", seed), validation=0.83, test=0.5, best_step=q2.P2_STEPS)
+    lines = {line.split(" | ")[1]: line for line in q2.report().splitlines() if line.startswith(f"| {t} | ")}
+    assert "| 86.0 (1300) | 81.0 (n=3) | +5.0 | **no** | 0/3 |" in lines["full"]
+    assert "| 84.0 (1300) | 83.0 (n=2) | +1.0 | yes (so far) | 2/2 |" in lines["lora"]
+
+
 def _checkpoint(work, step: int) -> None:
     ckpt = work / "run" / "checkpoints" / f"step-{step:08d}"
     ckpt.mkdir(parents=True)
