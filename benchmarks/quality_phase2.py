@@ -221,7 +221,9 @@ def units() -> list[Unit]:
     for task in P2_TASKS:
         low = min(P2_BUDGETS)
         out += [Unit(task, "curve", 0, low if m == "random" else None, m) for m in P2_CURVES]
-        out += [Unit(task, "full", 0), Unit(task, "lora", 0)]
+        # every seed of the references next: with the curves they decide whether P2_STEPS converges,
+        # which every later comparison rests on
+        out += [Unit(task, m, s) for m in ("full", "lora") for s in P2_SEEDS]
         for budget in P2_BUDGETS:
             for seed in P2_PAIRED:
                 out += [Unit(task, "search", seed, budget), Unit(task, "searched", seed, budget)]
@@ -232,7 +234,6 @@ def units() -> list[Unit]:
             for k in range(min(P2_TOP, len(cands))):
                 preset = ranked[k] if ranked else f"top{k}"
                 out += [Unit(task, "manual", s, budget, preset) for s in P2_SEEDS if s != 0]
-        out += [Unit(task, m, s) for m in ("full", "lora") for s in P2_SEEDS if s != 0]
     return out
 
 

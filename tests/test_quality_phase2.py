@@ -44,6 +44,8 @@ def test_plan_pairs_seeds_and_carries_the_validation_best_manual_methods(phase2)
         ("curve", "lora", None, 2 * q2.P2_STEPS),
         ("curve", "random", 0.02, 2 * q2.P2_STEPS),
     ]
+    # then the references' seeds, which the length check compares the curves with
+    assert [(u.kind, u.seed) for u in units[3:9]] == [(m, s) for m in ("full", "lora") for s in q2.P2_SEEDS]
     seeds = lambda kind: [u.seed for u in units if u.kind == kind]  # noqa: E731
     assert seeds("search") == seeds("searched") == seeds("random") == list(q2.P2_PAIRED)
     assert sorted(seeds("full")) == sorted(seeds("lora")) == list(q2.P2_SEEDS)
