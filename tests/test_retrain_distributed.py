@@ -102,6 +102,23 @@ def test_interrupted_retrain_resumes_to_the_same_deltas(searched, retrained, tmp
     assert max_diff(deltas(tmp_path / "deltas.safetensors"), deltas(retrained / "deltas.safetensors")) < 1e-7
 
 
+def test_resume_puts_back_the_best_deltas_its_checkpoint_kept(searched, tmp_path):
+    """A launch killed after a new best rewrote deltas.safetensors, but before its next checkpoint,
+    leaves a file the resumed state does not describe (its best step is older). A resume that is not
+    bit-exact (another number of ranks) may never reach that best again, and test_at=end would then
+    score the wrong weights: resume restores the copy the checkpoint kept."""
+    from safetensors.torch import save_file
+
+    args = [*TINY, "retrain.eval_every=2", f"retrain.structure={searched}", f"output_dir={tmp_path}"]
+    run("python", "retrain", [*args, "retrain.stop_after=2"], 1)  # best at step 2, checkpoint at 2
+    kept = (tmp_path / "deltas.safetensors").read_bytes()
+    assert (tmp_path / "checkpoints" / "step-00000002" / "deltas.safetensors").read_bytes() == kept
+    later = {k: v + 1 for k, v in deltas(tmp_path / "deltas.safetensors").items()}
+    save_file(later, str(tmp_path / "deltas.safetensors"), metadata={"format": "s3delta-deltas", "step": "5"})
+    run("python", "retrain", ["--resume", *args, "retrain.stop_after=1"], 1)  # step 3: no evaluation
+    assert (tmp_path / "deltas.safetensors").read_bytes() == kept
+
+
 def test_nan_loss_stops_with_a_clear_error_and_no_outputs(searched, tmp_path):
     proc = run(
         "python",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from ..config import RunConfig
 from ..data import BatchStream
@@ -18,6 +19,7 @@ from ..run.checkpoint import (
     latest_checkpoint,
     load_deltas,
     load_run_checkpoint,
+    restore_checkpoint_files,
     save_deltas,
     save_run_checkpoint,
 )
@@ -152,16 +154,27 @@ class RetrainRecipe:
             f"(best: step {state.best_step})"
         )
 
+    @property
+    def _kept_files(self) -> tuple[Path, ...]:
+        """The best step's deltas: written at a new best, between checkpoints."""
+        return (self.rt.out / DELTA_FILE,) if self.plan.structure is not None else ()
+
     def save_checkpoint(self) -> None:
         client = {"stream": self.stream.state_dict(), "state": self.state.state_dict()}
         batch = geometry(self.cfg.retrain, self.rt.world)
-        save_run_checkpoint(self.pipe.engine, self.ckpt_dir, self.state.step, client, batch=batch)
+        save_run_checkpoint(
+            self.pipe.engine, self.ckpt_dir, self.state.step, client, batch=batch, files=self._kept_files
+        )
 
     def load_checkpoint(self) -> None:
+        ckpt = latest_checkpoint(self.ckpt_dir)
         client = load_run_checkpoint(self.pipe.engine, self.ckpt_dir)
         self.stream.load_state_dict(client["stream"])
         self.state.load_state_dict(client["state"])
-        self.rt.log(f"resumed from {latest_checkpoint(self.ckpt_dir)} at step {self.state.step}")
+        if self.rt.is_main:  # a deltas file newer than the checkpoint is not its best step's
+            restore_checkpoint_files(ckpt, self._kept_files)
+        zero.barrier()
+        self.rt.log(f"resumed from {ckpt} at step {self.state.step}")
 
     @property
     def _test_at_end(self) -> bool:

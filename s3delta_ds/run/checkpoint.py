@@ -10,7 +10,10 @@
   optimizer, data positions, the loop state), every rank's RNG state, and the writer's batch
   geometry. Never the frozen backbone: resume reloads it from its source. On another number of
   ranks, ``resume_grad_accum`` keeps the global batch (docs/multinode.md). A checkpoint counts only
-  once its ``COMPLETE`` marker exists (written after the state file).
+  once its ``COMPLETE`` marker exists (written after the state file). It also keeps the outputs a
+  recipe writes between checkpoints (the retrain's best-step deltas), as they were at its step:
+  ``restore_checkpoint_files`` puts them back on resume, so a launch killed after writing a newer
+  one cannot leave a file that the resumed run's state does not describe.
 """
 
 from __future__ import annotations
@@ -163,7 +166,14 @@ def _set_rng_state(rng: dict) -> None:
 
 
 def save_run_checkpoint(
-    engine, root: str | os.PathLike, step: int, client_state: dict, *, batch: dict[str, int], keep: int = 2
+    engine,
+    root: str | os.PathLike,
+    step: int,
+    client_state: dict,
+    *,
+    batch: dict[str, int],
+    keep: int = 2,
+    files: tuple[Path, ...] = (),
 ) -> Path:
     """Write ``root/step-XXXXXXXX/state.pt`` (see the module docstring) and mark it complete; prune
     all but the ``keep`` newest. Collective (the gathers of ZeRO's partitions).
@@ -171,6 +181,8 @@ def save_run_checkpoint(
     Args:
         client_state: the recipe's state, the same on every rank (rank 0's is written).
         batch: the writer's :func:`geometry`.
+        files: outputs to keep as they are now (those that exist), by name: hard links (the
+            writers replace files atomically, so a link keeps this version), copies across devices.
     """
     root, tag = Path(root), _tag(step)
     names, params = _trainable(engine)
@@ -189,11 +201,33 @@ def save_run_checkpoint(
         }
         with atomic_path(root / tag / STATE_FILE) as tmp:
             torch.save(state, tmp)
+        for f in (Path(f) for f in files):
+            _keep_copy(f, root / tag / f.name)
         atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, **batch}))
         for old in sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     zero.barrier()
     return root / tag
+
+
+def _keep_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes this version of ``src`` (nothing when ``src`` does not exist), atomically."""
+    if not src.exists():
+        dst.unlink(missing_ok=True)
+        return
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or no hard links there
+            shutil.copy2(src, tmp)
+
+
+def restore_checkpoint_files(ckpt: Path, files: tuple[Path, ...]) -> None:
+    """Put the outputs ``ckpt`` kept (``save_run_checkpoint(files=...)``) back in place, and remove
+    those it did not have: the run had not written them yet at that step. Rank 0's job."""
+    for f in (Path(f) for f in files):
+        _keep_copy(ckpt / f.name, f)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
