@@ -21,7 +21,8 @@ The queue is a list of units in priority order. A unit's record is one JSON file
 unit with an exclusive lock file (a dead worker's lock is taken over), so ``nohup`` several workers,
 one per core, and rerun any time: finished units are skipped, and a unit whose worker was killed
 continues from its last evaluation (every run checkpoints after each one; ``--resume`` reproduces
-the uninterrupted run), so a stop costs at most ``P2_EVAL_EVERY`` steps of one run per worker.
+the uninterrupted run; benchmarks/quality_launch.py), so a stop costs at most ``P2_EVAL_EVERY`` steps
+of one run per worker.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.quality import RESULTS, SETUPS, _composition, _modules_key
+from benchmarks.quality_launch import run_resumable
 from benchmarks.quality_stats import Interval, mean_std, paired_t_interval, welch_interval
 from s3delta_ds.config import load_run_config
 from s3delta_ds.structure import Structure, builders
@@ -97,7 +99,7 @@ def _fmt_budget(b: float) -> str:
 def _overrides(
     task: str, seed: int, out: Path, section: str, steps: int, lr: float, eval_every: int | None = None
 ) -> list[str]:
-    eval_every = eval_every or P2_EVAL_EVERY  # read at call time: tests shorten the protocol
+    eval_every = P2_EVAL_EVERY if eval_every is None else eval_every  # read at call time: tests shorten it
     return [
         f"model.name_or_path={SETUPS[P2_BACKBONE].model}",
         f"data.task={task}",
@@ -252,57 +254,13 @@ def _structures() -> Path:
     return P2_OUT / "structures"
 
 
-@dataclass
-class Launch:
-    """One launch of a unit's run in ``work``: whether it continues an interrupted one, and the
-    time spent on the unit so far (the earlier launches up to the checkpoint resumed from).
-
-    ``work/unit.json`` keeps the run's overrides and its structure's modules; a checkpoint is
-    resumed only under the very same ones (a changed protocol, or a searched structure that a new
-    search replaced, starts the unit over). The run itself writes to ``work/run``."""
-
-    run_dir: Path
-    resume: bool
-    spent_s: float
-    launches: int
-    start: float
-
-    @classmethod
-    def begin(cls, work: Path, overrides: list[str], structure: Path | None = None) -> Launch:
-        from s3delta_ds.run.checkpoint import COMPLETE, latest_checkpoint
-
-        meta_path, run_dir = work / "unit.json", work / "run"
-        meta = _read(meta_path) or {}
-        inputs = {
-            "overrides": overrides,
-            "modules": None if structure is None else _modules_key(Structure.load(structure)),
-        }
-        ckpt = latest_checkpoint(run_dir / "checkpoints") if run_dir.is_dir() else None
-        now = time.time()
-        if ckpt is not None and meta.get("inputs") == inputs:
-            spent = meta["spent_s"] + max(0.0, (ckpt / COMPLETE).stat().st_mtime - meta["start"])
-            launch = cls(run_dir, True, spent, meta["launches"] + 1, now)
-            print(f"[phase2] {work.name}: continuing from {ckpt.name} (launch {launch.launches})", flush=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            launch = cls(run_dir, False, 0.0, 1, now)
-        work.mkdir(parents=True, exist_ok=True)
-        meta = {"inputs": inputs, "spent_s": launch.spent_s, "launches": launch.launches, "start": now}
-        atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
-        return launch
-
-    def timing(self) -> dict:
-        return {"time_s": round(self.spent_s + time.time() - self.start, 1), "launches": self.launches}
-
-
 def _retrain(u: Unit, work: Path, structure: Path | None) -> dict:
     from s3delta_ds.retrain import run_retrain
 
     lr = P2_FULL_LR if structure is None else P2_LR
     extra = ["retrain.full_finetune=true"] if structure is None else [f"retrain.structure={structure}"]
     overrides = [*_overrides(u.task, u.seed, work / "run", "retrain", u.steps, lr), *extra]
-    launch = Launch.begin(work, overrides, structure)
-    s = run_retrain(load_run_config(None, overrides), resume=launch.resume)
+    launch, s = run_resumable(run_retrain, work, overrides, structure)
     rec = {
         "task": u.task,
         "method": u.kind,
@@ -365,9 +323,8 @@ def run_unit(u: Unit, work: Path) -> dict:
 
     steps, every = u.steps, P2_EVAL_EVERY * P2_SEARCH_MULT
     overrides = [*_overrides(u.task, u.seed, work / "run", "search", steps, P2_LR, every), f"search.budget={u.budget}"]
-    launch = Launch.begin(work, overrides)
+    launch, summary = run_resumable(run_search, work, overrides)
     cfg = load_run_config(None, overrides)
-    summary = run_search(cfg, resume=launch.resume)
     st = Structure.load(launch.run_dir / "structure.json")
     path = _save_structure(st, u)
     return {
@@ -617,7 +574,7 @@ def _plot_curves(rows: list[dict], task: str, png: Path) -> bool:
     return True
 
 
-def _seeds(seeds) -> str:
+def _seeds(seeds: tuple[int, ...]) -> str:
     return f"{min(seeds)}-{max(seeds)}" if list(seeds) == list(range(min(seeds), max(seeds) + 1)) else str(list(seeds))
 
 

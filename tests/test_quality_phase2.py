@@ -4,11 +4,14 @@ validation), the shared queue's locks, and the verdicts and report built from re
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from benchmarks import quality_phase2 as q2
+from benchmarks.quality_launch import Launch, run_resumable
 from benchmarks.quality_stats import paired_t_interval, welch_interval
+from s3delta_ds.errors import CheckpointError
 from s3delta_ds.structure import builders
 
 
@@ -140,20 +143,60 @@ def _checkpoint(work, step: int) -> None:
 def test_a_killed_unit_continues_from_its_checkpoint_only_under_the_same_inputs(phase2, tmp_path):
     work, structure = tmp_path / "unit", tmp_path / "s.json"
     builders.manual(phase2, "lora").save(structure)
-    first = q2.Launch.begin(work, ["a=1"], structure)
+    overrides = q2._overrides("tiny-sentiment", 0, work / "run", "retrain", 4, 1e-3)
+    first = Launch.begin(work, overrides, structure)
     assert not first.resume and first.launches == 1 and first.run_dir == work / "run"
-    assert not q2.Launch.begin(work, ["a=1"], structure).resume  # killed before its first checkpoint
+    assert not Launch.begin(work, overrides, structure).resume  # killed before its first checkpoint
     _checkpoint(work, 2)
-    again = q2.Launch.begin(work, ["a=1"], structure)
-    assert again.resume and again.launches == 2 and again.spent_s >= 0
-    assert (work / "run" / "checkpoints").is_dir()  # resumed in place, nothing deleted
-    # another protocol, or a structure a newer search replaced: the unit starts over
-    fresh = q2.Launch.begin(work, ["a=2"], structure)
-    assert not fresh.resume and fresh.launches == 1 and not (work / "run").exists()
-    q2.Launch.begin(work, ["a=1"], structure)
+    # the earlier launch's time counts up to the checkpoint the next one continues from
+    meta = json.loads((work / "unit.json").read_text())
+    meta.update(start=1000.0, spent_s=5.0)
+    (work / "unit.json").write_text(json.dumps(meta))
+    os.utime(work / "run" / "checkpoints" / "step-00000002" / "COMPLETE", (1030.0, 1030.0))
+    again = Launch.begin(work, overrides, structure)
+    assert again.resume and again.launches == 2 and again.spent_s == 35.0
+    assert (work / "run" / "checkpoints").is_dir()  # continued in place, nothing deleted
+    # another protocol, a package default that changed since, a structure a newer search replaced,
+    # a unit.json of an older runner: the unit starts over
+    meta = json.loads((work / "unit.json").read_text())
+    meta["inputs"]["config"]["retrain"]["weight_decay"] += 0.1
+    changes = [
+        ("overrides", q2._overrides("tiny-sentiment", 0, work / "run", "retrain", 8, 1e-3)),
+        ("unit.json", json.dumps(meta)),
+        ("structure", "bitfit"),
+        ("unit.json", '{"spent_s": 0, "launches": 1, "start": 0}'),
+    ]
+    for what, change in changes:
+        builders.manual(phase2, "lora").save(structure)
+        Launch.begin(work, overrides, structure, fresh=True)
+        _checkpoint(work, 2)
+        assert Launch.begin(work, overrides, structure).resume  # unchanged: it would continue
+        if what == "unit.json":
+            (work / "unit.json").write_text(change)
+        elif what == "structure":
+            builders.manual(phase2, change).save(structure)
+        fresh = Launch.begin(work, change if what == "overrides" else overrides, structure)
+        assert not fresh.resume and fresh.launches == 1 and not (work / "run").exists(), what
+
+
+def test_a_checkpoint_the_package_cannot_load_starts_the_unit_over_once(phase2, tmp_path):
+    work = tmp_path / "unit"
+    overrides = q2._overrides("tiny-sentiment", 0, work / "run", "retrain", 4, 1e-3)
+    calls = []
+
+    def run(cfg, resume):
+        calls.append(resume)
+        if resume:
+            raise CheckpointError("trains other parameters than this run")
+        return {"steps": cfg.retrain.steps}
+
+    Launch.begin(work, overrides)
     _checkpoint(work, 2)
-    builders.manual(phase2, "bitfit").save(structure)  # a newer search found another structure
-    assert not q2.Launch.begin(work, ["a=1"], structure).resume and not (work / "run").exists()
+    launch, summary = run_resumable(run, work, overrides)
+    assert calls == [True, False] and summary == {"steps": 4}
+    assert not launch.resume and launch.launches == 1 and not (work / "run" / "checkpoints").exists()
+    with pytest.raises(CheckpointError):  # a fresh run's own error is the unit's failure
+        run_resumable(lambda cfg, resume: run(cfg, True), work, overrides)
 
 
 def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(phase2):
