@@ -83,6 +83,26 @@ def test_resume_reads_the_checkpoint_geometry(tmp_path):
     assert "of 2 rank(s) on 1" in note and "search.grad_accum 1 -> 2" in note and "global batch 4" in note
 
 
+def test_resume_restores_the_files_a_checkpoint_kept_and_only_those(tmp_path):
+    from s3delta_ds.run.checkpoint import COMPLETE, restore_checkpoint_files
+
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-00000004"
+    ckpt.mkdir(parents=True)
+    best, later = out / "deltas.safetensors", out / "later.bin"
+    (ckpt / "deltas.safetensors").write_text("step 2")
+    best.write_text("step 5, written after the checkpoint")
+    later.write_text("not written yet at step 4")
+    info = {"step": 4, "world": 1, "micro_batch": 2, "grad_accum": 1, "global_batch": 2}
+    (ckpt / COMPLETE).write_text(json.dumps({**info, "files": ["deltas.safetensors", "later.bin"]}))
+    restore_checkpoint_files(ckpt, (best, later))
+    assert best.read_text() == "step 2" and not later.exists()
+    # a checkpoint of an older version kept nothing: resume leaves the outputs alone
+    (ckpt / COMPLETE).write_text(json.dumps(info))
+    best.write_text("newer")
+    restore_checkpoint_files(ckpt, (best,))
+    assert best.read_text() == "newer"
+
+
 # -- distributed: search (ZeRO-3) and retrain (ZeRO-2) ---------------------------------------------
 
 STEPS = ["search.steps=4", "search.eval_every=4", "retrain.steps=4", "retrain.eval_every=4"]

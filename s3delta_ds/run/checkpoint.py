@@ -203,7 +203,8 @@ def save_run_checkpoint(
             torch.save(state, tmp)
         for f in (Path(f) for f in files):
             _keep_copy(f, root / tag / f.name)
-        atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, **batch}))
+        kept = [Path(f).name for f in files]  # also those that did not exist yet: resume removes them
+        atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, **batch, "files": kept}))
         for old in sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     zero.barrier()
@@ -225,9 +226,12 @@ def _keep_copy(src: Path, dst: Path) -> None:
 
 def restore_checkpoint_files(ckpt: Path, files: tuple[Path, ...]) -> None:
     """Put the outputs ``ckpt`` kept (``save_run_checkpoint(files=...)``) back in place, and remove
-    those it did not have: the run had not written them yet at that step. Rank 0's job."""
+    those it was asked to keep but did not have: the run had not written them yet at that step. A
+    checkpoint of an older s3delta_ds kept none and leaves every file as it is. Rank 0's job."""
+    listed = json.loads((ckpt / COMPLETE).read_text()).get("files")
     for f in (Path(f) for f in files):
-        _keep_copy(ckpt / f.name, f)
+        if listed is not None and f.name in listed:
+            _keep_copy(ckpt / f.name, f)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
