@@ -92,6 +92,7 @@ def run_command(ctx: Context, cmd: list[str], *, until: float, log: Path, env: d
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env={**ctx.env, **(env or {})}, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
+        started = time.time()
         try:
             proc.wait(timeout=max(1.0, until - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -100,7 +101,23 @@ def run_command(ctx: Context, cmd: list[str], *, until: float, log: Path, env: d
     output = log.read_text(errors="replace")
     if timed_out:
         output += f"\n[gpu_check: stopped after {time.monotonic() - t0:.0f}s, the stage's time limit]\n"
+        for lock in clear_build_locks(ctx.env.get("TORCH_EXTENSIONS_DIR"), since=started):
+            output += f"[gpu_check: removed {lock}, left by the stopped command's JIT build]\n"
     return Finished(cmd, proc.returncode, time.monotonic() - t0, timed_out, output)
+
+
+def clear_build_locks(extensions_dir: str | None, *, since: float) -> list[Path]:
+    """Remove the ``lock`` files that torch's JIT extension builds (DeepSpeed's ops) created after
+    ``since``. A build holds its lock while it compiles, and a command stopped at its limit in the
+    middle leaves it behind: every later load of that op then waits for it forever, so one slow
+    compile would hang every stage after it. The stages run one at a time, so a lock newer than the
+    stopped command's start is its own."""
+    if not extensions_dir or not Path(extensions_dir).is_dir():
+        return []
+    stale = [p for p in Path(extensions_dir).glob("*/lock") if p.stat().st_mtime >= since]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def display(cmd: list[str]) -> str:

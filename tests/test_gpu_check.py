@@ -94,6 +94,26 @@ def test_a_stage_without_time_left_is_skipped_and_the_run_fails(tmp_path, monkey
     assert "budget" in summary["stages"]["00-ok"]["error"]
 
 
+@pytest.mark.slow
+def test_a_command_stopped_mid_build_leaves_no_build_lock_behind(tmp_path):
+    """torch's JIT build of a DeepSpeed op holds ``<ext>/lock`` while it compiles: a stage stopped at
+    its limit then would leave every later stage waiting for that lock forever."""
+    ext = tmp_path / "torch_extensions"
+    (ext / "older_op").mkdir(parents=True)
+    (ext / "older_op" / "lock").touch()  # not the stopped command's: kept
+    os.utime(ext / "older_op" / "lock", (1.0, 1.0))
+    script = (
+        f"import os, time; os.makedirs('{ext}/op', exist_ok=True); open('{ext}/op/lock', 'w').close(); time.sleep(60)"
+    )
+    ctx = runner.Context(
+        out=tmp_path, work=tmp_path, dry_run=True, deadline=0.0, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)},
+        python=sys.executable,
+    )  # fmt: skip
+    done = runner.run_command(ctx, [sys.executable, "-c", script], until=time.monotonic() + 3, log=tmp_path / "l.log")
+    assert done.timed_out and not (ext / "op" / "lock").exists() and (ext / "older_op" / "lock").exists()
+    assert f"removed {ext / 'op' / 'lock'}" in done.output
+
+
 def test_unknown_stage_names_are_refused_with_the_list(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gc.main(["--out", str(tmp_path), "--only", "02-serch"])
