@@ -7,6 +7,7 @@ and how close does it come to full fine-tuning? On real pretrained weights and r
     python benchmarks/quality.py --backbones minilm --tasks rt-sentiment --seeds 0
     python benchmarks/quality.py --phase 1 [--report]                 # issue 15's phase 1 (validation only)
     python benchmarks/quality.py --phase 2 [--report]                 # issue 15's table (quality.md; quality_phase2.py)
+    python benchmarks/quality.py --phase 2 --tasks mine.yaml --out results/mine   # its protocol on your data
 
 Without --phase this is the first round's sweep (results in quality-round1.md).
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from s3delta_ds.config import load_run_config  # noqa: E402
 from s3delta_ds.data.assets import asset_path  # noqa: E402
+from s3delta_ds.errors import S3DeltaError  # noqa: E402
 from s3delta_ds.structure import Structure, builders  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -835,9 +837,7 @@ def report_phase1() -> str:
         complete = [
             r
             for r in rows
-            if r[3] == len(P1_SEEDS)
-            and not r[0].startswith("random")
-            and setting(r[0]) == (P1_TASK, P1_BUDGET)
+            if r[3] == len(P1_SEEDS) and not r[0].startswith("random") and setting(r[0]) == (P1_TASK, P1_BUDGET)
         ]
         if complete:
             best = max(complete, key=lambda r: r[2])
@@ -879,8 +879,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny embedded backbones and task, 1 seed (CI)")
     p.add_argument("--backbones", default="minilm,smollm2")
-    p.add_argument("--tasks", default="rt-sentiment,bb-strategyqa")
-    p.add_argument("--budgets", default="1e-3,1e-4")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="task names (default rt-sentiment,bb-strategyqa); with --phase 2 also run-config YAML files "
+        "(your own data: their data section), run with the study's protocol into --out",
+    )
+    p.add_argument("--budgets", default=None, help="default 1e-3,1e-4 (--phase 2: the study's 1e-3,3e-4)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument(
         "--methods",
@@ -913,6 +918,18 @@ def main(argv=None) -> int:
     if args.phase == 2:
         from benchmarks import quality_phase2
 
+        if args.tasks or args.budgets:  # another study: the same protocol, its own records and report
+            if not args.out:
+                p.error(
+                    "--phase 2 with --tasks or --budgets needs --out DIR (the project's own study is in "
+                    f"{quality_phase2.P2_OUT})"
+                )
+            tasks = args.tasks.split(",") if args.tasks else list(quality_phase2.P2_TASKS)
+            budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else None
+            try:
+                quality_phase2.use_tasks(tasks, budgets, Path(args.out).resolve())
+            except S3DeltaError as e:
+                p.exit(2, f"error: {e}\n")
         if not args.report:
             kinds = tuple(args.only.split(",")) if args.only else None
             quality_phase2.run_phase2(Path(args.work or "/tmp/s3delta-quality-phase2"), kinds=kinds)
@@ -925,6 +942,8 @@ def main(argv=None) -> int:
             run_phase1(Path(args.work or "/tmp/s3delta-quality-phase1"), args.only)
         print(report_phase1())
         return 0
+    args.tasks = args.tasks or "rt-sentiment,bb-strategyqa"
+    args.budgets = args.budgets or "1e-3,1e-4"
     if args.smoke:
         args.backbones, args.tasks, args.budgets, args.seeds = (
             "tiny-bert,tiny-llama",

@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --phase 2 --work DIR       # resumable; start one worker per free core
     python benchmarks/quality.py --phase 2 --report         # rewrite benchmarks/results/quality.md only
+    python benchmarks/quality.py --phase 2 --tasks mine.yaml [--budgets 1e-3] --out DIR   # another task
 
 MiniLM-L6 × {Rotten Tomatoes, Reuters R8} × budgets {1e-3, 3e-4}. Per (task, budget) cell: the
 searched and the random structure with the same 5 seeds (paired: a seed fixes the data order and the
@@ -9,7 +10,9 @@ delta initialisation of both), every budget-matched manual method (a preset at i
 fits, or a scalable one resized to the budget) screened with seed 0, and the two best of them **on
 validation** with seeds 1 and 2 as well. Per task: full fine-tuning and LoRA r=8 at its own size,
 3 seeds. The search runs with the package's defaults (frozen from phase 1) and only this protocol's
-lengths, batch and learning rate.
+lengths, batch and learning rate. ``--tasks`` runs the same protocol on other tasks (registered
+names, or run-config YAML files with your own data, ``task_from_file``), into their own records and
+report (``use_tasks``): the check that the defaults carry to a task the project never saw.
 
 How the test sets stay out of every choice: the search selects its gates on validation, every
 retrain selects its step on validation, the manual methods are ranked on their validation score,
@@ -47,9 +50,14 @@ from s3delta_ds.structure import Structure, builders
 from s3delta_ds.util import atomic_path, atomic_write_text
 
 P2_OUT = RESULTS / "quality-phase2"
-P2_MD = RESULTS / "quality.md"
+P2_MD = RESULTS / "quality.md"  # its figures go next to it
+P2_NOTES: Path | None = RESULTS / "quality-notes.md"  # the hand-written analysis the report appends
 P2_BACKBONE = "minilm"
 P2_TASKS = ("rt-sentiment", "reuters-r8")
+#: Task label -> its ``data.*`` overrides, for tasks that are not a registered name (``use_tasks``:
+#: your own data, from a run-config YAML). A registered task is just ``data.task=<label>``.
+P2_TASK_DATA: dict[str, tuple[str, ...]] = {}
+P2_ARGS = ""  # what the command line adds to `--phase 2` for another study (the report quotes it)
 P2_BUDGETS = (1e-3, 3e-4)
 P2_PAIRED = (0, 1, 2, 3, 4)  # searched and random
 P2_SEEDS = (0, 1, 2)  # manual, full fine-tuning, LoRA
@@ -96,17 +104,94 @@ def _fmt_budget(b: float) -> str:
     return f"{b:g}"
 
 
+# -- another study: the same protocol on other tasks or budgets (e.g. your own data) ---------------
+
+#: Data keys the protocol fixes for every task: the same validation cap, all test rows and the same
+#: splits, whatever a task file says. ``max_source_length`` is the protocol's unless the file sets it.
+_PROTOCOL_DATA_KEYS = frozenset({"task", "max_eval_examples", "max_test_examples", "split_seed"})
+_PATH_KEYS = ("train_file", "validation_file", "test_file", "data_dir")
+
+
+def task_from_file(path: Path) -> tuple[str, tuple[str, ...]]:
+    """A task for the study from a run-config YAML (its ``data:`` section, e.g. the file that
+    ``s3delta config custom ...`` writes; other sections are ignored): its label (the file's stem)
+    and the ``data.*`` overrides that select it. Relative data paths are resolved against the
+    current directory, as ``s3delta search --config`` does, and made absolute so that workers
+    started elsewhere read the same files. The rows are read once here, so a wrong path, column or
+    split fails before any unit trains.
+
+    Raises:
+        ConfigError: the file is unreadable, has unknown keys, names no task, or its task is
+            inconsistent (``data.task=custom`` without a template, ...); the message names the file.
+        DataError: its data cannot be read.
+    """
+    import dataclasses
+
+    from s3delta_ds.config import DataConfig
+    from s3delta_ds.data.tasks import load_rows, resolve_task
+    from s3delta_ds.errors import ConfigError, DataError
+
+    label = path.stem
+    if not label or any(c in label for c in "/@ "):
+        raise ConfigError(f"{path}: the file's name labels the task in the study; use one without '/', '@' or spaces")
+    try:
+        data = load_run_config(path).data
+        if data.task is None:
+            raise ConfigError("its data section names no task (data.task: custom, or a registered task)")
+        resolved = {k: str(Path(v).resolve()) for k in _PATH_KEYS if (v := getattr(data, k))}
+        data = dataclasses.replace(data, **resolved)
+        load_rows(resolve_task(data), data.data_dir, 0)
+    except (ConfigError, DataError) as e:
+        raise type(e)(f"task file {path}: {e}") from e
+    default = DataConfig()
+    keys = [f.name for f in dataclasses.fields(data) if f.name not in _PROTOCOL_DATA_KEYS]
+    overrides = [f"data.task={data.task}"]
+    overrides += [f"data.{k}={json.dumps(getattr(data, k))}" for k in keys if getattr(data, k) != getattr(default, k)]
+    return label, tuple(overrides)
+
+
+def use_tasks(tasks: list[str], budgets: list[float] | None, out: Path) -> None:
+    """Point the study at other tasks and budgets, with the protocol unchanged (lengths, seeds,
+    learning rates, the search's defaults): what checks that the defaults carry to a task the
+    project never saw. ``tasks``: registered task names or run-config YAML files
+    (``task_from_file``). Records go to ``out``, the report to ``out``.md with its figures beside
+    it; the hand-written notes of the project's own study are not appended.
+
+    Raises:
+        ConfigError: an unknown task name, a bad task file, or two tasks with the same label.
+    """
+    global P2_TASKS, P2_BUDGETS, P2_OUT, P2_MD, P2_NOTES, P2_TASK_DATA, P2_ARGS
+    from s3delta_ds.data.tasks import get_task
+    from s3delta_ds.errors import ConfigError
+
+    labels, data = [], {}
+    for spec in tasks:
+        if spec.endswith((".yaml", ".yml")):
+            label, overrides = task_from_file(Path(spec))
+            data[label] = overrides
+        else:
+            label = get_task(spec).name
+        if label in labels:
+            raise ConfigError(f"two tasks of the study are both labelled {label!r}")
+        labels.append(label)
+    P2_TASKS, P2_TASK_DATA = tuple(labels), data
+    P2_BUDGETS = tuple(budgets) if budgets else P2_BUDGETS
+    P2_OUT, P2_MD, P2_NOTES = out, out.with_suffix(".md"), None
+    P2_ARGS = f" --tasks {','.join(tasks)}" + (f" --budgets {','.join(map(_fmt_budget, budgets))}" if budgets else "")
+    P2_ARGS += f" --out {out}"
+
+
 def _overrides(
     task: str, seed: int, out: Path, section: str, steps: int, lr: float, eval_every: int | None = None
 ) -> list[str]:
     eval_every = P2_EVAL_EVERY if eval_every is None else eval_every  # read at call time: tests shorten it
     return [
         f"model.name_or_path={SETUPS[P2_BACKBONE].model}",
-        f"data.task={task}",
         f"data.max_eval_examples={P2_VAL}",
         f"data.max_test_examples={P2_TEST}",
         f"data.max_source_length={P2_SOURCE_LENGTH}",
         "data.split_seed=0",
+        *P2_TASK_DATA.get(task, (f"data.task={task}",)),  # after the protocol's: a task may set its length
         f"seed={seed}",
         f"output_dir={out}",
         "overwrite=true",
@@ -632,8 +717,10 @@ def report() -> str:
     lines = [
         "# Quality, phase 2: searched vs random vs the best budget-matched manual method (issue 15)",
         "",
-        f"`python benchmarks/quality.py --phase 2` (resumable, several workers may share the queue; `--report` "
-        f"rewrites this file). {P2_BACKBONE} (all-MiniLM-L6-v2), fp32, one CPU thread per run; retrain "
+        f"`python benchmarks/quality.py --phase 2{P2_ARGS}` (resumable, several workers may share the queue; "
+        f"`--report` rewrites this file). Tasks: {', '.join(P2_TASKS)}; budgets: "
+        f"{', '.join(map(_fmt_budget, P2_BUDGETS))}. "
+        f"{P2_BACKBONE} (all-MiniLM-L6-v2), fp32, one CPU thread per run; retrain "
         f"{P2_STEPS} steps × batch {P2_BATCH}, {P2_SOURCE_LENGTH} tokens per example, validation every "
         f"{P2_EVAL_EVERY} on {P2_VAL} rows, delta lr "
         f"{P2_LR:g}, full fine-tuning lr {P2_FULL_LR:g}; search {P2_SEARCH_MULT}× the retrain's steps with the "
@@ -680,7 +767,7 @@ def report() -> str:
                 f"{_pct(vm)} ± {_pct(vs)} | {_pct(tm)} ± {_pct(ts)} | {pct} | {len(rs)} |"
             )
         tables.append("")
-        png = RESULTS / f"quality-curves-{task}.png"
+        png = P2_MD.parent / f"{P2_MD.stem}-curves-{task}.png"
         if _plot_curves(trs, task, png):
             tables += [f"![validation curves, {task}]({png.name})", ""]
         for budget in P2_BUDGETS:
@@ -703,13 +790,12 @@ def report() -> str:
                 for r in searches
                 if r["task"] == task and r["budget"] == budget and (P2_OUT / r["structure"]).exists()
             ]
-            png = RESULTS / f"quality-heatmap-{task}-{_fmt_budget(budget)}.png"
+            png = P2_MD.parent / f"{P2_MD.stem}-heatmap-{task}-{_fmt_budget(budget)}.png"
             if structs and _plot_heatmap(structs, png, f"searched structures, {task} @ {_fmt_budget(budget)}"):
                 tables += [f"![searched structures, {task} @ {_fmt_budget(budget)}]({png.name})", ""]
     lines += [*summary, "", *_length_section(curves, rows), *tables]
-    notes = RESULTS / "quality-notes.md"
-    if notes.exists():  # the analysis of these numbers, written by whoever ran them
-        lines += ["", notes.read_text().strip()]
+    if P2_NOTES is not None and P2_NOTES.exists():  # the analysis of these numbers, written by whoever ran them
+        lines += ["", P2_NOTES.read_text().strip()]
     text = "\n".join(lines) + "\n"
     atomic_write_text(P2_MD, text)  # workers report concurrently: never a torn file
     return text

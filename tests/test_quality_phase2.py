@@ -21,8 +21,8 @@ def phase2(tmp_path, monkeypatch):
     plan = builders.Backbone.plan("tiny-bert")
     monkeypatch.setattr(q2, "_plan", lambda: plan)
     monkeypatch.setattr(q2, "P2_OUT", tmp_path / "q2")
-    monkeypatch.setattr(q2, "RESULTS", tmp_path)
     monkeypatch.setattr(q2, "P2_MD", tmp_path / "quality.md")
+    monkeypatch.setattr(q2, "P2_NOTES", None)
     monkeypatch.setattr(q2, "P2_TASKS", ("tiny-sentiment",))
     monkeypatch.setattr(q2, "P2_BUDGETS", (0.02,))
     return plan
@@ -227,6 +227,83 @@ def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(
     assert f"{100 * sum(searched) / 5 / 0.88:.1f}%" in row  # searched / full fine-tuning
 
 
+@pytest.fixture
+def my_reviews(tmp_path, monkeypatch):
+    """Your own data: the tiny sentiment rows as files, and a task file that names them relative to
+    the current directory."""
+    import shutil
+
+    from .launching import ROOT
+
+    shutil.copytree(ROOT / "s3delta_ds" / "assets" / "tiny" / "data", tmp_path / "data")
+    (tmp_path / "my-reviews.yaml").write_text(_MY_REVIEWS)
+    monkeypatch.chdir(tmp_path)
+    for name in ("P2_TASKS", "P2_BUDGETS", "P2_OUT", "P2_MD", "P2_NOTES", "P2_TASK_DATA", "P2_ARGS"):
+        monkeypatch.setattr(q2, name, getattr(q2, name))  # use_tasks rebinds them: restore after the test
+    return tmp_path
+
+
+def test_a_task_file_runs_the_protocol_on_your_data(phase2, my_reviews):
+    from s3delta_ds.config import load_run_config
+    from s3delta_ds.data.tasks import resolve_task
+
+    q2.use_tasks(["my-reviews.yaml", "tiny-sentiment"], [0.02, 0.01], my_reviews / "study")
+    assert (q2.P2_TASKS, q2.P2_BUDGETS) == (("my-reviews", "tiny-sentiment"), (0.02, 0.01))
+    assert (q2.P2_OUT, q2.P2_MD, q2.P2_NOTES) == (my_reviews / "study", my_reviews / "study.md", None)
+    cells = {u.cell for u in q2.units() if u.budget is not None}
+    assert cells == {f"{t}@{b}" for t in q2.P2_TASKS for b in ("0.02", "0.01")}
+    assert all(u.path.is_relative_to(my_reviews / "study") for u in q2.units())
+
+    mine = load_run_config(None, q2._overrides("my-reviews", 3, my_reviews / "run", "retrain", 4, q2.P2_LR)).data
+    assert mine.task == "custom" and mine.template == "review: {sentence}"
+    assert mine.label_words == ["negative", "positive"]
+    assert mine.train_file == str(my_reviews / "data" / "train.jsonl")  # absolute: any worker's cwd reads it
+    assert mine.max_eval_examples == q2.P2_VAL and mine.split_seed == 0  # the protocol's, not the file's
+    assert mine.max_source_length == 32  # the task's own length
+    assert resolve_task(mine).label_words == ("negative", "positive")
+    named = load_run_config(None, q2._overrides("tiny-sentiment", 3, my_reviews / "run", "retrain", 4, q2.P2_LR))
+    assert named.data.task == "tiny-sentiment" and named.data.max_source_length == q2.P2_SOURCE_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "names"),
+    [
+        ("no-such-task", "ConfigError", "unknown task 'no-such-task'"),
+        ("gone.yaml", "ConfigError", "cannot read config gone.yaml"),
+        ("no-task.yaml", "ConfigError", "task file no-task.yaml: its data section names no task"),
+        ("typo.yaml", "ConfigError", "task file typo.yaml"),
+        ("missing-file.yaml", "DataError", "nope.jsonl"),
+        ("no-template.yaml", "ConfigError", "data.template"),
+    ],
+)
+def test_a_bad_task_names_the_problem_before_anything_trains(phase2, my_reviews, spec, error, names):
+    from s3delta_ds.errors import S3DeltaError
+
+    (my_reviews / "no-task.yaml").write_text("data:\n  max_source_length: 32\n")
+    (my_reviews / "typo.yaml").write_text(_MY_REVIEWS.replace("template:", "templat:"))
+    (my_reviews / "missing-file.yaml").write_text(_MY_REVIEWS.replace("data/test.jsonl", "data/nope.jsonl"))
+    (my_reviews / "no-template.yaml").write_text(_MY_REVIEWS.replace('  template: "review: {sentence}"\n', ""))
+    with pytest.raises(S3DeltaError) as info:
+        q2.use_tasks([spec], None, my_reviews / "study")
+    assert type(info.value).__name__ == error and names in str(info.value)
+    assert q2.P2_TASKS == ("tiny-sentiment",)  # nothing changed
+
+
+def test_the_command_line_keeps_another_study_out_of_the_projects_results(phase2, my_reviews, capsys):
+    from benchmarks import quality
+
+    with pytest.raises(SystemExit) as info:
+        quality.main(["--phase", "2", "--tasks", "my-reviews.yaml", "--report"])
+    assert info.value.code == 2 and "needs --out DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        quality.main(["--phase", "2", "--tasks", "no-such-task", "--out", "x", "--report"])
+    assert info.value.code == 2 and "unknown task 'no-such-task'" in capsys.readouterr().err
+    assert quality.main(["--phase", "2", "--tasks", "my-reviews.yaml", "--out", "study", "--report"]) == 0
+    text = (my_reviews / "study.md").read_text()
+    assert "Tasks: my-reviews; budgets: 0.02." in text and "Progress: 0 of" in text
+    assert not (my_reviews / "study").exists() or not list((my_reviews / "study").rglob("*.json"))
+
+
 _INTERRUPTED = """
 import json, sys
 from pathlib import Path
@@ -236,7 +313,7 @@ from s3delta_ds.recipes import retrain, search
 
 out = Path(sys.argv[1])
 q2.SETUPS = {"minilm": Setup("tiny-bert", steps=0, batch=0, eval_every=0, val=0, test=0, lr=0, full_lr=0)}
-q2.P2_OUT, q2.RESULTS, q2.P2_MD = out / "q2", out, out / "quality.md"
+q2.P2_OUT, q2.P2_MD, q2.P2_NOTES = out / "q2", out / "quality.md", None
 q2.P2_STEPS, q2.P2_EVAL_EVERY, q2.P2_VAL, q2.P2_BATCH = 6, 2, 16, 4
 
 
@@ -310,31 +387,49 @@ def _flat(value) -> list:
 
 
 _END_TO_END = """
-import sys
+import os, sys
 from pathlib import Path
-from benchmarks import quality_phase2 as q2
+from benchmarks import quality, quality_phase2 as q2
 from benchmarks.quality import Setup
-from s3delta_ds.structure import builders
 
 out = Path(sys.argv[1])
 q2.SETUPS = {"minilm": Setup("tiny-bert", steps=0, batch=0, eval_every=0, val=0, test=0, lr=0, full_lr=0)}
-q2.P2_OUT, q2.RESULTS, q2.P2_MD = out / "q2", out, out / "quality.md"
-q2.P2_TASKS, q2.P2_BUDGETS, q2.P2_PAIRED, q2.P2_SEEDS = ("tiny-sentiment",), (0.02,), (0, 1), (0, 1)
+q2.P2_PAIRED, q2.P2_SEEDS = (0, 1), (0, 1)
 q2.P2_STEPS, q2.P2_CURVE_STEPS, q2.P2_EVAL_EVERY, q2.P2_VAL, q2.P2_BATCH = 4, 8, 2, 16, 4
 q2.manual_candidates = lambda plan, budget, f=q2.manual_candidates: dict(list(f(plan, budget).items())[:3])
-assert q2.run_phase2(out / "work", poll_s=0.1) == len(q2.units())
+os.chdir(out)  # the task file's data paths are relative to where the command runs
+argv = ["--phase", "2", "--tasks", "my-reviews.yaml", "--budgets", "0.02", "--out", "q2", "--work", "work"]
+sys.exit(quality.main(argv))
+"""
+
+_MY_REVIEWS = """
+data:
+  task: custom
+  train_file: data/train.jsonl
+  validation_file: data/validation.jsonl
+  test_file: data/test.jsonl
+  template: "review: {sentence}"
+  label_words: [negative, positive]
+  max_source_length: 32
+  max_eval_examples: 1000   # the protocol's own cap wins
+search:
+  steps: 7                  # other sections are ignored
 """
 
 
 @pytest.mark.slow
 def test_phase2_runs_every_kind_of_unit_end_to_end(tmp_path):
-    """Every unit kind trains for real (tiny-bert, 4 steps), records validation and test, and the
-    report reads them; rerunning skips everything."""
+    """Every unit kind trains for real (tiny-bert, 4 steps) on your own data (a task file with
+    relative paths, through the command line), records validation and test, and the report reads
+    them; rerunning skips everything."""
+    import shutil
     import subprocess
     import sys
 
     from .launching import ROOT, env
 
+    shutil.copytree(ROOT / "s3delta_ds" / "assets" / "tiny" / "data", tmp_path / "data")
+    (tmp_path / "my-reviews.yaml").write_text(_MY_REVIEWS)
     proc = subprocess.run(
         [sys.executable, "-c", _END_TO_END, str(tmp_path)],
         cwd=ROOT,
@@ -347,12 +442,27 @@ def test_phase2_runs_every_kind_of_unit_end_to_end(tmp_path):
     recs = [json.loads(p.read_text()) for p in (tmp_path / "q2").rglob("*.json") if "structures" not in p.parts]
     kinds = sorted({r["method"] for r in recs})
     assert kinds == ["curve", "full", "lora", "manual", "random", "search", "searched"]
+    assert {r["task"] for r in recs} == {"my-reviews"}
     for r in recs:
         if r["method"] != "search":
             assert 0 <= r["test"] <= 1 and 0 <= r["validation"] <= 1
             assert r["curve"][-1][0] == r["steps"] == (8 if r["method"] == "curve" else 4)
     # 2 tops x 1 extra seed, chosen among the 3 screened presets
     assert len([r for r in recs if r["method"] == "manual"]) == 3 + 2
-    text = (tmp_path / "quality.md").read_text()
-    assert "| tiny-sentiment @ 0.02 |" in text and "| tiny-sentiment | random @0.02 |" in text
+    text = (tmp_path / "q2.md").read_text()
+    assert "| my-reviews @ 0.02 |" in text and "| my-reviews | random @0.02 |" in text
+    assert "--phase 2 --tasks my-reviews.yaml --budgets 0.02 --out" in text
+    assert (tmp_path / "q2-curves-my-reviews.png").exists()
     assert not list((tmp_path / "q2" / ".locks").iterdir())
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "q2").rglob("*.json")}
+    again = subprocess.run(
+        [sys.executable, "-c", _END_TO_END, str(tmp_path)],
+        cwd=ROOT,
+        env=env({"PYTHONPATH": str(ROOT)}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[phase2]" not in again.stdout
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "q2").rglob("*.json")}

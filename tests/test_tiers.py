@@ -9,7 +9,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-INNER = '''
+INNER = """
 import subprocess
 import pytest
 
@@ -37,7 +37,7 @@ def test_marked_distributed(spawned_too):
 
 def test_pure():
     assert 1 + 1 == 2
-'''
+"""
 
 
 @pytest.mark.slow  # the marked inner tests really start `true`

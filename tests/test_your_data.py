@@ -47,7 +47,11 @@ def test_the_walkthrough_commands_run_as_written(tmp_path):
     _write_csvs(tmp_path)
     (bash,) = _blocks("bash")
     proc = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", bash], cwd=tmp_path, env=_bin_env(), capture_output=True, text=True,
+        ["bash", "-euo", "pipefail", "-c", bash],
+        cwd=tmp_path,
+        env=_bin_env(),
+        capture_output=True,
+        text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
