@@ -24,6 +24,7 @@ Runs whose JSON exists are skipped, so an interrupted benchmark continues where 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -918,21 +919,29 @@ def main(argv=None) -> int:
     if args.phase == 2:
         from benchmarks import quality_phase2
 
-        if args.tasks or args.budgets:  # another study: the same protocol, its own records and report
+        work = Path(args.work or "/tmp/s3delta-quality-phase2")
+        if args.tasks or args.budgets or args.out:  # another study: the same protocol, its own records and report
             if not args.out:
                 p.error(
                     "--phase 2 with --tasks or --budgets needs --out DIR (the project's own study is in "
                     f"{quality_phase2.P2_OUT})"
                 )
+            out = Path(args.out).resolve()
             tasks = args.tasks.split(",") if args.tasks else list(quality_phase2.P2_TASKS)
-            budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else None
             try:
-                quality_phase2.use_tasks(tasks, budgets, Path(args.out).resolve())
+                budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else None
+            except ValueError:
+                p.error(f"--budgets takes numbers such as 1e-3,3e-4, got {args.budgets!r}")
+            try:
+                quality_phase2.use_tasks(tasks, budgets, out)
             except S3DeltaError as e:
                 p.exit(2, f"error: {e}\n")
+            # its own scratch too: a unit's work folder is named by its key, which two studies can share
+            digest = hashlib.sha1(str(out).encode()).hexdigest()[:8]
+            work = Path(args.work or f"/tmp/s3delta-quality-phase2-{digest}")
         if not args.report:
             kinds = tuple(args.only.split(",")) if args.only else None
-            quality_phase2.run_phase2(Path(args.work or "/tmp/s3delta-quality-phase2"), kinds=kinds)
+            quality_phase2.run_phase2(work, kinds=kinds)
         print(quality_phase2.report())
         return 0
     if args.phase == 1:

@@ -49,7 +49,7 @@ from s3delta_ds.config import load_run_config
 from s3delta_ds.structure import Structure, builders
 from s3delta_ds.util import atomic_path, atomic_write_text
 
-P2_OUT = RESULTS / "quality-phase2"
+P2_OUT = _PROJECT_OUT = RESULTS / "quality-phase2"
 P2_MD = RESULTS / "quality.md"  # its figures go next to it
 P2_NOTES: Path | None = RESULTS / "quality-notes.md"  # the hand-written analysis the report appends
 P2_BACKBONE = "minilm"
@@ -109,7 +109,32 @@ def _fmt_budget(b: float) -> str:
 #: Data keys the protocol fixes for every task: the same validation cap, all test rows and the same
 #: splits, whatever a task file says. ``max_source_length`` is the protocol's unless the file sets it.
 _PROTOCOL_DATA_KEYS = frozenset({"task", "max_eval_examples", "max_test_examples", "split_seed"})
-_PATH_KEYS = ("train_file", "validation_file", "test_file", "data_dir")
+_PATH_KEYS = ("train_file", "validation_file", "test_file", "data_dir", "hub_dataset")
+#: Labels a task cannot take: they name the records folder's own subfolders.
+_RESERVED_LABELS = frozenset({"structures"})
+
+
+def _override_value(value) -> str:
+    """``value`` as the text of a ``data.key=...`` override that reads back as ``value``: strings
+    double-quoted with YAML's escapes (a template may hold ``: {``, look like a number or a
+    boolean, or carry characters outside the BMP that JSON would split into surrogates)."""
+    import math
+
+    import yaml
+
+    if isinstance(value, str | list):
+        return yaml.safe_dump(value, default_flow_style=True, default_style='"', width=math.inf).strip()
+    return json.dumps(value)
+
+
+def _check_label(label: str, where: str) -> None:
+    from s3delta_ds.errors import ConfigError
+
+    if not label or label.startswith(".") or label in _RESERVED_LABELS or any(c in label for c in "/@ "):
+        raise ConfigError(
+            f"{where}: {label!r} cannot label a task of the study (it names its records): use a name without "
+            f"'/', '@' or spaces that does not start with '.' and is not {', '.join(sorted(_RESERVED_LABELS))}"
+        )
 
 
 def task_from_file(path: Path) -> tuple[str, tuple[str, ...]]:
@@ -132,21 +157,25 @@ def task_from_file(path: Path) -> tuple[str, tuple[str, ...]]:
     from s3delta_ds.errors import ConfigError, DataError
 
     label = path.stem
-    if not label or any(c in label for c in "/@ "):
-        raise ConfigError(f"{path}: the file's name labels the task in the study; use one without '/', '@' or spaces")
+    _check_label(label, str(path))
     try:
         data = load_run_config(path).data
         if data.task is None:
             raise ConfigError("its data section names no task (data.task: custom, or a registered task)")
-        resolved = {k: str(Path(v).resolve()) for k in _PATH_KEYS if (v := getattr(data, k))}
+        # a hub_dataset is a local path only when it exists (else it is a datasets name)
+        resolved = {
+            k: str(Path(v).resolve())
+            for k in _PATH_KEYS
+            if (v := getattr(data, k)) and (k != "hub_dataset" or Path(v).exists())
+        }
         data = dataclasses.replace(data, **resolved)
         load_rows(resolve_task(data), data.data_dir, 0)
     except (ConfigError, DataError) as e:
         raise type(e)(f"task file {path}: {e}") from e
     default = DataConfig()
     keys = [f.name for f in dataclasses.fields(data) if f.name not in _PROTOCOL_DATA_KEYS]
-    overrides = [f"data.task={data.task}"]
-    overrides += [f"data.{k}={json.dumps(getattr(data, k))}" for k in keys if getattr(data, k) != getattr(default, k)]
+    keys = [k for k in keys if getattr(data, k) != getattr(default, k)]
+    overrides = [f"data.task={data.task}", *(f"data.{k}={_override_value(getattr(data, k))}" for k in keys)]
     return label, tuple(overrides)
 
 
@@ -158,19 +187,33 @@ def use_tasks(tasks: list[str], budgets: list[float] | None, out: Path) -> None:
     it; the hand-written notes of the project's own study are not appended.
 
     Raises:
-        ConfigError: an unknown task name, a bad task file, or two tasks with the same label.
+        ConfigError: an unknown task name, a bad task file, two tasks with the same label, a budget
+            outside (0, 1), or an ``out`` that holds or is held by the project's own records.
+        DataError: a task whose rows cannot be read (they are read here, before anything trains).
     """
     global P2_TASKS, P2_BUDGETS, P2_OUT, P2_MD, P2_NOTES, P2_TASK_DATA, P2_ARGS
-    from s3delta_ds.data.tasks import get_task
-    from s3delta_ds.errors import ConfigError
+    from s3delta_ds.data.tasks import get_task, load_rows
+    from s3delta_ds.errors import ConfigError, DataError
 
+    own = _PROJECT_OUT.resolve()
+    if out.resolve() == own or own.is_relative_to(out.resolve()) or out.resolve().is_relative_to(own):
+        raise ConfigError(f"--out {out}: another study cannot write into, or around, the project's records ({own})")
+    bad = [b for b in budgets or () if not 0 < b < 1]
+    if bad:
+        raise ConfigError(f"budgets are fractions of the backbone in (0, 1), got {bad}")
     labels, data = [], {}
     for spec in tasks:
         if spec.endswith((".yaml", ".yml")):
             label, overrides = task_from_file(Path(spec))
             data[label] = overrides
         else:
-            label = get_task(spec).name
+            task = get_task(spec)
+            label = task.name
+            _check_label(label, "--tasks")
+            try:
+                load_rows(task, None, 0)
+            except DataError as e:
+                raise DataError(f"task {label!r}: {e}") from e
         if label in labels:
             raise ConfigError(f"two tasks of the study are both labelled {label!r}")
         labels.append(label)
@@ -179,6 +222,18 @@ def use_tasks(tasks: list[str], budgets: list[float] | None, out: Path) -> None:
     P2_OUT, P2_MD, P2_NOTES = out, out.with_suffix(".md"), None
     P2_ARGS = f" --tasks {','.join(tasks)}" + (f" --budgets {','.join(map(_fmt_budget, budgets))}" if budgets else "")
     P2_ARGS += f" --out {out}"
+
+
+def _task_data(task: str) -> list[str] | None:
+    """The data overrides a task file gave ``task`` (as its records store them); None for a
+    registered task."""
+    return list(P2_TASK_DATA[task]) if task in P2_TASK_DATA else None
+
+
+def _own_lengths() -> str:
+    """The tasks whose files set their own token length (the report's protocol line names them)."""
+    own = [f"{t}: {o.split('=', 1)[1]}" for t in P2_TASKS for o in P2_TASK_DATA.get(t, ()) if "max_source_length=" in o]
+    return f" ({', '.join(own)})" if own else ""
 
 
 def _overrides(
@@ -271,8 +326,8 @@ class Unit:
         search, with today's search defaults; for a retrain of a searched structure, of the structure
         its search holds now."""
         rec = _read(self.path)
-        if rec is None or rec.get("steps") != self.steps:
-            return False
+        if rec is None or rec.get("steps") != self.steps or rec.get("task_data") != _task_data(self.task):
+            return False  # other lengths, or a task file that changed since (another template, files, ...)
         if self.kind == "search":
             return rec.get("settings") == search_defaults()
         if self.kind == "searched":
@@ -511,6 +566,8 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
             try:
                 work = work_root / u.key.replace("/", "__")
                 rec = run_unit(u, work)
+                if _task_data(u.task) is not None:
+                    rec["task_data"] = _task_data(u.task)
                 atomic_write_text(u.path, json.dumps(rec, indent=1) + "\n")
                 shutil.rmtree(work, ignore_errors=True)
                 if not u.done():  # a record that does not count would rerun forever
@@ -674,7 +731,8 @@ def _length_section(curves: list[dict], rows: list[dict]) -> list[str]:
         f"Seed-0 runs of {P2_CURVE_STEPS} steps (validation every {P2_EVAL_EVERY}) against the table's "
         f"{P2_STEPS}-step runs of seeds {_seeds(P2_SEEDS)}: {P2_STEPS} steps converge for a method unless the "
         f"long run's best validation exceeds their mean best validation by more than "
-        f"{100 * P2_LENGTH_MARGIN:.1f} points (the rule and its margin: quality-notes.md). `last` = table runs "
+        f"{100 * P2_LENGTH_MARGIN:.1f} points{' (the rule and its margin: quality-notes.md)' if P2_NOTES else ''}. "
+        "`last` = table runs "
         "whose selected step is their last evaluation.",
         "",
         f"| task | method | best validation, {P2_CURVE_STEPS} steps (at step) | mean best validation, "
@@ -721,7 +779,7 @@ def report() -> str:
         f"`--report` rewrites this file). Tasks: {', '.join(P2_TASKS)}; budgets: "
         f"{', '.join(map(_fmt_budget, P2_BUDGETS))}. "
         f"{P2_BACKBONE} (all-MiniLM-L6-v2), fp32, one CPU thread per run; retrain "
-        f"{P2_STEPS} steps × batch {P2_BATCH}, {P2_SOURCE_LENGTH} tokens per example, validation every "
+        f"{P2_STEPS} steps × batch {P2_BATCH}, {P2_SOURCE_LENGTH} tokens per example{_own_lengths()}, validation every "
         f"{P2_EVAL_EVERY} on {P2_VAL} rows, delta lr "
         f"{P2_LR:g}, full fine-tuning lr {P2_FULL_LR:g}; search {P2_SEARCH_MULT}× the retrain's steps with the "
         "package's defaults. Scores are on the **full test split** at the step selected on validation "

@@ -289,6 +289,73 @@ def test_a_bad_task_names_the_problem_before_anything_trains(phase2, my_reviews,
     assert q2.P2_TASKS == ("tiny-sentiment",)  # nothing changed
 
 
+@pytest.mark.parametrize(
+    "template",
+    ["😀 {sentence}", "yes", "1e3", "2020-01-01", "a=b: {sentence} # c", "naïve\u2028{sentence}", "null"],
+)
+def test_a_task_files_values_reach_the_run_exactly(phase2, my_reviews, template):
+    """Templates and label words that YAML or JSON would turn into something else (a number, a
+    boolean, a date, a mapping, two surrogates) arrive in the run's config as written."""
+    import yaml
+
+    from s3delta_ds.config import load_run_config
+
+    words = ["no", "true"] if template == "yes" else ["négatif", "😀"]
+    body = yaml.safe_load(_MY_REVIEWS)
+    body["data"].update(template=template, label_words=words, columns=["sentence"])
+    (my_reviews / "odd.yaml").write_text(yaml.safe_dump(body, allow_unicode=True), encoding="utf-8")
+    q2.use_tasks(["odd.yaml"], None, my_reviews / "study")
+    data = load_run_config(None, q2._overrides("odd", 0, my_reviews / "run", "retrain", 4, q2.P2_LR)).data
+    assert (data.template, data.label_words) == (template, words)
+
+
+def test_a_changed_task_file_reruns_its_units_and_the_default_study_is_untouched(phase2, my_reviews):
+    u = q2.Unit("tiny-sentiment", "full", 0)
+    _write(u, validation=0.8, test=0.7)  # a record of the registered task, as the project's study writes them
+    assert u.done() and "data.task=tiny-sentiment" in q2._overrides(u.task, 0, my_reviews, "retrain", 4, 0.1)
+
+    q2.use_tasks(["my-reviews.yaml"], None, my_reviews / "study")
+    mine = q2.Unit("my-reviews", "full", 0)
+    _write(mine, validation=0.8, test=0.7, task_data=q2._task_data("my-reviews"))
+    assert mine.done()
+    (my_reviews / "my-reviews.yaml").write_text(_MY_REVIEWS.replace("review:", "critique:"))
+    q2.use_tasks(["my-reviews.yaml"], None, my_reviews / "study")
+    assert not mine.done()  # made with the old template
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tasks", "tiny-sentiment", "--budgets", "1e-3,x", "--out", "s"], "--budgets takes numbers"),
+        (["--budgets", "0", "--out", "s"], "budgets are fractions of the backbone in (0, 1)"),
+        (["--tasks", "structures.yaml", "--out", "s"], "'structures' cannot label a task"),
+        (["--out", "PROJECT"], "cannot write into, or around, the project's records"),
+        (["--out", "PROJECT/mine"], "cannot write into, or around, the project's records"),
+        (["--out", "RESULTS"], "cannot write into, or around, the project's records"),
+    ],
+)
+def test_the_command_line_refuses_a_study_that_would_mix_with_the_projects(phase2, my_reviews, capsys, argv, message):
+    from benchmarks import quality
+
+    (my_reviews / "structures.yaml").write_text(_MY_REVIEWS)
+    own = q2._PROJECT_OUT
+    argv = [a.replace("PROJECT", str(own)).replace("RESULTS", str(own.parent)) for a in argv]
+    with pytest.raises(SystemExit) as info:
+        quality.main(["--phase", "2", *argv, "--report"])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_another_study_has_its_own_scratch_folder(phase2, my_reviews, monkeypatch):
+    from benchmarks import quality
+
+    works = []
+    monkeypatch.setattr(q2, "run_phase2", lambda work, kinds=None: works.append(work))
+    monkeypatch.setattr(q2, "report", lambda: "")
+    for out in ("a", "b", "a"):
+        quality.main(["--phase", "2", "--tasks", "my-reviews.yaml", "--out", out])
+    assert works[0] == works[2] != works[1] and str(works[0]).startswith("/tmp/s3delta-quality-phase2-")
+
+
 def test_the_command_line_keeps_another_study_out_of_the_projects_results(phase2, my_reviews, capsys):
     from benchmarks import quality
 
