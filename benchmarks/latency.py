@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.contention import contention, contention_note, warn_if_contended  # noqa: E402
 from s3delta_ds.artifacts.merge import merge  # noqa: E402
 from s3delta_ds.backbones.loading import build_model, load_config  # noqa: E402
 from s3delta_ds.method.gates import random_structure  # noqa: E402
@@ -105,13 +106,14 @@ def measure(shape: str, *, budget: float, batch: int, seq: int, reps: int, warmu
     }
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], machine: dict | None = None) -> str:
     lines = [
         "# Inference latency (CPU)",
         "",
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; medians of interleaved rounds; ratio = variant / base, same rounds.",
         "",
+        *([note, ""] if (note := contention_note(machine)) else []),
         "| shape | params | batch × seq | variant | median ms | ratio to base |",
         "|---|---|---|---|---|---|",
     ]
@@ -138,14 +140,16 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=str(RESULTS / "latency"))
     args = p.parse_args(argv)
+    machine = contention()
+    warn_if_contended(machine)
     results = []
     for shape in args.shapes.split(","):
         budget = max(args.budget, 0.02) if shape.startswith("tiny") else args.budget
         results.append(measure(shape, budget=budget, batch=args.batch, seq=args.seq, reps=args.reps))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(results)
+    out.with_suffix(".json").write_text(json.dumps({"contention": machine, "shapes": results}, indent=2) + "\n")
+    text = table(results, machine)
     out.with_suffix(".md").write_text(text)
     print(text)
     return 0

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.contention import contention, contention_note, warn_if_contended  # noqa: E402
 from benchmarks.flops import PASSES, matmul_peak, pass_flops  # noqa: E402
 from s3delta_ds.backbones.checkpointing import enable_activation_checkpointing  # noqa: E402
 from s3delta_ds.backbones.loading import build_model, load_config  # noqa: E402
@@ -265,6 +266,9 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     zero.init_distributed()
+    machine = contention()
+    if zero.rank() == 0:
+        warn_if_contended(machine)
     device = zero.device()
     gpu = device.type != "cpu"
     dtype_name = "bf16" if gpu else "fp32"
@@ -349,6 +353,7 @@ def main(argv=None) -> int:
         if zero.rank() == 0:
             print(f"[step] {args.shape} {row}: {name}: {med:.4f}s", flush=True)
             facts = dict(gpu=gpu, dtype_name=dtype_name, n_params=n_params, bsz=bsz, tokens=tokens, peak=peak)
+            facts["machine"] = machine
             write(out, result_of(args, rows, builders, flops_per_pass=flops_per_pass, auto_reason=auto_reason, **facts))
     if zero.rank() == 0:
         print(out.with_suffix(".md").read_text() if rows else "no variant ran")
@@ -364,7 +369,9 @@ def write(out: Path, result: dict) -> None:
     atomic_write_text(out.with_suffix(".md"), render(result))
 
 
-def result_of(args, rows, builders, *, gpu, dtype_name, n_params, bsz, tokens, peak, flops_per_pass, auto_reason):
+def result_of(
+    args, rows, builders, *, gpu, dtype_name, n_params, bsz, tokens, peak, flops_per_pass, auto_reason, machine=None
+):
     ratio = lambda x, y: rows[x]["median_s"] / rows[y]["median_s"] if x in rows and y in rows else None  # noqa: E731
     return {
         "shape": args.shape,
@@ -378,6 +385,7 @@ def result_of(args, rows, builders, *, gpu, dtype_name, n_params, bsz, tokens, p
         "matmul_peak_flops": peak,
         "flops_per_pass": flops_per_pass,
         "auto_strategy": auto_reason,
+        "contention": machine,
         "step_memory_source": "cuda" if gpu else "profiler",
         "variants": rows,
         "ratios": {
@@ -402,6 +410,7 @@ def render(r: dict) -> str:
         f"Per rank: batch {r['batch_per_rank']}, {r['tokens_per_rank']} tokens; matmul peak "
         f"{r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s (measured). deepspeed=auto chose: {r['auto_strategy']}.",
         "",
+        *([note, ""] if (note := contention_note(r.get("contention"))) else []),
         "| variant | median s/step | tokens/s | MFU | peak memory | step memory | frozen bytes/rank |",
         "|---|---|---|---|---|---|---|",
     ]

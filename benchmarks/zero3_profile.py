@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks import step as S  # noqa: E402
+from benchmarks.contention import contention, contention_note, warn_if_contended  # noqa: E402
 from s3delta_ds.engine import zero  # noqa: E402
 
 # cProfile entries (file fragment, function) whose cumulative time is one bucket; the buckets are
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     zero.init_distributed()
+    machine = contention()
+    if zero.rank() == 0:
+        warn_if_contended(machine)
     device = zero.device()
     gpu = device.type != "cpu"
     dtype, dtype_name = (torch.bfloat16, "bf16") if gpu else (torch.float32, "fp32")
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
                 prof = profile(step, max(2, args.steps // 2))
         rows[kind] = {"zero2_s": times[2], "zero3_s": times[3], "ratio": times[3] / times[2], **prof}
     result = {"shape": args.shape, "world": zero.world(), "device": "gpu" if gpu else "cpu", "rows": rows}
+    result["contention"] = machine
     if zero.rank() == 0:
         out = ROOT / "benchmarks" / "results" / f"zero3-profile-{args.shape}-w{zero.world()}-{result['device']}"
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -103,6 +108,7 @@ def render(r: dict) -> str:
     lines = [
         f"# ZeRO-3 cost profile: {r['shape']}, {r['world']} rank(s), {r['device']}",
         "",
+        *([note, ""] if (note := contention_note(r.get("contention"))) else []),
         "| step | ZeRO-2 s | ZeRO-3 s | ZeRO-3/ZeRO-2 | module forward hooks/step | "
         + " | ".join(next(iter(r["rows"].values()))["shares"])
         + " |",
