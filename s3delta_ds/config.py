@@ -215,7 +215,9 @@ class SearchConfig(TrainConfig):
     gate_warmup: float = 0.0
     """Fraction of the steps that train the delta weights only, the gates held at their start (equal
     logits), before the gate steps begin: a gate gradient measured through untrained deltas mostly
-    reflects their initialisation. The gate learning rate then decays over the remaining steps."""
+    reflects their initialisation. The gate learning rate then decays over the remaining steps, and
+    only validations after the first gate step can be selected (before it every structure is the
+    same arbitrary one)."""
     shift_gradient: str = "renormalise"
     """How the gate gradient treats the budget's shift b. renormalise: b held constant and the
     original's sum-preserving renormalisation of p. exact: the gradient through b as the budget
@@ -247,6 +249,11 @@ class SearchConfig(TrainConfig):
             f"search.shift_gradient must be one of {', '.join(SHIFT_GRADIENTS)}, got {self.shift_gradient!r}",
         )
         _check(0 <= self.gate_warmup < 1, f"search.gate_warmup must be a fraction in [0, 1), got {self.gate_warmup}")
+        _check(
+            self.gate_warmup_steps < self.steps,
+            f"search.gate_warmup={self.gate_warmup} of {self.steps} steps leaves no gate step (the gates would "
+            "never move)",
+        )
         _check(self.gate_clip >= 0, f"search.gate_clip must be >= 0, got {self.gate_clip}")
         _check(self.beta > 0, f"search.beta must be > 0, got {self.beta}")
         _check(self.temperature > 0, f"search.temperature must be > 0, got {self.temperature}")

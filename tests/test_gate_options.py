@@ -99,6 +99,53 @@ def test_a_search_with_warmup_holds_the_gates_then_moves_them(tmp_path):
     assert len(set(alphas)) > 1  # the gates moved after the warm-up
 
 
+_SELECT_IN_WARMUP = """
+import json, sys
+from pathlib import Path
+from s3delta_ds.config import load_run_config
+from s3delta_ds.recipes import search as recipe
+from s3delta_ds.search import run_search
+from tests.launching import TINY
+
+scores = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])  # validation only falls: the best steps are in the warm-up
+recipe.evaluate = lambda *a, **k: {"accuracy": next(scores), "loss": 1.0, "n": 24}
+out = Path(sys.argv[1])
+overrides = ["search.eval_every=1", "search.select=metric", "search.gate_warmup=0.5", f"output_dir={out}"]
+run_search(load_run_config(None, [*TINY, *overrides]))
+print(json.loads((out / "structure.json").read_text())["search"]["selected_step"])
+"""
+
+
+@pytest.mark.slow
+def test_a_step_of_the_warmup_is_never_selected(tmp_path):
+    """During the warm-up every gate logit is 0 (every p equal), so a structure selected there
+    would be the first candidates in site order: selection starts after the first gate step, even
+    when validation was best before it (here, steps 1-3 of 6)."""
+    import subprocess
+    import sys
+
+    from tests.launching import ROOT, env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _SELECT_IN_WARMUP, str(tmp_path / "s")],
+        cwd=ROOT,
+        env=env({"PYTHONPATH": str(ROOT)}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "4"
+    assert "step 1: validation accuracy 0.9000 loss 1.0000 (selected: none yet, the gates are warming up)" in (
+        proc.stdout + proc.stderr
+    )
+
+
+def test_a_warmup_that_leaves_no_gate_step_is_refused():
+    with pytest.raises(ConfigError, match="leaves no gate step"):
+        SearchConfig(steps=10, gate_warmup=0.96)
+
+
 def _probs_with_resolved_shift(logits, n, budget, beta):
     """p with the shift solved again for these logits: what exact_shift must differentiate."""
     from s3delta_ds.method.gates import probabilities

@@ -1,9 +1,9 @@
 """``s3delta config``: print a complete, commented run config to start from.
 
-    s3delta config --defaults                  # every key, its default and what it does
-    s3delta config sst2 > my.yaml              # the same, set up for a registered task
-    s3delta config custom > my.yaml            # your own CSV/JSONL data: fill in files, columns, words
-    s3delta config examples/tiny_t5.yaml       # an existing config, completed and commented
+s3delta config --defaults                  # every key, its default and what it does
+s3delta config sst2 > my.yaml              # the same, set up for a registered task
+s3delta config custom > my.yaml            # your own CSV/JSONL data: fill in files, columns, words
+s3delta config examples/tiny_t5.yaml       # an existing config, completed and commented
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ def _add(task: Task) -> Task:
     _ALL.append(task)
     return task
 
+
 _GLUE = ("nyu-mll/glue",)
 _SUPER = ("aps/super_glue",)
 _SPLITS = {"train": "train", "validation": "validation"}

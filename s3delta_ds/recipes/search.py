@@ -154,12 +154,17 @@ class SearchRecipe:
             device=rt.device,
             label_scoring=self.cfg.data.label_scoring,
         )
-        if state.is_better(result, metric, sc.select):
+        # During search.gate_warmup the gates have not moved (every logit 0, every p equal): a step
+        # there would select an arbitrary structure (the first candidates in site order), so only
+        # the steps after the first gate step can be selected.
+        gated = state.step > sc.gate_warmup_steps
+        if gated and state.is_better(result, metric, sc.select):
             state.select(result, metric, best_logits=self.gates.logits.detach().cpu().clone())
         self.metrics.log(state.step, "validation", {**result, "best": state.best_score})
+        selected = f"step {state.best_step}" if state.best_step >= 0 else "none yet, the gates are warming up"
         rt.log(
-            f"step {state.step}: validation {metric} {result[metric]:.4f} loss "
-            f"{result['loss']:.4f} (selected: step {state.best_step})"
+            f"step {state.step}: validation {metric} {result[metric]:.4f} loss {result['loss']:.4f} "
+            f"(selected: {selected})"
         )
 
     def save_checkpoint(self) -> None:
