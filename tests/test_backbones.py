@@ -771,3 +771,27 @@ def test_load_config_nonexistent_path_lists_shipped_shapes(tmp_path):
     )
     assert "tiny-t5, tiny-t5-v1_1" in msg
     assert "google/flan-t5-xxl" not in msg  # hub-id aliases are not listed as shape names
+
+
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """A path that cannot be a hub id fails as a missing path, not with the hub's "Repo id must be in
+    the form" complaint (what a fresh machine without the study's assets used to print)."""
+    import transformers
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked about a local path")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    for spec in (str(tmp_path / "nope"), "./nope", "~/nope", "a/b/c"):
+        with pytest.raises(BackboneError) as info:
+            load_config(spec)
+        assert str(info.value).endswith("; no such path"), str(info.value)
+
+
+def test_a_missing_asset_model_names_the_fetch_command(tmp_path, monkeypatch):
+    from s3delta_ds.data.assets import asset_path
+
+    monkeypatch.setenv("S3DELTA_ASSETS", str(tmp_path / "assets"))
+    with pytest.raises(BackboneError) as info:
+        load_config(asset_path("models", "all-MiniLM-L6-v2"))
+    assert str(info.value).endswith("no such path (its weights come from `s3delta fetch-assets minilm`)")

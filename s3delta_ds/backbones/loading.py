@@ -67,6 +67,22 @@ def _config_from_dict(d: dict, source: str):
         raise BackboneError(f"{source}: {e}") from e
 
 
+def _is_local_path(spec: str) -> bool:
+    """Can ``spec`` only be a filesystem path? (Hub ids have at most one ``/`` and never start with
+    ``/``, ``.`` or ``~``.)"""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+
+
+def _asset_hint(path: Path) -> str:
+    """The fix when a missing model lies where ``s3delta fetch-assets`` puts its weights."""
+    from ..data.assets import MODEL_DIRS, cache_root
+
+    for name, folder in MODEL_DIRS.items():
+        if path.expanduser().resolve() == (cache_root() / "models" / folder).resolve():
+            return f" (its weights come from `s3delta fetch-assets {name}`)"
+    return ""
+
+
 def load_config(model_or_config: str | os.PathLike):
     """A HF config from a model directory, a ``config.json`` file, a shipped shape name, or a hub id.
 
@@ -95,13 +111,16 @@ def load_config(model_or_config: str | os.PathLike):
     elif spec in builtin_shapes():
         config = _config_from_dict(json.loads(builtin_shapes()[spec].read_text()), spec)
     else:
+        tried = (
+            f"cannot find a model or config called {spec!r}: not a file, not a directory, not a shipped shape "
+            f"({', '.join(sorted(k for k in builtin_shapes() if '/' not in k))})"
+        )
+        if _is_local_path(spec):  # a hub id is "name" or "owner/name": asking the hub would only blur the error
+            raise BackboneError(f"{tried}; no such path{_asset_hint(path)}")
         try:
             config = AutoConfig.from_pretrained(spec)
         except (OSError, ValueError) as e:
-            raise BackboneError(
-                f"cannot find a model or config called {spec!r}: not a file, not a directory, not a shipped shape "
-                f"({', '.join(sorted(k for k in builtin_shapes() if '/' not in k))}), and the hub lookup failed: {e}"
-            ) from e
+            raise BackboneError(f"{tried}, and the hub lookup failed: {e}") from e
     config._name_or_path = spec
     return config
 
