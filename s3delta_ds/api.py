@@ -77,9 +77,11 @@ def load(model: nn.Module, run_or_dir: str | os.PathLike, *, pafi_mask: str | No
         run_or_dir: a retrain output directory, or any directory holding its ``structure.json`` and
             ``deltas.safetensors``.
     Returns:
-        The same model object, in eval mode.
+        The same model object, in eval mode; an encoder classifier trained with mean pooling
+        (``model.pooling``) gets it back.
     Raises:
-        CheckpointError: the directory lacks either file, or the file does not match the structure.
+        CheckpointError: the directory lacks either file, the file does not match the structure, or
+            a head trained on the CLS pooler is loaded into a mean-pooled model.
     """
     from .run.checkpoint import load_deltas
 
@@ -90,8 +92,35 @@ def load(model: nn.Module, run_or_dir: str | os.PathLike, *, pafi_mask: str | No
     attach(model, root / "structure.json", pafi_mask=pafi_mask)
     from .backbones import family_for
 
-    load_deltas(model, root / _DELTA_FILE, head_prefixes=family_for(model.config).head_modules)
+    head = family_for(model.config).head_modules
+    load_deltas(model, root / _DELTA_FILE, head_prefixes=head)
+    if head:
+        _pool_as_trained(model, root)
     return model.eval()
+
+
+def _pool_as_trained(model: nn.Module, root: Path) -> None:
+    """Give an encoder classifier the pooling its head was trained on (``model.pooling``): a head
+    trained on the mean of the token states, fed the CLS pooler, silently predicts something else.
+    Delta files record it; for older ones, the run's ``config.yaml`` says it."""
+    from .backbones.pooling import pooling_of, use_mean_pooling
+    from .run.checkpoint import read_delta_metadata
+
+    trained = read_delta_metadata(root / _DELTA_FILE).get("pooling")
+    if trained is None and (root / "config.yaml").is_file():
+        from .backbones.pooling import resolve_pooling
+        from .engine.backbone import resolve_source
+
+        cfg = load_run_config(root / "config.yaml").model
+        pretrained = not cfg.random_init and not cfg.gguf_file
+        trained = resolve_pooling(cfg.pooling, resolve_source(cfg), pretrained=pretrained)
+    if trained == "mean" and pooling_of(model) != "mean":
+        use_mean_pooling(model)
+    elif trained == "cls" and pooling_of(model) == "mean":
+        raise CheckpointError(
+            f"{root}: its head was trained on the CLS pooler, but this model pools by the mean of the token "
+            "states (model.pooling=mean): load the deltas into a model without mean pooling"
+        )
 
 
 def search(config: str | os.PathLike | Mapping | RunConfig | None = None, /, *overrides: str, **keys: Any) -> dict:

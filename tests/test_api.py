@@ -117,6 +117,63 @@ def test_load_attaches_and_loads_trained_deltas_like_peft(tmp_path):
         torch.testing.assert_close(fresh(**batch).logits, trained.eval()(**batch).logits, atol=1e-6, rtol=0)
 
 
+def _mean_pooled_bert_run(tmp_path, *, pooling_metadata: bool = True):
+    """A tiny BERT trained with model.pooling=mean (what auto gives a sentence-transformers checkpoint)."""
+    from s3delta_ds.backbones.pooling import use_mean_pooling
+
+    trained = tiny_model("tiny-bert")
+    use_mean_pooling(trained)
+    manual(Backbone.from_model(trained), "lora").save(tmp_path / "structure.json")
+    s3delta_ds.attach(trained, tmp_path / "structure.json")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, p in named_delta_parameters(trained):
+            p.normal_(0, 0.2)
+        trained.classifier.weight.normal_(0, 1.0)
+    save_deltas(trained, tmp_path / "deltas.safetensors", head_prefixes=("classifier",))
+    if not pooling_metadata:  # a delta file written before the pooling was recorded
+        from safetensors.torch import load_file, save_file
+
+        from s3delta_ds.run.checkpoint import read_delta_metadata
+
+        meta = read_delta_metadata(tmp_path / "deltas.safetensors")
+        del meta["pooling"]
+        save_file(load_file(tmp_path / "deltas.safetensors"), tmp_path / "deltas.safetensors", metadata=meta)
+    return trained.eval()
+
+
+@pytest.mark.parametrize("source", ["delta file", "config.yaml"])
+def test_load_pools_as_the_run_was_trained(tmp_path, source):
+    """A mean-pooled classifier reloaded on the CLS pooler predicted other classes, silently."""
+    trained = _mean_pooled_bert_run(tmp_path, pooling_metadata=source == "delta file")
+    if source == "config.yaml":
+        (tmp_path / "config.yaml").write_text("model:\n  name_or_path: tiny-bert\n  pooling: mean\n")
+    batch = tiny_inputs("tiny-bert")
+    plain = tiny_model("tiny-bert")
+    fresh = s3delta_ds.load(tiny_model("tiny-bert"), tmp_path)
+    with torch.no_grad():
+        expected = trained(**batch).logits
+        torch.testing.assert_close(fresh(**batch).logits, expected, atol=1e-6, rtol=0)
+        s3delta_ds.attach(plain, tmp_path / "structure.json")  # the same deltas on the CLS pooler differ
+        from s3delta_ds.run.checkpoint import load_deltas
+
+        load_deltas(plain, tmp_path / "deltas.safetensors", head_prefixes=("classifier",))
+        assert (plain.eval()(**batch).logits - expected).abs().max() > 1e-3
+
+
+def test_load_refuses_cls_trained_deltas_on_a_mean_pooled_model(tmp_path):
+    from s3delta_ds.backbones.pooling import use_mean_pooling
+
+    trained = tiny_model("tiny-bert")
+    manual(Backbone.from_model(trained), "lora").save(tmp_path / "structure.json")
+    s3delta_ds.attach(trained, tmp_path / "structure.json")
+    save_deltas(trained, tmp_path / "deltas.safetensors", head_prefixes=("classifier",))
+    model = tiny_model("tiny-bert")
+    use_mean_pooling(model)
+    with pytest.raises(s3delta_ds.S3DeltaError, match="trained on the CLS pooler"):
+        s3delta_ds.load(model, tmp_path)
+
+
 def test_load_names_what_is_missing(tmp_path):
     with pytest.raises(s3delta_ds.S3DeltaError, match="deltas.safetensors is missing"):
         (tmp_path / "structure.json").write_text("{}")

@@ -89,6 +89,12 @@ def llama_peft(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bert_with_lra(tmp_path_factory):
+    """A classifier with a delta merging cannot fold (LRA), so its head travels in ``unmerged/``."""
+    return _trained_run(tmp_path_factory, "tiny-bert", ("lora", "lra"))
+
+
+@pytest.fixture(scope="module")
 def bert_all(tmp_path_factory):
     return _trained_run(tmp_path_factory, "tiny-bert", ("lora", "lnfit", "pafi", "hiwi", "bitfit"))
 
@@ -139,6 +145,40 @@ def test_unmergeable_deltas_are_refused_or_kept_beside_the_model(t5_with_bitfit,
     merged.eval()
     ref_model, _, _ = load_run(t5_with_bitfit)
     assert (_logits(merged, "tiny-t5") - _logits(ref_model, "tiny-t5")).abs().max() < 1e-5
+
+
+@pytest.mark.distributed
+def test_kept_deltas_of_a_classifier_load_through_the_public_api(bert_with_lra, tmp_path):
+    """The unmerged folder of a BERT export holds the head too, as every delta file s3delta_ds.load reads."""
+    import s3delta_ds
+
+    report = export_merged(bert_with_lra, tmp_path / "kept", keep_unmergeable=True)
+    assert report["kept"] and all(k.split()[1] == "lra" for k in report["kept"])
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "kept")
+    s3delta_ds.load(merged, tmp_path / "kept" / "unmerged")
+    ref_model, _, _ = load_run(bert_with_lra)
+    assert (_logits(merged, "tiny-bert") - _logits(ref_model, "tiny-bert")).abs().max() < 1e-5
+
+
+@pytest.mark.distributed
+def test_a_failed_export_leaves_nothing_behind(t5_mergeable, tmp_path, monkeypatch):
+    """A crash after the weights are written (here: the tokenizer copy) must not leave an OUT that
+    loads as a plain model, nor block the rerun."""
+    real = export._copy_tokenizer
+
+    def full_disk(run, out):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_copy_tokenizer", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_merged(t5_mergeable, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(export, "_copy_tokenizer", real)
+    report = export_merged(t5_mergeable, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert all(Path(f).parent == tmp_path / "merged" and Path(f).is_file() for f in report["files"])
+    assert json.loads((tmp_path / "merged" / "s3delta_export.json").read_text())["merged"] == report["merged"]
+    _check_merged_equals(t5_mergeable, tmp_path / "merged", "tiny-t5")
 
 
 @pytest.mark.distributed

@@ -20,7 +20,11 @@ whole model never sits on one rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -184,9 +188,14 @@ def export_merged(
             f"{len(plan.kept)} of {len(structure.modules)} deltas cannot be folded into the backbone:\n{lines}{more}\n"
             "pass --keep-unmergeable to merge the rest and write these beside the model, or export --peft"
         )
-    if out.exists() and any(out.iterdir()):
-        raise StructureError(f"{out} is not empty; choose a new directory")
-    zero.barrier()  # every rank checked the directory before rank 0 writes into it
+    with _staged(out) as stage:
+        result = _write_merged(run, model, backbone, structure, stage, max_shard_bytes)
+    result["files"] = [str(out / Path(f).relative_to(stage)) for f in result["files"]]
+    result["out"] = str(out)
+    return result
+
+
+def _write_merged(run: Path, model: nn.Module, backbone, structure: Structure, out: Path, max_shard_bytes: int) -> dict:
     report = merge(model, backbone.site_map, gather=zero.gathered)
     files = save_hf(model, out, max_shard_bytes)
     if zero.rank() == 0:
@@ -207,16 +216,43 @@ def export_merged(
         )
         if zero.rank() == 0:
             rest.save(out / "unmerged" / "structure.json")
-        save_deltas(model, out / "unmerged" / "deltas.safetensors", metadata={"structure": rest.digest()})
-    result = {
-        "merged": len(report.merged),
-        "kept": [f"{s} {t}" for s, t in kept],
-        "files": [str(f) for f in files],
-        "out": str(out),
-    }
+        # with the head (BERT), which s3delta_ds.load expects in every delta file; same values as the merged model's
+        save_deltas(
+            model,
+            out / "unmerged" / "deltas.safetensors",
+            head_prefixes=backbone.family.head_modules,
+            metadata={"structure": rest.digest()},
+        )
+    result = {"merged": len(report.merged), "kept": [f"{s} {t}" for s, t in kept], "files": [str(f) for f in files]}
     if zero.rank() == 0:
         atomic_write_text(out / "s3delta_export.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """Write an export into a hidden sibling of ``out``, renamed into place once complete: a failed
+    export (a full disk, a crash) leaves no half-written ``out`` that would load as a plain model
+    silently missing some deltas, and the rerun is not refused as "not empty". Collective."""
+    if out.exists() and any(out.iterdir()):
+        raise StructureError(f"{out} is not empty; choose a new directory")
+    stage = out.parent / f".{out.name}.partial"
+    if zero.rank() == 0:
+        shutil.rmtree(stage, ignore_errors=True)  # a crashed export's leftovers
+        stage.mkdir(parents=True)
+    zero.barrier()  # every rank checked ``out`` before rank 0 writes
+    try:
+        yield stage
+    except BaseException:
+        if zero.rank() == 0:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    zero.barrier()  # every rank's writes (rank 0's) are done
+    if zero.rank() == 0:
+        if out.exists():
+            out.rmdir()  # empty: checked above
+        os.replace(stage, out)
+    zero.barrier()
 
 
 def peft_base_name(model_cfg: ModelConfig) -> str:
@@ -260,7 +296,6 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
     registry order writes its layers (``peft_site_state``) and its config (``peft_config``)."""
     model, backbone, structure = load_run(run)
     _check_pooling(model)
-    family = backbone.family
     refused = _peft_refusals(model, backbone, structure)
     if refused and not partial:
         listed = "; ".join(f"{t} on {s}: {why}" for s, t, why in refused[:6])
@@ -268,8 +303,17 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
             f"PEFT cannot express {len(refused)} of the modules ({listed}{'; ...' if len(refused) > 6 else ''}). "
             "Use export --merge, or --partial to export the rest"
         )
-    if out.exists() and any(out.iterdir()):
-        raise StructureError(f"{out} is not empty; choose a new directory")
+    with _staged(out) as stage:
+        written = _write_peft(run, model, backbone, refused, stage)
+    return {
+        "adapters": {name: str(out / Path(p).relative_to(stage)) for name, p in written.items()},
+        "base": peft_base_name(load_run_config(run / "config.yaml").model),
+        "not_exported": [f"{t} on {s}" for s, t, _ in refused],
+    }
+
+
+def _write_peft(run: Path, model: nn.Module, backbone, refused: list, out: Path) -> dict[str, str]:
+    family = backbone.family
     skip = {(site, t) for site, t, _ in refused}
     source = peft_base_name(load_run_config(run / "config.yaml").model)
     head = list(family.head_modules)
@@ -317,7 +361,7 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
     if not written:
         expressible = "/".join(t for t, cls in DELTAS.items() if cls.peft_adapter is not None)
         raise StructureError(f"the structure has no {expressible} module PEFT can hold: nothing to export")
-    return {"adapters": written, "base": source, "not_exported": [f"{t} on {s}" for s, t, _ in refused]}
+    return written
 
 
 def _write_adapter(out: Path, config: dict, state: dict[str, torch.Tensor]) -> None:

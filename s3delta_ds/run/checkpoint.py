@@ -30,6 +30,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..backbones.pooling import pooling_of
 from ..config import TrainConfig
 from ..data.batches import accumulation_for
 from ..engine import zero
@@ -80,7 +81,10 @@ def save_deltas(
     if state is not None:
         state.update({k: b.detach().cpu().clone() for k, b in buffers})
     if zero.rank() == 0:
-        meta = {"format": DELTA_FORMAT, "version": "1", **(metadata or {})}
+        # how the head pools (BERT): loading the deltas into a model that pools otherwise would silently
+        # predict something else (s3delta_ds.load reads it back)
+        pooling = {"pooling": pooling_of(model)} if head_prefixes else {}
+        meta = {"format": DELTA_FORMAT, "version": "1", **pooling, **(metadata or {})}
         with atomic_path(path) as tmp:  # verified before it replaces anything
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
             verify_delta_file(tmp, {k: _full_shape(p) for k, p in [*named, *buffers]})
