@@ -98,6 +98,7 @@ def _overrides(setup: Setup, task: str, seed: int, out: Path, lr: float) -> list
         f"data.task={task}",
         f"data.max_eval_examples={setup.val}",
         f"data.max_test_examples={setup.test}",
+        "data.subsample=head",  # the rows round 1 was measured on (the fetched files are shuffled)
         f"seed={seed}",
         f"output_dir={out}",
         "overwrite=true",
@@ -424,6 +425,7 @@ def _p1_common(seed: int, out: Path, task: str = P1_TASK) -> list[str]:
         f"data.max_source_length={P1_SOURCE_LENGTH}",
         f"data.max_eval_examples={P1_VAL}",
         f"data.max_test_examples={P1_TEST_CAP}",
+        "data.subsample=head",  # the rows phase 1 chose on (the fetched files are shuffled)
         "data.split_seed=0",
         f"seed={seed}",
         f"output_dir={out}",

@@ -246,6 +246,9 @@ def _overrides(
         f"data.max_test_examples={P2_TEST}",
         f"data.max_source_length={P2_SOURCE_LENGTH}",
         "data.split_seed=0",
+        # the fetched tasks' files are shuffled once, by fetch-assets: their first 500 validation rows
+        # are the ones every record of the study chose on; a task file gets the seeded sample
+        *(() if task in P2_TASK_DATA else ("data.subsample=head",)),
         *P2_TASK_DATA.get(task, (f"data.task={task}",)),  # after the protocol's: a task may set its length
         f"seed={seed}",
         f"output_dir={out}",

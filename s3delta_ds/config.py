@@ -82,6 +82,10 @@ class DataConfig:
     max_eval_examples: int | None = None
     """Cap on validation examples (and on test examples unless max_test_examples is set)."""
     max_test_examples: int | None = None
+    subsample: str = "random"
+    """How the max_*_examples caps pick their rows: random (a sample drawn with ``split_seed``, in
+    file order; a file sorted by label still gives every class) or head (the first rows, for files
+    already shuffled)."""
     split_seed: int = 0
     """Seed of the data protocol's splits (validation → validation/test for tasks without a test
     split, the train carve-out), fixed apart from the run ``seed`` so that a structure searched with
@@ -126,6 +130,9 @@ class DataConfig:
             )
         _check(self.split_seed >= 0, f"data.split_seed must be >= 0, got {self.split_seed}")
         _check(
+            self.subsample in SUBSAMPLE, f"data.subsample must be one of {', '.join(SUBSAMPLE)}, got {self.subsample!r}"
+        )
+        _check(
             self.label_scoring in LABEL_SCORING,
             f"data.label_scoring must be one of {', '.join(LABEL_SCORING)}, got {self.label_scoring!r}",
         )
@@ -135,6 +142,7 @@ class DataConfig:
         _check(self.max_target_length > 0, f"data.max_target_length must be > 0, got {self.max_target_length}")
 
 
+SUBSAMPLE = ("random", "head")
 CUSTOM_KEYS = (
     "train_file",
     "validation_file",

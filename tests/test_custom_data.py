@@ -12,7 +12,11 @@ from s3delta_ds.data import Encoder, load_rows, load_tokenizer, resolve_task
 from s3delta_ds.data.encode import encode_all
 from s3delta_ds.errors import ConfigError, DataError
 
-REVIEWS = [("a wonderful , moving film", "pos"), ("dull and far too long", "neg"), ("sharp , funny , alive", "pos")]
+REVIEWS = [
+    ("a wonderful , moving film", "positive"),
+    ("dull and far too long", "negative"),
+    ("sharp , funny , alive", "positive"),
+]
 
 
 def _csv(path, rows, header="review,stars,sentiment"):
@@ -22,7 +26,7 @@ def _csv(path, rows, header="review,stars,sentiment"):
 
 def _cfg(tmp_path, *extra, files=True):
     base = ["data.task=custom", "data.template=review: {review}", "data.label_column=sentiment"]
-    base.append("data.label_words=[neg, pos]")
+    base.append("data.label_words=[negative, positive]")
     if files:
         base += [f"data.train_file={_csv(tmp_path / 'train.csv', REVIEWS * 4)}"]
         base += [f"data.validation_file={_csv(tmp_path / 'dev.csv', REVIEWS * 2)}"]
@@ -35,7 +39,7 @@ def test_custom_task_from_csv_files_with_string_labels(tmp_path):
     assert (task.name, task.columns, task.label_words, task.protocol) == (
         "custom",
         ("review",),
-        ("neg", "pos"),
+        ("negative", "positive"),
         "small",
     )
     rows = load_rows(task, None, split_seed=0)
@@ -49,7 +53,7 @@ def test_custom_task_from_a_datasets_directory_and_jsonl(tmp_path):
     d.mkdir()
     for split, rows in (("train", REVIEWS * 3), ("validation", REVIEWS), ("test", REVIEWS)):
         (d / f"{split}.jsonl").write_text(
-            "".join(json.dumps({"text": t, "label": int(lab == "pos")}) + "\n" for t, lab in rows)
+            "".join(json.dumps({"text": t, "label": int(lab == "positive")}) + "\n" for t, lab in rows)
         )
     data = load_run_config(
         None,
@@ -96,7 +100,10 @@ def test_custom_keys_on_a_builtin_task_and_misspelt_tasks_are_errors(tmp_path):
 @pytest.mark.parametrize(
     "labels, message",
     [
-        (["pos", "neg", "neutral"], "row 2: label 'neutral' in column 'sentiment' is not one of the label words"),
+        (
+            ["positive", "negative", "neutral"],
+            "row 2: label 'neutral' in column 'sentiment' is not one of the label words",
+        ),
         ([0, 1, 2], "row 2: label 2 in column 'sentiment' is not a class id in \\[0, 2\\)"),
         ([0, 1, 0.5], "row 2: label 0.5 in column 'sentiment' is not a class id"),
     ],
@@ -131,3 +138,120 @@ def test_batched_encoding_equals_per_row_encoding(tmp_path, family, model, objec
     rows = load_rows(task, None)["train"]
     enc = Encoder(task, load_tokenizer(family, model), objective, 16, 8)
     assert encode_all(enc, rows, chunk=5) == [enc.encode(r) for r in rows]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "train.csv",
+            'review,stars,sentiment\n"fine",1,pos\n,2,neg\n',
+            "train.csv row 1: text column 'review' is null",
+        ),
+        ("train.csv", 'review,stars,sentiment\n"fine",1,pos\n"  ",2,neg\n', "row 1: text column 'review' is empty"),
+        (
+            "train.jsonl",
+            '{"review": "fine", "sentiment": "pos"}\n{"sentiment": "neg"}\n',
+            "row 1: text column 'review'",
+        ),
+    ],
+)
+def test_a_missing_text_never_reads_as_none(tmp_path, name, content, message):
+    """A missing value used to train as the text "review: None"."""
+    data = _cfg(tmp_path, f"data.train_file={tmp_path / name}")
+    (tmp_path / name).write_text(content.replace("pos", "positive").replace("neg", "negative"))
+    with pytest.raises(DataError, match=message):
+        load_rows(resolve_task(data), None)
+
+
+def test_a_misspelt_hub_test_split_is_an_error(tmp_path):
+    """It used to fall back to halving validation without a word (other rows scored as test)."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    for split in ("train", "validation", "test"):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps({"text": t, "label": 0}) + "\n" for t, _ in REVIEWS))
+    base = ["data.task=custom", f"data.hub_dataset={d}", "data.template={text}", "data.label_words=[a, b]"]
+    with pytest.raises(DataError, match="has no split 'tst'"):
+        load_rows(resolve_task(load_run_config(None, [*base, "data.test_split=tst"]).data), None)
+    assert len(load_rows(resolve_task(load_run_config(None, [*base, "data.test_split=test"]).data), None)["test"]) == 3
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        ([1, 2, 3, 4, 5], [0, 1, 2, 3, 4]),  # the words themselves (a 5 is no class id)
+        ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),  # class ids (a 0 is no word)
+        (["1", "5", "3", "2", "4"], [0, 4, 2, 1, 3]),  # strings are always words
+    ],
+)
+def test_numeral_label_words_read_by_the_whole_column(tmp_path, labels, expected):
+    data = _cfg(tmp_path, "data.label_column=stars", "data.label_words=['1', '2', '3', '4', '5']")
+    rows = "".join(f'"{t}",{lab}\n' for t, lab in zip(["a", "b", "c", "d", "e"], labels, strict=True))
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.csv").write_text("review,stars\n" + rows)
+    assert [r["stars"] for r in load_rows(resolve_task(data), None)["train"]] == expected
+
+
+def test_numeral_label_words_that_fit_both_readings_are_refused(tmp_path):
+    """Stars 1..4 against the words "1".."5": ids 1..4 or the words of classes 0..3? Row by row, a
+    column holding 0..4 used to read 0 as an id and 1 as the word "1": two labels for class 0."""
+    data = _cfg(tmp_path, "data.label_column=stars", "data.label_words=['1', '2', '3', '4', '5']")
+    rows = "".join(f'"{t}",{lab}\n' for t, lab in zip("abcd", [1, 2, 3, 4], strict=True))
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.csv").write_text("review,stars\n" + rows)
+    with pytest.raises(DataError, match="ambiguous .* is label 1 class 1 \\('2'\\) or the word '1' \\(class 0\\)"):
+        load_rows(resolve_task(data), None)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.label_words=[a, b, c]", "data.metric=f1"], "f1 is binary, but there are 3 label words; use f1_macro"),
+        (["data.label_words=[low, high]", "data.metric=pearson"], "every label word must be one"),
+    ],
+)
+def test_a_metric_that_cannot_score_the_labels_is_refused_up_front(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_task(_cfg(tmp_path, *overrides))
+
+
+@pytest.mark.parametrize(
+    "words, max_target_length",
+    [(["负面", "正面"], 16), (["positive", "positively"], 1)],  # both <unk>; cut to the same first token
+)
+def test_label_words_that_tokenise_alike_are_refused(tmp_path, words, max_target_length):
+    import dataclasses
+
+    task = resolve_task(_cfg(tmp_path))
+    rows = load_rows(task, None)["train"]  # labels 0/1
+    task = dataclasses.replace(task, label_words=tuple(words))
+    enc = Encoder(task, load_tokenizer("t5", "tiny-t5"), "seq2seq", 16, max_target_length)
+    with pytest.raises(DataError, match=f"label words '{words[0]}' and '{words[1]}' become the same tokens"):
+        encode_all(enc, rows)
+
+
+def test_caps_take_a_seeded_sample_in_file_order():
+    """The first 10 rows of a file sorted by label are one class: the cap draws with split_seed instead."""
+    from s3delta_ds.run.runtime import subsample
+
+    rows = [{"i": i, "label": int(i >= 50)} for i in range(100)]
+    picked = subsample(rows, 10, "random", 0, "train")
+    assert len(picked) == 10 and {r["label"] for r in picked} == {0, 1}
+    assert [r["i"] for r in picked] == sorted(r["i"] for r in picked)
+    assert picked == subsample(rows, 10, "random", 0, "train")  # the same rows for search and retrain
+    assert picked != subsample(rows, 10, "random", 1, "train")
+    assert picked != subsample(rows, 10, "random", 0, "validation")  # each split its own draw
+    assert subsample(rows, 10, "head", 0, "train") == rows[:10]
+    assert subsample(rows, 200, "random", 0, "train") is rows
+    with pytest.raises(ConfigError, match="data.subsample must be one of random, head"):
+        load_run_config(None, ["data.subsample=first"])
+
+
+def test_encoding_counts_the_sources_cut_to_the_length(tmp_path):
+    task = resolve_task(_cfg(tmp_path))
+    rows = load_rows(task, None)["train"]
+    stats: dict = {}
+    encode_all(Encoder(task, load_tokenizer("t5", "tiny-t5"), "seq2seq", 4, 8), rows, stats=stats)
+    assert stats["truncated"] == len(rows)  # every review is longer than 4 tokens
+    encode_all(Encoder(task, load_tokenizer("t5", "tiny-t5"), "seq2seq", 64, 8), rows, stats=stats)
+    assert stats["truncated"] == 0

@@ -65,7 +65,9 @@ def test_deltas_reload_into_a_fresh_model_with_identical_outputs(searched, retra
     task = get_task("tiny-sentiment")
     tok = load_tokenizer("t5", "tiny-t5")
     enc = Encoder(task, tok, "seq2seq", task.max_source_length, 16)
-    test = [enc.encode(r) for r in load_rows(task, None)["test"][:24]]
+    from s3delta_ds.run.runtime import subsample
+
+    test = [enc.encode(r) for r in subsample(load_rows(task, None)["test"], 24, "random", 0, "test")]
     result = evaluate(
         DeltaModel(model, "seq2seq"),
         test,

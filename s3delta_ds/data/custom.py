@@ -45,6 +45,15 @@ def custom_task(data) -> Task:
         raise ConfigError(f"data.task=custom needs data.label_words: two or more distinct words, got {list(words)}")
     if data.metric not in METRICS:
         raise ConfigError(f"data.metric must be one of {', '.join(METRICS)}, got {data.metric!r}")
+    if data.metric == "f1" and len(words) > 2:  # caught here, not at the first evaluation
+        raise ConfigError(f"data.metric=f1 is binary, but there are {len(words)} label words; use f1_macro")
+    if data.metric == "pearson":
+        try:
+            [float(w) for w in words]
+        except ValueError:
+            raise ConfigError(
+                f"data.metric=pearson scores numbers: every label word must be one (e.g. 0, 1, 2.5), got {list(words)}"
+            ) from None
     files = {s: getattr(data, f"{s}_file") for s in ("train", "validation", "test")}
     files = {s: f for s, f in files.items() if f}
     given = (("files", files), ("hub_dataset", data.hub_dataset), ("data_dir", data.data_dir))

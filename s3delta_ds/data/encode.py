@@ -80,10 +80,32 @@ class Encoder:
         return {**choices[label], "label": label, "choices": choices}
 
 
-def encode_all(encoder: Encoder, rows: list[dict], chunk: int = 4096) -> list[dict]:
+def check_targets(words: tuple[str, ...], targets: list[list[int]], max_target_length: int) -> None:
+    """Two label words that tokenise alike (characters the vocabulary lacks, both ``<unk>``; or
+    cut to the same prefix by ``max_target_length``) make one class impossible to predict.
+
+    Raises:
+        DataError: the colliding words and their token ids.
+    """
+    seen: dict[tuple[int, ...], str] = {}
+    for word, ids in zip(words, targets, strict=True):
+        if tuple(ids) in seen:
+            raise DataError(
+                f"label words {seen[tuple(ids)]!r} and {word!r} become the same tokens {ids} (a vocabulary without "
+                f"their characters, or data.max_target_length={max_target_length} cutting them): rank "
+                "classification could never tell them apart; choose label words the tokenizer keeps apart"
+            )
+        seen[tuple(ids)] = word
+
+
+def encode_all(encoder: Encoder, rows: list[dict], chunk: int = 4096, stats: dict | None = None) -> list[dict]:
     """``[encoder.encode(r) for r in rows]``, with the sources tokenised in batches (a fast
     tokenizer's batched call runs in Rust, many times faster than one call per row) and every
-    label word tokenised once. The result is identical to the per-row encoding (tested)."""
+    label word tokenised once. The result is identical to the per-row encoding (tested).
+    ``stats["truncated"]``: how many sources were cut to ``max_source_length``.
+
+    Raises:
+        DataError: a label that is not a class id, or label words that tokenise alike."""
     task, tok = encoder.task, encoder.tokenizer
     for i, row in enumerate(rows):
         label = row[task.label_column]
@@ -98,13 +120,16 @@ def encode_all(encoder: Encoder, rows: list[dict], chunk: int = 4096) -> list[di
             encoder._ids(" " + w, encoder.max_target_length, special=False) + [tok.eos_token_id]
             for w in task.label_words
         ]
-    out = []
+    if encoder.objective != "classify":
+        check_targets(task.label_words, targets, encoder.max_target_length)
+    out, truncated = [], 0
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         sources = tok([task.source(r) for r in part], truncation=True, max_length=encoder.max_source_length)[
             "input_ids"
         ]
         for row, ids in zip(part, sources, strict=True):
+            truncated += len(ids) >= encoder.max_source_length  # at the cap: cut, or exactly that long
             label = row[task.label_column]
             if encoder.objective == "classify":
                 out.append({"input_ids": ids, "label": label, "choices": None})
@@ -114,6 +139,8 @@ def encode_all(encoder: Encoder, rows: list[dict], chunk: int = 4096) -> list[di
             else:
                 choices = [{"input_ids": ids + t, "labels": [-100] * len(ids) + t} for t in targets]
             out.append({**choices[label], "label": label, "choices": choices})
+    if stats is not None:
+        stats["truncated"] = truncated
     return out
 
 

@@ -38,7 +38,42 @@ class Task:
     #: Split → file path (``data.task: custom`` with data.train_file etc.).
     files: dict[str, str] = field(default_factory=dict)
 
-    def label_index(self, value: Any, where: str = "") -> int:
+    def int_labels_are_words(self, values: set[int], where: str = "") -> bool:
+        """How integer labels read when the label words are numerals too (star ratings ``"1".."5"``
+        that a CSV reader turned into ints): as the words (True) or as class ids (False).
+
+        The whole label column decides, never a row alone: read row by row, labels 0..4 against the
+        words "1".."5" would map both 0 and 1 to class 0.
+
+        Raises:
+            DataError: both readings fit every label yet disagree (labels 1..4 against the words
+                "1".."5": class ids 1..4, or the words of classes 0..3?).
+        """
+        numerals = {w: i for i, w in enumerate(self.label_words) if w.lstrip("-").isdigit()}
+        if self.metric == "pearson" or not values or not numerals:
+            return False
+        as_words = all(str(v) in numerals for v in values)
+        as_ids = all(0 <= v < len(self.label_words) for v in values)
+        if as_words and as_ids and any(numerals[str(v)] != v for v in values):
+            v = next(v for v in sorted(values) if numerals[str(v)] != v)
+            where = f"{where}: " if where else ""
+            raise DataError(
+                f"{where}integer labels {sorted(values)} in column {self.label_column!r} are ambiguous against the "
+                f"label words {list(self.label_words)}: is label {v} class {v} ({self.label_words[v]!r}) or the "
+                f"word {str(v)!r} (class {numerals[str(v)]})? Write the labels as strings, or use label words "
+                "that are not numerals"
+            )
+        return as_words and not as_ids
+
+    def check_text(self, row: dict[str, Any], where: str) -> None:
+        """Every text column present and non-empty: a missing value would read as "None"."""
+        for c in self.columns:
+            value = row.get(c)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                what = "is missing" if c not in row else "is empty" if value is not None else "is null"
+                raise DataError(f"{where}: text column {c!r} {what}; fill or drop the row")
+
+    def label_index(self, value: Any, where: str = "", *, ints_are_words: bool = False) -> int:
         """Integer class of a raw label: ints as they are; a float score (STS-B) rounded to the
         nearest label word; a string that is one of the label words; a whole float (1.0, as CSV
         readers make of integer columns with gaps) as its int.
@@ -54,6 +89,8 @@ class Task:
             return min(range(len(words)), key=lambda i: abs(words[i] - float(value)))
         if isinstance(value, float) and value.is_integer():
             value = int(value)
+        if ints_are_words and isinstance(value, int):
+            value = str(value)
         if isinstance(value, str):
             if value in self.label_words:
                 return self.label_words.index(value)

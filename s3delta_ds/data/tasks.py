@@ -121,7 +121,10 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
                 f"task {task.name!r}: cannot load {task.hub} from the hub ({type(e).__name__}: {e}); "
                 "pass data.data_dir with local train/validation files"
             ) from e
-        missing = [theirs for ours, theirs in task.hub_splits.items() if ours != "test" and theirs not in ds]
+        # a custom task names its test split only when data.test_split is set: a misspelt one must not
+        # silently fall back to halving validation
+        optional = () if task.name == "custom" else ("test",)
+        missing = [theirs for ours, theirs in task.hub_splits.items() if ours not in optional and theirs not in ds]
         if task.name == "custom" and missing:
             raise DataError(f"{task.hub[0]} has no split {missing[0]!r}; it has {', '.join(ds)} (data.*_split)")
         rows = {ours: [dict(r) for r in ds[theirs]] for ours, theirs in task.hub_splits.items() if theirs in ds}
@@ -132,8 +135,20 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
         if not split_rows:
             raise DataError(f"{where[split]}: split {split!r} is empty")
         task.check_columns(list(split_rows[0].keys()), where[split])
+    ints = {
+        r.get(task.label_column)
+        for split_rows in rows.values()
+        for r in split_rows
+        if type(r.get(task.label_column)) is int  # noqa: E721 - bools are not class ids
+    }
+    ints_are_words = task.int_labels_are_words(ints, ", ".join(where.values()))
+    for split, split_rows in rows.items():
         for i, row in enumerate(split_rows):
-            row[task.label_column] = task.label_index(row[task.label_column], f"{where[split]} row {i}")
+            at = f"{where[split]} row {i}"
+            task.check_text(row, at)
+            if task.label_column not in row:
+                raise DataError(f"{at}: label column {task.label_column!r} is missing")
+            row[task.label_column] = task.label_index(row[task.label_column], at, ints_are_words=ints_are_words)
     return apply_protocol(task, rows, split_seed)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -76,11 +77,32 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _encode(encoder: Encoder, rows: list[dict], limit: int | None, where: str) -> list[dict]:
-    rows = rows[:limit] if limit else rows
+def subsample(rows: list[dict], limit: int | None, how: str, seed: int, split: str) -> list[dict]:
+    """At most ``limit`` rows: the first ones (head), or a sample drawn with the split seed, kept in
+    file order (random; the first rows of a file sorted by label would be one class)."""
+    if not limit or len(rows) <= limit:
+        return rows
+    if how == "head":
+        return rows[:limit]
+    keep = sorted(random.Random(f"{seed}:{split}").sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
+def _encode(encoder: Encoder, rows: list[dict], cfg: RunConfig, limit: int | None, split: str) -> list[dict]:
+    rows = subsample(rows, limit, cfg.data.subsample, cfg.data.split_seed, split)
     if not rows:
-        raise DataError(f"{where}: no examples")
-    return encode_all(encoder, rows)
+        raise DataError(f"{split}: no examples")
+    stats: dict = {}
+    encoded = encode_all(encoder, rows, stats=stats)
+    if stats["truncated"]:
+        n = stats["truncated"]
+        print(
+            f"note: {split}: {n} of {len(rows)} rows ({100 * n / len(rows):.0f}%) fill "
+            f"data.max_source_length={encoder.max_source_length} tokens; longer ones lost their end (a "
+            "second text field, the template's closing words)",
+            flush=True,
+        )
+    return encoded
 
 
 def load_data(cfg: RunConfig, task: Task, encoder: Encoder) -> dict[str, list[dict]]:
@@ -98,10 +120,10 @@ def load_data(cfg: RunConfig, task: Task, encoder: Encoder) -> dict[str, list[di
         try:
             rows = load_rows(task, cfg.data.data_dir, split_seed=cfg.data.split_seed)
             data = {
-                "train": _encode(encoder, rows["train"], cfg.data.max_train_examples, "train"),
-                "validation": _encode(encoder, rows["validation"], cfg.data.max_eval_examples, "validation"),
+                "train": _encode(encoder, rows["train"], cfg, cfg.data.max_train_examples, "train"),
+                "validation": _encode(encoder, rows["validation"], cfg, cfg.data.max_eval_examples, "validation"),
                 "test": _encode(
-                    encoder, rows["test"], cfg.data.max_test_examples or cfg.data.max_eval_examples, "test"
+                    encoder, rows["test"], cfg, cfg.data.max_test_examples or cfg.data.max_eval_examples, "test"
                 ),
             }
         except DataError as e:
