@@ -80,6 +80,23 @@ def test_gate_samples_are_fp32_on_cuda_and_equal_to_the_cpu_draw():
     torch.testing.assert_close(z.cpu(), cpu.sample(step=2, phase=1), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("shift_gradient", ["renormalise", "exact"])
+def test_gate_gradients_on_cuda_equal_the_cpu_ones(shift_gradient):
+    """search.shift_gradient=exact once multiplied the CPU parameter counts with CUDA logits."""
+    from s3delta_ds.engine.gatelogits import GateLogits
+
+    kwargs = dict(lr=0.1, clip=2.0, total_steps=10, beta=1.0, temperature=1.0, seed=3, shift_gradient=shift_gradient)
+    grads = []
+    for device in (CUDA, torch.device("cpu")):
+        gates = GateLogits([10, 20, 30, 40], 50.0, device=device, **kwargs)
+        with torch.no_grad():
+            gates.logits.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        z = gates.sample(step=2, phase=1)
+        (z * torch.tensor([1.0, -2.0, 0.5, 3.0], device=device)).sum().backward()
+        grads.append(gates.logits.grad.cpu())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def process_group():
     """One NCCL process group (a world of one) for this module's engines; the environment the

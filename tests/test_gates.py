@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from s3delta_ds.errors import BudgetError
+from s3delta_ds.errors import BudgetError, TrainingError
 from s3delta_ds.method.gates import (
     BUDGET_SLACK,
     concrete_sample,
@@ -155,3 +155,22 @@ def test_random_structure_when_everything_affordable_is_taken():
     # the original's loop spun forever here: every affordable candidate gets chosen, then stop
     n = [10, 10, 10, 10_000]
     assert random_structure(n, 100, seed=0) == [0, 1, 2]
+
+
+def test_the_exact_shift_gradient_runs_with_logits_off_the_cpu():
+    """GateLogits.n stays a CPU float64 tensor; on CUDA the exact branch multiplied it with the
+    logits' device (the meta device stands in for CUDA here: a mixed-device product fails the same way)."""
+    n = torch.tensor([768.0, 1536.0, 2376.0], dtype=torch.float64)
+    logits = torch.zeros(3, device="meta", requires_grad=True)
+    p, _ = probabilities(logits, n, 2000.0, shift=0.5, exact_shift=True)
+    assert p.device.type == "meta" and p.shape == (3,)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_gates_are_an_error_not_a_structure_in_candidate_order(bad):
+    logits = torch.tensor([0.5, bad, -0.3, 1.0])
+    n = torch.tensor([10.0, 10.0, 10.0, 10.0])
+    with pytest.raises(TrainingError, match="1 of 4 gate logits are not finite \\(first: index 1"):
+        solve_shift(logits, n, 20.0)
+    with pytest.raises(TrainingError, match="gate probabilities are not finite"):
+        discretise([0.5, bad, 0.2, 0.1], [10, 10, 10, 10], 20.0)

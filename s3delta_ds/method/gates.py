@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import BudgetError
+from ..errors import BudgetError, TrainingError
 
 #: The original solves Σ n_i p_i = B·(1 − 1e-7): a hair under the budget, so rounding never overshoots.
 BUDGET_SLACK = 1e-7
@@ -68,6 +68,7 @@ def solve_shift(
         BudgetError: the budget is impossible (see :func:`check_budget`).
     """
     a = logits.detach().double().cpu()
+    _check_finite(a, "gate logits")
     w = n.detach().double().cpu()
     if check:
         check_budget(w.tolist(), budget)
@@ -107,6 +108,16 @@ def solve_shift(
     return b
 
 
+def _check_finite(values: torch.Tensor, what: str) -> None:
+    """A NaN or infinite gate would make every p NaN, and the structure then follows candidate order."""
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        raise TrainingError(
+            f"{len(bad)} of {values.numel()} {what} are not finite (first: index {bad[0]}, {values[bad[0]].item()}): "
+            "no structure can be read from them; lower search.gate_lr or check the run for NaN losses"
+        )
+
+
 def probabilities(
     logits: torch.Tensor,
     n: torch.Tensor,
@@ -133,9 +144,8 @@ def probabilities(
     if exact_shift:
         with torch.no_grad():
             p0 = torch.sigmoid(torch.clamp((logits - b) / beta, min=-200.0))
-            ns = n.to(logits.dtype) * p0 * (1 - p0) / beta
-            total = ns.sum()
-            w = ns / total if total > 0 else torch.zeros_like(ns)
+            ns = n.to(device=logits.device, dtype=logits.dtype) * p0 * (1 - p0) / beta  # n lives on the CPU
+            w = ns / ns.sum().clamp_min(torch.finfo(ns.dtype).tiny)  # all zero when every gate saturated; no sync
         b_t = b + (w * (logits - logits.detach())).sum()  # value b; gradient db/dα
         return torch.sigmoid(torch.clamp((logits - b_t) / beta, min=-200.0)), b
     p = torch.sigmoid(torch.clamp((logits - b) / beta, min=-200.0))
@@ -178,6 +188,7 @@ def discretise(p: Sequence[float] | torch.Tensor, n: Sequence[int], budget: floa
     pl = p.detach().double().tolist() if isinstance(p, torch.Tensor) else [float(x) for x in p]
     if len(pl) != len(n):
         raise ValueError(f"{len(pl)} probabilities for {len(n)} candidates")
+    _check_finite(torch.tensor(pl, dtype=torch.float64), "gate probabilities")
     if check:
         check_budget(n, budget)
     used, chosen = 0, []
