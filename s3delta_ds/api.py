@@ -123,24 +123,32 @@ def _pool_as_trained(model: nn.Module, root: Path) -> None:
         )
 
 
-def search(config: str | os.PathLike | Mapping | RunConfig | None = None, /, *overrides: str, **keys: Any) -> dict:
+def search(
+    config: str | os.PathLike | Mapping | RunConfig | None = None, /, *overrides: str, resume: bool = False, **keys: Any
+) -> dict:
     """Run a search in this process (or on this rank of a launcher); returns its summary.
 
     Args:
         config: a YAML path, a nested dict like the YAML, a ``RunConfig``, or None (defaults).
         overrides: ``"section.key=value"`` strings, as on the command line.
+        resume: continue the run in ``output_dir`` from its last checkpoint (the CLI's ``--resume``).
         keys: the same as keyword arguments, ``section__key=value`` (``search__steps=50``).
+    Raises:
+        ConfigError: the run stopped at ``search.stop_after`` (continue it with ``resume=True``).
     """
     from .search import run_search
 
-    return _run(run_search, config, overrides, keys)
+    return _run(run_search, config, overrides, keys, resume)
 
 
-def retrain(config: str | os.PathLike | Mapping | RunConfig | None = None, /, *overrides: str, **keys: Any) -> dict:
-    """Retrain a structure in this process (``retrain__structure=PATH``); returns its summary."""
+def retrain(
+    config: str | os.PathLike | Mapping | RunConfig | None = None, /, *overrides: str, resume: bool = False, **keys: Any
+) -> dict:
+    """Retrain a structure in this process (``retrain__structure=PATH``); returns its summary.
+    Arguments as for :func:`search`."""
     from .retrain import run_retrain
 
-    return _run(run_retrain, config, overrides, keys)
+    return _run(run_retrain, config, overrides, keys, resume)
 
 
 def run_config(config=None, overrides=(), keys: Mapping[str, Any] | None = None) -> RunConfig:
@@ -160,12 +168,15 @@ def _yaml_values(path) -> dict:
     return load_run_config(path).to_dict()
 
 
-def _run(fn, config, overrides, keys) -> dict:
+def _run(fn, config, overrides, keys, resume: bool) -> dict:
     cfg = run_config(config, overrides, keys)
     with _process_group():
-        summary = fn(cfg)
+        summary = fn(cfg, resume=resume)
     if summary is None:
-        raise ConfigError("the run stopped early (stop_after): continue it with resume")
+        raise ConfigError(
+            f"the run stopped early (stop_after) with a checkpoint in {cfg.output_dir}: continue it with the same "
+            "arguments and resume=True"
+        )
     return summary
 
 

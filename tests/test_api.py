@@ -200,9 +200,16 @@ tiny = dict(search__steps=4, search__eval_every=2, search__budget=0.02, retrain_
 first = s3delta_ds.search(output_dir=f"{out}/s1", **tiny)
 second = s3delta_ds.search({"seed": 1}, f"output_dir={out}/s2", **tiny)
 again = s3delta_ds.retrain(output_dir=f"{out}/r", retrain__structure=first["structure"], **tiny)
+try:  # a time-limited job: stop at step 2, then resume from Python
+    s3delta_ds.retrain(output_dir=f"{out}/r2", retrain__structure=first["structure"], retrain__stop_after=2, **tiny)
+    stopped = None
+except s3delta_ds.S3DeltaError as e:
+    stopped = str(e)
+resumed = s3delta_ds.retrain(output_dir=f"{out}/r2", retrain__structure=first["structure"], resume=True, **tiny)
 print(json.dumps({
     "first": first["modules"], "second": second["modules"], "retrain_params": again["trainable_params"],
-    "used": first["params_used"], "initialised": dist.is_initialized(),
+    "used": first["params_used"], "initialised": dist.is_initialized(), "stopped": stopped,
+    "test": [again["test"]["loss"], resumed["test"]["loss"]],
     "env": sorted(k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR") if k in os.environ),
 }))
 """
@@ -224,3 +231,6 @@ def test_search_then_retrain_several_times_in_one_process(tmp_path):
     assert result["first"] > 0 and result["second"] > 0
     assert result["retrain_params"] == result["used"]
     assert result["initialised"] is False and result["env"] == []
+    assert "stopped early" in result["stopped"] and "resume=True" in result["stopped"]
+    uninterrupted, resumed = result["test"]
+    assert resumed == pytest.approx(uninterrupted, abs=1e-5), "the resumed retrain must end where the whole one did"
