@@ -329,6 +329,7 @@ MALFORMED = {
     "used_not_sum": (_used_mismatch, "but the modules add up to"),
     "used_over_budget": (_over_budget, "parameters exceed the budget of"),
     "budget_relative": (_put(-0.5, "budget", "relative"), "expected a positive number, got -0.5"),
+    "budget_relative_above_one": (_put(5.0, "budget", "relative"), "expected a number <= 1.0, got 5.0"),
     "budget_extra": (_put(1, "budget", "spent", where="budget"), "unknown keys ['spent']"),
     "p_high": (_candidate("p", 1.5), "expected a number in [0.0, 1.0], got 1.5"),
     "p_negative": (_candidate("p", -0.25), "expected a number in [0.0, 1.0], got -0.25"),

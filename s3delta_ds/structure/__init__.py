@@ -287,7 +287,8 @@ class _Validator:
         if positive and v <= 0:
             self.fail(where, f"expected a positive number, got {v!r}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            self.fail(where, f"expected a number in [{lo}, {hi}], got {v!r}")
+            bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            self.fail(where, f"expected a number {bounds}, got {v!r}")
         return float(v)
 
     def structure(self, d) -> Structure:
@@ -406,7 +407,7 @@ class _Validator:
             self.fail("budget", f"unknown keys {extra}; valid keys: relative, absolute, used")
         if "used" not in b:
             self.fail("budget.used", "missing required field")
-        rel = self.number(b.get("relative"), "budget.relative", nullable=True, positive=True)
+        rel = self.number(b.get("relative"), "budget.relative", nullable=True, positive=True, hi=1.0)
         absolute = self.number(b.get("absolute"), "budget.absolute", nullable=True, positive=True)
         used = self.pos_int(b["used"], "budget.used", allow_zero=True)
         total = sum(m.params for m in modules)
