@@ -38,14 +38,14 @@ def _check(cond: bool, msg: str) -> None:
 class ModelConfig:
     name_or_path: str | None = None
     """Model directory (weights + config.json), hub id, or a shipped shape with ``random_init``.
-    ``tiny-t5`` / ``tiny-llama`` / ``tiny-bert`` name the embedded defaults. Unset: search uses
+    ``tiny-t5`` / ``tiny-t5-v1_1`` / ``tiny-llama`` / ``tiny-bert`` name the embedded defaults. Unset: search uses
     ``tiny-t5``; retrain uses the backbone recorded in the structure (and says so)."""
     tokenizer: str | None = None
     """Tokenizer directory; default: the model directory (or the embedded tokenizer)."""
     random_init: bool = False
     """Build from the config with random weights instead of loading weights (tests, planning)."""
     dtype: str = "auto"
-    """Backbone dtype: auto (bf16/fp16 when the DeepSpeed config enables it, else fp32), fp32, bf16."""
+    """Backbone dtype: auto (bf16/fp16 when the DeepSpeed config enables it, else fp32), fp32, bf16, fp16."""
     gguf_file: str | None = None
     """GGUF file inside ``name_or_path`` to load (e.g. SmolLM2's), dequantised by transformers."""
     quantize: str | None = None
@@ -78,10 +78,13 @@ class DataConfig:
     max_source_length: int | None = None
     """Default: the task's own (128 for GLUE, 256 for SuperGLUE/RTE)."""
     max_target_length: int = 16
+    """Token cap of a label word (seq2seq/causal); two words it cuts alike are refused."""
     max_train_examples: int | None = None
+    """Cap on training examples (a sample, see ``subsample``); unset: all."""
     max_eval_examples: int | None = None
     """Cap on validation examples (and on test examples unless max_test_examples is set)."""
     max_test_examples: int | None = None
+    """Cap on test examples; unset: ``max_eval_examples``'s, if any."""
     subsample: str = "random"
     """How the max_*_examples caps pick their rows: random (a sample drawn with ``split_seed``, in
     file order; a file sorted by label still gives every class) or head (the first rows, for files
@@ -100,14 +103,18 @@ class DataConfig:
     train_file: str | None = None
     """custom: the training rows (.csv, .jsonl/.json or .parquet)."""
     validation_file: str | None = None
+    """custom: the validation rows (model selection), same formats as ``train_file``."""
     test_file: str | None = None
     """custom: optional; without it the validation rows are halved into validation and test
     (drawn with ``split_seed``)."""
     hub_dataset: str | None = None
     """custom: a ``datasets`` name or local dataset script/directory instead of files."""
     hub_config: str | None = None
+    """custom with hub_dataset: the dataset's configuration name, if it has several."""
     train_split: str = "train"
+    """custom with hub_dataset: the split to train on."""
     validation_split: str = "validation"
+    """custom with hub_dataset: the split to validate on."""
     test_split: str | None = None
     """custom with hub_dataset: the split names to read."""
     template: str | None = None
@@ -180,6 +187,7 @@ class TrainConfig:
     (micro_batch_size × ranks), on any number of ranks, and the run says when that changes it; an
     error names the numbers when no whole accumulation does (docs/multinode.md)."""
     eval_batch_size: int = 32
+    """Examples per rank per forward when evaluating (no gradients: can exceed micro_batch_size)."""
     eval_every: int = 50
     """Validate every N steps (and at the end); the best validation score is kept."""
     checkpoint_every: int = 0
@@ -187,9 +195,11 @@ class TrainConfig:
     lr: float = 3e-4
     """Delta-weight learning rate (AdamW, linear decay to 0, no warm-up)."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the delta weights (the gate logits never decay)."""
     clip: float = 2.0
     """Gradient-norm clipping of the delta weights (DeepSpeed's gradient_clipping)."""
     log_every: int = 10
+    """Print the training loss every N steps."""
     stop_after: int = 0
     """Stop this launch after N steps (checkpointing first) and exit; continue with --resume. For
     job time limits and preemptible queues. 0: run to the end."""
@@ -207,6 +217,9 @@ class TrainConfig:
 @dataclass(kw_only=True, slots=True, frozen=True)
 class SearchConfig(TrainConfig):
     space: str = "mixed"
+    """Candidate delta modules: mixed (LoRA, BitFit, LNFit, low-rank adapter: the original's), lora,
+    mixed+adapter, mixed+pafi+hiwi, mixed+ia3, mergeable (only types that fold into the weights:
+    zero added latency after export), bias. ``s3delta space MODEL`` lists a space's candidates."""
     budget: float = 1.389e-4
     """Trainable-parameter budget as a fraction of the backbone's parameters."""
     mode: str = "first-order"
@@ -216,6 +229,8 @@ class SearchConfig(TrainConfig):
     """Second order only: the virtual delta step w' = w - ξ·u. adamw (the original: u is the AdamW
     update with the delta optimizer's moments) or sgd (DARTS: u = the gradient)."""
     gate_lr: float = 0.1
+    """Learning rate of the gate logits (their own optimizer, ``gate_optimizer``; linear decay to 0
+    over the steps after the warm-up)."""
     gate_optimizer: str = "adamw"
     """adamw: per-logit AdamW (the original). adam-shared: Adam with one second moment for all
     logits (the mean of g²), so logits move in proportion to their gradients: per-logit AdamW moves a
@@ -231,6 +246,7 @@ class SearchConfig(TrainConfig):
     original's sum-preserving renormalisation of p. exact: the gradient through b as the budget
     constraint defines it, so a module's logit pays for the parameters it takes (method/gates.py)."""
     gate_clip: float = 2.0
+    """Gradient-norm clipping of the gate logits (0 disables)."""
     beta: float = 1.0
     """Sigmoid temperature of the shifted global sigmoid."""
     temperature: float = 1.0
@@ -299,6 +315,8 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     output_dir: str = "runs/default"
+    """Where the run writes (config.yaml, structure.json or deltas.safetensors, summary.json,
+    checkpoints); an existing non-empty directory needs ``--resume`` or ``overwrite``."""
     deepspeed: str = "auto"
     """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_multinode, zero3_offload, zero3_cpu),
     a json path, or "auto": replicate the frozen backbone (zero2) when it fits on a device, ZeRO-3 when
@@ -306,6 +324,7 @@ class RunConfig:
     zero_stage: int | None = None
     """Override the DeepSpeed config's ZeRO stage (0-3)."""
     seed: int = 0
+    """Initialisation, data order and gate noise. The data splits use ``data.split_seed`` instead."""
     overwrite: bool = False
     """Allow writing into an existing output directory (its old files are removed first)."""
 

@@ -452,3 +452,26 @@ def test_console_script_error_exit_code_and_offline_speed(tmp_path):
     assert "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []
     assert elapsed < 60, f"offline hub lookup took {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "{s}", "--plot", "{tmp}/p.png"], "error: --plot works with --budgets"),
+        (["inspect", "{s}", "--write", "{tmp}/sweep"], "error: --write works with --budgets"),
+        (
+            ["export", "{tmp}", "--peft", "--keep-unmergeable", "-o", "{tmp}/o"],
+            "--keep-unmergeable does not apply to --peft",
+        ),
+        (["export", "{tmp}", "--merge", "--partial", "-o", "{tmp}/o"], "--partial does not apply to --merge"),
+        (["export", "{tmp}", "--peft", "--full-precision-base", "-o", "{tmp}/o"], "--full-precision-base does not"),
+    ],
+)
+def test_a_flag_that_would_be_ignored_is_an_error(capsys, tmp_path, argv, message):
+    """inspect --plot without --budgets printed the summary and wrote no plot, as if it had worked."""
+    structure = tmp_path / "s.json"
+    _random(capsys, structure, seed=1)
+    before = sorted(os.listdir(tmp_path))
+    rc, out, err = run(capsys, *[a.format(s=structure, tmp=tmp_path) for a in argv])
+    assert (rc, out) == (2, "") and message in err, err
+    assert sorted(os.listdir(tmp_path)) == before

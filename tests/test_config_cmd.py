@@ -48,3 +48,29 @@ def test_cli_prints_it_and_names_a_misspelt_task(capsys):
     assert "search:" in capsys.readouterr().out
     assert main(["config", "sst3"]) == 2
     assert "unknown task 'sst3'" in capsys.readouterr().err
+
+
+def test_overrides_alone_are_of_the_defaults(capsys, tmp_path):
+    """`s3delta config search.steps=5` read the override as a task name."""
+    for argv in (["config", "search.steps=5"], ["config", "--defaults", "search.steps=5", "seed=3"]):
+        assert main(argv) == 0
+        path = tmp_path / "c.yaml"
+        path.write_text(capsys.readouterr().out)
+        assert load_run_config(path).search.steps == 5
+
+
+def test_every_key_is_documented():
+    """`s3delta config` promises every key with what it does: a field without a docstring prints bare."""
+    import dataclasses
+
+    from s3delta_ds import config
+
+    docs = field_docs()
+    bare = [
+        f"{name}.{f.name}"
+        for name in docs
+        for f in dataclasses.fields(getattr(config, name))
+        if not any(f.name in docs.get(base.__name__, {}) for base in getattr(config, name).__mro__)
+        and not dataclasses.is_dataclass(f.default_factory)  # the sections themselves
+    ]
+    assert bare == []

@@ -69,6 +69,16 @@ def test_retrain_refuses_a_structure_of_another_family_before_loading(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_retrain_refuses_a_structure_of_another_size_before_writing(tmp_path):
+    """Same family, other widths: refused in preflight, so the corrected rerun is not "not empty"."""
+    plan = builders.Backbone.plan("t5-base")
+    base = builders.random_baseline(plan.space("mixed"), plan.info, 1e-3, seed=0).save(tmp_path / "base.json")
+    cfg = _cfg(tmp_path, f"retrain.structure={base}", "model.name_or_path=tiny-t5", "data.task=tiny-sentiment")
+    with pytest.raises(StructureError, match="it was made for t5-base .*use `s3delta transfer`"):
+        run_retrain(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 # -- retrain takes task and model from the structure, and says so ------------------------------------
 
 
@@ -94,8 +104,27 @@ def test_retrain_without_a_task_anywhere_is_an_error(tmp_path):
 
 
 def test_search_defaults_are_the_embedded_ones():
-    cfg = preflight_search(load_run_config(None, []), log=lambda s: None)
-    assert (cfg.model.name_or_path, cfg.data.task) == ("tiny-t5", "tiny-sentiment")
+    """With no model, the default budget (for real backbones: 25 parameters of tiny-t5, below its
+    cheapest module) becomes the embedded model's; a budget or model the user set stays."""
+    said = []
+    cfg = preflight_search(load_run_config(None, []), log=said.append)
+    assert (cfg.model.name_or_path, cfg.data.task, cfg.search.budget) == ("tiny-t5", "tiny-sentiment", 0.02)
+    assert any("search.budget=0.02" in s for s in said)
+    assert preflight_search(load_run_config(None, ["search.budget=0.01"]), log=said.append).search.budget == 0.01
+    explicit = preflight_search(load_run_config(None, ["model.name_or_path=tiny-t5"]), log=said.append)
+    assert explicit.search.budget == 1.389e-4
+
+
+def test_an_unreachable_budget_names_the_range_that_fits():
+    from s3delta_ds.errors import BudgetError
+    from s3delta_ds.run.plan import RunPlan
+
+    cfg = load_run_config(None, ["model.name_or_path=tiny-t5"])
+    with pytest.raises(
+        BudgetError,
+        match=r"search.budget=0.0001389 of tiny-t5's 181,056 parameters: .* must lie in \[0.000353, 0.0455\)",
+    ):
+        RunPlan.for_search(cfg, "tiny-t5")
 
 
 # -- data splits depend on data.split_seed, never on the run seed -----------------------------------

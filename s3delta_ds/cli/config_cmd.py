@@ -50,7 +50,10 @@ def config_text(what: str | None, overrides: list[str]) -> str:
 
 
 def run(args) -> int:
-    if args.defaults and args.what:
+    what, overrides = args.what, list(args.overrides)
+    if what is not None and "=" in what and not Path(what).is_file():  # only overrides: of the defaults
+        what, overrides = None, [what, *overrides]
+    if args.defaults and what:
         raise ConfigError("pass either --defaults or a task/config, not both")
-    print(config_text(args.what, args.overrides), end="")
+    print(config_text(what, overrides), end="")
     return 0

@@ -29,7 +29,15 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..artifacts.export import export_merged, export_peft
+    from ..errors import ConfigError
 
+    for flag, on, mode in (
+        ("--partial", args.partial, "merge"),
+        ("--keep-unmergeable", args.keep_unmergeable, "peft"),
+        ("--full-precision-base", args.full_precision_base, "peft"),
+    ):
+        if on and getattr(args, mode):  # accepted and ignored, it would look as if it had worked
+            raise ConfigError(f"{flag} does not apply to --{mode} (see s3delta export --help)")
     out = Path(args.output)
     if args.merge:
         r = export_merged(

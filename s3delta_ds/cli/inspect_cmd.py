@@ -64,6 +64,11 @@ def sweep(args, structure: Structure) -> int:
 
 
 def run(args) -> int:
+    if not args.budgets and (args.plot or args.write):
+        from ..errors import ConfigError
+
+        flag = "--plot" if args.plot else "--write"
+        raise ConfigError(f"{flag} works with --budgets (the sweep it plots or writes), e.g. --budgets 1e-4,5e-5")
     structure = Structure.load(args.structure)
     if args.budgets:
         return sweep(args, structure)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig, RunConfig
 from ..engine import zero
+from ..errors import BudgetError
 from ..method.gates import check_budget
 from ..method.space import SearchSpace
 from ..structure import Structure
@@ -57,7 +58,16 @@ class RunPlan:
         num_params = planner.info.num_params
         space = planner.space(cfg.search.space)
         budget_params = absolute_budget(cfg.search.budget, num_params)
-        check_budget(space.params, budget_params)  # the only budget check of a search
+        try:
+            check_budget(space.params, budget_params)  # the only budget check of a search
+        except BudgetError as e:  # say it in the unit the user set
+            if not space.params:
+                raise
+            lo, hi = min(space.params) / num_params, space.total_params / num_params
+            raise BudgetError(
+                f"search.budget={cfg.search.budget:g} of {cfg.model.name_or_path}'s {num_params:,} parameters: "
+                f"{e}. On this model and space ({cfg.search.space}) the budget must lie in [{lo:.3g}, {hi:.3g})"
+            ) from None
         return cls._with_strategy(
             cfg,
             kind="search",

@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..config import RunConfig
+from ..config import RunConfig, SearchConfig
 from ..errors import ConfigError, StructureError
 from ..structure import Structure
 
 DEFAULT_MODEL = "tiny-t5"
 DEFAULT_TASK = "tiny-sentiment"
+DEFAULT_BUDGET = 0.02  # of the embedded tiny-t5: ~3.6k parameters, as examples/tiny_t5.yaml
 
 
 def log0(msg: str) -> None:
@@ -81,6 +82,12 @@ def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
 
     if cfg.model.name_or_path is None:
         cfg = _replace(cfg, "model", name_or_path=DEFAULT_MODEL)
+        if cfg.search.budget == SearchConfig().budget:  # made for real backbones: below the tiny one's cheapest module
+            cfg = _replace(cfg, "search", budget=DEFAULT_BUDGET)
+            log(
+                f"[s3delta search] model.name_or_path not set: using the embedded {DEFAULT_MODEL} at "
+                f"search.budget={DEFAULT_BUDGET:g} (the default {SearchConfig().budget:g} is for real backbones)"
+            )
     if cfg.data.task is None:
         cfg = _replace(cfg, "data", task=DEFAULT_TASK)
     rules_of(cfg.search.space)
@@ -126,6 +133,12 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
             f"{rc.structure} is for a {structure.backbone.family} backbone but model {cfg.model.name_or_path} is "
             f"{family}: pass a {structure.backbone.family} model, or map the structure with `s3delta transfer`"
         )
+    if structure is not None and family:
+        # depths and widths too, on the meta device: a t5-base structure on tiny-t5 used to fail only
+        # after the output directory was written, and the corrected rerun was refused as "not empty"
+        from ..structure.builders import Backbone
+
+        structure.check_backbone(Backbone.plan(cfg.model.name_or_path).site_map)
     if structure is not None:
         _warn_split(cfg, structure, log)
     return cfg, structure
