@@ -191,6 +191,33 @@ def toks():
     }
 
 
+def _offline(*args, **kwargs):
+    raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+
+@pytest.mark.parametrize(
+    "family,shape,embedded", [("llama", "llama-2-70b", "tiny-llama"), ("t5", "google-t5/t5-large", "tiny-t5")]
+)
+def test_offline_shape_tokenizer_error_names_the_fix(monkeypatch, family, shape, embedded):
+    """A shipped shape (config only) has no tokenizer of its own: offline, the error says what to pass."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", _offline)
+    hint = rf"config-only shape(.|\n)*model.tokenizer=DIR(.|\n)*model.tokenizer={embedded}"
+    with pytest.raises(DataError, match=hint):
+        load_tokenizer(family, shape)
+    assert len(load_tokenizer(family, shape, tokenizer=embedded)) > 0  # the named fix works
+
+
+def test_offline_hub_id_tokenizer_error_has_no_shape_hint(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", _offline)
+    with pytest.raises(DataError, match="cannot load a tokenizer") as e:
+        load_tokenizer("t5", "someone/own-t5")
+    assert "shape" not in str(e.value)
+
+
 ROWS = [
     {"sentence": "the plot was moving .", "label": 1},
     {"sentence": "a dull and lifeless sequel with a silly script that never ends .", "label": 0},

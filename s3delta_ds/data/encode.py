@@ -41,10 +41,26 @@ def load_tokenizer(family: str, name_or_path: str, tokenizer: str | None = None,
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot load a tokenizer from {source!r}: {e}") from e
+        raise DataError(f"cannot load a tokenizer from {source!r}: {e}{_shape_hint(family, source)}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+def _shape_hint(family: str, source: str) -> str:
+    """Why a shipped shape name (config only, random weights) has no tokenizer offline, and the fix."""
+    from pathlib import Path
+
+    from ..backbones.loading import builtin_shapes
+
+    if Path(source).exists() or source not in builtin_shapes():
+        return ""
+    tiny = next((k for k, v in _EMBEDDED_TOKENIZERS.items() if v == family), None)
+    embedded = f", or model.tokenizer={tiny} for the embedded test tokenizer (a systems run only)" if tiny else ""
+    return (
+        f"\n{source!r} is a shipped config-only shape: its weights are random and only its tokenizer "
+        f"would come from the hub. Offline, pass model.tokenizer=DIR (a local tokenizer directory){embedded}"
+    )
 
 
 @dataclass(frozen=True)
