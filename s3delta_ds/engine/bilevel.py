@@ -148,12 +148,16 @@ class BiLevel:
         self.model.gate_ctx.z = (self.gates.sample(step, DELTA_PHASE) if z is None else z).detach()
         return delta_update(self.engine, self.model, micro_batches, self.device)
 
-    def _z_grad(self, micro_batches, z_leaf: torch.Tensor, items: float, weights=None, want_w=False, frozen=None):
+    def _z_grad(
+        self, micro_batches, z_leaf: torch.Tensor, items: float, weights=None, want_w=False, frozen=None, scale=1.0
+    ):
         """Σ over micro-batches of ∂(loss / items)/∂z (and ∂/∂w), summed over ranks.
 
         ``weights``: tensors to use in place of the delta parameters (same order), or None for the
         parameters themselves; ∂/∂w is taken w.r.t. whichever is used. ``frozen``: name → tensor
         to use in place of other parameters and buffers (the fp32 backbone of the second order).
+        ``scale``: the fp16 loss scale; the backward runs on loss · scale, the sums are returned
+        unscaled (in fp32), non-finite where the scaled backward overflowed.
         """
         ws = self.delta_params if weights is None else [w.detach().requires_grad_(want_w) for w in weights]
         inputs = [z_leaf] + (list(ws) if want_w else [])
@@ -162,7 +166,7 @@ class BiLevel:
             loss_sum, _ = model(batch)
             loss = loss_sum.sum()
             check_finite(loss, "gate phase")
-            return loss.detach(), torch.autograd.grad(loss / items, inputs, allow_unused=True)
+            return loss.detach(), torch.autograd.grad(loss * (scale / items), inputs, allow_unused=True)
 
         if weights is None:
             run = functools.partial(loss_and_grads, self.model)
@@ -193,16 +197,26 @@ class BiLevel:
         if want_w:
             for g in gw:
                 zero.all_reduce_sum_(g)
+        if scale != 1.0:
+            gz /= scale
+            for g in gw or ():
+                g /= scale
         return gz, gw, total
 
     def gate_step(self, micro_batches, step: int) -> float:
-        """First-order gate update on ``micro_batches`` (the gates half). Returns the mean loss."""
+        """First-order gate update on ``micro_batches`` (the gates half). Returns the mean loss.
+
+        With an fp16 backbone the backward runs on a scaled loss (``GateLossScale``), and a step
+        whose gradient overflowed is skipped (the logits keep their values) on every rank alike.
+        """
         items = self._global_items(micro_batches)
         z = self.gates.sample(step, GATE_PHASE)
         z_leaf = z.detach().requires_grad_(True)
-        gz, _, total = self._z_grad(micro_batches, z_leaf, items)
-        (g_logits,) = torch.autograd.grad(z, self.gates.logits, grad_outputs=gz.to(z.dtype))
-        self.gates.apply(g_logits)
+        scaler = self.gates.loss_scale
+        gz, _, total = self._z_grad(micro_batches, z_leaf, items, scale=scaler.scale)
+        if scaler.update(bool(torch.isfinite(gz).all())):
+            (g_logits,) = torch.autograd.grad(z, self.gates.logits, grad_outputs=gz.to(z.dtype))
+            self.gates.apply(g_logits)
         return self._mean(total, items)
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import TrainingError
 from ..method.gates import concrete_sample, probabilities, step_generator
 from . import zero
 
@@ -51,6 +52,97 @@ def gate_optimizer(name: str, logits: torch.Tensor, lr: float) -> torch.optim.Op
     raise ValueError(f"unknown gate optimizer {name!r}")
 
 
+class GateLossScale:
+    """fp16 loss scaling for the gate pass, with DeepSpeed's rules and its ``fp16`` config keys.
+
+    DeepSpeed scales the delta pass's loss itself, but the gate pass takes its gradients with
+    ``torch.autograd.grad`` outside the engine. Unscaled, a loss normalised by a large global
+    batch back-propagates through fp16 activations as gradients below fp16's smallest subnormal
+    (6e-8): they flush to zero and the gates stop moving, silently. So the gate loss is
+    multiplied by ``scale``, the gradient divided back in fp32, and a non-finite gradient (the
+    same on every rank: it is all-reduced) skips that gate step. Dynamic (``fp16.loss_scale: 0``,
+    DeepSpeed's default): an overflow halves the scale once ``hysteresis`` overflows have been
+    seen, ``loss_scale_window`` clean steps double it. The gate pass keeps its own scale: its
+    gradients are not the delta pass's. fp32/bf16: scale 1, never skips.
+    """
+
+    def __init__(
+        self,
+        scale: float = 1.0,
+        *,
+        dynamic: bool = False,
+        window: int = 1000,
+        min_scale: float = 1.0,
+        hysteresis: int = 2,
+        consecutive_hysteresis: bool = False,
+    ):
+        self.scale, self.dynamic, self.window, self.min_scale = float(scale), dynamic, window, float(min_scale)
+        self.hysteresis, self.consecutive_hysteresis = hysteresis, consecutive_hysteresis
+        self.cur_hysteresis, self.iter, self.last_overflow, self.skipped = hysteresis, 0, -1, 0
+
+    @classmethod
+    def from_ds_config(cls, ds_config: dict) -> GateLossScale:
+        """The resolved DeepSpeed config's ``fp16`` section, read by DeepSpeed's own parser (its
+        defaults and validation): initial_scale_power, loss_scale, loss_scale_window, hysteresis,
+        consecutive_hysteresis, min_loss_scale."""
+        from deepspeed.runtime.precision_config import DeepSpeedFP16Config
+
+        fp16 = DeepSpeedFP16Config(**ds_config.get("fp16", {}))
+        if not fp16.enabled:
+            return cls()
+        if fp16.loss_scale > 0:
+            return cls(fp16.loss_scale)
+        return cls(
+            fp16.initial_dynamic_scale(),
+            dynamic=True,
+            window=fp16.loss_scale_window,
+            min_scale=fp16.min_loss_scale,
+            hysteresis=fp16.hysteresis,
+            consecutive_hysteresis=fp16.consecutive_hysteresis,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.dynamic or self.scale != 1.0
+
+    def update(self, finite: bool) -> bool:
+        """Record one gate step's outcome; returns whether its gradient may be applied.
+
+        Raises:
+            TrainingError: the gradient overflows fp16 at the smallest allowed scale.
+        """
+        if not finite:
+            self.skipped += 1
+            if self.dynamic:
+                if self.hysteresis == 1 or self.cur_hysteresis == 1:
+                    if self.scale <= self.min_scale:
+                        raise TrainingError(
+                            f"the gate gradient overflows fp16 even at the minimum loss scale {self.min_scale:g}: "
+                            "lower search.gate_lr or search.lr, or run the backbone in bf16 or fp32 (model.dtype)"
+                        )
+                    self.scale = max(self.scale / 2, self.min_scale)
+                else:
+                    self.cur_hysteresis -= 1
+                self.last_overflow = self.iter
+        elif self.dynamic:
+            if self.consecutive_hysteresis:
+                self.cur_hysteresis = self.hysteresis
+            stable = self.iter - self.last_overflow - 1
+            if stable > 0 and stable % self.window == 0:
+                if not self.consecutive_hysteresis:
+                    self.cur_hysteresis = self.hysteresis
+                self.scale *= 2
+        self.iter += 1
+        return finite
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("scale", "cur_hysteresis", "iter", "last_overflow", "skipped")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
 class GateLogits:
     def __init__(
         self,
@@ -66,6 +158,7 @@ class GateLogits:
         device: torch.device,
         optimizer: str = "adamw",
         shift_gradient: str = "renormalise",
+        loss_scale: GateLossScale | None = None,
     ):
         self.n = torch.tensor(params, dtype=torch.float64)
         self.exact_shift = shift_gradient == "exact"
@@ -74,6 +167,7 @@ class GateLogits:
         self.optimizer = gate_optimizer(optimizer, self.logits, lr)
         self.scheduler = zero.linear_decay(self.optimizer, total_steps)
         self.last_grad_norm = 0.0
+        self.loss_scale = loss_scale or GateLossScale()
 
     def __len__(self) -> int:
         return self.logits.numel()
@@ -107,6 +201,7 @@ class GateLogits:
             "logits": self.logits.detach().cpu().clone(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "loss_scale": self.loss_scale.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -114,3 +209,5 @@ class GateLogits:
             self.logits.copy_(state["logits"].to(self.logits.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "loss_scale" in state:  # checkpoints before fp16 gate scaling: scale as configured
+            self.loss_scale.load_state_dict(state["loss_scale"])

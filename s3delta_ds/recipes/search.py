@@ -12,7 +12,7 @@ from ..data import BatchStream, split_halves
 from ..engine import zero
 from ..engine.backbone import DTYPES
 from ..engine.bilevel import BiLevel, check_mode
-from ..engine.gatelogits import GateLogits
+from ..engine.gatelogits import GateLogits, GateLossScale
 from ..method.gates import discretise, probabilities
 from ..method.supernet import DeltaSpec, GateContext
 from ..run.checkpoint import geometry, latest_checkpoint, load_run_checkpoint, save_deltas, save_run_checkpoint
@@ -91,6 +91,7 @@ class SearchRecipe:
             device=rt.device,
             optimizer=sc.gate_optimizer,
             shift_gradient=sc.shift_gradient,
+            loss_scale=GateLossScale.from_ds_config(rt.ds_config),
         )
         self.bilevel = BiLevel(
             self.pipe.engine, self.gates, mode=sc.mode, virtual_step=sc.virtual_step, device=rt.device
@@ -125,6 +126,8 @@ class SearchRecipe:
                     stats = {"delta_loss": delta_loss, "gate_grad_norm": gates.last_grad_norm}
                     if gate_loss is not None:
                         stats["gate_loss"] = gate_loss
+                    if gates.loss_scale.enabled:  # fp16: the gate pass's own scale and its skipped steps
+                        stats |= {"gate_loss_scale": gates.loss_scale.scale, "gate_skipped": gates.loss_scale.skipped}
                     log_step(self.metrics, bar, state.step, "search", {**stats, "lr": lr})
                 evaluated = state.step % sc.eval_every == 0 or state.step == sc.steps
                 if evaluated:
