@@ -121,6 +121,62 @@ def test_manual_structure_transfers_its_modules():
         transfer(lora, Backbone.plan("t5-large"), budget=1e-4)
 
 
+def test_random_structure_transfers_only_its_modules():
+    """A random structure has a space but no probabilities: its unchosen components are not
+    "missing" from the source, so nothing may reach them through the role fallback."""
+    plan = Backbone.plan("t5-base")
+    src = builders.random_baseline(plan.space("mixed"), plan.info, 1e-4, seed=0)
+    out = transfer(src, Backbone.plan("t5-large"))
+    chosen = {(m.site.split(".")[0], m.site.split(".")[-1] if m.site.count(".") == 1 else m.site.split(".", 2)[2],
+               m.type) for m in src.modules}  # fmt: skip
+    for m in out.modules:
+        stack, rest = m.site.split(".", 1)
+        component = rest if rest.startswith("final") else rest.split(".", 1)[1]
+        assert (stack, component, m.type) in chosen, m.site
+    # 12 -> 24 layers: each chosen source module lands on the two target layers it covers
+    layered = [m for m in src.modules if m.site.count(".") >= 2]
+    assert len(out.modules) == 2 * len(layered) + (len(src.modules) - len(layered))
+    with pytest.raises(StructureError, match="no gate probabilities"):
+        transfer(src, Backbone.plan("t5-large"), budget=1e-3)
+
+
+def test_unmatched_candidates_are_never_chosen(base):
+    """Target candidates nothing maps to (p = 0) stay out even when budget is left over."""
+    d = base.to_dict()
+    d["candidates"] = [c for c in d["candidates"] if c["site"].startswith("decoder")]  # an encoder-less record
+    d["modules"] = [m for m in d["modules"] if m["site"].startswith("decoder")]
+    d["budget"]["used"] = sum(m["params"] for m in d["modules"])
+    src = Structure.from_dict(d)
+    out = transfer(src, Backbone.plan("t5-large"), budget=2e-3)  # more than all decoder candidates need
+    decoder = sum(c.params for c in out.candidates if c.site.startswith("decoder"))
+    assert all(m.site.startswith("decoder") for m in out.modules)
+    assert out.budget.used == decoder < out.budget.absolute
+
+
+def test_manual_kwargs_follow_the_overlapping_source_layer():
+    plan = Backbone.plan("t5-base")
+    d = builders.manual(plan, "lora").to_dict()
+    for m in d["modules"]:  # rank 2 in the first half of the encoder, 4 in the second
+        if m["site"].startswith("encoder."):
+            m["kwargs"] = {**m["kwargs"], "r": 2 if int(m["site"].split(".")[1]) < 6 else 4}
+    d.pop("digest", None)
+    out = transfer(Structure.from_dict(d), Backbone.plan("t5-large"))
+    ranks = {int(m.site.split(".")[1]): m.kwargs["r"] for m in out.modules if m.site.startswith("encoder.")}
+    assert ranks == {layer: 2 if layer < 12 else 4 for layer in range(24)}
+
+
+def test_global_pafi_is_refused_with_the_command_that_makes_the_targets():
+    plan = Backbone.plan("t5-base")
+    d = builders.manual(plan, "pafi").to_dict()
+    for i, m in enumerate(d["modules"]):
+        m["kwargs"] = {**m["kwargs"], "ranking": "global", "count": 10 + i}
+        m["params"] = 10 + i
+    d["budget"]["used"] = sum(m["params"] for m in d["modules"])
+    d.pop("digest", None)
+    with pytest.raises(StructureError, match="globally ranked PaFi.*s3delta pafi-mask TARGET"):
+        transfer(Structure.from_dict(d), Backbone.plan("t5-large"))
+
+
 def test_transfer_errors(base, tmp_path):
     with pytest.raises(StructureError, match="no mapping between these families"):
         transfer(base, Backbone.plan("llama-2-7b"))

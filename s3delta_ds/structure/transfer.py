@@ -7,7 +7,12 @@ candidates with the same component and delta type whose layer intervals overlap 
 12 → 24 copies each p to two layers, 24 → 12 averages pairs, and 32 → 80 blends neighbours.
 Per-stack candidates (``final_norm``) map one to one. A target component the source lacks (T5
 v1.0 → v1.1 adds ``mlp.gate``) takes the p of the source components with the same role. Parameter
-counts are recomputed on the target's shapes, then the greedy knapsack re-discretises at the budget.
+counts are recomputed on the target's shapes, then the greedy knapsack re-discretises at the budget;
+a target candidate nothing maps to (p = 0) is never chosen.
+
+A structure without probabilities (manual, random) transfers its modules as they are: each goes to
+every target layer its source layer overlaps, and it cannot be re-discretised. Globally ranked PaFi
+is refused: its positions come from the source's weights (``s3delta pafi-mask`` makes the target's).
 """
 
 from __future__ import annotations
@@ -34,16 +39,11 @@ def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
 
 
 def _source_p(source: Structure) -> dict[tuple[str, str, str], dict[int | None, float]]:
-    """(stack, component, type) → {layer: p}, from the candidates (or, lacking them, the modules: p=1)."""
+    """(stack, component, type) → {layer: p}, from the candidates."""
     table: dict[tuple[str, str, str], dict[int | None, float]] = defaultdict(dict)
-    if source.candidates:
-        for c in source.candidates:
-            stack, layer, component = parse_site(c.site)
-            table[(stack, component, c.type)][layer] = c.p
-        return table
-    for m in source.modules:
-        stack, layer, component = parse_site(m.site)
-        table[(stack, component, m.type)][layer] = 1.0
+    for c in source.candidates:
+        stack, layer, component = parse_site(c.site)
+        table[(stack, component, c.type)][layer] = c.p
     return table
 
 
@@ -81,6 +81,13 @@ def map_probabilities(source: Structure, space: SearchSpace) -> tuple[list[float
 
 
 def _check_compatible(source: Structure, target: Backbone) -> None:
+    global_pafi = [m.site for m in source.modules if m.type == "pafi" and m.kwargs.get("ranking") == "global"]
+    if global_pafi:
+        raise StructureError(
+            f"the structure holds globally ranked PaFi modules ({global_pafi[0]}, ...): their positions and counts "
+            "come from the source's weights, not its shapes. Build the target's own with "
+            "`s3delta pafi-mask TARGET --density D -o MASK --structure OUT.json`"
+        )
     if source.backbone.family != target.family.name:
         raise StructureError(
             f"cannot transfer a {source.backbone.family} structure to a {target.family.name} backbone: no mapping "
@@ -108,9 +115,9 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         BudgetError: the budget is impossible on the target.
     """
     _check_compatible(source, target)
-    if source.space is None and budget is not None:  # a manual structure: no probabilities to re-discretise
+    if not source.candidates and budget is not None:  # manual or random: no probabilities to re-discretise
         raise StructureError(
-            "the source structure has no search space and no gate probabilities, so it cannot be "
+            f"the source structure ({source.kind}) stores no gate probabilities, so it cannot be "
             "re-discretised at a new budget: transfer it without --budget"
         )
     provenance = {
@@ -124,7 +131,9 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         },
         "rule": RULE,
     }
-    if source.space is None:
+    if not source.candidates:
+        # Its modules are all it says: "not chosen" is all that is known of the rest (a random
+        # structure has a space but no probabilities, and must not read as p = 1 for its roles).
         return _transfer_modules(source, target, provenance)
     rules_of(source.space)
     space = target.space(source.space)
@@ -133,7 +142,9 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
     if relative is None:
         raise StructureError("the source structure records no relative budget: pass --budget")
     absolute = absolute_budget(relative, target.info.num_params)
-    chosen = discretise(p, space.params, absolute)
+    # A candidate no source candidate maps to (p = 0) is never chosen: it would only fill the
+    # leftover budget in site order, encoder first.
+    chosen = [i for i in discretise(p, space.params, absolute) if p[i] > 0]
     provenance |= {"budget_rule": "explicit" if budget is not None else "same relative budget", **stats}
     return from_indices(
         space,
@@ -149,19 +160,27 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
 
 
 def _transfer_modules(source: Structure, target: Backbone, provenance: dict) -> Structure:
-    """A structure without probabilities (manual): every target layer whose interval overlaps a
-    chosen source layer gets the module (p = 1 there), at the target's own parameter counts."""
-    table = _source_p(source)
+    """A structure without probabilities (manual, random): every target layer whose interval
+    overlaps a chosen source layer gets the module (p = 1 there), with the settings (e.g. LoRA's
+    rank) of the source layer it overlaps most, at the target's own parameter counts."""
+    kwargs_of: dict[tuple[str, str, str], dict[int | None, dict]] = defaultdict(dict)
+    for m in source.modules:
+        stack, layer, component = parse_site(m.site)
+        kwargs_of[(stack, component, m.type)][layer] = m.kwargs
     candidates = []
-    for key in sorted(table, key=str):
+    for key in sorted(kwargs_of, key=str):
         stack, component, type_name = key
-        kwargs = next(m.kwargs for m in source.modules if m.type == type_name and parse_site(m.site)[2] == component)
-        layers = [None] if None in table[key] else range(target.site_map.depths[stack])
+        by_layer = kwargs_of[key]
+        layers = [None] if None in by_layer else range(target.site_map.depths[stack])
         for layer in layers:
+            kwargs = by_layer.get(None)
             if layer is not None:
                 t = _interval(layer, target.site_map.depths[stack])
-                if not any(_overlap(t, _interval(s, source.backbone.depths[stack])) > 0 for s in table[key]):
+                overlaps = {s: _overlap(t, _interval(s, source.backbone.depths[stack])) for s in by_layer}
+                best = max(sorted(overlaps), key=lambda s: overlaps[s])  # ties: the lower source layer
+                if overlaps[best] <= 0:
                     continue
+                kwargs = by_layer[best]
             site = f"{stack}.{component}" if layer is None else f"{stack}.{layer}.{component}"
             dims = target.site_map.site(site).dims
             _, _, n = resolve(type_name, kwargs, dims, site)
