@@ -300,6 +300,15 @@ def test_resolve_bf16_and_stage_override(name):
     assert template["bf16"]["enabled"] == "auto"
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_resolve_fp16_with_shipped_configs(name):
+    """The shipped configs name only bf16: a precision section they leave out follows model.dtype."""
+    template, _ = read_ds_config(name)
+    cfg = resolve_ds_config(template, dtype="fp16", **GEOMETRY)
+    assert cfg["fp16"]["enabled"] is True and cfg["bf16"]["enabled"] is False
+    assert resolve_ds_config({}, dtype="bf16", **GEOMETRY)["bf16"]["enabled"] is True
+
+
 def test_resolve_explicit_matching_values_pass():
     template = {
         "train_micro_batch_size_per_gpu": 2,

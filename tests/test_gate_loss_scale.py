@@ -67,6 +67,16 @@ def test_reads_deepspeeds_fp16_keys_with_its_defaults():
     assert static.scale == 128.0 and static.skipped == 5
 
 
+def test_fp16_run_with_a_shipped_config_gets_a_dynamic_gate_scale():
+    from s3delta_ds.engine.zero import read_ds_config, resolve_ds_config
+
+    template, _ = read_ds_config("zero3")
+    ds_config = resolve_ds_config(template, micro_batch=2, grad_accum=1, world=2, clip=1.0, dtype="fp16",
+                                  hidden_size=64)  # fmt: skip
+    scaler = GateLossScale.from_ds_config(ds_config)
+    assert scaler.enabled and scaler.dynamic and scaler.scale == 2.0**16
+
+
 @pytest.mark.parametrize("hysteresis,consecutive", [(1, False), (2, False), (3, True)])
 def test_dynamic_rules_are_deepspeeds(monkeypatch, hysteresis, consecutive):
     """The same overflow sequence moves both scalers through the same scales."""

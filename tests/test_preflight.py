@@ -16,7 +16,7 @@ from s3delta_ds.method.objective import DeltaModel
 from s3delta_ds.retrain import run_retrain
 from s3delta_ds.run.evaluate import evaluate
 from s3delta_ds.run.preflight import preflight_retrain, preflight_search
-from s3delta_ds.run.runtime import load_data
+from s3delta_ds.run.runtime import load_data, prepare_output_dir
 from s3delta_ds.search import run_search
 from s3delta_ds.structure import builders
 
@@ -218,3 +218,29 @@ def test_accelerate_plugin_config_replaces_auto(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     cfg = preflight_search(_cfg(tmp_path), log=said.append)
     assert (cfg.deepspeed, cfg.zero_stage) == ("zero3", 3)
+
+
+def test_overwrite_replaces_only_a_runs_directory(tmp_path, monkeypatch):
+    """overwrite=true deletes the whole output directory: never one that is not an earlier run's,
+    nor one holding the current directory."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "ds_config.json", "metrics.jsonl"):
+        (run / name).write_text("x")
+    prepare_output_dir(run, resume=False, overwrite=True)
+    assert run.is_dir() and not any(run.iterdir())
+
+    mine = tmp_path / "thesis"
+    (mine / "ch1").mkdir(parents=True)
+    (mine / "ch1" / "intro.tex").write_text("keep me")
+    (mine / "config.yaml").write_text("a config of my own")
+    with pytest.raises(ConfigError, match="not an s3delta_ds run"):
+        prepare_output_dir(mine, resume=False, overwrite=True)
+    assert (mine / "ch1" / "intro.tex").read_text() == "keep me"
+
+    (run / "config.yaml").write_text("x")
+    (run / "ds_config.json").write_text("x")
+    monkeypatch.chdir(run)
+    with pytest.raises(ConfigError, match="current directory"):
+        prepare_output_dir(run, resume=False, overwrite=True)
+    assert (run / "config.yaml").exists()

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from tests.launching import ROOT, env
+from s3delta_ds.cli import main
+from tests.launching import ROOT, TINY, env, run
 
 SCRIPT = r"""
 import json, torch
@@ -72,3 +73,23 @@ def test_trimmed_zero3_hooks_change_no_number():
     assert any(abs(x) > 1e-3 for x in trimmed["logits"])  # the gates moved: the comparison is not vacuous
     assert full["hooked"] == full["modules"]  # stock ZeRO-3: every module
     assert trimmed["hooked_without_partitioned"] == 0 and 0 < trimmed["hooked"] < full["hooked"] / 2
+
+
+@pytest.mark.distributed
+def test_bert_retrain_with_persistent_parameters_tests_at_the_end(tmp_path):
+    """ZeRO-3 with a persistence threshold (``zero3``: 10 × hidden, so the head, the norms and the
+    deltas stay whole and lose their hooks) ends with the final test after a checkpoint load; the
+    classifier's logits must go through the root's hooks, which gather what the load released. The
+    same retrain with every parameter partitioned (``zero3_cpu``) gives the same test numbers."""
+    structure = tmp_path / "lora.json"
+    assert main(["structure", "manual", "tiny-bert", "--preset", "lora", "-o", str(structure)]) == 0
+    args = [a for a in TINY if not a.startswith(("deepspeed=", "model.name_or_path="))]
+    args += ["model.name_or_path=tiny-bert", f"retrain.structure={structure}", "retrain.steps=4",
+             "retrain.eval_every=2", "retrain.test_at=end", "retrain.micro_batch_size=4"]  # fmt: skip
+    tests = {}
+    for ds in ("zero3", "zero3_cpu"):
+        out = tmp_path / ds
+        run("torchrun", "retrain", [*args, f"deepspeed={ds}", f"output_dir={out}"])
+        tests[ds] = json.loads((out / "summary.json").read_text())["test"]
+    assert tests["zero3"]["loss"] == pytest.approx(tests["zero3_cpu"]["loss"], abs=1e-5)
+    assert tests["zero3"]["accuracy"] == tests["zero3_cpu"]["accuracy"]

@@ -119,7 +119,9 @@ def resolve_ds_config(
     _resolve_value(cfg, "train_batch_size", micro_batch * grad_accum * world, "")
     _resolve_value(cfg, "gradient_clipping", float(clip), "")
     for key, want in (("bf16", dtype == "bf16"), ("fp16", dtype == "fp16")):
-        section = cfg.setdefault(key, {"enabled": False})
+        # A section the config leaves out follows model.dtype (the shipped configs name only bf16:
+        # model.dtype=fp16 must work with them); one it states must agree.
+        section = cfg.setdefault(key, {"enabled": "auto"})
         if section.get("enabled", False) == "auto":
             section["enabled"] = want
         elif bool(section.get("enabled", False)) != want:

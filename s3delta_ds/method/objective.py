@@ -37,7 +37,9 @@ class DeltaModel(nn.Module):
         self.objective = objective
         self.gate_ctx = gate_ctx if gate_ctx is not None else GateContext()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], *, class_logits: bool = False):
+        if class_logits:  # see class_logits()
+            return self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"]
         if self.objective == "seq2seq":
             out = self.backbone(
@@ -89,8 +91,14 @@ class DeltaModel(nn.Module):
 
     @torch.no_grad()
     def class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Encoder classification: the head's logits (B, num_labels)."""
-        return self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        """Encoder classification: the head's logits (B, num_labels).
+
+        Through ``__call__``, never the backbone directly: this module's hooks must run. Under
+        ZeRO-3 its pre-forward hook gathers the persistent parameters whose own hooks were trimmed
+        (``zero.trim_zero3_hooks``); skipping it read released, empty weights after a checkpoint
+        load (a BERT retrain's final test crashed at ``test_at=end``).
+        """
+        return self(batch, class_logits=True)
 
 
 def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -73,6 +73,15 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             raise ConfigError(
                 f"output directory {out} is not empty; pass --resume to continue it, or overwrite=true to replace it"
             )
+        # overwrite=true deletes the whole directory: only ever an earlier run's (output_dir=runs or
+        # output_dir=. must not take every other run, or the checkout, with it)
+        if not ((out / "config.yaml").is_file() and (out / "ds_config.json").is_file()):
+            raise ConfigError(
+                f"output directory {out} is not empty and is not an s3delta_ds run (no config.yaml and "
+                "ds_config.json): overwrite=true only replaces a run's directory; pick another output_dir"
+            )
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            raise ConfigError(f"overwrite=true would delete {out}, which holds the current directory")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
