@@ -136,3 +136,17 @@ def test_two_nodes_without_ssh_on_one_machine(tmp_path):
     assert [p.returncode for p in nodes] == [0, 0], outputs[1][-3000:] + outputs[0][-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_together(tmp_path):
+    """Rank 1's loss alone is NaN: both ranks raise TrainingError in the gate pass and in the delta
+    pass, at once (the finiteness rides on an all-reduce), instead of rank 0 blocking in the next
+    collective until the process group's 60 s timeout."""
+    out = tmp_path / "report"
+    run("torchrun", str(ROOT / "tests" / "distributed" / "nonfinite_probe.py"), [str(out)], 2, timeout=300)
+    for rank in (0, 1):
+        report = json.loads(Path(f"{out}.rank{rank}.json").read_text())
+        for phase in ("gate", "delta"):
+            assert report[phase]["error"] == "TrainingError", (rank, phase, report)
+            assert "non-finite loss" in report[phase]["message"]
+            assert report[phase]["seconds"] < 30, (rank, phase, report)

@@ -39,8 +39,10 @@ def global_items(micro_batches, device: torch.device) -> float:
     return float(zero.all_reduce_sum_(torch.tensor([local], dtype=torch.float64, device=device)).item())
 
 
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss).all():
+def check_finite(loss: float, where: str) -> None:
+    """Called on a value already reduced over ranks, so every rank raises together: one rank
+    raising alone would leave the others blocked in their next collective until the timeout."""
+    if not math.isfinite(loss):
         raise TrainingError(f"non-finite loss in the {where}: lower the learning rate or check the data")
 
 
@@ -56,11 +58,12 @@ def delta_update(engine, model: DeltaModel, micro_batches, device: torch.device)
     for mb in micro_batches:
         loss_sum, _ = engine(move(mb, device))
         loss = loss_sum.sum()
-        check_finite(loss, "delta phase")
         engine.backward(loss * scale)
         engine.step()
         total += float(loss.detach())
-    return float(zero.all_reduce_sum_(torch.tensor([total], dtype=torch.float64, device=device)).item()) / items
+    mean = float(zero.all_reduce_sum_(torch.tensor([total], dtype=torch.float64, device=device)).item()) / items
+    check_finite(mean, "delta phase")  # on every rank alike: the sum is all-reduced
+    return mean
 
 
 def check_mode(mode: str, stage: int) -> None:
@@ -165,7 +168,6 @@ class BiLevel:
         def loss_and_grads(model: DeltaModel, batch) -> tuple[torch.Tensor, tuple]:
             loss_sum, _ = model(batch)
             loss = loss_sum.sum()
-            check_finite(loss, "gate phase")
             return loss.detach(), torch.autograd.grad(loss * (scale / items), inputs, allow_unused=True)
 
         if weights is None:
@@ -193,7 +195,11 @@ class BiLevel:
                     if g is not None:
                         acc += g
             total += float(loss)
-        zero.all_reduce_sum_(gz)
+        # the loss's finiteness rides on the gradient's all-reduce, so every rank decides alike
+        reduced = zero.all_reduce_sum_(torch.cat([gz, gz.new_tensor([0.0 if math.isfinite(total) else 1.0])]))
+        gz, bad = reduced[:-1], float(reduced[-1])
+        if bad:
+            raise TrainingError("non-finite loss in the gate phase: lower the learning rate or check the data")
         if want_w:
             for g in gw:
                 zero.all_reduce_sum_(g)
