@@ -52,6 +52,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (the renames into it) to disk; a no-op where the OS cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago ("" for every interface)."""
     with socket.socket() as s:

@@ -83,6 +83,21 @@ def test_resume_reads_the_checkpoint_geometry(tmp_path):
     assert "of 2 rank(s) on 1" in note and "search.grad_accum 1 -> 2" in note and "global batch 4" in note
 
 
+def test_a_torn_newest_checkpoint_is_a_clear_error_naming_the_previous_one(tmp_path):
+    """COMPLETE next to an empty state file (a crash between the writes on a file system that
+    reorders them): a CheckpointError that says which checkpoint to remove, not a torch traceback."""
+    from s3delta_ds.errors import CheckpointError
+    from s3delta_ds.run.checkpoint import COMPLETE, STATE_FILE, load_run_checkpoint
+
+    for step in (2, 4):
+        (tmp_path / f"step-0000000{step}").mkdir()
+        (tmp_path / f"step-0000000{step}" / COMPLETE).write_text(json.dumps({"step": step}))
+    (tmp_path / "step-00000002" / STATE_FILE).write_bytes(b"written before")
+    (tmp_path / "step-00000004" / STATE_FILE).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"step-00000004/state.pt is unreadable.*torn.*resume from step-00000002"):
+        load_run_checkpoint(None, tmp_path)
+
+
 def test_resume_restores_the_files_a_checkpoint_kept_and_only_those(tmp_path):
     from s3delta_ds.run.checkpoint import COMPLETE, restore_checkpoint_files
 

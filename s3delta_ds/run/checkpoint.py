@@ -36,7 +36,7 @@ from ..data.batches import accumulation_for
 from ..engine import zero
 from ..errors import CheckpointError
 from ..method.supernet import named_delta_buffers, named_delta_parameters
-from ..util import atomic_path, atomic_write_text
+from ..util import atomic_path, atomic_write_text, fsync_dir
 
 DELTA_FORMAT = "s3delta-deltas"
 COMPLETE = "COMPLETE"
@@ -203,12 +203,18 @@ def save_run_checkpoint(
             "client": client_state,
             "rng": rngs,
         }
-        with atomic_path(root / tag / STATE_FILE) as tmp:
-            torch.save(state, tmp)
+        # On disk before COMPLETE names it complete: after a node crash, COMPLETE next to a torn
+        # state file would make the newest checkpoint unreadable.
+        with atomic_path(root / tag / STATE_FILE) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         for f in (Path(f) for f in files):
             _keep_copy(f, root / tag / f.name)
+        fsync_dir(root / tag)
         kept = [Path(f).name for f in files]  # also those that did not exist yet: resume removes them
         atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, **batch, "files": kept}))
+        fsync_dir(root / tag)
         for old in sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     zero.barrier()
@@ -284,7 +290,15 @@ def load_run_checkpoint(engine, root: str | os.PathLike) -> dict:
         raise CheckpointError(f"no complete checkpoint under {root} to resume from")
     if not (ckpt / STATE_FILE).exists():
         return _load_engine_checkpoint(engine, ckpt)
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch.load raises EOFError, RuntimeError, UnpicklingError...
+        older = sorted(p for p in Path(root).glob("step-*") if (p / COMPLETE).exists())[:-1]
+        fallback = f"; remove {ckpt} to resume from {older[-1].name}" if older else ""
+        raise CheckpointError(
+            f"{ckpt / STATE_FILE} is unreadable ({type(e).__name__}: {e}): the checkpoint was torn, "
+            f"e.g. by a crash while it was written{fallback}"
+        ) from e
     if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
         raise CheckpointError(f"{ckpt / STATE_FILE}: not an s3delta run checkpoint")
     names, params = _trainable(engine)
