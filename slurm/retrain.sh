@@ -15,6 +15,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
 # -------------------------------------------------------------------------------------------------
 #
 # Retrain a structure across nodes:
@@ -24,9 +25,11 @@
 #                 config's `deepspeed`, which is auto unless CONFIG sets it: ZeRO-2 when the frozen
 #                 backbone fits next to the trainable state on a GPU, ZeRO-3 otherwise)
 #     MODEL and DS_CONFIG are read until the first section.key=value or --flag.
-# Environment (passed through): CONFIG (a YAML run config), OUTPUT_DIR (default runs/retrain-<jobid>),
-# NPROC_PER_NODE (default: GPUs per node, else 2), MASTER_PORT (default: from the job id),
-# S3DELTA_VENV (a virtualenv to activate).
+# Environment (passed through): CONFIG (a YAML run config), OUTPUT_DIR (default: CONFIG's output_dir,
+# else runs/retrain-<jobid>), NPROC_PER_NODE (default: GPUs per node, else 2), MASTER_PORT (default:
+# from the job id), S3DELTA_VENV (a virtualenv to activate).
+# A requeued job (preemption, node failure) resumes from its newest checkpoint by itself. To continue
+# a run in a new job, point OUTPUT_DIR (or CONFIG's output_dir) at its directory and add --resume.
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: sbatch slurm/retrain.sh STRUCTURE.json [MODEL] [DS_CONFIG] [section.key=value ...]" >&2
@@ -37,7 +40,8 @@ structure=$1; model=""; ds=""
 shift
 if [ $# -gt 0 ] && [[ $1 != *=* && $1 != -* ]]; then model=$1; shift; fi
 if [ $# -gt 0 ] && [[ $1 != *=* && $1 != -* ]]; then ds=$1; shift; fi
-args=(retrain.structure="$structure" output_dir="${OUTPUT_DIR:-runs/retrain-$SLURM_JOB_ID}")
+args=(retrain.structure="$structure")
+[ -n "${OUTPUT_DIR:-}" ] && args+=(output_dir="$OUTPUT_DIR")
 [ -n "$model" ] && args+=(model.name_or_path="$model")
 # Without DS_CONFIG the run config's `deepspeed` decides (auto picks the strategy for the model).
 [ -n "$ds" ] && args+=(deepspeed="$ds")

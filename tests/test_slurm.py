@@ -63,15 +63,15 @@ def srun_args(tmp_path: Path, script: str, argv: list[str]) -> list[str]:
     "script,argv,expected",
     [
         # no DS_CONFIG: nothing overrides the run config's `deepspeed` (auto by default)
-        ("search.sh", ["c.yaml"], ["--config", "c.yaml", "output_dir=runs/search-7"]),
-        ("retrain.sh", ["s.json"], ["retrain.structure=s.json", "output_dir=runs/retrain-7"]),
+        # no OUTPUT_DIR: the config's output_dir, else runs/<script>-<job id> (s3delta_ds.run.slurm)
+        ("search.sh", ["c.yaml"], ["--config", "c.yaml"]),
+        ("retrain.sh", ["s.json"], ["retrain.structure=s.json"]),
         (
             "search.sh",
             ["c.yaml", "org/model", "search.steps=3", "--resume"],
             [
                 "--config",
                 "c.yaml",
-                "output_dir=runs/search-7",
                 "model.name_or_path=org/model",
                 "search.steps=3",
                 "--resume",
@@ -81,12 +81,12 @@ def srun_args(tmp_path: Path, script: str, argv: list[str]) -> list[str]:
         (
             "search.sh",
             ["c.yaml", "org/model", "zero3"],
-            ["--config", "c.yaml", "output_dir=runs/search-7", "model.name_or_path=org/model", "deepspeed=zero3"],
+            ["--config", "c.yaml", "model.name_or_path=org/model", "deepspeed=zero3"],
         ),
         (
             "retrain.sh",
             ["s.json", "", "zero2", "retrain.steps=3"],
-            ["retrain.structure=s.json", "output_dir=runs/retrain-7", "deepspeed=zero2", "retrain.steps=3"],
+            ["retrain.structure=s.json", "deepspeed=zero2", "retrain.steps=3"],
         ),
     ],
 )
@@ -96,6 +96,95 @@ def test_scripts_leave_deepspeed_to_the_run_config_unless_asked(script, argv, ex
     assert args[:5] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=64", "python", "-m"]
     assert args[5:7] == ["s3delta_ds.run.slurm", script.removesuffix(".sh")]
     assert args[7:] == expected
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_pass_output_dir_only_when_set_and_append_to_the_log(script, tmp_path, monkeypatch):
+    monkeypatch.setenv("OUTPUT_DIR", "runs/mine")
+    fake = tmp_path / "venv" / "bin"
+    fake.mkdir(parents=True)
+    (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (fake / "srun").chmod(0o755)
+    (fake / "activate").write_text(f'PATH="{fake}:$PATH"\n')
+    job = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "MASTER_ADDR": "n1"}
+    e = {**os.environ, **job, "S3DELTA_VENV": str(fake.parent), "SRUN_ARGS": str(tmp_path / "a")}
+    subprocess.run(["bash", f"slurm/{script}", "x"], cwd=ROOT, env=e, check=True, capture_output=True)
+    assert "output_dir=runs/mine" in (tmp_path / "a").read_text().splitlines()
+    # a requeued job writes on into its log instead of truncating the first attempt's
+    assert directives(ROOT / "slurm" / script)["--open-mode"] == "append"
+
+
+def _job(monkeypatch, restarts: int) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+
+
+def test_run_args_default_output_dir_is_per_job_and_never_overrides_the_config(tmp_path, monkeypatch):
+    from s3delta_ds.run.slurm import run_args
+
+    _job(monkeypatch, 0)
+    assert run_args("search", ["search.steps=3"]) == (
+        ["search.steps=3", "output_dir=runs/search-42"],
+        ["output_dir=runs/search-42"],
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text("output_dir: runs/rte-base\n")
+    assert run_args("search", ["--config", str(config)]) == (["--config", str(config)], [])
+    assert run_args("retrain", ["output_dir=here"])[1] == []
+
+
+def _run_dir(out: Path, *, checkpoint: bool) -> None:
+    from s3delta_ds.run.checkpoint import COMPLETE
+
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text("x")
+    (out / "ds_config.json").write_text("{}")
+    if checkpoint:
+        (out / "checkpoints" / "step-00000004").mkdir(parents=True)
+        (out / "checkpoints" / "step-00000004" / COMPLETE).write_text("{}")
+
+
+@pytest.mark.parametrize(
+    "restarts,state,added",
+    [
+        (0, "checkpoint", []),  # a first start never resumes on its own
+        (1, "checkpoint", ["--resume"]),  # requeued after a checkpoint: continue it
+        (2, "started", ["overwrite=true"]),  # requeued before the first checkpoint: start over
+        (1, "none", []),  # requeued before anything was written
+    ],
+)
+def test_run_args_requeued_job_resumes_or_starts_over(tmp_path, monkeypatch, restarts, state, added):
+    from s3delta_ds.run.slurm import run_args
+
+    _job(monkeypatch, restarts)
+    out = tmp_path / "run"
+    if state != "none":
+        _run_dir(out, checkpoint=state == "checkpoint")
+    args = ["retrain.structure=s.json", f"output_dir={out}"]
+    assert run_args("retrain", args) == ([*args, *added], added)
+    assert run_args("retrain", [*args, "--resume"])[1] == []  # asked for already
+
+
+def test_hostfile_prints_nothing_but_the_hostfile_and_refuses_a_bad_slot_count(tmp_path, monkeypatch, capsys):
+    """`s3delta hostfile -o hosts && deepspeed --hostfile hosts ...`: status goes to stderr, and a
+    malformed $NPROC_PER_NODE is an error naming it, not a traceback."""
+    from s3delta_ds.cli import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\nprintf "n1\\nn2\\n"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    hosts = tmp_path / "hosts"
+    assert main(["hostfile", "--slots", "4", "--nodelist", "n[1-2]", "-o", str(hosts)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "wrote" in err
+    assert hosts.read_text() == "n1 slots=4\nn2 slots=4\n"
+    assert main(["hostfile", "--slots", "4", "--nodelist", "n[1-2]"]) == 0
+    assert capsys.readouterr().out == "n1 slots=4\nn2 slots=4\n"
+    monkeypatch.setenv("NPROC_PER_NODE", "abc")
+    assert main(["hostfile", "--nodelist", "n[1-2]"]) == 2
+    assert "$NPROC_PER_NODE must be a positive integer, got 'abc'" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..util import atomic_write_text
 
 
@@ -14,12 +16,27 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..run.slurm import hostfile
+    """Status lines go to stderr: stdout is the hostfile itself (or nothing with -o)."""
+    import sys
 
+    from ..run.slurm import hostfile, local_slots
+
+    if args.slots is None and not os.environ.get("NPROC_PER_NODE") and not _gpus_known():
+        print(
+            f"note: no GPUs visible here and no $SLURM_GPUS_ON_NODE: slots={local_slots()} per node "
+            "(pass --slots N, or run this on a compute node)",
+            file=sys.stderr,
+        )
     text = hostfile(args.nodelist, args.slots)
     if args.output:
         atomic_write_text(args.output, text)
-        print(f"wrote {args.output}: {text.count(chr(10))} node(s)")
+        print(f"wrote {args.output}: {text.count(chr(10))} node(s)", file=sys.stderr)
     else:
         print(text, end="")
     return 0
+
+
+def _gpus_known() -> bool:
+    import torch
+
+    return bool(os.environ.get("SLURM_GPUS_ON_NODE")) or torch.cuda.is_available()

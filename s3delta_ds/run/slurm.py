@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from ..errors import DistributedSetupError
 
@@ -36,10 +37,21 @@ def hostnames(nodelist: str | None = None) -> list[str]:
     return hosts
 
 
+def _int_env(name: str) -> int:
+    value = os.environ[name]
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n <= 0:
+        raise DistributedSetupError(f"${name} must be a positive integer, got {value!r}")
+    return n
+
+
 def local_slots() -> int:
     """Ranks per node: $NPROC_PER_NODE, else the GPUs here, else $SLURM_GPUS_ON_NODE, else 2 (CPU)."""
     if os.environ.get("NPROC_PER_NODE"):
-        return int(os.environ["NPROC_PER_NODE"])
+        return _int_env("NPROC_PER_NODE")
     try:
         import torch
 
@@ -48,7 +60,7 @@ def local_slots() -> int:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     if os.environ.get("SLURM_GPUS_ON_NODE"):
-        return int(os.environ["SLURM_GPUS_ON_NODE"])
+        return _int_env("SLURM_GPUS_ON_NODE")
     return 2
 
 
@@ -59,10 +71,51 @@ def hostfile(nodelist: str | None = None, slots: int | None = None) -> str:
 
 
 def master_port() -> int:
-    """$MASTER_PORT, else a port derived from the job id (every node computes the same one)."""
+    """$MASTER_PORT, else a port derived from the job id (every node computes the same one), in
+    20000-31999: below Linux's ephemeral range (32768+), where a busy node may already use it."""
     if os.environ.get("MASTER_PORT"):
-        return int(os.environ["MASTER_PORT"])
-    return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+        return _int_env("MASTER_PORT")
+    return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 12000
+
+
+def run_args(script: str, args: list[str]) -> tuple[list[str], list[str]]:
+    """The entry point's arguments for this start of the job, and what was added (to print).
+
+    * Neither the config nor the overrides name an ``output_dir``: ``runs/<script>-<job id>``, one
+      directory per job. A config's own ``output_dir`` is never overridden.
+    * A requeued job (``SLURM_RESTART_COUNT`` > 0: preemption, a node failure, ``scontrol
+      requeue``) keeps its job id and its directory: it continues from the newest complete
+      checkpoint (``--resume``), or starts over (``overwrite=true``, which only ever replaces a
+      run's directory) when the first attempt died before writing one.
+
+    Raises:
+        ConfigError: an unreadable config (the entry point would refuse it too).
+    """
+    import argparse
+
+    import yaml
+
+    from ..config import load_run_config
+    from ..recipes.state import CHECKPOINTS
+    from .checkpoint import latest_checkpoint
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config")
+    p.add_argument("--resume", action="store_true")
+    known, rest = p.parse_known_args(args)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    added: list[str] = []
+    raw = yaml.safe_load(Path(known.config).read_text()) if known.config and Path(known.config).is_file() else None
+    if not any(o.startswith("output_dir=") for o in overrides) and "output_dir" not in (raw or {}):
+        added.append(f"output_dir=runs/{script}-{os.environ.get('SLURM_JOB_ID', '0')}")
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not known.resume and restarts.isdigit() and int(restarts) > 0:
+        out = Path(load_run_config(known.config, overrides + added).output_dir)
+        if latest_checkpoint(out / CHECKPOINTS) is not None:
+            added.append("--resume")
+        elif out.is_dir() and any(out.iterdir()):
+            added.append("overwrite=true")
+    return [*args, *added], added
 
 
 def torchrun_command(script: str, args: list[str]) -> list[str]:
@@ -103,11 +156,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from ..errors import ConfigError
+
     try:
-        cmd = torchrun_command(argv[0], argv[1:])
-    except DistributedSetupError as e:
+        args, added = run_args(argv[0], argv[1:])
+        cmd = torchrun_command(argv[0], args)
+    except (DistributedSetupError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if added and os.environ.get("SLURM_NODEID", "0") == "0":
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(f"[s3delta slurm] start {int(restarts) + 1 if restarts.isdigit() else 1}: added {' '.join(added)}")
     # Fail fast instead of hanging when a peer dies: NCCL errors become exceptions.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     print(
