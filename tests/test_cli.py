@@ -475,3 +475,15 @@ def test_a_flag_that_would_be_ignored_is_an_error(capsys, tmp_path, argv, messag
     rc, out, err = run(capsys, *[a.format(s=structure, tmp=tmp_path) for a in argv])
     assert (rc, out) == (2, "") and message in err, err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_an_output_path_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, capsys):
+    from s3delta_ds.structure import builders
+
+    src = builders.manual(builders.Backbone.plan("tiny-t5"), "lora").save(tmp_path / "lora.json")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(["transfer", str(src), "--to", "tiny-t5-v1_1", "-o", str(blocker / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err
+    assert blocker.read_text() == "not a directory"

@@ -74,7 +74,7 @@ def test_retrain_refuses_a_structure_of_another_size_before_writing(tmp_path):
     plan = builders.Backbone.plan("t5-base")
     base = builders.random_baseline(plan.space("mixed"), plan.info, 1e-3, seed=0).save(tmp_path / "base.json")
     cfg = _cfg(tmp_path, f"retrain.structure={base}", "model.name_or_path=tiny-t5", "data.task=tiny-sentiment")
-    with pytest.raises(StructureError, match="it was made for t5-base .*use `s3delta transfer`"):
+    with pytest.raises(StructureError, match="it was made for google-t5/t5-base .*use `s3delta transfer`"):
         run_retrain(cfg)
     assert not (tmp_path / "out").exists()
 
@@ -244,3 +244,66 @@ def test_overwrite_replaces_only_a_runs_directory(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="current directory"):
         prepare_output_dir(run, resume=False, overwrite=True)
     assert (run / "config.yaml").exists()
+
+
+# -- inputs a retrain would refuse only after writing its output directory -----------------------------
+
+
+def _global_pafi(tmp_path, density: float):
+    """A global PaFi mask of tiny-t5's weights and the structure made from it (`s3delta pafi-mask`)."""
+    from s3delta_ds.backbones import SiteMap, family_for
+    from s3delta_ds.backbones.loading import build_model, load_config
+    from s3delta_ds.structure.pafi import compute_mask, mask_structure, save_mask
+
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny-t5"))
+    plan = builders.Backbone.from_model(model, "tiny-t5")
+    mask = compute_mask(model, SiteMap(model, family_for(model.config)), density=density)
+    path = save_mask(mask, tmp_path / f"mask-{density}.safetensors", backbone=plan, density=density,
+                     ranking="global", eligible=("linear",))  # fmt: skip
+    structure = mask_structure(plan, mask, {"density": repr(density), "ranking": "global", "eligible": "linear"})
+    structure = dataclasses.replace(structure, search={**structure.search, "task": "tiny-sentiment"})
+    return path, structure.save(tmp_path / f"pafi-{density}.json")
+
+
+def test_retrain_checks_a_global_pafi_mask_before_writing(tmp_path):
+    mask, structure = _global_pafi(tmp_path, 0.02)
+    other_mask, _ = _global_pafi(tmp_path, 0.05)
+    with pytest.raises(ConfigError, match="globally ranked PaFi modules: pass retrain.pafi_mask"):
+        run_retrain(_cfg(tmp_path, f"retrain.structure={structure}"))
+    with pytest.raises(StructureError, match="does not match the structure's global PaFi modules"):
+        run_retrain(_cfg(tmp_path, f"retrain.structure={structure}", f"retrain.pafi_mask={other_mask}"))
+    assert not (tmp_path / "out").exists()
+    cfg, _ = preflight_retrain(_cfg(tmp_path, f"retrain.structure={structure}", f"retrain.pafi_mask={mask}"))
+    assert cfg.retrain.pafi_mask == str(mask)
+
+
+def test_retrain_refuses_an_empty_structure_and_a_config_only_backbone_before_writing(tmp_path):
+    path = _searched_structure(tmp_path, task="tiny-sentiment")
+    d = json.loads(path.read_text())
+    d["modules"], d["budget"]["used"] = [], 0
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(d))
+    with pytest.raises(StructureError, match="has no modules: nothing to train"):
+        run_retrain(_cfg(tmp_path, f"retrain.structure={empty}"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(load_config_dict("tiny-t5")))
+    planned = builders.random_baseline(
+        builders.Backbone.plan(str(config)).space("mixed"), builders.Backbone.plan(str(config)).info, 0.02, seed=0
+    )
+    planned = dataclasses.replace(planned, search={"task": "tiny-sentiment"}).save(tmp_path / "planned.json")
+    with pytest.raises(ConfigError, match="planned on the config file .* pass model.name_or_path=MODEL"):
+        run_retrain(_cfg(tmp_path, f"retrain.structure={planned}"))
+    assert not (tmp_path / "out").exists()
+
+
+def load_config_dict(name: str) -> dict:
+    from s3delta_ds.backbones.loading import load_config
+
+    return load_config(name).to_dict()
+
+
+def test_a_structure_planned_on_a_shape_name_records_its_hub_id():
+    assert builders.Backbone.plan("flan-t5-small").info.name_or_path == "google/flan-t5-small"
+    assert builders.Backbone.plan("t5-large").info.name_or_path == "google-t5/t5-large"
+    assert builders.Backbone.plan("tiny-t5").info.name_or_path == "tiny-t5"  # embedded: loadable as it is

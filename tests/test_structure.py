@@ -205,11 +205,11 @@ def _first(d, key, type_name):
     return next(i for i, m in enumerate(d[key]) if m["type"] == type_name)
 
 
-def _set_kwargs(value):
+def _set_kwargs(value, key=None):
     def mutate(d):
         i = _first(d, "modules", "lora")
         d["modules"][i]["kwargs"] = value
-        return f"modules[{i}].kwargs"
+        return f"modules[{i}].kwargs" + (f".{key}" if key else "")
 
     return mutate
 
@@ -338,6 +338,14 @@ MALFORMED = {
     "p_infinite": (_candidate("p", float("inf"), i=0), "expected a finite number, got inf"),
     "candidate_p_missing": (_drop("candidates", 1, "p"), "missing required field"),
     "search_not_object": (_put([1], "search"), "expected an object, got list"),
+    "search_empty_list": (_put([], "search"), "expected an object, got list"),
+    "provenance_zero": (_put(0, "provenance"), "expected an object, got int"),
+    "kind_list": (_put(["searched"], "kind"), "expected one of searched"),
+    "family_list": (_put(["t5"], "backbone", "family"), "expected a non-empty string, got ['t5']"),
+    "type_list": (_set_module("type", ["lora"]), "expected a non-empty string, got ['lora']"),
+    "kwargs_nan": (_set_kwargs({"r": 1, "alpha": float("nan")}, "alpha"), "expected a finite number, got nan"),
+    "kwargs_infinite": (_set_kwargs({"r": 1, "dropout": float("inf")}, "dropout"), "expected a finite number, got inf"),
+    "site_leading_zero": (_set_module("site", "encoder.01.attn.q"), "write 'encoder.1.attn.q'"),
     "created": (_put(5, "created"), "expected a non-empty string, got 5"),
 }
 
@@ -349,8 +357,8 @@ def test_malformed_structure(tmp_path, valid, case):
     where = mutate(d)
     path = tmp_path / "bad.json"
     text = json.dumps(d)
-    if case in ("alpha_nan", "p_infinite"):
-        assert ("NaN" if case == "alpha_nan" else "Infinity") in text  # raw non-standard JSON in the file
+    if case in ("alpha_nan", "p_infinite", "kwargs_nan"):
+        assert ("Infinity" if case == "p_infinite" else "NaN") in text  # raw non-standard JSON in the file
     path.write_text(text)
     with pytest.raises(StructureError) as info:
         Structure.load(path)
@@ -436,7 +444,7 @@ def test_check_backbone_other_width():
     # LoRA r=8 on encoder.0.attn.q: 8 * (1024 + 1024) on t5-large, 8 * (768 + 768) recorded for t5-base
     assert str(info.value) == (
         "modules[0] (encoder.0.attn.q lora) has 16384 parameters on this backbone but the structure records 12288: "
-        "it was made for t5-base (hidden size 768); use `s3delta transfer` to map it"
+        "it was made for google-t5/t5-base (hidden size 768); use `s3delta transfer` to map it"
     )
 
 

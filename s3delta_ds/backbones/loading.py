@@ -54,6 +54,21 @@ def builtin_shapes() -> dict[str, Path]:
     return out
 
 
+def hub_id(spec: str) -> str:
+    """The hub id a shipped shape's short name stands for (``t5-large`` → ``google-t5/t5-large``,
+    ``flan-t5-xl`` → ``google/flan-t5-xl``), so a structure planned on a shape name records a name
+    ``from_pretrained`` can load; anything else (paths, hub ids, ``tiny-*``) unchanged."""
+    if "/" in spec or Path(spec).exists():
+        return spec
+    aliases = json.loads((resources.files("s3delta_ds") / "shapes" / "aliases.json").read_text())
+    for name, names in aliases.items():
+        if spec == name or spec in names:
+            ids = [n for n in names if "/" in n]
+            same = [n for n in ids if n.split("/", 1)[1].lower() == spec.lower()]
+            return (same or ids or [spec])[0]
+    return spec
+
+
 def _config_from_dict(d: dict, source: str):
     from transformers import AutoConfig
 

@@ -61,3 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `s3delta space ... | head`
         return 0
+    except OSError as e:  # a path the user gave: unwritable output directory, missing input file
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2

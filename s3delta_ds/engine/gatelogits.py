@@ -85,20 +85,18 @@ class GateLossScale:
         """The resolved DeepSpeed config's ``fp16`` section, read by DeepSpeed's own parser (its
         defaults and validation): initial_scale_power, loss_scale, loss_scale_window, hysteresis,
         consecutive_hysteresis, min_loss_scale."""
-        from deepspeed.runtime.precision_config import DeepSpeedFP16Config
-
-        fp16 = DeepSpeedFP16Config(**ds_config.get("fp16", {}))
-        if not fp16.enabled:
+        fp16 = zero.fp16_settings(ds_config)
+        if fp16 is None:
             return cls()
-        if fp16.loss_scale > 0:
-            return cls(fp16.loss_scale)
+        if fp16["loss_scale"] > 0:
+            return cls(fp16["loss_scale"])
         return cls(
-            fp16.initial_dynamic_scale(),
+            fp16["initial_scale"],
             dynamic=True,
-            window=fp16.loss_scale_window,
-            min_scale=fp16.min_loss_scale,
-            hysteresis=fp16.hysteresis,
-            consecutive_hysteresis=fp16.consecutive_hysteresis,
+            window=fp16["loss_scale_window"],
+            min_scale=fp16["min_loss_scale"],
+            hysteresis=fp16["hysteresis"],
+            consecutive_hysteresis=fp16["consecutive_hysteresis"],
         )
 
     @property

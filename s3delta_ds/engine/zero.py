@@ -398,6 +398,25 @@ def build_engine(
     return engine
 
 
+def fp16_settings(ds_config: dict) -> dict | None:
+    """The ``fp16`` section of a resolved DeepSpeed config as DeepSpeed reads it (its defaults and
+    validation): loss_scale (0: dynamic), initial_scale, loss_scale_window, hysteresis,
+    consecutive_hysteresis, min_loss_scale. None when fp16 is off."""
+    from deepspeed.runtime.precision_config import DeepSpeedFP16Config
+
+    fp16 = DeepSpeedFP16Config(**ds_config.get("fp16", {}))
+    if not fp16.enabled:
+        return None
+    return {
+        "loss_scale": fp16.loss_scale,
+        "initial_scale": fp16.initial_dynamic_scale(),
+        "loss_scale_window": fp16.loss_scale_window,
+        "hysteresis": fp16.hysteresis,
+        "consecutive_hysteresis": fp16.consecutive_hysteresis,
+        "min_loss_scale": fp16.min_loss_scale,
+    }
+
+
 def trim_zero3_hooks(engine) -> int:
     """Remove ZeRO-3's module hooks where they have nothing to do; returns how many modules lost them.
 

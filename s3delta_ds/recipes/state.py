@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, TrainConfig
-from ..run.checkpoint import resume_grad_accum
-
-CHECKPOINTS = "checkpoints"
+from ..run.checkpoint import CHECKPOINTS, resume_grad_accum
 
 
 @dataclass(kw_only=True, slots=True)

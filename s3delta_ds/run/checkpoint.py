@@ -40,6 +40,7 @@ from ..util import atomic_path, atomic_write_text, fsync_dir
 
 DELTA_FORMAT = "s3delta-deltas"
 COMPLETE = "COMPLETE"
+CHECKPOINTS = "checkpoints"  # the folder of a run's output directory that holds its checkpoints
 RUN_FORMAT = "s3delta-run-checkpoint"
 STATE_FILE = "state.pt"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from ..config import RunConfig, SearchConfig
 from ..errors import ConfigError, StructureError
@@ -112,8 +113,15 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
         raise ConfigError("retrain.structure must name a structure JSON (or set retrain.full_finetune=true)")
     structure = Structure.load(rc.structure) if rc.structure else None
     searched_task = (structure.search.get("task") if structure else None) or None
+    if structure is not None and not structure.modules:
+        raise StructureError(f"{rc.structure} has no modules: nothing to train")
     if cfg.model.name_or_path is None:
         name = structure.backbone.name_or_path if structure else DEFAULT_MODEL
+        if Path(name).is_file():  # planned on a bare config.json: shapes, no weights, no tokenizer
+            raise ConfigError(
+                f"{rc.structure} was planned on the config file {name}, which holds no weights: "
+                "pass model.name_or_path=MODEL (a model directory or hub id)"
+            )
         cfg = _replace(cfg, "model", name_or_path=name)
         log(f"[s3delta retrain] model.name_or_path not set: using {name} (the structure's backbone)")
     if cfg.data.task is None:
@@ -138,10 +146,27 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
         # after the output directory was written, and the corrected rerun was refused as "not empty"
         from ..structure.builders import Backbone
 
-        structure.check_backbone(Backbone.plan(cfg.model.name_or_path).site_map)
+        planned = Backbone.plan(cfg.model.name_or_path)
+        structure.check_backbone(planned.site_map)
+        _check_pafi_mask(cfg, structure, planned)
     if structure is not None:
         _warn_split(cfg, structure, log)
     return cfg, structure
+
+
+def _check_pafi_mask(cfg: RunConfig, structure: Structure, backbone) -> None:
+    """Globally ranked PaFi needs the backbone's mask, with the structure's counts: found here,
+    not at attach time, after the output directory was written."""
+    if not any(m.type == "pafi" and m.kwargs.get("ranking") == "global" for m in structure.modules):
+        return
+    if cfg.retrain.pafi_mask is None:
+        raise ConfigError(
+            f"{cfg.retrain.structure} holds globally ranked PaFi modules: pass retrain.pafi_mask=MASK, the "
+            "`s3delta pafi-mask` file its counts came from"
+        )
+    from ..structure.pafi import check_mask
+
+    check_mask(cfg.retrain.pafi_mask, structure, backbone)
 
 
 def _warn_split(cfg: RunConfig, structure: Structure, log) -> None:

@@ -96,8 +96,7 @@ def run_args(script: str, args: list[str]) -> tuple[list[str], list[str]]:
     import yaml
 
     from ..config import load_run_config
-    from ..recipes.state import CHECKPOINTS
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import CHECKPOINTS, latest_checkpoint
 
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config")

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..backbones import FAMILIES, SiteMap, parse_site
+from ..backbones import FAMILIES, SiteMap, format_site, parse_site
 from ..backbones.loading import BackboneInfo
 from ..deltas import DELTAS, build_config, config_kwargs, resolve
 from ..errors import S3DeltaError, StructureError
@@ -303,7 +303,7 @@ class _Validator:
             self.fail("format", f"expected {FORMAT!r}, got {d['format']!r} (is this a structure file?)")
         if type(d["version"]) is not int or d["version"] != VERSION:
             self.fail("version", f"unsupported version {d['version']!r}; this s3delta_ds reads version {VERSION}")
-        if d["kind"] not in KINDS:
+        if not isinstance(d["kind"], str) or d["kind"] not in KINDS:
             self.fail("kind", f"expected one of {', '.join(KINDS)}, got {d['kind']!r}")
         backbone = self.backbone(d["backbone"])
         space = d.get("space")
@@ -313,7 +313,8 @@ class _Validator:
         candidates = self.entries(d.get("candidates") or [], "candidates", backbone, with_gate=True)
         budget = self.budget(d["budget"], modules)
         for key in ("search", "provenance", "versions"):
-            self.obj(d.get(key) or {}, key)
+            if d.get(key) is not None:
+                self.obj(d[key], key)
         created = d.get("created") or _now()
         self.string(created, "created")
         return Structure(
@@ -334,7 +335,7 @@ class _Validator:
         for key in ("family", "name_or_path", "model_type", "config_hash", "num_params", "depths", "hidden_size"):
             if key not in b:
                 self.fail(f"backbone.{key}", "missing required field")
-        if b["family"] not in FAMILIES:
+        if self.string(b["family"], "backbone.family") not in FAMILIES:
             self.fail("backbone.family", f"unknown family {b['family']!r}; supported: {', '.join(FAMILIES)}")
         depths = self.obj(b["depths"], "backbone.depths")
         if not depths:
@@ -371,19 +372,25 @@ class _Validator:
                 self.fail(where, f"unknown keys {extra}; valid keys: {', '.join(sorted(allowed))}")
             site = self.string(row["site"], f"{where}.site")
             try:
-                stack, layer, _ = parse_site(site)
+                stack, layer, component = parse_site(site)
             except S3DeltaError as e:
                 self.fail(f"{where}.site", str(e))
+            canonical = format_site(stack, layer, component)
+            if canonical != site:  # "encoder.03.attn.q" is no site's name
+                self.fail(f"{where}.site", f"malformed site name {site!r}: write {canonical!r}")
             if stack not in backbone.depths:
                 self.fail(f"{where}.site", f"stack {stack!r} is not in backbone.depths {sorted(backbone.depths)}")
             if layer is not None and layer >= backbone.depths[stack]:
                 self.fail(
                     f"{where}.site", f"layer {layer} is out of range: {stack} has {backbone.depths[stack]} layers"
                 )
-            type_name = row["type"]
+            type_name = self.string(row["type"], f"{where}.type")
             if type_name not in DELTAS:
                 self.fail(f"{where}.type", f"unknown delta type {type_name!r}; known: {', '.join(DELTAS)}")
             kwargs = self.obj(row["kwargs"], f"{where}.kwargs")
+            for key, value in kwargs.items():  # JSON's NaN/Infinity would pass "alpha <= 0" checks
+                if isinstance(value, float) and not math.isfinite(value):
+                    self.fail(f"{where}.kwargs.{key}", f"expected a finite number, got {value!r}")
             try:
                 cfg = build_config(DELTAS[type_name], kwargs)
             except S3DeltaError as e:

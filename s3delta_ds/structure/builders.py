@@ -12,7 +12,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..backbones import Family, SiteMap, family_for
-from ..backbones.loading import BackboneInfo, build_model, config_hash, load_config
+from ..backbones.loading import BackboneInfo, build_model, config_hash, hub_id, load_config
 from ..errors import BudgetError, SearchSpaceError
 from ..method.gates import discretise, random_structure
 from ..method.space import Rule, SearchSpace, backbone_params, enumerate_rules, enumerate_space
@@ -71,7 +71,7 @@ class Backbone:
     def plan(cls, model_or_config: str) -> Backbone:
         """From a model name/path or a bare config, on the meta device: no weights, no memory."""
         config = load_config(model_or_config)
-        return cls.from_model(build_model(config, device="meta"), str(model_or_config))
+        return cls.from_model(build_model(config, device="meta"), hub_id(str(model_or_config)))
 
     def space(self, name: str) -> SearchSpace:
         return enumerate_space(self.model, name, family=self.family, site_map=self.site_map)

@@ -136,6 +136,41 @@ def load_mask(path: str | Path, backbone: Backbone | None = None) -> tuple[dict[
     return mask, meta
 
 
+def check_mask(path: str | Path, structure: Structure, backbone: Backbone) -> None:
+    """Before a retrain writes anything: the mask is this backbone's, and it has, for every
+    globally ranked PaFi module of ``structure``, exactly the positions the module counts.
+    Reads shapes only (no tensor data).
+
+    Raises:
+        StructureError: an unreadable mask, another backbone's, or counts that disagree.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors has its own error types
+        raise StructureError(f"{path}: not a readable PaFi mask ({e})") from e
+    if meta.get("format") != MASK_FORMAT:
+        raise StructureError(f"{path}: not a PaFi mask file (format {meta.get('format')!r})")
+    if meta["config_hash"] != backbone.info.config_hash:
+        raise StructureError(
+            f"{path} was computed for {meta['backbone']}, not for {backbone.info.name_or_path}: "
+            "compute a mask for this backbone"
+        )
+    wrong = [
+        (m.site, m.kwargs.get("count"), sizes.get(m.site, 0))
+        for m in structure.modules
+        if m.type == "pafi" and m.kwargs.get("ranking") == "global" and sizes.get(m.site, 0) != m.kwargs.get("count")
+    ]
+    if wrong:
+        site, want, got = wrong[0]
+        raise StructureError(
+            f"{path} does not match the structure's global PaFi modules: {len(wrong)} site(s) differ, e.g. "
+            f"{site} counts {want} positions and the mask has {got}; make both with one "
+            "`s3delta pafi-mask MODEL --density D -o MASK --structure OUT.json`"
+        )
+
+
 def mask_structure(backbone: Backbone, mask: dict[str, torch.Tensor], meta: dict[str, str]) -> Structure:
     """The PaFi baseline as a structure: one ``pafi`` module per site with its share of the mask."""
     density = float(meta["density"])
