@@ -174,3 +174,35 @@ def test_fp16_gate_step_that_overflows_is_skipped_and_the_scale_halves():
     assert torch.equal(gates.logits, torch.zeros(n))  # not updated
     assert gates.loss_scale.skipped == 1 and gates.loss_scale.scale == 2.0**39
     assert gates.optimizer.state_dict()["state"] == {}  # the optimizer never stepped
+
+
+def test_deepspeeds_delta_loss_scale_round_trips_through_the_checkpoint_state(monkeypatch):
+    """The delta pass's scale is DeepSpeed's (``optimizer.loss_scaler``): its state is saved and
+    restored with the trainable state, so a resumed fp16 run does not restart at 2^16."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    from s3delta_ds.engine.zero import load_loss_scaler_state, loss_scaler_state
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 0)
+
+    def engine(fp16: bool):
+        scaler = loss_scaler.DynamicLossScaler(
+            init_scale=2.0**16, scale_window=3, min_scale=1, delayed_shift=2, consecutive_hysteresis=False
+        )
+        return SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler), fp16_enabled=lambda: fp16)
+
+    trained = engine(True)
+    for overflow in (True, True, False, True, True, False, False):
+        trained.optimizer.loss_scaler.update_scale(overflow)
+    state = loss_scaler_state(trained)
+    assert state["cur_scale"] < 2.0**16 and state["cur_iter"] == 7 and state["last_overflow_iter"] == 4
+    resumed = engine(True)
+    load_loss_scaler_state(resumed, state)
+    for overflow in (False, False, False, True, True, False):  # and it goes on exactly as the original
+        trained.optimizer.loss_scaler.update_scale(overflow)
+        resumed.optimizer.loss_scaler.update_scale(overflow)
+        assert resumed.optimizer.loss_scaler.cur_scale == trained.optimizer.loss_scaler.cur_scale
+    assert loss_scaler_state(engine(False)) is None
+    load_loss_scaler_state(resumed, None)  # a bf16/fp32 checkpoint, or one from before the field

@@ -688,7 +688,28 @@ def trainable_state(engine, params: list[nn.Parameter]) -> dict:
         "exp_avg_sq": cpu(moments.exp_avg_sq),
         "step": moments.step,
         "scheduler": engine.lr_scheduler.state_dict(),
+        "loss_scaler": loss_scaler_state(engine),
     }
+
+
+_LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler_state(engine) -> dict | None:
+    """DeepSpeed's fp16 loss scale and its counters (None outside fp16). Without them a resumed run
+    restarts at 2^initial_scale_power and skips steps (and their LR-schedule steps) while the scale
+    comes down again, so it would not end where the uninterrupted run does."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None) if engine.fp16_enabled() else None
+    if scaler is None:
+        return None
+    return {f: getattr(scaler, f) for f in _LOSS_SCALER_FIELDS if hasattr(scaler, f)}
+
+
+def load_loss_scaler_state(engine, state: dict | None) -> None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None) if engine.fp16_enabled() else None
+    if scaler is not None and state:  # checkpoints before this field, or of a bf16/fp32 run: as configured
+        for field, value in state.items():
+            setattr(scaler, field, value)
 
 
 def load_trainable_state(engine, params: list[nn.Parameter], state: dict) -> None:
@@ -730,6 +751,7 @@ def load_trainable_state(engine, params: list[nn.Parameter], state: dict) -> Non
             for p, w in zip(params, state["weights"], strict=True):
                 p.copy_(w.view(p.shape).to(p.dtype))
     engine.lr_scheduler.load_state_dict(state["scheduler"])
+    load_loss_scaler_state(engine, state.get("loss_scaler"))
     # a scheduler sets the learning rate when it steps; the restored one has not stepped yet
     for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
