@@ -294,7 +294,10 @@ class RetrainConfig(TrainConfig):
     structure: str | None = None
     """Structure JSON to retrain (searched, random, manual or transferred)."""
     full_finetune: bool = False
-    """Train every backbone weight instead of a structure (the full fine-tuning baseline)."""
+    """Train every backbone weight instead of a structure (the full fine-tuning baseline). Its
+    checkpoints gather every weight and both AdamW moments on every rank (about 12 bytes per
+    parameter of host memory per rank, and 8 on the accelerator while gathered): a baseline for
+    models up to about a billion parameters, not for T5-XXL."""
     pafi_mask: str | None = None
     """PaFi mask file (``s3delta pafi-mask``) for structures with globally ranked PaFi modules."""
     test_at: str = "end"
@@ -326,7 +329,8 @@ class RunConfig:
     seed: int = 0
     """Initialisation, data order and gate noise. The data splits use ``data.split_seed`` instead."""
     overwrite: bool = False
-    """Allow writing into an existing output directory (its old files are removed first)."""
+    """Replace an earlier run's output directory (it is removed first); a directory that is not a
+    run's (no config.yaml and ds_config.json) is never removed."""
 
     def __post_init__(self):
         _check(self.zero_stage in (None, 0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}")

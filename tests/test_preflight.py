@@ -307,3 +307,22 @@ def test_a_structure_planned_on_a_shape_name_records_its_hub_id():
     assert builders.Backbone.plan("flan-t5-small").info.name_or_path == "google/flan-t5-small"
     assert builders.Backbone.plan("t5-large").info.name_or_path == "google-t5/t5-large"
     assert builders.Backbone.plan("tiny-t5").info.name_or_path == "tiny-t5"  # embedded: loadable as it is
+
+
+def test_resume_refuses_settings_the_run_did_not_use(tmp_path):
+    """A restored scheduler would keep the old lr while config.yaml records the new one; another seed
+    re-cuts the data halves mid-run. Cadence and batch geometry may change."""
+    from s3delta_ds.config import dump_yaml
+    from s3delta_ds.run.runtime import check_resume_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    first = _cfg(tmp_path, "search.lr=3e-4", "search.budget=1e-3", "data.task=tiny-sentiment")
+    (out / "config.yaml").write_text(dump_yaml(first))
+    same = _cfg(tmp_path, "search.lr=3e-4", "search.budget=1e-3", "data.task=tiny-sentiment",
+                "search.micro_batch_size=2", "search.grad_accum=4", "search.stop_after=5", "retrain.lr=1")  # fmt: skip
+    check_resume_config(out, same, "search")
+    changed = _cfg(tmp_path, "search.lr=1e-2", "search.budget=1e-3", "data.task=tiny-sentiment", "seed=3")
+    with pytest.raises(ConfigError, match=r"seed 0 -> 3; search.lr 0.0003 -> 0.01\).*another output_dir"):
+        check_resume_config(out, changed, "search")
+    check_resume_config(out, dataclasses.replace(changed, seed=0, search=first.search), "search")

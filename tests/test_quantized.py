@@ -60,3 +60,12 @@ def test_merge_refuses_a_quantized_base_unless_asked_for_full_precision(tmp_path
         export_merged(tmp_path / "run", tmp_path / "out")
     report = export_merged(tmp_path / "run", tmp_path / "out", full_precision_base=True)
     assert report["kept"] == [] and report["merged"] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_4bit_computes_in_the_model_dtype(dtype):
+    """model.dtype=fp16 (a GPU without bf16) must not compute in bf16; fp32 asks for fp32."""
+    from s3delta_ds.engine.backbone import quantization_config
+
+    q = quantization_config("4bit", dtype)
+    assert q.bnb_4bit_compute_dtype == dtype and q.bnb_4bit_quant_storage == dtype

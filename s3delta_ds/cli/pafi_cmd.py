@@ -14,6 +14,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def stored_dtype(source: str) -> str:
+    """fp32 | bf16 | fp16: the ``dtype`` a model's config.json records (fp32 when it records none)."""
+    from ..backbones.loading import load_config
+
+    config = load_config(source)
+    stored = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(stored, "fp32")
+
+
 def run(args) -> int:
     from ..config import ModelConfig
     from ..engine.backbone import load_backbone, resolve_source
@@ -21,7 +30,10 @@ def run(args) -> int:
     from ..structure.pafi import compute_mask, mask_structure, save_mask
 
     cfg = ModelConfig(name_or_path=args.model)
-    model = load_backbone(cfg, source=resolve_source(cfg), dtype="fp32", ds_config={})
+    source = resolve_source(cfg)
+    # In the dtype the checkpoint stores: the ranking reads exactly the stored values (each tensor is
+    # upcast on its own), and a bf16 checkpoint is not doubled in memory (LLaMA-70B: 140 GB, not 280).
+    model = load_backbone(cfg, source=source, dtype=stored_dtype(source), ds_config={})
     backbone = Backbone.from_model(model, args.model)
     eligible = tuple(e.strip() for e in args.eligible.split(",") if e.strip())
     mask = compute_mask(model, backbone.site_map, args.density, args.ranking, eligible)

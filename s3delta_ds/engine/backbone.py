@@ -131,9 +131,10 @@ def _apply_pooling(model: nn.Module, cfg: ModelConfig, source: str) -> None:
 
 
 def quantization_config(kind: str, storage_dtype: torch.dtype):
-    """bitsandbytes settings for a frozen backbone: NF4 with double quantization and bf16 compute
-    (4bit), or LLM.int8 (8bit). The 4-bit storage dtype is the model's float dtype so that ZeRO-3
-    can partition the packed weights like any other parameter."""
+    """bitsandbytes settings for a frozen backbone: NF4 with double quantization (4bit), or LLM.int8
+    (8bit). The 4-bit storage dtype is the model's float dtype so that ZeRO-3 can partition the
+    packed weights like any other parameter, and the matmuls compute in it too: model.dtype=fp16 on
+    a GPU without bf16 must not compute in bf16, and fp32 asks for fp32."""
     from transformers import BitsAndBytesConfig
 
     if kind == "4bit":
@@ -141,7 +142,7 @@ def quantization_config(kind: str, storage_dtype: torch.dtype):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=storage_dtype,
             bnb_4bit_quant_storage=storage_dtype,
         )
     return BitsAndBytesConfig(load_in_8bit=True)

@@ -18,7 +18,7 @@ import torch
 from ..backbones import Family, SiteMap, family_for
 from ..backbones.checkpointing import checkpointed_blocks
 from ..backbones.pooling import pooling_of
-from ..config import RunConfig, TrainConfig, dump_yaml
+from ..config import RunConfig, TrainConfig, dump_yaml, load_run_config
 from ..data import OBJECTIVES, Collator, Encoder, Task, load_rows, load_tokenizer, resolve_task
 from ..data.encode import encode_all
 from ..engine import zero
@@ -159,7 +159,7 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
         raise ConfigError("model.name_or_path and data.task must be resolved first (s3delta_ds.run.preflight)")
     rank, world = zero.init_distributed()
     plan = plan or RunPlan.for_setup(cfg, model_source(cfg))
-    _output_dir(Path(cfg.output_dir), rank, resume=resume, overwrite=cfg.overwrite)
+    _output_dir(Path(cfg.output_dir), rank, resume=resume, overwrite=cfg.overwrite, cfg=cfg, kind=kind)
 
     from ..backbones.loading import load_config
 
@@ -197,12 +197,67 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
     return rt
 
 
-def _output_dir(out: Path, rank: int, *, resume: bool, overwrite: bool) -> None:
-    """``prepare_output_dir`` on rank 0; every rank raises its error."""
+# What a resumed run must share with the run it continues: the data it sees and how it splits
+# them, what it trains, and its optimisation. The rest (micro-batch and accumulation on another
+# number of ranks, the ZeRO stage, evaluation and checkpoint cadence, stop_after) may change.
+RESUME_FIXED = {
+    "common": (
+        "seed", "model.name_or_path", "data.task", "data.data_dir", "data.train_file", "data.hub_dataset",
+        "data.template", "data.split_seed", "data.subsample", "data.max_train_examples",
+    ),
+    "search": (
+        "search.space", "search.budget", "search.mode", "search.steps", "search.lr", "search.weight_decay",
+        "search.gate_lr", "search.gate_optimizer", "search.gate_warmup", "search.beta", "search.temperature",
+        "search.shift_gradient",
+    ),
+    "retrain": (
+        "retrain.structure", "retrain.full_finetune", "retrain.pafi_mask", "retrain.steps", "retrain.lr",
+        "retrain.weight_decay",
+    ),
+}  # fmt: skip
+
+
+def check_resume_config(out: Path, cfg: RunConfig, kind: str) -> None:
+    """Refuse to resume with settings the checkpoint's run did not use (its ``config.yaml``).
+
+    A restored scheduler keeps the old learning rate while the new one is written to the run's
+    records; another seed re-cuts the data halves mid-run; another budget re-shifts the gates.
+
+    Raises:
+        ConfigError: the differing keys, with both values.
+    """
+    previous = out / "config.yaml"
+    if not previous.is_file():
+        return
+    try:
+        old = load_run_config(previous)
+    except ConfigError:  # written by another version of s3delta_ds: nothing to compare it with
+        return
+
+    def value(c: RunConfig, dotted: str):
+        for part in dotted.split("."):
+            c = getattr(c, part)
+        return c
+
+    keys = RESUME_FIXED["common"] + RESUME_FIXED.get(kind, ())
+    diffs = [(k, value(old, k), value(cfg, k)) for k in keys if value(old, k) != value(cfg, k)]
+    if diffs:
+        said = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs)
+        raise ConfigError(
+            f"--resume with settings the run in {out} did not use ({said}): a resumed run continues that run. "
+            "Set them back, or start a new run in another output_dir"
+        )
+
+
+def _output_dir(out: Path, rank: int, *, resume: bool, overwrite: bool, cfg=None, kind: str = "") -> None:
+    """``prepare_output_dir`` (and, resuming, ``check_resume_config``) on rank 0; every rank raises
+    its error."""
     err = None
     if rank == 0:
         try:
             prepare_output_dir(out, resume=resume, overwrite=overwrite)
+            if resume and cfg is not None:
+                check_resume_config(out, cfg, kind)
         except ConfigError as e:
             err = str(e)
     err = zero.broadcast_object(err)
@@ -255,7 +310,6 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
     """Shared argument handling of search.py / retrain.py (every launcher passes --local_rank)."""
     import argparse
 
-    from ..config import load_run_config
     from ..errors import S3DeltaError
 
     p = argparse.ArgumentParser(prog=prog, description="Keys of the YAML config can be overridden as section.key=value")

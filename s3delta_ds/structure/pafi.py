@@ -7,6 +7,8 @@ k smallest, merge with the running k smallest; memory O(k) plus one tensor at a 
 ``"per-matrix"`` takes the fraction of every tensor. Eligible tensors are chosen by site kind:
 ``linear`` (weights of every Linear site) and ``norm`` (layer-norm scales). Under ZeRO-3 each
 tensor is gathered alone (``gather``), so peak memory is the largest single tensor, never the model.
+``s3delta pafi-mask`` itself loads the model once on the CPU, in the dtype its checkpoint stores
+(T5-XXL: 44 GB in fp32; LLaMA-2-70B: 140 GB in bf16).
 """
 
 from __future__ import annotations
