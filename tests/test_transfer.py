@@ -225,3 +225,17 @@ def test_cli_transfer_and_budget_sweep(base, tmp_path, capsys):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert Structure.load(tmp_path / "sweep" / "structure_5e-05.json").budget.used == rows[1]["params_used"]
     assert main(["inspect", str(src), "--budgets", "1e-4,x"]) == 2
+
+
+def test_rediscretise_on_its_own_backbone_needs_no_model(base, tmp_path):
+    """The stored candidates hold the sizes: the same modules as mapping onto the planned backbone,
+    and nothing is loaded (a structure whose backbone path exists nowhere here still sweeps)."""
+    for budget in (5e-5, 1e-4, 3e-4):
+        own, mapped = rediscretise(base, budget), rediscretise(base, budget, Backbone.plan("t5-base"))
+        assert [(m.site, m.type, m.params) for m in own.modules] == [(m.site, m.type, m.params) for m in mapped.modules]
+        assert own.budget.used == mapped.budget.used and own.kind == base.kind
+    d = base.to_dict()
+    d["backbone"]["name_or_path"] = str(tmp_path / "moved" / "gguf-model")  # not here any more
+    src = Structure.from_dict(d).save(tmp_path / "moved.json")
+    assert main(["inspect", str(src), "--budgets", "5e-5,1e-4", "--write", str(tmp_path / "sweep")]) == 0
+    assert Structure.load(tmp_path / "sweep" / "structure_5e-05.json").budget.relative == 5e-5

@@ -35,11 +35,9 @@ def _budgets(text: str) -> list[float]:
 def sweep(args, structure: Structure) -> int:
     from pathlib import Path
 
-    from ..structure.builders import Backbone
     from ..structure.transfer import rediscretise
 
-    target = Backbone.plan(structure.backbone.name_or_path)
-    results = [(b, rediscretise(structure, b, target)) for b in _budgets(args.budgets)]
+    results = [(b, rediscretise(structure, b)) for b in _budgets(args.budgets)]
     if args.write:
         for b, s in results:
             s.save(Path(args.write) / f"structure_{b:g}.json")

@@ -24,7 +24,7 @@ from ..deltas import resolve
 from ..errors import StructureError
 from ..method.gates import discretise
 from ..method.space import Candidate, SearchSpace, rules_of
-from . import Structure
+from . import Budget, ModuleChoice, Structure
 from .builders import Backbone, absolute_budget, from_indices
 
 RULE = "overlap-mean"
@@ -212,8 +212,32 @@ def _transfer_modules(source: Structure, target: Backbone, provenance: dict) -> 
 
 
 def rediscretise(structure: Structure, relative: float, target: Backbone | None = None) -> Structure:
-    """The structure the same search gives at another budget, from its stored p (no re-search)."""
+    """The structure the same search gives at another budget, from its stored p (no re-search).
+
+    On its own backbone (``target`` None) the stored candidates hold everything needed, sizes
+    included: nothing is loaded, so a structure of a GGUF directory, of a relative path written
+    elsewhere, or of a hub id on an offline machine re-discretises too. With ``target``: ``transfer``.
+    """
     if not structure.candidates:
         raise StructureError("the structure stores no gate probabilities (candidates): it cannot be re-discretised")
-    target = target or Backbone.plan(structure.backbone.name_or_path)
-    return transfer(structure, target, budget=relative)
+    if target is not None:
+        return transfer(structure, target, budget=relative)
+    absolute = absolute_budget(relative, structure.backbone.num_params)
+    p = [c.p for c in structure.candidates]
+    params = [c.params for c in structure.candidates]
+    chosen = [i for i in discretise(p, params, absolute) if p[i] > 0]
+    modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in (structure.candidates[i] for i in chosen))
+    used = sum(m.params for m in modules)
+    return Structure(  # created and versions: now
+        kind=structure.kind,
+        backbone=structure.backbone,
+        budget=Budget(relative, absolute, used),
+        modules=modules,
+        space=structure.space,
+        candidates=structure.candidates,
+        search=dict(structure.search),
+        provenance={
+            **structure.provenance,
+            "rediscretised": {"source_digest": structure.digest(), "source_budget": structure.budget.relative},
+        },
+    )
