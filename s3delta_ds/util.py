@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import tempfile
@@ -50,6 +51,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+RUN_MARKER = ".s3delta-run"
+"""The file a run claims its output directory with (``claim_run_dir``)."""
+
+
+def claim_run_dir(out: str | os.PathLike, info: dict, *, replace: bool = False) -> bool:
+    """Create ``out/RUN_MARKER`` holding ``info`` (JSON), atomically: of two runs started on one
+    directory at once, exactly one gets True. ``replace``: rewrite it (a resumed run records its
+    own job). Returns False when another run claimed the directory first."""
+    path = Path(out) / RUN_MARKER
+    if replace:
+        atomic_write_text(path, json.dumps(info))
+        return True
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(info))
+    return True
+
+
+def read_run_claim(out: str | os.PathLike) -> dict | None:
+    """What ``claim_run_dir`` recorded in ``out`` (None: nothing readable)."""
+    try:
+        info = json.loads((Path(out) / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

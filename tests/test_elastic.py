@@ -94,7 +94,8 @@ def test_a_torn_newest_checkpoint_is_a_clear_error_naming_the_previous_one(tmp_p
         (tmp_path / f"step-0000000{step}" / COMPLETE).write_text(json.dumps({"step": step}))
     (tmp_path / "step-00000002" / STATE_FILE).write_bytes(b"written before")
     (tmp_path / "step-00000004" / STATE_FILE).write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"step-00000004/state.pt is unreadable.*torn.*resume from step-00000002"):
+    torn = r"step-00000004/state.pt is unreadable.*torn by a crash.*resume from step-00000002"
+    with pytest.raises(CheckpointError, match=torn):
         load_run_checkpoint(None, tmp_path)
 
 

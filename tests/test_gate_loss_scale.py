@@ -29,7 +29,9 @@ def test_disabled_unless_fp16():
     for ds_config in ({}, {"bf16": {"enabled": True}}, {"fp16": {"enabled": False, "loss_scale": 128}}):
         scaler = GateLossScale.from_ds_config(ds_config)
         assert not scaler.enabled and scaler.scale == 1.0
-        assert scaler.update(True) and not scaler.update(False)  # a non-finite gradient is never applied
+        assert scaler.update(True)
+        with pytest.raises(TrainingError, match="non-finite gate gradient"):  # nothing to back off: stop
+            scaler.update(False)
 
 
 def test_reads_deepspeeds_fp16_keys_with_its_defaults():

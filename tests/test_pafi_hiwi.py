@@ -166,16 +166,26 @@ def test_pafi_linear_module_unchanged_outside_its_site():
     assert isinstance(m.get_submodule(sm.path("encoder.0.attn.q")), nn.Linear)
 
 
-def test_pafi_mask_cli_reads_a_bf16_checkpoint_in_bf16_and_ranks_its_stored_values(tmp_path, capsys):
+def test_pafi_mask_cli_reads_a_bf16_checkpoint_in_bf16_and_ranks_its_stored_values(tmp_path, capsys, monkeypatch):
     """`s3delta pafi-mask` on a checkpoint stored in bf16: the model is loaded in bf16 (half the
     memory of fp32), and the mask is the one of the stored values upcast exactly."""
+    import s3delta_ds.engine.backbone as backbone_module
     from s3delta_ds.cli import main
     from s3delta_ds.cli.pafi_cmd import stored_dtype
 
+    loaded_as = []
+    real_load = backbone_module.load_backbone
+
+    def recording(*args, **kwargs):
+        loaded_as.append(kwargs["dtype"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(backbone_module, "load_backbone", recording)
     model = tiny_model("tiny-llama").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "model")
     assert stored_dtype(str(tmp_path / "model")) == "bf16"
     assert main(["pafi-mask", str(tmp_path / "model"), "--density", "0.01", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert loaded_as == ["bf16"]
     mask, _ = load_mask(tmp_path / "m.safetensors")
     exact = model.float()
     want = compute_mask(exact, SiteMap(exact, family_for(exact.config)), density=0.01)

@@ -228,7 +228,7 @@ def test_overwrite_replaces_only_a_runs_directory(tmp_path, monkeypatch):
     for name in ("config.yaml", "ds_config.json", "metrics.jsonl"):
         (run / name).write_text("x")
     prepare_output_dir(run, resume=False, overwrite=True)
-    assert run.is_dir() and not any(run.iterdir())
+    assert [p.name for p in run.iterdir()] == [".s3delta-run"]  # emptied, and claimed by the new run
 
     mine = tmp_path / "thesis"
     (mine / "ch1").mkdir(parents=True)
@@ -326,3 +326,18 @@ def test_resume_refuses_settings_the_run_did_not_use(tmp_path):
     with pytest.raises(ConfigError, match=r"seed 0 -> 3; search.lr 0.0003 -> 0.01\).*another output_dir"):
         check_resume_config(out, changed, "search")
     check_resume_config(out, dataclasses.replace(changed, seed=0, search=first.search), "search")
+
+
+def test_resume_compares_the_backbone_settings_and_resolves_paths(tmp_path, monkeypatch):
+    from s3delta_ds.config import dump_yaml
+    from s3delta_ds.run.runtime import check_resume_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "s.json").write_text("{}")
+    first = _cfg(tmp_path, f"retrain.structure={tmp_path / 's.json'}", "model.dtype=bf16")
+    (out / "config.yaml").write_text(dump_yaml(first))
+    monkeypatch.chdir(tmp_path)
+    check_resume_config(out, _cfg(tmp_path, "retrain.structure=./s.json", "model.dtype=bf16"), "retrain")
+    with pytest.raises(ConfigError, match="model.dtype 'bf16' -> 'fp16'"):  # the gates' fp16 scale would restart
+        check_resume_config(out, _cfg(tmp_path, "retrain.structure=s.json", "model.dtype=fp16"), "retrain")

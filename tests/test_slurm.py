@@ -133,10 +133,13 @@ def test_run_args_default_output_dir_is_per_job_and_never_overrides_the_config(t
     assert run_args("retrain", ["output_dir=here"])[1] == []
 
 
-def _run_dir(out: Path, *, checkpoint: bool) -> None:
+def _run_dir(out: Path, *, checkpoint: bool, job: str = "42") -> None:
+    """A run's directory as prepare_output_dir leaves it, claimed by Slurm job ``job``."""
     from s3delta_ds.run.checkpoint import COMPLETE
+    from s3delta_ds.run.runtime import prepare_output_dir
 
-    out.mkdir(parents=True)
+    os.environ["SLURM_JOB_ID"] = job  # restored by monkeypatch in the caller
+    prepare_output_dir(out, resume=False, overwrite=False)
     (out / "config.yaml").write_text("x")
     (out / "ds_config.json").write_text("{}")
     if checkpoint:
@@ -151,6 +154,7 @@ def _run_dir(out: Path, *, checkpoint: bool) -> None:
         (1, "checkpoint", ["--resume"]),  # requeued after a checkpoint: continue it
         (2, "started", ["overwrite=true"]),  # requeued before the first checkpoint: start over
         (1, "none", []),  # requeued before anything was written
+        (1, "other job", []),  # a run of another job sits at the path: never resumed or deleted
     ],
 )
 def test_run_args_requeued_job_resumes_or_starts_over(tmp_path, monkeypatch, restarts, state, added):
@@ -159,10 +163,34 @@ def test_run_args_requeued_job_resumes_or_starts_over(tmp_path, monkeypatch, res
     _job(monkeypatch, restarts)
     out = tmp_path / "run"
     if state != "none":
-        _run_dir(out, checkpoint=state == "checkpoint")
+        _run_dir(out, checkpoint=state != "started", job="7" if state == "other job" else "42")
+        monkeypatch.setenv("SLURM_JOB_ID", "42")
     args = ["retrain.structure=s.json", f"output_dir={out}"]
     assert run_args("retrain", args) == ([*args, *added], added)
     assert run_args("retrain", [*args, "--resume"])[1] == []  # asked for already
+
+
+def test_run_args_refuses_an_unreadable_config(tmp_path, monkeypatch):
+    from s3delta_ds.errors import ConfigError
+    from s3delta_ds.run.slurm import main, run_args
+
+    _job(monkeypatch, 1)
+    for text, said in (("a: [1", "cannot read config"), ("5\n", "must be a YAML mapping")):
+        config = tmp_path / "c.yaml"
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=said):
+            run_args("search", ["--config", str(config)])
+    assert main(["search", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_two_runs_started_on_one_directory_cannot_both_claim_it(tmp_path):
+    from s3delta_ds.util import claim_run_dir, read_run_claim
+
+    assert claim_run_dir(tmp_path, {"slurm_job_id": "1"})
+    assert not claim_run_dir(tmp_path, {"slurm_job_id": "2"})  # O_EXCL: the second start loses
+    assert read_run_claim(tmp_path) == {"slurm_job_id": "1"}
+    assert claim_run_dir(tmp_path, {"slurm_job_id": "3"}, replace=True)  # a resume by another job
+    assert read_run_claim(tmp_path) == {"slurm_job_id": "3"}
 
 
 def test_hostfile_prints_nothing_but_the_hostfile_and_refuses_a_bad_slot_count(tmp_path, monkeypatch, capsys):

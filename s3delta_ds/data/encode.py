@@ -53,7 +53,9 @@ def _shape_hint(family: str, source: str) -> str:
 
     from ..backbones.loading import builtin_shapes
 
-    if Path(source).exists() or source not in builtin_shapes():
+    # short shape names only: a hub id ("google/flan-t5-xxl") is also a shape's alias, but it names
+    # a real model whose tokenizer simply is not cached here
+    if "/" in source or Path(source).exists() or source not in builtin_shapes():
         return ""
     tiny = next((k for k, v in _EMBEDDED_TOKENIZERS.items() if v == family), None)
     embedded = f", or model.tokenizer={tiny} for the embedded test tokenizer (a systems run only)" if tiny else ""

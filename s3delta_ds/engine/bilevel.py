@@ -51,6 +51,11 @@ def delta_update(engine, model: DeltaModel, micro_batches, device: torch.device)
 
     DeepSpeed divides each backward by grad_accum and averages over ranks, so scaling the summed
     loss by grad_accum · world / (global items) gives exactly the mean over the global batch.
+
+    Raises:
+        TrainingError: the mean loss is not finite, on every rank alike (it is all-reduced). The
+            step has been taken by then: the engine's weights are not finite, and the run stops
+            with its last checkpoint intact.
     """
     items = global_items(micro_batches, device)
     scale = engine.gradient_accumulation_steps() * zero.world() / items

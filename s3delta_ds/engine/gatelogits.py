@@ -63,7 +63,8 @@ class GateLossScale:
     same on every rank: it is all-reduced) skips that gate step. Dynamic (``fp16.loss_scale: 0``,
     DeepSpeed's default): an overflow halves the scale once ``hysteresis`` overflows have been
     seen, ``loss_scale_window`` clean steps double it. The gate pass keeps its own scale: its
-    gradients are not the delta pass's. fp32/bf16: scale 1, never skips.
+    gradients are not the delta pass's. fp32/bf16: scale 1, never skips; a non-finite gradient
+    there is an error.
     """
 
     def __init__(
@@ -107,8 +108,13 @@ class GateLossScale:
         """Record one gate step's outcome; returns whether its gradient may be applied.
 
         Raises:
-            TrainingError: the gradient overflows fp16 at the smallest allowed scale.
+            TrainingError: the gradient overflows fp16 at the smallest allowed scale, or is not
+                finite at all without fp16 scaling (nothing to back off: the gates would freeze).
         """
+        if not finite and not self.enabled:
+            raise TrainingError(
+                "non-finite gate gradient with a finite loss: lower search.gate_lr or search.lr, or check the data"
+            )
         if not finite:
             self.skipped += 1
             if self.dynamic:

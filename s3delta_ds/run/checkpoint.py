@@ -297,8 +297,8 @@ def load_run_checkpoint(engine, root: str | os.PathLike) -> dict:
         older = sorted(p for p in Path(root).glob("step-*") if (p / COMPLETE).exists())[:-1]
         fallback = f"; remove {ckpt} to resume from {older[-1].name}" if older else ""
         raise CheckpointError(
-            f"{ckpt / STATE_FILE} is unreadable ({type(e).__name__}: {e}): the checkpoint was torn, "
-            f"e.g. by a crash while it was written{fallback}"
+            f"{ckpt / STATE_FILE} is unreadable ({type(e).__name__}: {e}): torn by a crash while it was "
+            f"written, or written by an incompatible version{fallback}"
         ) from e
     if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
         raise CheckpointError(f"{ckpt / STATE_FILE}: not an s3delta run checkpoint")

@@ -117,7 +117,7 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
         raise StructureError(f"{rc.structure} has no modules: nothing to train")
     if cfg.model.name_or_path is None:
         name = structure.backbone.name_or_path if structure else DEFAULT_MODEL
-        if Path(name).is_file():  # planned on a bare config.json: shapes, no weights, no tokenizer
+        if Path(name).is_file() and not cfg.model.random_init:  # a bare config.json: shapes, no weights
             raise ConfigError(
                 f"{rc.structure} was planned on the config file {name}, which holds no weights: "
                 "pass model.name_or_path=MODEL (a model directory or hub id)"

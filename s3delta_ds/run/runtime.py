@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from ..engine import zero
 from ..engine.backbone import load_backbone, resolve_source
 from ..errors import BackboneError, BudgetError, ConfigError, DataError, SearchSpaceError, StructureError
 from ..structure.builders import Backbone
-from ..util import atomic_write_text
+from ..util import atomic_write_text, claim_run_dir, read_run_claim
 from .plan import RunPlan
 
 
@@ -62,11 +63,21 @@ class Runtime:
             print(msg, flush=True)
 
 
+def _claim_info() -> dict:
+    return {"slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid()}
+
+
 def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing non-empty directory needs --resume or overwrite=true. Rank 0 only."""
+    """Refuse to mix runs: an existing non-empty directory needs --resume or overwrite=true. Rank 0 only.
+
+    The run claims the directory (``util.claim_run_dir``, atomic): two jobs started on one
+    output_dir at once cannot both write there, and a requeued Slurm job knows its own directory
+    (``run.slurm.run_args``) by the job id the claim records.
+    """
     if resume:
         if not out.is_dir():
             raise ConfigError(f"--resume: output directory {out} does not exist")
+        claim_run_dir(out, _claim_info(), replace=True)  # this job continues it now
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -75,7 +86,8 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             )
         # overwrite=true deletes the whole directory: only ever an earlier run's (output_dir=runs or
         # output_dir=. must not take every other run, or the checkout, with it)
-        if not ((out / "config.yaml").is_file() and (out / "ds_config.json").is_file()):
+        is_run = (out / "config.yaml").is_file() and (out / "ds_config.json").is_file()
+        if not (is_run or read_run_claim(out) is not None):
             raise ConfigError(
                 f"output directory {out} is not empty and is not an s3delta_ds run (no config.yaml and "
                 "ds_config.json): overwrite=true only replaces a run's directory; pick another output_dir"
@@ -84,6 +96,8 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             raise ConfigError(f"overwrite=true would delete {out}, which holds the current directory")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not claim_run_dir(out, _claim_info()):
+        raise ConfigError(f"output directory {out} was claimed by another run a moment ago: use another output_dir")
 
 
 def subsample(rows: list[dict], limit: int | None, how: str, seed: int, split: str) -> list[dict]:
@@ -202,7 +216,8 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
 # number of ranks, the ZeRO stage, evaluation and checkpoint cadence, stop_after) may change.
 RESUME_FIXED = {
     "common": (
-        "seed", "model.name_or_path", "data.task", "data.data_dir", "data.train_file", "data.hub_dataset",
+        "seed", "model.name_or_path", "model.dtype", "model.random_init", "model.quantize", "model.gguf_file",
+        "data.task", "data.data_dir", "data.train_file", "data.hub_dataset",
         "data.template", "data.split_seed", "data.subsample", "data.max_train_examples",
     ),
     "search": (
@@ -215,6 +230,9 @@ RESUME_FIXED = {
         "retrain.weight_decay",
     ),
 }  # fmt: skip
+
+
+_RESUME_PATHS = {"data.data_dir", "data.train_file", "retrain.structure", "retrain.pafi_mask"}
 
 
 def check_resume_config(out: Path, cfg: RunConfig, kind: str) -> None:
@@ -240,7 +258,14 @@ def check_resume_config(out: Path, cfg: RunConfig, kind: str) -> None:
         return c
 
     keys = RESUME_FIXED["common"] + RESUME_FIXED.get(kind, ())
-    diffs = [(k, value(old, k), value(cfg, k)) for k in keys if value(old, k) != value(cfg, k)]
+
+    def same(k: str) -> bool:
+        a, b = value(old, k), value(cfg, k)
+        if k in _RESUME_PATHS and a is not None and b is not None:  # ./s.json and /abs/s.json are one file
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    diffs = [(k, value(old, k), value(cfg, k)) for k in keys if not same(k)]
     if diffs:
         said = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs)
         raise ConfigError(

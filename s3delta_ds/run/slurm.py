@@ -84,9 +84,10 @@ def run_args(script: str, args: list[str]) -> tuple[list[str], list[str]]:
     * Neither the config nor the overrides name an ``output_dir``: ``runs/<script>-<job id>``, one
       directory per job. A config's own ``output_dir`` is never overridden.
     * A requeued job (``SLURM_RESTART_COUNT`` > 0: preemption, a node failure, ``scontrol
-      requeue``) keeps its job id and its directory: it continues from the newest complete
-      checkpoint (``--resume``), or starts over (``overwrite=true``, which only ever replaces a
-      run's directory) when the first attempt died before writing one.
+      requeue``) keeps its job id and its directory: when the directory's claim records this job
+      id, it continues from the newest complete checkpoint (``--resume``), or starts over
+      (``overwrite=true``) when the first attempt died before writing one. A directory another
+      run claimed is left to the usual refusal.
 
     Raises:
         ConfigError: an unreadable config (the entry point would refuse it too).
@@ -96,6 +97,8 @@ def run_args(script: str, args: list[str]) -> tuple[list[str], list[str]]:
     import yaml
 
     from ..config import load_run_config
+    from ..errors import ConfigError
+    from ..util import read_run_claim
     from .checkpoint import CHECKPOINTS, latest_checkpoint
 
     p = argparse.ArgumentParser(add_help=False)
@@ -104,16 +107,23 @@ def run_args(script: str, args: list[str]) -> tuple[list[str], list[str]]:
     known, rest = p.parse_known_args(args)
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     added: list[str] = []
-    raw = yaml.safe_load(Path(known.config).read_text()) if known.config and Path(known.config).is_file() else None
-    if not any(o.startswith("output_dir=") for o in overrides) and "output_dir" not in (raw or {}):
+    raw = {}
+    if known.config:
+        try:
+            raw = yaml.safe_load(Path(known.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {known.config}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {known.config} must be a YAML mapping at the top level")
+    if not any(o.startswith("output_dir=") for o in overrides) and "output_dir" not in raw:
         added.append(f"output_dir=runs/{script}-{os.environ.get('SLURM_JOB_ID', '0')}")
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
     if not known.resume and restarts.isdigit() and int(restarts) > 0:
         out = Path(load_run_config(known.config, overrides + added).output_dir)
-        if latest_checkpoint(out / CHECKPOINTS) is not None:
-            added.append("--resume")
-        elif out.is_dir() and any(out.iterdir()):
-            added.append("overwrite=true")
+        claim = read_run_claim(out) or {}
+        # only a directory this job claimed: never another run's that happens to sit at the path
+        if claim.get("slurm_job_id") == os.environ.get("SLURM_JOB_ID"):
+            added.append("--resume" if latest_checkpoint(out / CHECKPOINTS) is not None else "overwrite=true")
     return [*args, *added], added
 
 
