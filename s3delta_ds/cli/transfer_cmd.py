@@ -21,7 +21,8 @@ def register(sub) -> None:
         "--budget",
         type=float,
         default=None,
-        help="relative budget on the target (default: the source's relative budget)",
+        help="relative budget on the target (default: the source's relative budget); searched structures "
+        "only: a manual or random one maps its modules as they are",
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT.json")
     p.set_defaults(func=run)

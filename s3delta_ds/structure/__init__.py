@@ -184,7 +184,9 @@ class Structure:
     def transfer(self, target, budget: float | None = None) -> Structure:
         """This structure mapped onto another backbone of the family (by relative depth) and
         re-discretised at ``budget`` (relative; default: this one's). ``target``: a ``Backbone`` or
-        anything ``Backbone.plan`` takes (``"t5-v1_1-xxl"``, a model directory, a config.json)."""
+        anything ``Backbone.plan`` takes (``"t5-v1_1-xxl"``, a model directory, a config.json).
+        A structure without gate probabilities (manual, random) maps its modules as they are and
+        takes no ``budget``."""
         from .builders import Backbone
         from .transfer import transfer
 
