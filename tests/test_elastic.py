@@ -186,3 +186,16 @@ def test_retrain_resumes_on_another_number_of_ranks(searched, tmp_path):
         assert summary["best_step"] == ref["best_step"] == 4
         assert summary["test"]["loss"] == pytest.approx(ref["test"]["loss"], abs=TOL)
         assert summary["zero_stage"] == 2 and summary["world_size"] == {"b": 1, "c": 2}[k]
+
+
+def test_a_gpu_checkpoints_rng_state_resumes_on_the_cpu():
+    """The accelerator generator of a GPU run is skipped on the CPU, and the CPU one is restored."""
+    import torch
+
+    from s3delta_ds.engine import zero
+
+    cpu = torch.get_rng_state()
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    zero.set_rng_state((cpu, torch.zeros(16, dtype=torch.uint8)))  # a stand-in CUDA generator state
+    assert torch.equal(torch.rand(3), expected)

@@ -779,5 +779,7 @@ def rng_state() -> tuple[torch.Tensor, Any]:
 def set_rng_state(state: tuple[torch.Tensor, Any]) -> None:
     cpu, accelerator = state
     torch.set_rng_state(cpu)
-    if accelerator is not None:
+    # a GPU run's checkpoint resumed on the CPU: there is no accelerator generator to restore (the CPU
+    # "accelerator" would take the CUDA state as the CPU generator's)
+    if accelerator is not None and device_type() != "cpu":
         get_accelerator().set_rng_state(accelerator)
