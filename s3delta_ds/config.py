@@ -126,7 +126,8 @@ class DataConfig:
     label_words: list[str] | None = None
     """custom: one word per class (what text-to-text and decoder models produce); class i ↔ word i."""
     metric: str = "accuracy"
-    """custom: the main metric (model selection): accuracy, f1, f1_macro, matthews, pearson, ..."""
+    """custom: the main metric (model selection): accuracy, f1, f1_macro, matthews, pearson, ...
+    ``f1`` is binary and scores the second label word (class 1) as the positive class."""
 
     def __post_init__(self):
         custom = {k: getattr(self, k) for k in CUSTOM_KEYS if getattr(self, k) != CUSTOM_DEFAULTS.get(k)}
@@ -382,7 +383,13 @@ def _build(cls, values: dict[str, Any], where: str):
             continue
         ok, value = _type_ok(value, fields[key].type)
         if not ok:
-            raise ConfigError(f"{where}{key} must be {fields[key].type}, got {value!r}")
+            hint = ""
+            if "list[str]" in fields[key].type and isinstance(value, list):
+                hint = (
+                    " (YAML reads no/yes/true/false/on/off as booleans and 1, 2 as numbers: quote them, "
+                    "e.g. ['no', 'yes'])"
+                )
+            raise ConfigError(f"{where}{key} must be {fields[key].type}, got {value!r}{hint}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -403,16 +410,50 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. search.steps=50)")
         key, raw = item.split("=", 1)
-        _set_dotted(out, key.strip(), _override_value(raw))
+        key = key.strip()
+        _set_dotted(out, key, _override_value(raw, _annotation(key)))
     return out
 
 
-def _override_value(raw: str) -> Any:
-    """A command-line value read as YAML (numbers, booleans, ``[a, b]`` lists), except where YAML
-    would make a mapping or fail: no setting takes a mapping, and a template such as
-    ``review: {text}`` is meant as the text it is."""
+def _annotation(dotted: str) -> str | None:
+    """The type annotation of a setting (``data.template`` → ``"str | None"``); None if unknown."""
+    section, _, name = dotted.rpartition(".")
+    cls = _SECTIONS.get(section) if section else RunConfig
+    fields = {f.name: f.type for f in dataclasses.fields(cls)} if cls else {}
+    return fields.get(name)
+
+
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _override_value(raw: str, annotation: str | None = None) -> Any:
+    """A command-line value as the setting it is for.
+
+    A text setting keeps the text exactly as typed (YAML would cut ``Tweet #{n}: {text}`` at its
+    " #" comment and turn ``review: {text}`` into a mapping); surrounding quotes are removed. A
+    list of words keeps its items as words (YAML reads ``[no, yes]`` as booleans and ``[1, 2]`` as
+    numbers). Anything else is read as YAML (numbers, booleans), never as a mapping: no setting
+    takes one.
+    """
     if raw == "":
         return None
+    if annotation in ("str", "str | None"):
+        if annotation == "str | None" and raw in _NULLS:
+            return None
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            try:
+                return str(yaml.safe_load(raw))
+            except yaml.YAMLError:
+                return raw
+        return raw
+    if annotation in ("list[str]", "list[str] | None"):
+        if raw in _NULLS:
+            return None
+        try:
+            value = yaml.load(raw, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds only str/list/dict
+        except yaml.YAMLError:
+            return raw
+        return value if isinstance(value, list) else raw
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:

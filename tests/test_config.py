@@ -425,3 +425,25 @@ def test_resolve_dtype_auto_on_cpu():
     assert resolve_dtype("auto", {"bf16": {"enabled": "auto"}}) == "fp32"
     for name in SHIPPED:
         assert resolve_dtype("auto", read_ds_config(name)[0]) == "fp32"
+
+
+def test_text_settings_on_the_command_line_are_kept_as_typed():
+    """YAML would cut a template at " #" (a comment) and read ``review: {text}`` as a mapping."""
+    got = parse_overrides(
+        [
+            "data.template=Tweet #{n}: {text}",
+            "data.label_words=[no, yes]",
+            "output_dir=123",
+            "model.name_or_path='t5-base'",
+            "data.test_file=null",
+            "search.steps=50",
+        ]
+    )
+    assert got["data"] == {"template": "Tweet #{n}: {text}", "label_words": ["no", "yes"], "test_file": None}
+    assert got["output_dir"] == "123" and got["model"] == {"name_or_path": "t5-base"} and got["search"] == {"steps": 50}
+    assert parse_overrides(["data.label_words=[1, 2, 3]"])["data"]["label_words"] == ["1", "2", "3"]
+
+
+def test_yaml_label_words_read_as_booleans_get_a_hint(tmp_path):
+    with pytest.raises(ConfigError, match=r"quote them, e.g. \['no', 'yes'\]"):
+        load_run_config(_write(tmp_path, "data:\n  task: custom\n  label_words: [no, yes]\n"))

@@ -255,3 +255,70 @@ def test_encoding_counts_the_sources_cut_to_the_length(tmp_path):
     assert stats["truncated"] == len(rows)  # every review is longer than 4 tokens
     encode_all(Encoder(task, load_tokenizer("t5", "tiny-t5"), "seq2seq", 64, 8), rows, stats=stats)
     assert stats["truncated"] == 0
+
+
+def test_a_template_cut_by_a_hash_or_naming_no_column_is_refused(tmp_path):
+    data = _cfg(tmp_path, "data.template=Tweet #{review}: done")
+    assert data.template == "Tweet #{review}: done" and resolve_task(data).columns == ("review",)
+    with pytest.raises(ConfigError, match="names no column"):
+        resolve_task(_cfg(tmp_path, "data.template=just this"))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_whole_float_labels_are_checked_for_ambiguity_like_ints(tmp_path):
+    """1.0, 2.0, 3.0 against the words "1".."5": class ids 1..3, or the words? Like ints: refused."""
+    words = "data.label_words=['1', '2', '3', '4', '5']"
+    rows = [{"review": f"r{i}", "stars": float(1 + i % 3)} for i in range(6)]
+    for split in ("train", "dev"):
+        _jsonl(tmp_path / f"{split}.jsonl", rows)
+    data = _cfg(
+        tmp_path, words, "data.label_column=stars", f"data.train_file={tmp_path / 'train.jsonl'}",
+        f"data.validation_file={tmp_path / 'dev.jsonl'}",
+    )  # fmt: skip
+    with pytest.raises(DataError, match="ambiguous"):
+        load_rows(resolve_task(data), None)
+    rows = [{"review": f"r{i}", "stars": float(1 + i % 5)} for i in range(10)]  # 1..5: only the words fit
+    for split in ("train", "dev"):
+        _jsonl(tmp_path / f"{split}.jsonl", rows)
+    got = load_rows(resolve_task(data), None)
+    assert sorted({r["stars"] for r in got["train"]}) == [0, 1, 2, 3, 4]
+
+
+def _classlabel_parquet(tmp_path, names):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    rows = {"text": ["great film", "awful film"] * 4, "label": [names.index("positive"), names.index("negative")] * 4}
+    d = tmp_path / "hub"
+    d.mkdir(exist_ok=True)
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(d / f"{split}.parquet"))
+    return d
+
+
+@pytest.mark.parametrize("names", [["positive", "negative"], ["negative", "positive"]])
+def test_classlabel_ids_are_read_by_their_names_when_those_are_the_label_words(tmp_path, names):
+    d = _classlabel_parquet(tmp_path, names)
+    data = load_run_config(
+        None,
+        ["data.task=custom", "data.template=review: {text}", "data.label_words=[negative, positive]",
+         f"data.data_dir={d}"],
+    ).data  # fmt: skip
+    rows = load_rows(resolve_task(data), data.data_dir)
+    great = [r["label"] for r in rows["train"] if r["text"] == "great film"]
+    assert set(great) == {1}  # "positive" is label word 1, whatever the dataset's own order
+
+
+def test_classlabel_names_that_only_partly_match_the_label_words_are_refused(tmp_path):
+    d = _classlabel_parquet(tmp_path, ["positive", "negative"])
+    data = load_run_config(
+        None,
+        ["data.task=custom", "data.template=review: {text}", "data.label_words=[negative, good]",
+         f"data.data_dir={d}"],
+    ).data  # fmt: skip
+    with pytest.raises(DataError, match="ClassLabel with names"):
+        load_rows(resolve_task(data), data.data_dir)

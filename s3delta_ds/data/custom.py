@@ -36,6 +36,11 @@ def custom_task(data) -> Task:
     if not data.template:
         raise ConfigError('data.task=custom needs data.template, e.g. "review: {text}"')
     fields = placeholders(data.template)
+    if not fields:  # every example would read the same: nothing to learn from
+        raise ConfigError(
+            f"data.template {data.template!r} names no column: every example would read the same; put one in "
+            'braces, e.g. "review: {text}"'
+        )
     columns = tuple(data.columns) if data.columns else fields
     missing = [f for f in fields if f not in columns]
     if missing:

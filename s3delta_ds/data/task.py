@@ -60,8 +60,8 @@ class Task:
             raise DataError(
                 f"{where}integer labels {sorted(values)} in column {self.label_column!r} are ambiguous against the "
                 f"label words {list(self.label_words)}: is label {v} class {v} ({self.label_words[v]!r}) or the "
-                f"word {str(v)!r} (class {numerals[str(v)]})? Write the labels as strings, or use label words "
-                "that are not numerals"
+                f"word {str(v)!r} (class {numerals[str(v)]})? Write the labels as strings in JSONL (a CSV reader "
+                "reads quoted numbers as numbers), or use label words that are not numerals (e.g. '1 star')"
             )
         return as_words and not as_ids
 

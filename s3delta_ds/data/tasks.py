@@ -68,7 +68,39 @@ def _read(path: Path) -> list[dict]:
     except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         # datasets reports a header-only CSV or a row-less parquet file in several ways
         raise DataError(f"{path}: cannot read any rows ({type(e).__name__}: {e})") from e
-    return [dict(r) for r in ds]
+    return ds
+
+
+def _rows(ds, task: Task, where: str) -> list[dict]:
+    """A ``datasets`` split as rows, with ``ClassLabel`` ids read as the names they stand for.
+
+    A ``ClassLabel`` column stores ids in the dataset's own order (``names=['positive',
+    'negative']``); read against ``data.label_words`` that order could invert the classes. When
+    every name is a label word the ids become their names, so the words decide the class; when no
+    name is, the ids are class ids as before (``neg``/``pos`` against ``negative``/``positive``).
+
+    Raises:
+        DataError: some names are label words and some are not (no reading is safe).
+    """
+    import datasets
+
+    rows = [dict(r) for r in ds]
+    feature = (getattr(ds, "features", None) or {}).get(task.label_column)
+    if not isinstance(feature, datasets.ClassLabel):
+        return rows
+    names, words = list(feature.names), set(task.label_words)
+    if not words & set(names):
+        return rows
+    if not set(names) <= words:
+        raise DataError(
+            f"{where}: column {task.label_column!r} is a ClassLabel with names {names}, only some of which are "
+            f"label words {list(task.label_words)}: make data.label_words the names, or none of them"
+        )
+    for r in rows:
+        v = r.get(task.label_column)
+        if type(v) is int and 0 <= v < len(names):  # noqa: E721 - -1 marks an unlabelled row
+            r[task.label_column] = names[v]
+    return rows
 
 
 def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str, list[dict]]:
@@ -97,8 +129,8 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
         for split, path in paths.items():
             if not path.is_file():
                 raise DataError(f"data.{split}_file {path} does not exist")
-        rows = {s: _read(p) for s, p in paths.items()}
         where = {s: str(p) for s, p in paths.items()}
+        rows = {s: _rows(_read(p), task, where[s]) for s, p in paths.items()}
     elif data_dir is not None:
         root = Path(data_dir)
         if not root.is_dir():
@@ -109,8 +141,8 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
                 f"{data_dir}: need at least train and validation files "
                 f"({'/'.join(_EXTENSIONS)}); found {sorted(p.name for p in root.iterdir())}"
             )
-        rows = {s: _read(p) for s, p in files.items() if p is not None}
         where = {s: str(p) for s, p in files.items() if p is not None}
+        rows = {s: _rows(_read(p), task, where[s]) for s, p in files.items() if p is not None}
     elif task.hub is not None:
         import datasets
 
@@ -127,19 +159,20 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
         missing = [theirs for ours, theirs in task.hub_splits.items() if ours not in optional and theirs not in ds]
         if task.name == "custom" and missing:
             raise DataError(f"{task.hub[0]} has no split {missing[0]!r}; it has {', '.join(ds)} (data.*_split)")
-        rows = {ours: [dict(r) for r in ds[theirs]] for ours, theirs in task.hub_splits.items() if theirs in ds}
-        where = {s: f"hub:{task.hub[0]}/{task.hub[1]}:{s}" for s in rows}
+        where = {ours: f"hub:{task.hub[0]}/{task.hub[1]}:{ours}" for ours in task.hub_splits}
+        rows = {ours: _rows(ds[theirs], task, where[ours]) for ours, theirs in task.hub_splits.items() if theirs in ds}
+        where = {s: where[s] for s in rows}
     else:
         raise DataError(f"task {task.name!r} has no shipped data: pass data.data_dir")
     for split, split_rows in rows.items():
         if not split_rows:
             raise DataError(f"{where[split]}: split {split!r} is empty")
         task.check_columns(list(split_rows[0].keys()), where[split])
-    ints = {
-        r.get(task.label_column)
+    ints = {  # whole floats (1.0: a JSON float, a pandas column with gaps) read as the ints they are
+        int(v)
         for split_rows in rows.values()
         for r in split_rows
-        if type(r.get(task.label_column)) is int  # noqa: E721 - bools are not class ids
+        if type(v := r.get(task.label_column)) is int or (type(v) is float and v.is_integer())  # noqa: E721 - not bools
     }
     ints_are_words = task.int_labels_are_words(ints, ", ".join(where.values()))
     for split, split_rows in rows.items():
