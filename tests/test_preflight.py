@@ -328,6 +328,32 @@ def test_resume_refuses_settings_the_run_did_not_use(tmp_path):
     check_resume_config(out, dataclasses.replace(changed, seed=0, search=first.search), "search")
 
 
+def test_resume_refuses_another_reading_of_the_labels_or_another_validation_set(tmp_path):
+    from s3delta_ds.config import dump_yaml
+    from s3delta_ds.run.runtime import check_resume_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    base = ["data.task=custom", "data.template=r: {text}", "data.train_file=t.csv", "data.validation_file=v.csv"]
+    first = _cfg(tmp_path, *base, "data.label_words=[negative, positive]")
+    (out / "config.yaml").write_text(dump_yaml(first))
+    same = _cfg(tmp_path, *base, "data.label_words=[negative, positive]", "data.test_file=x.csv")
+    check_resume_config(out, same, "search")  # the test set scored at the end may change
+    for changed, key in (
+        ("data.label_words=[positive, negative]", "data.label_words"),
+        ("data.max_eval_examples=10", "data.max_eval_examples"),
+        ("data.metric=f1", "data.metric"),
+        ("data.label_column=y", "data.label_column"),
+        ("data.max_source_length=32", "data.max_source_length"),
+    ):
+        cfg = _cfg(tmp_path, *base, "data.label_words=[negative, positive]", changed)
+        with pytest.raises(ConfigError, match=key):
+            check_resume_config(out, cfg, "search")
+    moved = [b if "validation_file" not in b else "data.validation_file=other.csv" for b in base]
+    with pytest.raises(ConfigError, match="data.validation_file"):
+        check_resume_config(out, _cfg(tmp_path, *moved, "data.label_words=[negative, positive]"), "search")
+
+
 def test_resume_compares_the_backbone_settings_and_resolves_paths(tmp_path, monkeypatch):
     from s3delta_ds.config import dump_yaml
     from s3delta_ds.run.runtime import check_resume_config

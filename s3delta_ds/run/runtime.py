@@ -212,13 +212,18 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
 
 
 # What a resumed run must share with the run it continues: the data it sees and how it splits
-# them, what it trains, and its optimisation. The rest (micro-batch and accumulation on another
-# number of ranks, the ZeRO stage, evaluation and checkpoint cadence, stop_after) may change.
+# them, how labels read and score (a reversed label_words would retrain against the other class),
+# the validation set and metric its best step was chosen on, what it trains, and its optimisation.
+# The rest (micro-batch and accumulation on another number of ranks, the ZeRO stage, evaluation and
+# checkpoint cadence, stop_after, the test set scored at the end) may change.
 RESUME_FIXED = {
     "common": (
         "seed", "model.name_or_path", "model.dtype", "model.random_init", "model.quantize", "model.gguf_file",
-        "data.task", "data.data_dir", "data.train_file", "data.hub_dataset",
-        "data.template", "data.split_seed", "data.subsample", "data.max_train_examples",
+        "data.task", "data.data_dir", "data.train_file", "data.validation_file", "data.hub_dataset",
+        "data.hub_config", "data.train_split", "data.validation_split",
+        "data.template", "data.columns", "data.label_column", "data.label_words", "data.metric",
+        "data.label_scoring", "data.max_source_length", "data.max_target_length",
+        "data.split_seed", "data.subsample", "data.max_train_examples", "data.max_eval_examples",
     ),
     "search": (
         "search.space", "search.budget", "search.mode", "search.steps", "search.lr", "search.weight_decay",
@@ -232,7 +237,7 @@ RESUME_FIXED = {
 }  # fmt: skip
 
 
-_RESUME_PATHS = {"data.data_dir", "data.train_file", "retrain.structure", "retrain.pafi_mask"}
+_RESUME_PATHS = {"data.data_dir", "data.train_file", "data.validation_file", "retrain.structure", "retrain.pafi_mask"}
 
 
 def check_resume_config(out: Path, cfg: RunConfig, kind: str) -> None:
