@@ -174,3 +174,21 @@ def test_non_finite_gates_are_an_error_not_a_structure_in_candidate_order(bad):
         solve_shift(logits, n, 20.0)
     with pytest.raises(TrainingError, match="gate probabilities are not finite"):
         discretise([0.5, bad, 0.2, 0.1], [10, 10, 10, 10], 20.0)
+
+
+def test_discretise_breaks_ties_in_p_by_the_higher_logit():
+    """Gates far below the shift all read p = sigmoid(-200): the leftover budget goes to the least
+    rejected (higher logit), not to the first in site order."""
+    logits = [-300.0, -260.0, 0.0, 0.0]
+    p, _ = probabilities(torch.tensor(logits, dtype=torch.float64), torch.tensor([5, 5, 10, 10]), 15.0)
+    assert p[0] == p[1]  # both clamped
+    assert discretise(p, [5, 5, 10, 10], 15) == [0, 2]  # by index, as before
+    assert discretise(p, [5, 5, 10, 10], 15, logits=logits) == [1, 2]
+
+
+def test_discretise_takes_every_candidate_when_allowed_and_all_fit():
+    with pytest.raises(BudgetError, match="nothing to search"):
+        discretise([0.5, 0.2], [3, 4], 10)
+    assert discretise([0.5, 0.2], [3, 4], 10, allow_all=True) == [0, 1]
+    with pytest.raises(BudgetError, match="cheapest"):
+        discretise([0.5, 0.2], [3, 4], 2, allow_all=True)

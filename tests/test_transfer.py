@@ -239,3 +239,22 @@ def test_rediscretise_on_its_own_backbone_needs_no_model(base, tmp_path):
     src = Structure.from_dict(d).save(tmp_path / "moved.json")
     assert main(["inspect", str(src), "--budgets", "5e-5,1e-4", "--write", str(tmp_path / "sweep")]) == 0
     assert Structure.load(tmp_path / "sweep" / "structure_5e-05.json").budget.relative == 5e-5
+
+
+def test_rediscretise_at_a_budget_every_candidate_fits_takes_them_all():
+    s = _searched("tiny-t5", 0.01, space="lora")
+    total = sum(c.params for c in s.candidates)
+    every = rediscretise(s, 10 * total / s.backbone.num_params)
+    assert len(every.modules) == len(s.candidates) and every.budget.used == total
+
+
+def test_rediscretise_breaks_clamped_ties_by_the_stored_logit():
+    plan = Backbone.plan("tiny-t5")
+    space = plan.space("lora")
+    n = len(space.candidates)
+    p = [1e-87] * n  # every gate clamped at sigmoid(-200): only the logits still rank them
+    alpha = [-300.0 - i for i in range(n)]
+    alpha[n - 1] = -250.0  # the least rejected is the last candidate
+    s = builders.searched(space, plan.info, p, alpha, 0.001, search={"method": "test"})
+    one = rediscretise(s, (space.params[n - 1] + 1) / plan.info.num_params)
+    assert [(m.site, m.type) for m in one.modules] == [(space.candidates[n - 1].site, space.candidates[n - 1].type)]

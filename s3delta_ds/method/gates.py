@@ -27,8 +27,10 @@ def _count(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.4g}"
 
 
-def check_budget(n: Sequence[int], budget: float) -> None:
-    """Raise :class:`BudgetError` unless some structure, and the gate equation, can meet ``budget``."""
+def check_budget(n: Sequence[int], budget: float, *, allow_all: bool = False) -> None:
+    """Raise :class:`BudgetError` unless some structure, and the gate equation, can meet ``budget``.
+    ``allow_all``: a budget that every candidate fits is fine (re-discretising a searched structure
+    at a larger budget takes them all; only a search needs something to choose)."""
     if len(n) == 0:
         raise BudgetError("the search space has no candidates")
     total, cheapest = sum(n), min(n)
@@ -39,7 +41,7 @@ def check_budget(n: Sequence[int], budget: float) -> None:
             f"budget {_count(budget)} parameters is smaller than the cheapest candidate ({cheapest:,} parameters): "
             "no structure fits; raise the budget"
         )
-    if budget >= total:
+    if budget >= total and not allow_all:
         raise BudgetError(
             f"budget {_count(budget)} parameters is not below the total of all candidates ({total:,}): every candidate "
             "fits, so there is nothing to search; lower the budget or use a larger space"
@@ -179,9 +181,21 @@ def step_generator(seed: int, step: int, phase: int = 0) -> torch.Generator:
     return g
 
 
-def discretise(p: Sequence[float] | torch.Tensor, n: Sequence[int], budget: float, *, check: bool = True) -> list[int]:
-    """Greedy knapsack: candidates by p descending (ties: lower index first); take each that still fits.
-    ``check=False``: the budget was checked against ``n`` already.
+def discretise(
+    p: Sequence[float] | torch.Tensor,
+    n: Sequence[int],
+    budget: float,
+    *,
+    check: bool = True,
+    logits: Sequence[float] | None = None,
+    allow_all: bool = False,
+) -> list[int]:
+    """Greedy knapsack: candidates by p descending; take each that still fits.
+
+    Ties in p go to the higher logit, then the lower index: gates far below the shift all read
+    p = sigmoid(-200), and the leftover budget must go to the least rejected of them, not to the
+    first in site order (encoder first). ``check=False``: the budget was checked against ``n``
+    already; ``allow_all``: a budget every candidate fits takes them all (see ``check_budget``).
 
     Returns the chosen candidate indices in candidate order.
     """
@@ -190,9 +204,12 @@ def discretise(p: Sequence[float] | torch.Tensor, n: Sequence[int], budget: floa
         raise ValueError(f"{len(pl)} probabilities for {len(n)} candidates")
     _check_finite(torch.tensor(pl, dtype=torch.float64), "gate probabilities")
     if check:
-        check_budget(n, budget)
+        check_budget(n, budget, allow_all=allow_all)
+    tie = [0.0] * len(pl) if logits is None else [float(a) if a is not None else 0.0 for a in logits]
+    if len(tie) != len(pl):
+        raise ValueError(f"{len(tie)} logits for {len(pl)} candidates")
     used, chosen = 0, []
-    for i in sorted(range(len(pl)), key=lambda i: (-pl[i], i)):
+    for i in sorted(range(len(pl)), key=lambda i: (-pl[i], -tie[i], i)):
         if used + n[i] <= budget:
             chosen.append(i)
             used += n[i]

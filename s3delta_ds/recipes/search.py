@@ -199,7 +199,8 @@ class SearchRecipe:
         )
         logits = state.best_logits
         p, _ = probabilities(logits.double(), self.gates.n, plan.budget_params, sc.beta, check=False)
-        chosen = discretise(p.tolist(), space.params, plan.budget_params, check=False)  # structure and gates.csv
+        # structure and gates.csv
+        chosen = discretise(p.tolist(), space.params, plan.budget_params, check=False, logits=logits.tolist())
         structure = builders.from_indices(
             space,
             rt.backbone.info,

@@ -144,7 +144,7 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
     absolute = absolute_budget(relative, target.info.num_params)
     # A candidate no source candidate maps to (p = 0) is never chosen: it would only fill the
     # leftover budget in site order, encoder first.
-    chosen = [i for i in discretise(p, space.params, absolute) if p[i] > 0]
+    chosen = [i for i in discretise(p, space.params, absolute, allow_all=True) if p[i] > 0]
     provenance |= {"budget_rule": "explicit" if budget is not None else "same relative budget", **stats}
     return from_indices(
         space,
@@ -225,7 +225,8 @@ def rediscretise(structure: Structure, relative: float, target: Backbone | None 
     absolute = absolute_budget(relative, structure.backbone.num_params)
     p = [c.p for c in structure.candidates]
     params = [c.params for c in structure.candidates]
-    chosen = [i for i in discretise(p, params, absolute) if p[i] > 0]
+    alpha = [c.alpha for c in structure.candidates]
+    chosen = [i for i in discretise(p, params, absolute, logits=alpha, allow_all=True) if p[i] > 0]
     modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in (structure.candidates[i] for i in chosen))
     used = sum(m.params for m in modules)
     return Structure(  # created and versions: now
