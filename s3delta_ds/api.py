@@ -40,12 +40,19 @@ def attach(model: nn.Module, structure: str | os.PathLike | Structure, *, pafi_m
         model: a model of a supported family (T5, LLaMA-like, BERT-like), as ``from_pretrained``
             returns it; it must have the structure's backbone shape.
         structure: a structure JSON path or a loaded ``Structure``.
-        pafi_mask: the ``s3delta pafi-mask`` file, for structures with globally ranked PaFi modules.
+        pafi_mask: the ``s3delta pafi-mask`` file, for structures with globally ranked PaFi modules
+            (to train them; ``load`` needs none: the trained positions are in the delta file).
     Returns:
         The same model object.
     Raises:
         StructureError: the structure does not fit this model (another family, depth or width).
     """
+    return _attach(model, structure, pafi_mask=pafi_mask, stored_positions=False)
+
+
+def _attach(model: nn.Module, structure, *, pafi_mask: str | None, stored_positions: bool) -> nn.Module:
+    """``attach``; ``stored_positions``: globally ranked PaFi modules take placeholder positions
+    that the trained delta file's ``indices`` overwrite (``load``: no mask file needed)."""
     from .method.supernet import attach as attach_specs
     from .method.supernet import freeze_backbone
     from .structure.builders import Backbone
@@ -58,6 +65,10 @@ def attach(model: nn.Module, structure: str | os.PathLike | Structure, *, pafi_m
         from .structure.pafi import load_mask
 
         masks, _ = load_mask(pafi_mask, backbone)
+    elif stored_positions:
+        from .structure.pafi import positions_in_deltas
+
+        masks = positions_in_deltas(structure)
     attach_specs(model, backbone.site_map, structure.specs(), masks=masks)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is not None:
@@ -89,7 +100,7 @@ def load(model: nn.Module, run_or_dir: str | os.PathLike, *, pafi_mask: str | No
     for name in ("structure.json", _DELTA_FILE):
         if not (root / name).is_file():
             raise CheckpointError(f"{root}: {name} is missing (expected a retrain output directory)")
-    attach(model, root / "structure.json", pafi_mask=pafi_mask)
+    _attach(model, root / "structure.json", pafi_mask=pafi_mask, stored_positions=True)
     from .backbones import family_for
 
     head = family_for(model.config).head_modules
@@ -169,6 +180,10 @@ def _yaml_values(path) -> dict:
 
 
 def _run(fn, config, overrides, keys, resume: bool) -> dict:
+    if "config" in keys:  # search(config="run.yaml"): no setting is called config, so it is the YAML
+        if config is not None:
+            raise ConfigError("config given twice: as the first argument and as config=")
+        config = keys.pop("config")
     cfg = run_config(config, overrides, keys)
     with _process_group():
         summary = fn(cfg, resume=resume)

@@ -234,3 +234,15 @@ def test_search_then_retrain_several_times_in_one_process(tmp_path):
     assert "stopped early" in result["stopped"] and "resume=True" in result["stopped"]
     uninterrupted, resumed = result["test"]
     assert resumed == pytest.approx(uninterrupted, abs=1e-5), "the resumed retrain must end where the whole one did"
+
+
+def test_search_takes_its_config_as_a_keyword_too(tmp_path):
+    """``search(config="run.yaml")``: no setting is called config, so it is the YAML, not an unknown key."""
+    from s3delta_ds.errors import ConfigError
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("search:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="unknown key search.stepz"):  # the YAML was read
+        s3delta_ds.search(config=bad)
+    with pytest.raises(ConfigError, match="config given twice"):
+        s3delta_ds.retrain(bad, config=bad)
