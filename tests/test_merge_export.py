@@ -14,7 +14,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 from s3delta_ds.artifacts import export
-from s3delta_ds.artifacts.export import export_merged, export_peft, load_run, peft_base_name, save_hf
+from s3delta_ds.artifacts.export import export_merged, load_run, save_hf
+from s3delta_ds.artifacts.peft_export import export_peft, peft_base_name
 from s3delta_ds.cli import main
 from s3delta_ds.config import ModelConfig
 from s3delta_ds.engine.backbone import materialise_embedded

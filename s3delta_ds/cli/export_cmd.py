@@ -23,18 +23,26 @@ def register(sub) -> None:
         help="with --merge on a quantized run: merge into the unquantized weights of the same checkpoint",
     )
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="with --merge: safetensors shard size")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="with --merge: the saved weights' dtype (auto: the backbone checkpoint's own; the merge runs in fp32)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..artifacts.export import export_merged, export_peft
+    from ..artifacts.export import export_merged
+    from ..artifacts.peft_export import export_peft
     from ..errors import ConfigError
 
     for flag, on, mode in (
         ("--partial", args.partial, "merge"),
         ("--keep-unmergeable", args.keep_unmergeable, "peft"),
         ("--full-precision-base", args.full_precision_base, "peft"),
+        ("--dtype", args.dtype != "auto", "peft"),
     ):
         if on and getattr(args, mode):  # accepted and ignored, it would look as if it had worked
             raise ConfigError(f"{flag} does not apply to --{mode} (see s3delta export --help)")
@@ -46,9 +54,10 @@ def run(args) -> int:
             keep_unmergeable=args.keep_unmergeable,
             max_shard_bytes=int(args.max_shard_gb * 1024**3),
             full_precision_base=args.full_precision_base,
+            dtype=args.dtype,
         )
         print(
-            f"merged {r['merged']} deltas into {out} ({len(r['files'])} safetensors file(s)); loads with "
+            f"merged {r['merged']} deltas into {out} ({len(r['files'])} safetensors file(s), {r['dtype']}); loads with "
             f"AutoModel*.from_pretrained({str(out)!r})"
         )
         if r["kept"]:

@@ -36,7 +36,7 @@ class LNFit(Delta):
     Config = LNFitConfig
     mergeable = True
     # PEFT cannot hold LN tuning and LoRA in one model: its own folder, merged before the LoRA one
-    peft_adapter = PeftAdapter("ln_tuning", "ln_tuning", "LN_TUNING", carries_head=False)
+    peft_adapter = PeftAdapter("ln_tuning", "ln_tuning", "LN_TUNING", carries_head=True)
 
     def __init__(self, dims, cfg: LNFitConfig):
         super().__init__(dims, cfg)
@@ -65,4 +65,4 @@ class LNFit(Delta):
 
     @classmethod
     def peft_config(cls, members, head):
-        return {"target_modules": sorted(path for path, _ in members)}
+        return {"target_modules": sorted(path for path, _ in members), "modules_to_save": head or None}

@@ -191,3 +191,14 @@ def mask_structure(backbone: Backbone, mask: dict[str, torch.Tensor], meta: dict
         space=None,
         search={"method": "pafi", "density": density, "ranking": meta["ranking"], "eligible": meta["eligible"]},
     )
+
+
+def positions_in_deltas(structure: Structure) -> dict[str, torch.Tensor] | None:
+    """For loading a *trained* run without its mask file: placeholder positions for the structure's
+    globally ranked PaFi modules, which the delta file's stored ``indices`` buffers then overwrite
+    (``load_deltas`` refuses a file that lacks any of them). None when there are no such modules.
+
+    Never use these to train: every placeholder position is 0 until the delta file is loaded.
+    """
+    sites = {m.site: m.params for m in structure.modules if m.type == "pafi" and m.kwargs.get("ranking") == "global"}
+    return {site: torch.zeros(n, dtype=torch.long) for site, n in sites.items()} or None

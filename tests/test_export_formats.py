@@ -1,0 +1,237 @@
+"""Export paths a review found broken: PEFT adapters of encoder classifiers (the head and the task
+type), runs of globally ranked PaFi (no mask file needed), shard-at-a-time saving, the saved dtype,
+the staging folder, and a config that says what the saved head is.
+
+The runs here are built in-process (structure attached, deltas set to seeded random values, saved
+as a retrain saves them), not trained: every check compares an export with the run it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+import s3delta_ds
+from s3delta_ds.artifacts import export as export_mod
+from s3delta_ds.artifacts.export import _num_labels, export_merged, load_run, save_hf
+from s3delta_ds.artifacts.peft_export import export_peft
+from s3delta_ds.config import dump_yaml, load_run_config
+from s3delta_ds.deltas import resolve
+from s3delta_ds.engine.backbone import load_backbone, resolve_source
+from s3delta_ds.errors import StructureError
+from s3delta_ds.method.supernet import attach, slots
+from s3delta_ds.run.checkpoint import load_deltas, save_deltas
+from s3delta_ds.structure import Budget, ModuleChoice, Structure
+from s3delta_ds.structure.builders import Backbone
+from s3delta_ds.structure.pafi import compute_mask, mask_structure, save_mask
+from tests.helpers import tiny_inputs
+
+AUTO = {
+    "tiny-t5": AutoModelForSeq2SeqLM,
+    "tiny-t5-v1_1": AutoModelForSeq2SeqLM,
+    "tiny-llama": AutoModelForCausalLM,
+    "tiny-bert": AutoModelForSequenceClassification,
+}
+
+
+def _model(name: str, overrides=()):
+    cfg = load_run_config(None, [f"model.name_or_path={name}", "data.task=tiny-sentiment", *overrides])
+    model = load_backbone(
+        cfg.model, source=resolve_source(cfg.model), dtype="fp32", ds_config={}, num_labels=_num_labels(cfg)
+    )
+    return cfg, model, Backbone.from_model(model, name)
+
+
+def _run(root: Path, name: str, modules=(), *, overrides=(), structure=None, masks=None, scale=0.05) -> Path:
+    """A retrain directory as a retrain leaves it, with seeded random delta values (and head)."""
+    root.mkdir(parents=True)
+    cfg, model, bb = _model(name, [f"output_dir={root}", *overrides])
+    (root / "config.yaml").write_text(dump_yaml(cfg))
+    if structure is None:
+        mods = []
+        for site, t, kw in modules:
+            _, _, n = resolve(t, kw, bb.site_map.site(site).dims, site)
+            mods.append(ModuleChoice(site, t, kw, n))
+        used = sum(m.params for m in mods)
+        structure = Structure(kind="manual", backbone=bb.info, budget=Budget(None, None, used), modules=tuple(mods))
+    structure.save(root / "structure.json")
+    attach(model, bb.site_map, structure.specs(), masks=masks)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for slot in slots(model).values():
+            for p in slot.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+        for name_ in bb.family.head_modules:
+            for p in model.get_submodule(name_).parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    save_deltas(model, root / "deltas.safetensors", head_prefixes=bb.family.head_modules)
+    return root
+
+
+def _logits(model, name):
+    with torch.no_grad():
+        return model(**tiny_inputs(name)).logits
+
+
+def _reference(run: Path, name: str) -> torch.Tensor:
+    return _logits(load_run(run)[0], name)
+
+
+# -- PEFT adapters of an encoder classifier -------------------------------------------------------
+
+BERT_SITES = {
+    "lora": ("encoder.0.attn.q", {"r": 2, "alpha": 4.0, "dropout": 0.0}),
+    "lnfit": ("encoder.1.mlp_norm", {}),
+    "ia3": ("encoder.1.mlp.down", {"position": "input"}),
+}
+
+
+@pytest.mark.parametrize("types", [("lnfit",), ("lora", "lnfit"), ("lora", "ia3"), ("lora", "lnfit", "ia3")])
+def test_every_peft_adapter_of_a_classifier_loads_in_the_documented_order(tmp_path, types):
+    from peft import PeftModel
+
+    mods = [(BERT_SITES[t][0], t, BERT_SITES[t][1]) for t in types]
+    run = _run(tmp_path / "run", "tiny-bert", mods, overrides=["model.pooling=cls"])
+    adapters = export_peft(run, tmp_path / "peft")["adapters"]
+    configs = {k: json.loads((Path(p) / "adapter_config.json").read_text()) for k, p in adapters.items()}
+    carrying = [k for k, c in configs.items() if c.get("modules_to_save")]
+    assert carrying == [next(k for k in ("lora", "ln_tuning", "ia3") if k in adapters)]  # the head, once
+    assert [k for k, c in configs.items() if c["task_type"] == "SEQ_CLS"] == carrying
+    model = AutoModelForSequenceClassification.from_pretrained(configs[carrying[0]]["base_model_name_or_path"])
+    for kind in ("ln_tuning", "lora", "ia3"):  # the module docstring's loading order
+        if kind in adapters:
+            model = PeftModel.from_pretrained(model, adapters[kind]).merge_and_unload()
+    assert (_logits(model.eval(), "tiny-bert") - _reference(run, "tiny-bert")).abs().max() < 1e-5
+
+
+# -- globally ranked PaFi: the delta file holds the positions --------------------------------------
+
+
+@pytest.fixture
+def global_pafi_run(tmp_path):
+    _, model, bb = _model("tiny-llama")
+    mask = compute_mask(model, bb.site_map, 0.02, "global")
+    mask_path = save_mask(
+        mask, tmp_path / "mask.safetensors", backbone=bb, density=0.02, ranking="global", eligible=("linear",)
+    )
+    structure = mask_structure(bb, mask, {"density": "0.02", "ranking": "global", "eligible": "linear"})
+    run = _run(
+        tmp_path / "run",
+        "tiny-llama",
+        structure=structure,
+        masks=mask,
+        overrides=[f"retrain.pafi_mask={mask_path}"],
+    )
+    # the reference, with the mask the run trained with, before the mask file goes away
+    _, ref, ref_bb = _model("tiny-llama")
+    attach(ref, ref_bb.site_map, structure.specs(), masks=mask)
+    load_deltas(ref, run / "deltas.safetensors")
+    mask_path.unlink()
+    return run, _logits(ref.eval(), "tiny-llama")
+
+
+def test_a_global_pafi_run_merges_without_its_mask_file(global_pafi_run, tmp_path):
+    run, reference = global_pafi_run
+    assert (_logits(load_run(run)[0], "tiny-llama") - reference).abs().max() < 1e-6
+    export_merged(run, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (_logits(plain, "tiny-llama") - reference).abs().max() < 1e-5
+
+
+def test_a_global_pafi_run_loads_through_the_api_without_its_mask_file(global_pafi_run):
+    run, reference = global_pafi_run
+    model = AutoModelForCausalLM.from_pretrained(resolve_source(load_run_config(run / "config.yaml").model))
+    s3delta_ds.load(model, run)
+    assert (_logits(model, "tiny-llama") - reference).abs().max() < 1e-6
+
+
+# -- saving: shard by shard, in the checkpoint's dtype, with a config that says what it holds -------
+
+
+def test_save_hf_writes_each_shard_before_gathering_the_next(tmp_path, monkeypatch):
+    """Rank 0 holds one shard at most: a shard is on disk before the tensors after it are gathered."""
+    _, model, _ = _model("tiny-llama")
+    events = []
+    real_gathered, real_save = export_mod.zero.gathered, export_mod.save_file
+
+    def gathered(params, *a, **k):
+        events.append("G")
+        return real_gathered(params, *a, **k)
+
+    def save(tensors, path, *a, **k):
+        events.append("W")
+        return real_save(tensors, path, *a, **k)
+
+    monkeypatch.setattr(export_mod.zero, "gathered", gathered)
+    monkeypatch.setattr(export_mod, "save_file", save)
+    files = save_hf(model, tmp_path / "out", max_shard_bytes=100_000)
+    assert len(files) == events.count("W") >= 3
+    assert events.index("W") < len(events) - 1 - events[::-1].index("G")  # a write before the last gather
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in files}
+    assert not list((tmp_path / "out").glob(".*tmp"))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(_logits(plain, "tiny-llama"), _logits(model.eval(), "tiny-llama"))
+
+
+def test_merged_weights_are_saved_in_the_checkpoints_dtype_or_the_one_asked_for(tmp_path):
+    run = _run(tmp_path / "run", "tiny-llama", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})])
+    auto = export_merged(run, tmp_path / "auto")
+    assert auto["dtype"] == "float32"  # the embedded tiny checkpoints are stored in fp32
+    bf16 = export_merged(run, tmp_path / "bf16", dtype="bf16")
+    assert bf16["dtype"] == "bfloat16"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert plain.dtype == torch.bfloat16
+    reference = _reference(run, "tiny-llama")
+    got = _logits(plain.float().eval(), "tiny-llama")
+    assert (got - reference).abs().max() < 0.05 * reference.abs().max()  # bf16 rounding, nothing else
+    with pytest.raises(StructureError, match="dtype"):
+        export_merged(run, tmp_path / "bad", dtype="int8")
+
+
+def test_a_separate_head_is_saved_as_untied(tmp_path):
+    """T5 v1.1 holds its own lm_head: a config claiming a tied head would, read by another transformers
+    version or under a ZeRO-3 init, tie it to the embedding and give other logits."""
+    run = _run(tmp_path / "run", "tiny-t5-v1_1", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})])
+    export_merged(run, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
+    reference = _reference(run, "tiny-t5-v1_1")  # logits up to ~20: fp32 rounding of the merge
+    assert (_logits(plain, "tiny-t5-v1_1") - reference).abs().max() < 1e-6 * reference.abs().max() * 10
+
+
+def test_a_tied_head_stays_tied(tmp_path):
+    run = _run(tmp_path / "run", "tiny-t5", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})])
+    export_merged(run, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()).get("tie_word_embeddings", True) is True
+
+
+def test_the_staging_folder_of_another_owner_is_never_removed(tmp_path):
+    run = _run(tmp_path / "run", "tiny-llama", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})])
+    theirs = tmp_path / ".merged.partial"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(StructureError, match="not an unfinished export"):
+        export_merged(run, tmp_path / "merged")
+    assert (theirs / "notes.txt").read_text() == "mine" and not (tmp_path / "merged").exists()
+    # an export's own leftovers (a crash) are removed by the rerun
+    theirs.rename(tmp_path / "elsewhere")
+    leftover = tmp_path / ".merged.partial"
+    leftover.mkdir()
+    (leftover / export_mod._STAGE_MARKER).write_text("")
+    (leftover / "model.safetensors").write_text("half")
+    export_merged(run, tmp_path / "merged")
+    assert not leftover.exists() and (tmp_path / "merged" / "model.safetensors").stat().st_size > 100
+    assert not (tmp_path / "merged" / export_mod._STAGE_MARKER).exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused_by_name(tmp_path):
+    run = _run(tmp_path / "run", "tiny-llama", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})])
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(StructureError, match="not an empty directory"):
+        export_merged(run, tmp_path / "out")
