@@ -322,3 +322,15 @@ def test_classlabel_names_that_only_partly_match_the_label_words_are_refused(tmp
     ).data  # fmt: skip
     with pytest.raises(DataError, match="ClassLabel with names"):
         load_rows(resolve_task(data), data.data_dir)
+
+
+def test_a_builtin_hub_task_without_a_validation_split_is_named(tmp_path, monkeypatch):
+    """It used to end in a bare KeyError deep in the split protocol."""
+    import datasets
+
+    rows = {"sentence": ["a", "b"], "label": [0, 1]}
+    only_train = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: only_train)
+    task = resolve_task(load_run_config(None, ["data.task=sst2"]).data)
+    with pytest.raises(DataError, match="has no split 'validation'; it has train .*data.data_dir"):
+        load_rows(task, None)

@@ -157,8 +157,9 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
         # silently fall back to halving validation
         optional = () if task.name == "custom" else ("test",)
         missing = [theirs for ours, theirs in task.hub_splits.items() if ours not in optional and theirs not in ds]
-        if task.name == "custom" and missing:
-            raise DataError(f"{task.hub[0]} has no split {missing[0]!r}; it has {', '.join(ds)} (data.*_split)")
+        if missing:
+            hint = " (data.*_split)" if task.name == "custom" else " (pass data.data_dir with local files)"
+            raise DataError(f"{task.hub[0]} has no split {missing[0]!r}; it has {', '.join(ds)}{hint}")
         where = {ours: f"hub:{task.hub[0]}/{task.hub[1]}:{ours}" for ours in task.hub_splits}
         rows = {ours: _rows(ds[theirs], task, where[ours]) for ours, theirs in task.hub_splits.items() if theirs in ds}
         where = {s: where[s] for s in rows}
