@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-from s3delta_ds.artifacts import export
+from s3delta_ds.artifacts import export, peft_export
 from s3delta_ds.artifacts.export import export_merged, load_run, save_hf
 from s3delta_ds.artifacts.peft_export import export_peft, peft_base_name
 from s3delta_ds.cli import main
@@ -238,7 +238,7 @@ def test_peft_export_of_a_hub_model_names_the_hub_id(llama_peft, tmp_path, monke
     (hub_run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     # the hub id cannot be downloaded here (offline): the weights come from the original run
     real_load_run = export.load_run
-    monkeypatch.setattr(export, "load_run", lambda run, **kw: real_load_run(llama_peft, **kw))
+    monkeypatch.setattr(peft_export, "load_run", lambda run, **kw: real_load_run(llama_peft, **kw))
     export_peft(hub_run, tmp_path / "peft")
     for adapter in ("adapter_config.json", "ln_tuning/adapter_config.json"):
         cfg = json.loads((tmp_path / "peft" / adapter).read_text())
