@@ -21,6 +21,7 @@ from s3delta_ds.data import (
     load_tokenizer,
     split_halves,
 )
+from s3delta_ds.data.encode import encode_all
 from s3delta_ds.errors import ConfigError, DataError
 
 TASK = get_task("tiny-sentiment")
@@ -330,6 +331,40 @@ def test_causal(toks):
     gold_batch = col(examples)
     for i, row in enumerate(ROWS):
         assert torch.equal(gold_batch["labels"][i], col(examples, choice=row["label"])["labels"][i])
+
+
+def _legacy_sentencepiece(path):
+    """A tokenizer saved as LLaMA-2's ``tokenizer.json`` is, loaded without its class: a normalizer
+    that prepends ``▁`` and turns every space into ``▁``, no pre-tokenizer, ``<s>`` in front."""
+    from tokenizers import Tokenizer, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,:'-?!"))
+    words = "the plot was moving a dull and lifeless sequel with silly script that never ends superb positive negative"
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -5.0) for c in chars] + [("▁" + w, -1.0) for w in words.split()] + [("▁.", -1.0)]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=0))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return load_tokenizer("llama", str(path))
+
+
+def test_causal_target_reads_as_in_context_with_legacy_sentencepiece(tmp_path):
+    """The label word's tokens are those it becomes after the prompt, not ``" " + word`` alone,
+    which a legacy SentencePiece tokenizer turns into ``["▁", "▁positive"]``."""
+    tok = _legacy_sentencepiece(tmp_path / "tok")
+    alone = tok.convert_ids_to_tokens(tok(" positive", add_special_tokens=False)["input_ids"])
+    assert alone == ["▁", "▁positive"]  # the trap: the bare space becomes a token of its own
+    enc = _encoder(tok, "causal")
+    batched = encode_all(enc, ROWS)
+    for row, ex, ex_b in zip(ROWS, [enc.encode(r) for r in ROWS], batched, strict=True):
+        for k, word in enumerate(TASK.label_words):
+            in_context = tok(f"{TASK.source(row)} {word}")["input_ids"]  # what the model reads at inference
+            assert ex["choices"][k]["input_ids"] == in_context + [tok.eos_token_id]
+            assert tok.convert_ids_to_tokens(ex["choices"][k]["input_ids"][-2:-1]) == [f"▁{word}"]
+            assert ex_b["choices"][k] == ex["choices"][k]
 
 
 def test_classify(toks):

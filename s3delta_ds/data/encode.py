@@ -1,7 +1,8 @@
 """Turn task rows into token ids for the three objectives, and pad them into batches.
 
 * ``seq2seq`` (T5): source → encoder, label word (+ eos) → decoder targets.
-* ``causal`` (LLaMA): ``source + " " + word + eos`` with the loss only on the word and eos.
+* ``causal`` (LLaMA): ``source + " " + word + eos`` with the loss only on the word and eos; the
+  word's tokens are those it becomes *after a prompt and a space* (:func:`continuation_ids`).
 * ``classify`` (BERT): source → encoder, integer label → classification head.
 
 Every example also carries one encoded *choice* per label word, so evaluation can score each
@@ -75,14 +76,14 @@ class Encoder:
     max_source_length: int
     max_target_length: int
 
-    def _ids(self, text: str, max_len: int, special: bool = True) -> list[int]:
-        return self.tokenizer(text, truncation=True, max_length=max_len, add_special_tokens=special)["input_ids"]
+    def _ids(self, text: str, max_len: int) -> list[int]:
+        return self.tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
 
     def _choice(self, source_ids: list[int], word: str) -> dict:
         if self.objective == "seq2seq":
             return {"input_ids": source_ids, "labels": self._ids(word, self.max_target_length)}
         # causal: prompt + word + eos, loss on word and eos only
-        word_ids = self._ids(" " + word, self.max_target_length, special=False) + [self.tokenizer.eos_token_id]
+        word_ids = continuation_ids(self.tokenizer, word, self.max_target_length) + [self.tokenizer.eos_token_id]
         return {"input_ids": source_ids + word_ids, "labels": [-100] * len(source_ids) + word_ids}
 
     def encode(self, row: dict) -> dict:
@@ -96,6 +97,30 @@ class Encoder:
             return {"input_ids": source_ids, "label": label, "choices": None}
         choices = [self._choice(source_ids, w) for w in self.task.label_words]
         return {**choices[label], "label": label, "choices": choices}
+
+
+_ANCHOR = "a"  # any short text that ends at a word boundary
+
+
+def continuation_ids(tokenizer, word: str, max_len: int) -> list[int]:
+    """The tokens ``word`` adds after a prompt and one space, cut to ``max_len``.
+
+    Tokenising ``" " + word`` on its own is not that for every tokenizer. A legacy SentencePiece
+    ``tokenizer.json`` (LLaMA-2 and Mistral fine-tunes saved without their tokenizer class, which
+    transformers then loads as a generic fast tokenizer) prepends ``▁`` and turns the space into a
+    second one: ``" positive"`` becomes ``["▁", "▁positive"]``, a token pair the model never sees
+    after a prompt, trained on and scored as part of the label. Encoding an anchor word, a space
+    and the word, then dropping the anchor's tokens, gives the word as it reads in context with
+    every tokenizer whose pieces do not cross a space (all of them here). Where the anchor's tokens
+    are not a prefix of the joint encoding, the plain ``" " + word`` encoding is the fallback.
+    """
+    anchor = tokenizer(_ANCHOR, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(f"{_ANCHOR} {word}", add_special_tokens=False)["input_ids"]
+    if anchor and len(joint) > len(anchor) and joint[: len(anchor)] == anchor:
+        ids = joint[len(anchor) :]
+    else:
+        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    return ids[:max_len]
 
 
 def check_targets(words: tuple[str, ...], targets: list[list[int]], max_target_length: int) -> None:
@@ -134,10 +159,7 @@ def encode_all(encoder: Encoder, rows: list[dict], chunk: int = 4096, stats: dic
     if encoder.objective == "seq2seq":
         targets = [encoder._ids(w, encoder.max_target_length) for w in task.label_words]
     elif encoder.objective == "causal":
-        targets = [
-            encoder._ids(" " + w, encoder.max_target_length, special=False) + [tok.eos_token_id]
-            for w in task.label_words
-        ]
+        targets = [continuation_ids(tok, w, encoder.max_target_length) + [tok.eos_token_id] for w in task.label_words]
     if encoder.objective != "classify":
         check_targets(task.label_words, targets, encoder.max_target_length)
     out, truncated = [], 0
