@@ -6,6 +6,8 @@ fails here with the fix named, instead of silently slowing the tier."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -51,9 +53,23 @@ def zero3_search(tmp_path_factory):
     """One 2-rank ZeRO-3 search (deepspeed launcher, the tiny default, micro-batch 2) that several
     modules read instead of each launching the same run: test_distributed's ``ds_stage3`` shape,
     test_checkpointing's search without activation checkpointing, and the structure that
-    test_retrain_distributed retrains. Tests read it and never write into it."""
+    test_retrain_distributed retrains. Tests read it and never write into it.
+
+    Under pytest-xdist the workers of one session share it: the first to need it runs it under a
+    file lock in the session's common base folder, the others wait and read it."""
+    from filelock import FileLock
+
     from .launching import TINY, run
 
-    out = tmp_path_factory.mktemp("zero3-search") / "run"
-    run("deepspeed", "search", [*TINY, "zero_stage=3", "search.micro_batch_size=2", f"output_dir={out}"])
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # each worker's base folder sits in the session's common one
+    home = base / "zero3-search"
+    out, done = home / "run", home / "done"
+    with FileLock(str(base / "zero3-search.lock")):
+        if not done.exists():
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir(parents=True)
+            run("deepspeed", "search", [*TINY, "zero_stage=3", "search.micro_batch_size=2", f"output_dir={out}"])
+            done.touch()
     return out
