@@ -121,6 +121,44 @@ def test_manual_structure_transfers_its_modules():
         transfer(lora, Backbone.plan("t5-large"), budget=1e-4)
 
 
+@pytest.mark.parametrize("preset", ["lora", "lora-all-r1", "bitfit", "hiwi", "pafi"])
+def test_manual_preset_is_rebuilt_on_the_target_and_covers_what_the_source_lacks(preset):
+    """T5 v1.0 has no ``mlp.gate``; a preset on every FFN projection must cover it on v1.1, as the
+    same preset built there does, instead of mapping v1.0's sites one by one."""
+    src = builders.manual(Backbone.plan("t5-base"), preset)
+    target = Backbone.plan("flan-t5-base")
+    out = transfer(src, target)
+    want = builders.manual(target, preset)
+    assert [m.to_dict() for m in out.modules] == [m.to_dict() for m in want.modules]
+    assert out.kind == "transferred" and out.budget.used == want.budget.used
+    assert out.provenance["rule"] == "preset rebuilt on the target"
+    gated = [m for m in out.modules if m.site.endswith("mlp.gate")]
+    assert bool(gated) == any(m.site.endswith("mlp.up") for m in want.modules)
+
+
+def test_scaled_preset_keeps_its_knob_on_the_target():
+    src = builders.scaled_manual(Backbone.plan("t5-base"), "lora", 1e-3)
+    rank = src.search["scaled"]["r"]
+    out = transfer(src, Backbone.plan("t5-large"))
+    assert {m.kwargs["r"] for m in out.modules} == {rank}
+    assert len(out.modules) == 2 * 48 and all(m.params == rank * (1024 + 1024) for m in out.modules)
+
+
+def test_per_matrix_pafi_counts_are_recounted_on_the_target():
+    """``pafi-mask --ranking per-matrix --structure`` writes each matrix's count; copied to a larger
+    target it would train the source's count there, a fraction of the density the file states."""
+    d = builders.manual(Backbone.plan("t5-base"), "pafi").to_dict()
+    for m in d["modules"]:
+        m["kwargs"] = {**m["kwargs"], "count": m["params"]}
+    d["search"] = {"method": "pafi-mask"}
+    d.pop("digest", None)
+    large = Backbone.plan("t5-large")
+    out = transfer(Structure.from_dict(d), large)
+    want = {m.site: m.params for m in builders.manual(large, "pafi").modules}
+    assert {m.site: m.params for m in out.modules} == want
+    assert all("count" not in m.kwargs for m in out.modules)
+
+
 def test_random_structure_transfers_only_its_modules():
     """A random structure has a space but no probabilities: its unchosen components are not
     "missing" from the source, so nothing may reach them through the role fallback."""

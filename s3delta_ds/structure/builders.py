@@ -159,16 +159,27 @@ def random_baseline(space: SearchSpace, info: BackboneInfo, relative: float, see
     )
 
 
-def manual(backbone: Backbone, preset: str) -> Structure:
-    """One of the standard manual structures (``MANUAL_PRESETS``), at its own parameter count."""
+def preset_modules(backbone: Backbone, preset: str, overrides: dict | None = None) -> tuple[ModuleChoice, ...]:
+    """The modules of a manual preset on ``backbone``, its rules' settings updated by ``overrides``
+    (a scaled preset's knob, e.g. ``{"r": 2}``).
+
+    Raises:
+        SearchSpaceError: an unknown preset, or one with no sites on this backbone."""
     try:
         rules = MANUAL_PRESETS[preset]
     except KeyError:
         raise SearchSpaceError(f"unknown manual preset {preset!r}; presets: {', '.join(MANUAL_PRESETS)}") from None
+    if overrides:
+        rules = tuple(Rule(r.roles, r.delta, {**r.kwargs, **overrides}, components=r.components) for r in rules)
     cands = enumerate_rules(backbone.site_map, rules)
     if not cands:
         raise SearchSpaceError(f"manual preset {preset!r} has no sites on this {backbone.family.name} backbone")
-    modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in cands)
+    return tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in cands)
+
+
+def manual(backbone: Backbone, preset: str) -> Structure:
+    """One of the standard manual structures (``MANUAL_PRESETS``), at its own parameter count."""
+    modules = preset_modules(backbone, preset)
     used = sum(m.params for m in modules)
     return Structure(
         kind="manual",
@@ -198,16 +209,12 @@ def scaled_manual(backbone: Backbone, preset: str, relative: float) -> Structure
     absolute = absolute_budget(relative, backbone.info.num_params)
     key, values = SCALABLE[preset]
     for value in values:
-        rules = tuple(
-            Rule(r.roles, r.delta, {**r.kwargs, key: value}, components=r.components) for r in MANUAL_PRESETS[preset]
-        )
         try:
-            cands = enumerate_rules(backbone.site_map, rules)
+            modules = preset_modules(backbone, preset, {key: value})
         except SearchSpaceError:  # e.g. a reduction that leaves no bottleneck
             continue
-        used = sum(c.params for c in cands)
-        if cands and used <= absolute:
-            modules = tuple(ModuleChoice(c.site, c.type, c.kwargs, c.params) for c in cands)
+        used = sum(m.params for m in modules)
+        if used <= absolute:
             return Structure(
                 kind="manual",
                 backbone=backbone.info,

@@ -10,9 +10,13 @@ v1.0 → v1.1 adds ``mlp.gate``) takes the p of the source components with the s
 counts are recomputed on the target's shapes, then the greedy knapsack re-discretises at the budget;
 a target candidate nothing maps to (p = 0) is never chosen.
 
-A structure without probabilities (manual, random) transfers its modules as they are: each goes to
-every target layer its source layer overlaps, and it cannot be re-discretised. Globally ranked PaFi
-is refused: its positions come from the source's weights (``s3delta pafi-mask`` makes the target's).
+A manual preset (``s3delta structure manual``, scaled or not) is rebuilt on the target: the same
+rules on the target's sites, so a component the source lacks (v1.1's ``mlp.gate``) is covered
+whenever the preset covers its role. Any other structure without probabilities (random, edited by
+hand) transfers its modules as they are: each goes to every target layer its source layer overlaps,
+and it cannot be re-discretised. A per-matrix PaFi module's position count is recomputed from its
+density on the target's matrix. Globally ranked PaFi is refused: its positions come from the
+source's weights (``s3delta pafi-mask`` makes the target's).
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from collections import defaultdict
 
 from ..backbones import parse_site
 from ..deltas import resolve
-from ..errors import StructureError
+from ..errors import SearchSpaceError, StructureError
 from ..method.gates import discretise
 from ..method.space import Candidate, SearchSpace, rules_of
 from . import Budget, ModuleChoice, Structure
-from .builders import Backbone, absolute_budget, from_indices
+from .builders import MANUAL_PRESETS, Backbone, absolute_budget, from_indices, preset_modules
 
 RULE = "overlap-mean"
 
@@ -132,6 +136,9 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         "rule": RULE,
     }
     if not source.candidates:
+        rebuilt = _rebuilt_preset(source, target, provenance)
+        if rebuilt is not None:
+            return rebuilt
         # Its modules are all it says: "not chosen" is all that is known of the rest (a random
         # structure has a space but no probabilities, and must not read as p = 1 for its roles).
         return _transfer_modules(source, target, provenance)
@@ -159,6 +166,38 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
     )
 
 
+def _rebuilt_preset(source: Structure, target: Backbone, provenance: dict) -> Structure | None:
+    """A manual preset's structure built on the target with the source's settings, or None when
+    ``source`` is not one: no preset recorded, or modules the preset would not make (edited by hand).
+
+    Mapping its modules site by site would miss what the source backbone lacks: a preset on every
+    FFN projection of T5 v1.0 covers ``mlp.up`` only, and on v1.1 it must also cover ``mlp.gate``."""
+    preset = source.search.get("preset") if source.search.get("method") == "manual" else None
+    if preset not in MANUAL_PRESETS:
+        return None
+    overrides = dict(source.search.get("scaled") or {})
+    try:
+        modules = preset_modules(target, preset, overrides)
+    except SearchSpaceError:
+        return None
+    made = {(parse_site(m.site)[0], parse_site(m.site)[2], m.type, repr(sorted(m.kwargs.items()))) for m in modules}
+    if any(
+        (parse_site(m.site)[0], parse_site(m.site)[2], m.type, repr(sorted(m.kwargs.items()))) not in made
+        for m in source.modules
+    ):
+        return None
+    used = sum(m.params for m in modules)
+    return Structure(
+        kind="transferred",
+        backbone=target.info,
+        budget=Budget(used / target.info.num_params, None, used),
+        modules=modules,
+        space=None,
+        search=dict(source.search),
+        provenance=provenance | {"rule": "preset rebuilt on the target"},
+    )
+
+
 def _transfer_modules(source: Structure, target: Backbone, provenance: dict) -> Structure:
     """A structure without probabilities (manual, random): every target layer whose interval
     overlaps a chosen source layer gets the module (p = 1 there), with the settings (e.g. LoRA's
@@ -181,6 +220,9 @@ def _transfer_modules(source: Structure, target: Backbone, provenance: dict) -> 
                 if overlaps[best] <= 0:
                     continue
                 kwargs = by_layer[best]
+            if type_name == "pafi" and kwargs.get("count"):
+                # a per-matrix count is the source matrix's share of its density: recount on the target's
+                kwargs = {k: v for k, v in kwargs.items() if k != "count"}
             site = f"{stack}.{component}" if layer is None else f"{stack}.{layer}.{component}"
             dims = target.site_map.site(site).dims
             _, _, n = resolve(type_name, kwargs, dims, site)
