@@ -62,9 +62,10 @@ def _attach(model: nn.Module, structure, *, pafi_mask: str | None, stored_positi
     structure.check_backbone(backbone.site_map)
     masks = None
     if pafi_mask is not None:
-        from .structure.pafi import load_mask
+        from .structure.pafi import check_weights, load_mask
 
-        masks, _ = load_mask(pafi_mask, backbone)
+        masks, meta = load_mask(pafi_mask, backbone)
+        check_weights(meta, model, backbone.site_map, pafi_mask)
     elif stored_positions:
         from .structure.pafi import positions_in_deltas
 

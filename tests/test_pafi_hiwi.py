@@ -15,7 +15,7 @@ from s3delta_ds.deltas.pafi import smallest_magnitude
 from s3delta_ds.errors import SearchSpaceError, StructureError
 from s3delta_ds.method.supernet import DeltaSpec, attach, delta_parameters
 from s3delta_ds.structure.builders import Backbone
-from s3delta_ds.structure.pafi import compute_mask, load_mask, mask_structure, save_mask
+from s3delta_ds.structure.pafi import check_weights, compute_mask, load_mask, mask_structure, save_mask, weights_probe
 
 from .helpers import logits_of, tiny_inputs, tiny_model
 
@@ -69,6 +69,39 @@ def test_mask_file_is_shared_and_refused_for_another_backbone(tmp_path):
     other = Backbone.plan("tiny-t5-v1_1")
     with pytest.raises(StructureError, match="compute a mask for this backbone"):
         load_mask(tmp_path / "mask.safetensors", other)
+
+
+def test_mask_of_other_weights_with_the_same_config_is_refused(tmp_path):
+    """A fine-tune shares its base's config hash; its smallest entries are not the base's, so a
+    mask ranked on one must not train the other. Another dtype of the same weights is accepted."""
+    import s3delta_ds
+
+    m, sm = _with_map("tiny-t5")
+    plan = Backbone.from_model(m, "tiny-t5")
+    mask = compute_mask(m, sm, density=0.02)
+    path = tmp_path / "mask.safetensors"
+    probe = weights_probe(m, sm, mask)
+    assert len(probe) == 2 and all(len(p["value"]) == 16 for p in probe.values())
+    save_mask(mask, path, backbone=plan, density=0.02, ranking="global", eligible=("linear",), probe=probe)
+    _, meta = load_mask(path, plan)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the same weights, rounded
+        same = tiny_model("tiny-t5").to(dtype)
+        check_weights(meta, same, SiteMap(same, family_for(same.config)), path)
+    tuned = tiny_model("tiny-t5")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in tuned.parameters():  # a small fine-tune: 1e-4 against weights of ~0.05
+            p.add_(1e-4 * torch.randn(p.shape, generator=g))
+    other = tiny_model("tiny-t5", seed=1)
+    for model in (tuned, other):
+        assert Backbone.from_model(model, "tiny-t5").info.config_hash == plan.info.config_hash
+        with pytest.raises(StructureError, match="ranked on other weights.*s3delta pafi-mask"):
+            check_weights(meta, model, SiteMap(model, family_for(model.config)), path)
+        structure = mask_structure(plan, *load_mask(path, plan))
+        with pytest.raises(StructureError, match="ranked on other weights"):
+            s3delta_ds.attach(model, structure, pafi_mask=str(path))
+    del meta["weights_probe"]  # a mask written before the probe existed: not checked
+    check_weights(meta, other, SiteMap(other, family_for(other.config)), path)
 
 
 def test_pafi_trains_only_its_entries_and_merges_exactly():
@@ -186,7 +219,9 @@ def test_pafi_mask_cli_reads_a_bf16_checkpoint_in_bf16_and_ranks_its_stored_valu
     assert stored_dtype(str(tmp_path / "model")) == "bf16"
     assert main(["pafi-mask", str(tmp_path / "model"), "--density", "0.01", "-o", str(tmp_path / "m.safetensors")]) == 0
     assert loaded_as == ["bf16"]
-    mask, _ = load_mask(tmp_path / "m.safetensors")
+    mask, meta = load_mask(tmp_path / "m.safetensors")
+    check_weights(meta, model, SiteMap(model, family_for(model.config)), "m")  # its probe holds the bf16 values
+    assert "weights_probe" in meta
     exact = model.float()
     want = compute_mask(exact, SiteMap(exact, family_for(exact.config)), density=0.01)
     assert mask.keys() == want.keys() and all(torch.equal(mask[k], want[k]) for k in want)

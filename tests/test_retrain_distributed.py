@@ -132,3 +132,37 @@ def test_nan_loss_stops_with_a_clear_error_and_no_outputs(searched, tmp_path):
     assert proc.returncode == 2
     assert "non-finite loss" in proc.stderr
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "deltas.safetensors").exists()
+
+
+def test_global_pafi_retrains_under_zero3_only_on_the_weights_its_mask_was_ranked_on(tmp_path):
+    """`s3delta pafi-mask` on the embedded tiny-t5, then 2-rank ZeRO-3 retrains with its mask: the
+    weights probe is read through gathered partitions and matches, and the run trains the mask's
+    count; a mask whose probe names other weights (same config) stops the retrain before a step."""
+    import json as json_
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from s3delta_ds.cli import main
+
+    mask, structure = tmp_path / "mask.safetensors", tmp_path / "pafi.json"
+    assert main(["pafi-mask", "tiny-t5", "--density", "0.02", "-o", str(mask), "--structure", str(structure)]) == 0
+    common = [*TINY, "retrain.steps=2", "retrain.eval_every=2", f"retrain.structure={structure}"]
+    out = tmp_path / "ok"
+    run("deepspeed", "retrain", [*common, f"retrain.pafi_mask={mask}", f"output_dir={out}"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["zero_stage"] == 3 and summary["trainable_params"] == Structure.load(structure).budget.used
+
+    with safe_open(str(mask), framework="pt") as f:  # the same mask, ranked "on a fine-tune"
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    probe = json_.loads(meta["weights_probe"])
+    site = next(iter(probe))
+    probe[site]["value"][3] += 1e-3
+    meta["weights_probe"] = json_.dumps(probe)
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata=meta)
+    proc = run("deepspeed", "retrain", [*common, f"retrain.pafi_mask={other}", f"output_dir={tmp_path / 'no'}"],
+               check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "ranked on other weights" in proc.stdout + proc.stderr and f"{site}[" in proc.stdout + proc.stderr
+    assert not (tmp_path / "no" / "deltas.safetensors").exists()

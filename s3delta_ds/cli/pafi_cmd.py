@@ -27,7 +27,7 @@ def run(args) -> int:
     from ..config import ModelConfig
     from ..engine.backbone import load_backbone, resolve_source
     from ..structure.builders import Backbone
-    from ..structure.pafi import compute_mask, mask_structure, save_mask
+    from ..structure.pafi import compute_mask, mask_structure, save_mask, weights_probe
 
     cfg = ModelConfig(name_or_path=args.model)
     source = resolve_source(cfg)
@@ -37,7 +37,16 @@ def run(args) -> int:
     backbone = Backbone.from_model(model, args.model)
     eligible = tuple(e.strip() for e in args.eligible.split(",") if e.strip())
     mask = compute_mask(model, backbone.site_map, args.density, args.ranking, eligible)
-    save_mask(mask, args.output, backbone=backbone, density=args.density, ranking=args.ranking, eligible=eligible)
+    probe = weights_probe(model, backbone.site_map, mask)
+    save_mask(
+        mask,
+        args.output,
+        backbone=backbone,
+        density=args.density,
+        ranking=args.ranking,
+        eligible=eligible,
+        probe=probe,
+    )
     n = sum(int(v.numel()) for v in mask.values())
     print(f"wrote {args.output}: {n:,} trainable entries over {len(mask)} tensors ({args.ranking} ranking)")
     if args.structure:

@@ -69,9 +69,10 @@ class RetrainRecipe:
             structure.check_backbone(rt.site_map)
             specs = structure.specs()
             if rc.pafi_mask:
-                from ..structure.pafi import load_mask
+                from ..structure.pafi import check_weights, load_mask
 
-                masks, _ = load_mask(rc.pafi_mask, rt.backbone)
+                masks, meta = load_mask(rc.pafi_mask, rt.backbone)
+                check_weights(meta, rt.model, rt.site_map, rc.pafi_mask, gather=zero.gathered)
         self.pipe = pipe = build_pipeline(
             rt.model,
             rt.site_map,

@@ -14,6 +14,7 @@ tensor is gathered alone (``gather``), so peak memory is the largest single tens
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .builders import Backbone
 
 MASK_FORMAT = "s3delta-pafi-mask"
 ELIGIBLE = ("linear", "norm")
+PROBE_ENTRIES = 16  # masked values kept of the mask's first and last tensors (``weights_probe``)
 
 
 def _eligible_sites(site_map: SiteMap, eligible: tuple[str, ...]):
@@ -97,6 +99,62 @@ def compute_mask(
     return result
 
 
+def _probe_sites(site_map: SiteMap, mask: dict[str, torch.Tensor]) -> list[str]:
+    order = [name for name in site_map.sites if name in mask]
+    return list(dict.fromkeys([order[0], order[-1]])) if order else []
+
+
+def weights_probe(model: torch.nn.Module, site_map: SiteMap, mask: dict[str, torch.Tensor], gather=None) -> dict:
+    """Site → the pre-trained values at ``PROBE_ENTRIES`` evenly spread masked positions of the
+    mask's first and last tensors.
+
+    A config hash tells backbones apart by shape only: a checkpoint and its fine-tunes share it,
+    and a mask ranked on one trains arbitrary positions of another. The masked entries are the
+    smallest, where a fine-tune's changes are largest against the value, so a few of them tell the
+    weights the mask was ranked on from any others (``check_weights``)."""
+    gather = gather or (lambda params: contextlib.nullcontext())
+    probe = {}
+    for name in _probe_sites(site_map, mask):
+        idx = mask[name]
+        pick = idx[torch.linspace(0, idx.numel() - 1, min(PROBE_ENTRIES, idx.numel())).round().long()]
+        w = model.get_submodule(site_map.site(name).path).weight
+        with gather([w]):
+            if not w.is_floating_point():  # a quantized tensor: no values to compare
+                return {}
+            probe[name] = {"index": pick.tolist(), "value": w.detach().reshape(-1)[pick].float().tolist()}
+    return probe
+
+
+def check_weights(
+    meta: dict[str, str], model: torch.nn.Module, site_map: SiteMap, path: str | Path, gather=None
+) -> None:
+    """The backbone's weights are those the mask was ranked on, to the rounding of another dtype
+    (bf16, or fp16's subnormals). A mask written before the probe existed is not checked.
+
+    Raises:
+        StructureError: a masked value differs, with the command that makes this backbone's mask.
+    """
+    if "weights_probe" not in meta:
+        return
+    gather = gather or (lambda params: contextlib.nullcontext())
+    for name, rec in json.loads(meta["weights_probe"]).items():
+        w = model.get_submodule(site_map.site(name).path).weight
+        with gather([w]):
+            if not w.is_floating_point():
+                return
+            got = w.detach().reshape(-1)[torch.tensor(rec["index"], dtype=torch.long)].float()
+        want = torch.tensor(rec["value"], dtype=torch.float32)
+        bad = ~torch.isclose(got, want, rtol=2**-7, atol=6e-8)
+        if bad.any():
+            i = int(torch.nonzero(bad)[0])
+            raise StructureError(
+                f"{path} was ranked on other weights than this backbone's, though its config is the same "
+                f"({meta['backbone']} vs a checkpoint where {name}[{rec['index'][i]}] is {float(got[i]):.6g}, "
+                f"not {want[i].item():.6g}): a fine-tune's smallest entries are not its base's. "
+                "Compute this checkpoint's mask: `s3delta pafi-mask MODEL --density D -o MASK --structure OUT.json`"
+            )
+
+
 def save_mask(
     mask: dict[str, torch.Tensor],
     path: str | Path,
@@ -105,7 +163,9 @@ def save_mask(
     density: float,
     ranking: str,
     eligible: tuple[str, ...],
+    probe: dict | None = None,
 ) -> Path:
+    """``probe``: ``weights_probe`` of the model the mask was ranked on (checked at retrain)."""
     path = Path(path)
     meta = {
         "format": MASK_FORMAT,
@@ -115,6 +175,8 @@ def save_mask(
         "ranking": ranking,
         "eligible": ",".join(eligible),
     }
+    if probe:
+        meta["weights_probe"] = json.dumps(probe)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in mask.items()}, str(tmp), metadata=meta)
     return path
