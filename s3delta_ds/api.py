@@ -101,11 +101,12 @@ def load(model: nn.Module, run_or_dir: str | os.PathLike, *, pafi_mask: str | No
     for name in ("structure.json", _DELTA_FILE):
         if not (root / name).is_file():
             raise CheckpointError(f"{root}: {name} is missing (expected a retrain output directory)")
-    _attach(model, root / "structure.json", pafi_mask=pafi_mask, stored_positions=True)
+    structure = Structure.load(root / "structure.json")
+    _attach(model, structure, pafi_mask=pafi_mask, stored_positions=True)
     from .backbones import family_for
 
     head = family_for(model.config).head_modules
-    load_deltas(model, root / _DELTA_FILE, head_prefixes=head)
+    load_deltas(model, root / _DELTA_FILE, head_prefixes=head, structure_digest=structure.digest())
     if head:
         _pool_as_trained(model, root)
     return model.eval()
@@ -174,10 +175,11 @@ def run_config(config=None, overrides=(), keys: Mapping[str, Any] | None = None)
 
 
 def _yaml_values(path) -> dict:
-    """The YAML file's values (validated later, with the overrides), or {} for the defaults."""
-    if path is None:
-        return {}
-    return load_run_config(path).to_dict()
+    """The YAML file's values as written (validated later, with the overrides, as the command line
+    does), or {} for the defaults."""
+    from .config import read_yaml_values
+
+    return read_yaml_values(path)
 
 
 def _run(fn, config, overrides, keys, resume: bool) -> dict:
@@ -200,9 +202,12 @@ def _run(fn, config, overrides, keys, resume: bool) -> dict:
 def _process_group() -> Iterator[None]:
     """A launcher's process group is left alone; one this call creates is destroyed afterwards and
     the rendezvous variables it set are restored, so the next call (or launch) starts clean."""
+    import torch.distributed as dist
+
     from .engine import zero
 
-    launched = "RANK" in os.environ
+    # a launcher's (RANK set) or the caller's own (init_process_group before the call)
+    launched = "RANK" in os.environ or (dist.is_available() and dist.is_initialized())
     saved = {k: os.environ.get(k) for k in _PG_ENV}
     try:
         yield

@@ -474,18 +474,27 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     Raises:
         ConfigError: unreadable YAML, unknown keys, wrong types or out-of-range values.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a YAML mapping at the top level")
-        values = loaded or {}
-    return build_run_config(values, overrides)
+    return build_run_config(read_yaml_values(path), overrides)
+
+
+def read_yaml_values(path: str | Path | None) -> dict[str, Any]:
+    """A config file's nested mapping as written, not yet validated ({} for None): some settings
+    are valid only with the overrides that come with them (``data.train_file`` with ``data.task=custom``).
+
+    Raises:
+        ConfigError: an unreadable file, invalid YAML, or not a mapping.
+    """
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping at the top level")
+    return loaded or {}
 
 
 def build_run_config(

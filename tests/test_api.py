@@ -117,6 +117,47 @@ def test_load_attaches_and_loads_trained_deltas_like_peft(tmp_path):
         torch.testing.assert_close(fresh(**batch).logits, trained.eval()(**batch).logits, atol=1e-6, rtol=0)
 
 
+def test_load_refuses_deltas_trained_with_another_structure_of_the_same_shapes(tmp_path):
+    """Another LoRA alpha has the same shapes: without the recorded digest the deltas loaded and
+    every output changed (x2 here)."""
+    from s3delta_ds.errors import CheckpointError
+
+    trained = tiny_model("tiny-t5")
+    structure = manual(Backbone.from_model(trained), "lora")
+    structure.save(tmp_path / "structure.json")
+    s3delta_ds.attach(trained, tmp_path / "structure.json")
+    save_deltas(trained, tmp_path / "deltas.safetensors", metadata={"structure": structure.digest()})
+    s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)  # its own structure: loads
+    d = json.loads((tmp_path / "structure.json").read_text())
+    for m in d["modules"]:
+        m["kwargs"]["alpha"] = 2 * m["kwargs"]["alpha"]
+    (tmp_path / "structure.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="trained with another structure"):
+        s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)
+
+
+def test_attach_gives_each_delta_its_hosts_dtype_in_a_half_precision_t5(tmp_path):
+    """transformers keeps T5's ``wo`` in fp32 in an fp16 model; a LoRA there cast to fp16 met fp32
+    inputs ("expected m1 and m2 to have the same dtype")."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    tiny_model("tiny-t5").save_pretrained(tmp_path / "m")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "m", dtype=torch.float16)
+    backbone = Backbone.from_model(model)
+    wo = model.get_submodule(backbone.site_map.site("encoder.0.mlp.down").path)
+    assert (
+        wo.weight.dtype == torch.float32
+        and model.get_submodule(backbone.site_map.site("encoder.0.attn.q").path).weight.dtype == torch.float16
+    )
+    structure = manual(backbone, "lora-all-r1").save(tmp_path / "s.json")
+    s3delta_ds.attach(model, structure)
+    assert {p.dtype for p in wo.s3delta.parameters()} == {torch.float32}
+    q = model.get_submodule(backbone.site_map.site("encoder.0.attn.q").path)
+    assert {p.dtype for p in q.s3delta.parameters()} == {torch.float16}
+    with torch.no_grad():
+        model(**tiny_inputs("tiny-t5"))  # no dtype error
+
+
 def _mean_pooled_bert_run(tmp_path, *, pooling_metadata: bool = True):
     """A tiny BERT trained with model.pooling=mean (what auto gives a sentence-transformers checkpoint)."""
     from s3delta_ds.backbones.pooling import use_mean_pooling
@@ -189,6 +230,21 @@ def test_run_config_takes_a_dict_overrides_and_keywords():
         s3delta_ds.run_config(None, [], {"search__stepz": 1})
 
 
+def test_a_yaml_is_validated_with_its_overrides_as_the_command_line_does(tmp_path):
+    """A file valid only with the overrides that come with it (custom-data keys, with
+    data.task=custom on the command line) was refused on its own by the API."""
+    from s3delta_ds.config import load_run_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("data:\n  train_file: train.csv\n  validation_file: dev.csv\n  label_words: [bad, good]\n")
+    cli = load_run_config(path, ["data.task=custom"])  # what `s3delta search --config` builds
+    assert s3delta_ds.run_config(path, ["data.task=custom"]) == cli
+    assert s3delta_ds.run_config(path, keys={"data__task": "custom"}) == cli
+    assert cli.data.task == "custom" and cli.data.train_file == "train.csv"
+    with pytest.raises(s3delta_ds.S3DeltaError, match="data.train_file only applies to data.task=custom"):
+        s3delta_ds.run_config(path)
+
+
 NOTEBOOK = """
 import json, os, sys
 import torch.distributed as dist
@@ -234,6 +290,38 @@ def test_search_then_retrain_several_times_in_one_process(tmp_path):
     assert "stopped early" in result["stopped"] and "resume=True" in result["stopped"]
     uninterrupted, resumed = result["test"]
     assert resumed == pytest.approx(uninterrupted, abs=1e-5), "the resumed retrain must end where the whole one did"
+
+
+OWN_GROUP = """
+import json, socket, sys
+import torch.distributed as dist
+import s3delta_ds
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+s3delta_ds.search(output_dir=sys.argv[1], search__steps=2, search__eval_every=2, search__budget=0.02,
+                  data__max_train_examples=32, data__max_eval_examples=16)
+alive = dist.is_initialized()
+dist.barrier()  # the caller's group still works
+print(json.dumps({"initialised": alive}))
+"""
+
+
+@pytest.mark.slow
+def test_a_process_group_the_caller_made_is_left_alone(tmp_path):
+    """``init_process_group`` by the caller, no RANK variable: the call used the group and then
+    destroyed it, and the caller's next collective failed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(OWN_GROUP), str(tmp_path / "s")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"initialised": True}
 
 
 def test_search_takes_its_config_as_a_keyword_too(tmp_path):

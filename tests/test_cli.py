@@ -487,3 +487,13 @@ def test_an_output_path_that_cannot_be_written_is_an_error_not_a_traceback(tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(blocker) in err
     assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_a_negative_or_non_numeric_nproc_is_refused(capsys, value):
+    """``--nproc -1`` ran on one rank in this process, silently."""
+    from s3delta_ds.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--nproc", value])
+    assert e.value.code == 2 and "is not a number of ranks" in capsys.readouterr().err

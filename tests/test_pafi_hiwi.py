@@ -57,6 +57,14 @@ def test_per_matrix_mask_and_norm_eligibility():
     assert "decoder.0.attn_norm" in mask and mask["decoder.0.attn_norm"].numel() == math.ceil(0.05 * 64)
 
 
+def test_no_eligible_kind_is_refused_by_name():
+    from s3delta_ds.errors import ConfigError
+
+    m, sm = _with_map("tiny-t5")
+    with pytest.raises(ConfigError, match="at least one eligible kind"):
+        compute_mask(m, sm, density=0.01, eligible=())
+
+
 def test_mask_file_is_shared_and_refused_for_another_backbone(tmp_path):
     m, sm = _with_map("tiny-t5")
     plan = Backbone.from_model(m, "tiny-t5")

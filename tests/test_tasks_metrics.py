@@ -70,6 +70,10 @@ def test_metrics_against_hand_computed_values():
     assert compute("matthews", preds, labels)["matthews"] == pytest.approx(1 / 6)
     cb = compute("f1_macro", [0, 1, 2, 2], [0, 1, 1, 2])
     assert cb["f1_macro"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3) and cb["accuracy"] == 0.75
+    # a split without class 2 that nothing predicts as 2: still averaged over the task's 3 classes
+    # (T5's mean_multiclass_f1), not over the 2 that occur
+    few = compute("f1_macro", [0, 1, 1, 1], [0, 1, 0, 1], ("entailment", "contradiction", "neutral"))
+    assert few["f1_macro"] == pytest.approx((2 / 3 + 0.8 + 0) / 3)
     p = compute("pearson", [0, 5, 10, 25], [0, 5, 11, 25], STSB_WORDS)
     # label words 0.0, 1.0, 2.0/2.2, 5.0 -> numpy's correlation of the numbers they spell
     assert p["pearson"] == pytest.approx(float(np.corrcoef([0, 1, 2, 5], [0, 1, 2.2, 5])[0, 1]))

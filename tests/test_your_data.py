@@ -79,3 +79,27 @@ def test_the_python_block_runs_as_written(tmp_path):
     score = float(proc.stdout.strip().splitlines()[-1])
     assert 0.0 <= score <= 1.0
     assert (tmp_path / "py" / "retrain" / "deltas.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_data_error_leaves_nothing_the_fixed_rerun_would_refuse(tmp_path):
+    """A first run with a label the label words do not have stops with the row named and claims
+    no output directory, so the same command succeeds once the file is fixed."""
+    _write_csvs(tmp_path)
+    dev = tmp_path / "dev.csv"
+    good = dev.read_text()
+    dev.write_text(good.splitlines()[0] + "\nan odd row,neutral\n" + "\n".join(good.splitlines()[1:]) + "\n")
+    cmd = [
+        "s3delta", "search", "--nproc", "1", "data.task=custom", "data.train_file=train.csv",
+        "data.validation_file=dev.csv", "data.template=review: {text}", "data.label_words=[negative, positive]",
+        "model.name_or_path=tiny-t5", "search.steps=2", "search.eval_every=2", "search.budget=0.02",
+        "data.max_eval_examples=16", "output_dir=runs/search",
+    ]  # fmt: skip
+    bad = subprocess.run(cmd, cwd=tmp_path, env=_bin_env(), capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "dev.csv row 0: label 'neutral'" in bad.stderr, bad.stderr[-3000:]
+    assert not (tmp_path / "runs" / "search").exists() or not any((tmp_path / "runs" / "search").iterdir())
+    dev.write_text(good)
+    ok = subprocess.run(cmd, cwd=tmp_path, env=_bin_env(), capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (tmp_path / "runs" / "search" / "structure.json").is_file()

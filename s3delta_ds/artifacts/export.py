@@ -71,7 +71,8 @@ def load_run(run: Path, *, ds_config: dict | None = None, full_precision_base: b
     # globally ranked PaFi: the trained positions are in the delta file (load_deltas overwrites these)
     masks = positions_in_deltas(structure)
     attach(model, backbone.site_map, structure.specs(), gather=zero.gathered, masks=masks)
-    load_deltas(model, run / "deltas.safetensors", head_prefixes=backbone.family.head_modules)
+    head = backbone.family.head_modules
+    load_deltas(model, run / "deltas.safetensors", head_prefixes=head, structure_digest=structure.digest())
     model.eval()
     return model, backbone, structure
 

@@ -8,6 +8,18 @@ Inside a launcher (deepspeed, torchrun, srun) leave ``--nproc`` out: each rank r
 
 from __future__ import annotations
 
+import argparse
+
+
+def _ranks(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ranks (0: run in this process)")
+    return n
+
 
 def register(sub) -> None:
     for name, help_ in (("search", "search a structure at a budget"), ("retrain", "retrain a structure")):
@@ -16,7 +28,7 @@ def register(sub) -> None:
         p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         p.add_argument(
             "--nproc",
-            type=int,
+            type=_ranks,
             default=0,
             help="start N local ranks with the DeepSpeed launcher (default: run in this process)",
         )

@@ -205,11 +205,18 @@ def _bind(delta, module, site, gather, register_external, masks) -> None:
 
 
 def cast_deltas(model: nn.Module, dtype: torch.dtype) -> None:
-    """Give every delta the backbone's float dtype. Under ZeRO stages 0-2 DeepSpeed casts the whole
-    module itself; under ZeRO-3 the backbone was created in its dtype and DeepSpeed leaves
-    parameters added later (our deltas) as they are, so a bf16 run would mix dtypes in a matmul."""
-    for slot in slots(model).values():
-        slot.to(dtype)
+    """Give every delta the float dtype its host computes in: the host's weight's, else ``dtype``
+    (the backbone's; block sites and quantized hosts). Under ZeRO stages 0-2 DeepSpeed casts the
+    whole module itself; under ZeRO-3 the backbone was created in its dtype and DeepSpeed leaves
+    parameters added later (our deltas) as they are, so a bf16 run would mix dtypes in a matmul.
+    Per host, not one dtype: transformers keeps some modules in fp32 in a half-precision model
+    (T5's ``wo``), and a LoRA there must take fp32 inputs."""
+    for module in model.modules():
+        slot = getattr(module, SLOT_ATTR, None)
+        if isinstance(slot, DeltaSlot):
+            weight = getattr(module, "weight", None)
+            own = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            slot.to(weight.dtype if own else dtype)
 
 
 def slots(model: nn.Module) -> dict[str, DeltaSlot]:

@@ -186,7 +186,12 @@ class RetrainRecipe:
         validation step) and score the test split once. Collective."""
         rt = self.rt
         if self.state.test is None and self._test_at_end:
-            load_deltas(rt.model, rt.out / DELTA_FILE, head_prefixes=rt.family.head_modules)
+            load_deltas(
+                rt.model,
+                rt.out / DELTA_FILE,
+                head_prefixes=rt.family.head_modules,
+                structure_digest=self.plan.structure.digest(),
+            )
             self.state.test = self._evaluate("test")
             rt.log(f"test scored on the deltas of step {self.state.best_step}")
 

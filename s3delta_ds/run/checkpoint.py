@@ -117,14 +117,35 @@ def read_delta_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_deltas(model: nn.Module, path: str | os.PathLike, *, head_prefixes: tuple[str, ...] = ()) -> int:
-    """Load a delta file into a model with the same structure attached (ZeRO-3 aware). Returns #tensors."""
+def load_deltas(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    head_prefixes: tuple[str, ...] = (),
+    structure_digest: str | None = None,
+) -> int:
+    """Load a delta file into a model with the same structure attached (ZeRO-3 aware). Returns #tensors.
+
+    ``structure_digest``: the attached structure's ``Structure.digest()``, checked against the one the
+    retrain recorded in the file. Shapes alone pass a structure that differs in a setting that has
+    none (LoRA's alpha, a dropout, an activation), and every output would change.
+
+    Raises:
+        CheckpointError: another format, shapes, or structure than the model's.
+    """
     named = trainable_named(model, head_prefixes)
     buffers = named_delta_buffers(model)
     verify_delta_file(path, {k: _full_shape(p) for k, p in [*named, *buffers]})
     meta = read_delta_metadata(path)
     if meta.get("format") != DELTA_FORMAT:
         raise CheckpointError(f"{path}: not an s3delta delta file (format {meta.get('format')!r})")
+    recorded = meta.get("structure")
+    if structure_digest is not None and recorded is not None and recorded != structure_digest:
+        raise CheckpointError(
+            f"{path} was trained with another structure ({recorded[:19]}...) than the one given "
+            f"({structure_digest[:19]}...): its shapes match, but a setting without a shape (e.g. LoRA's alpha) "
+            "differs. Load it with the structure.json of its own run"
+        )
     with safe_open(str(path), framework="pt") as f:
         values = {k: f.get_tensor(k) for k in f.keys()}
     params = [p for _, p in named]

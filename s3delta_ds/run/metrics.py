@@ -20,7 +20,9 @@ def compute(
     metric: str, preds: Sequence[int], labels: Sequence[int], label_words: Sequence[str] | None = None
 ) -> dict[str, float]:
     """Scores of ``preds`` against ``labels`` (class indices). For "pearson" (STS-B) the classes are
-    read back as the numbers their label words spell."""
+    read back as the numbers their label words spell. ``f1_macro`` averages over every class of the
+    task (``label_words``), as T5's and Compacter's ``mean_multiclass_f1`` does: a class that a
+    small split lacks, and that nothing predicts, counts 0 instead of dropping out of the mean."""
     if len(labels) == 0:
         raise ValueError("no examples to score")
     m = _sk()
@@ -30,7 +32,9 @@ def compute(
     if metric == "f1":
         return {"f1": float(m.f1_score(labels, preds, pos_label=1, zero_division=0)), "accuracy": acc}
     if metric == "f1_macro":
-        return {"f1_macro": float(m.f1_score(labels, preds, average="macro", zero_division=0)), "accuracy": acc}
+        classes = list(range(len(label_words))) if label_words else None
+        f1 = m.f1_score(labels, preds, labels=classes, average="macro", zero_division=0)
+        return {"f1_macro": float(f1), "accuracy": acc}
     if metric == "matthews":
         return {"matthews": float(m.matthews_corrcoef(labels, preds)), "accuracy": acc}
     if metric == "pearson":

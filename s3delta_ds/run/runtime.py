@@ -26,7 +26,7 @@ from ..engine import zero
 from ..engine.backbone import load_backbone, resolve_source
 from ..errors import BackboneError, BudgetError, ConfigError, DataError, SearchSpaceError, StructureError
 from ..structure.builders import Backbone
-from ..util import atomic_write_text, claim_run_dir, read_run_claim
+from ..util import RUN_MARKER, atomic_write_text, claim_run_dir, read_run_claim
 from .plan import RunPlan
 
 
@@ -173,7 +173,6 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
         raise ConfigError("model.name_or_path and data.task must be resolved first (s3delta_ds.run.preflight)")
     rank, world = zero.init_distributed()
     plan = plan or RunPlan.for_setup(cfg, model_source(cfg))
-    _output_dir(Path(cfg.output_dir), rank, resume=resume, overwrite=cfg.overwrite, cfg=cfg, kind=kind)
 
     from ..backbones.loading import load_config
 
@@ -193,13 +192,22 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
         local_world=zero.local_world_size(),
     )
     zero.check_hpz_placement(ds_config)
+    # the data first: a missing column or a bad label is the commonest first-run error, and found
+    # before the output directory is claimed it leaves nothing behind that the fixed rerun would refuse
     task, objective, tokenizer, collate, data = _task_data(cfg, family, config)
+    out = Path(cfg.output_dir)
+    _output_dir(out, rank, resume=resume, overwrite=cfg.overwrite, cfg=cfg, kind=kind)
 
     t0 = time.time()
     num_labels = len(task.label_words) if objective == "classify" else None
-    model = load_backbone(
-        cfg.model, source=plan.source, dtype=dtype, ds_config=ds_config, num_labels=num_labels, seed=cfg.seed
-    )
+    try:
+        model = load_backbone(
+            cfg.model, source=plan.source, dtype=dtype, ds_config=ds_config, num_labels=num_labels, seed=cfg.seed
+        )
+    except BaseException:
+        if rank == 0 and not resume:
+            _release_claim(out)
+        raise
     if family.name == "bert" and cfg.model.pooling == "auto":  # record what auto chose: export, resume
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pooling=pooling_of(model)))
     backbone = Backbone.from_model(model, cfg.model.name_or_path)
@@ -293,6 +301,13 @@ def _output_dir(out: Path, rank: int, *, resume: bool, overwrite: bool, cfg=None
     err = zero.broadcast_object(err)
     if err:
         raise ConfigError(err)
+
+
+def _release_claim(out: Path) -> None:
+    """Give back a directory this run claimed and wrote nothing else into (a failed model load):
+    the rerun after the fix must not find it "not empty"."""
+    if [p.name for p in out.iterdir()] == [RUN_MARKER]:
+        (out / RUN_MARKER).unlink()
 
 
 def _task_data(cfg: RunConfig, family: Family, config) -> tuple[Task, str, object, Collator, dict[str, list[dict]]]:

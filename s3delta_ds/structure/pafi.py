@@ -35,6 +35,8 @@ PROBE_ENTRIES = 16  # masked values kept of the mask's first and last tensors (`
 
 
 def _eligible_sites(site_map: SiteMap, eligible: tuple[str, ...]):
+    if not eligible:
+        raise ConfigError(f"PaFi needs at least one eligible kind of tensor: {', '.join(ELIGIBLE)}")
     bad = sorted(set(eligible) - set(ELIGIBLE))
     if bad:
         raise ConfigError(f"PaFi eligible kinds {bad} are not supported; choose from {', '.join(ELIGIBLE)}")
