@@ -103,3 +103,24 @@ def test_a_data_error_leaves_nothing_the_fixed_rerun_would_refuse(tmp_path):
     ok = subprocess.run(cmd, cwd=tmp_path, env=_bin_env(), capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (tmp_path / "runs" / "search" / "structure.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_gives_its_output_directory_back(tmp_path):
+    """A checkpoint that fails only when its weights are read (after the directory was claimed):
+    the claim is given back, so the rerun with a good checkpoint is not refused as "not empty"."""
+    import torch
+
+    from s3delta_ds.backbones.loading import build_model, load_config
+
+    torch.manual_seed(0)
+    build_model(load_config("tiny-t5")).save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a cut download
+    cmd = [
+        "s3delta", "search", "model.name_or_path=model", "model.tokenizer=tiny-t5", "data.task=tiny-sentiment",
+        "search.steps=2", "search.eval_every=2", "search.budget=0.02", "data.max_eval_examples=16", "output_dir=run",
+    ]  # fmt: skip
+    bad = subprocess.run(cmd, cwd=tmp_path, env=_bin_env(), capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir()), list((tmp_path / "run").iterdir())
