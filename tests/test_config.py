@@ -307,6 +307,9 @@ def test_resolve_fp16_with_shipped_configs(name):
     cfg = resolve_ds_config(template, dtype="fp16", **GEOMETRY)
     assert cfg["fp16"]["enabled"] is True and cfg["bf16"]["enabled"] is False
     assert resolve_ds_config({}, dtype="bf16", **GEOMETRY)["bf16"]["enabled"] is True
+    # DeepSpeed's own check of the ZeRO section, before anything loads (it came after the backbone)
+    with pytest.raises(ConfigError, match="zero_optimization: stagee: Extra inputs are not permitted"):
+        resolve_ds_config({"zero_optimization": {"stagee": 3}}, dtype="fp32", **GEOMETRY)
 
 
 def test_resolve_explicit_matching_values_pass():

@@ -125,7 +125,7 @@ def test_missing_column_and_empty_split_are_named(tmp_path):
     with pytest.raises(DataError, match="dev.csv"):
         load_rows(resolve_task(data), None)
     (tmp_path / "dev.csv").unlink()
-    with pytest.raises(DataError, match="data.validation_file .*dev.csv does not exist"):
+    with pytest.raises(DataError, match=r"validation_file .*dev.csv does not exist .looked for /.*current directory"):
         load_rows(resolve_task(data), None)
 
 

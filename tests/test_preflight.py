@@ -92,6 +92,14 @@ def test_retrain_takes_task_and_model_from_the_structure(tmp_path):
     assert any("model.name_or_path not set: using tiny-llama" in s for s in said)
 
 
+def test_retrain_of_a_structure_searched_on_your_own_data_asks_for_its_config(tmp_path):
+    """The structure records data.task=custom, not the files and template: retrained without the
+    search's config, it failed on "data.task=custom needs data.template", naming the wrong fix."""
+    path = _searched_structure(tmp_path, "tiny-t5", task="custom")
+    with pytest.raises(ConfigError, match="searched on your own data.*--config mine.yaml.*CONFIG=mine.yaml"):
+        preflight_retrain(_cfg(tmp_path, f"retrain.structure={path}"), log=lambda s: None)
+
+
 def test_retrain_without_a_task_anywhere_is_an_error(tmp_path):
     plan = builders.Backbone.plan("tiny-t5")
     random_path = builders.random_baseline(plan.space("mixed"), plan.info, 0.02, seed=0).save(tmp_path / "r.json")

@@ -124,3 +124,22 @@ def test_a_model_that_fails_to_load_gives_its_output_directory_back(tmp_path):
     bad = subprocess.run(cmd, cwd=tmp_path, env=_bin_env(), capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir()), list((tmp_path / "run").iterdir())
+
+
+@pytest.mark.slow
+def test_a_setup_that_fails_after_the_model_loads_gives_its_output_directory_back(tmp_path):
+    """A global batch the data cannot fill is found after the model loads and the configs are
+    written: the directory is given back whole, and the rerun with a batch that fits is not refused."""
+    _write_csvs(tmp_path)
+    cmd = [
+        "s3delta", "search", "data.task=custom", "data.train_file=train.csv", "data.validation_file=dev.csv",
+        "data.template=review: {text}", "data.label_words=[negative, positive]", "model.name_or_path=tiny-t5",
+        "search.steps=2", "search.eval_every=2", "search.budget=0.02", "data.max_train_examples=64",
+        "data.max_eval_examples=16", "output_dir=run",
+    ]  # fmt: skip
+    bad = subprocess.run([*cmd, "search.micro_batch_size=100"], cwd=tmp_path, env=_bin_env(), capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "cannot fill one global batch" in bad.stderr, bad.stderr[-3000:]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir()), list((tmp_path / "run").iterdir())
+    ok = subprocess.run(cmd, cwd=tmp_path, env=_bin_env(), capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]

@@ -27,6 +27,10 @@ def run(args) -> int:
             "(pass --slots N, or run this on a compute node)",
             file=sys.stderr,
         )
+    if args.slots is not None and args.slots < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--slots must be at least 1 (ranks per node), got {args.slots}")
     text = hostfile(args.nodelist, args.slots)
     if args.output:
         atomic_write_text(args.output, text)

@@ -24,6 +24,10 @@ def stored_dtype(source: str) -> str:
 
 
 def run(args) -> int:
+    from ..errors import ConfigError
+
+    if not 0 < args.density < 1:  # before an 11B backbone loads for minutes
+        raise ConfigError(f"--density must be in (0, 1), got {args.density}")
     from ..config import ModelConfig
     from ..engine.backbone import load_backbone, resolve_source
     from ..structure.builders import Backbone

@@ -128,13 +128,19 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
         paths = {s: Path(f) for s, f in task.files.items()}
         for split, path in paths.items():
             if not path.is_file():
-                raise DataError(f"data.{split}_file {path} does not exist")
+                raise DataError(
+                    f"data.{split}_file {path} does not exist (looked for {path.absolute()}: a relative path is "
+                    "read from the current directory, not from the config file's)"
+                )
         where = {s: str(p) for s, p in paths.items()}
         rows = {s: _rows(_read(p), task, where[s]) for s, p in paths.items()}
     elif data_dir is not None:
         root = Path(data_dir)
         if not root.is_dir():
-            raise DataError(f"data directory {data_dir} does not exist")
+            raise DataError(
+                f"data directory {data_dir} does not exist (looked for {root.absolute()}: a relative path is read "
+                "from the current directory, not from the config file's)"
+            )
         files = {s: _split_file(root, s) for s in ("train", "validation", "test")}
         if files["train"] is None or files["validation"] is None:
             raise DataError(

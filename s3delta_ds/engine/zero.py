@@ -142,8 +142,24 @@ def resolve_ds_config(
     left = _find_auto(cfg)
     if left:
         raise ConfigError(f'cannot resolve "auto" for {", ".join(left)} in the DeepSpeed config; set explicit values')
+    _check_zero_section(zero)
     cfg.setdefault("steps_per_print", 10**6)
     return cfg
+
+
+def _check_zero_section(zero: dict) -> None:
+    """DeepSpeed's own validation of ``zero_optimization``, now: ``deepspeed.initialize`` would
+    find a misspelt key (``stagee``) only after the backbone loaded, in a pydantic traceback."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValueError as e:  # pydantic's ValidationError
+        errors = getattr(e, "errors", lambda: [])()
+        said = "; ".join(
+            f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in errors[:3]
+        ) or str(e)
+        raise ConfigError(f"DeepSpeed config zero_optimization: {said}") from None
 
 
 def _resolve_hpz(zero: dict, world: int, local_world: int | None) -> None:

@@ -27,7 +27,7 @@ from ..run.evaluate import evaluate
 from ..run.plan import RunPlan
 from ..run.preflight import preflight_retrain
 from ..run.report import MetricsLog
-from ..run.runtime import model_source, prepare
+from ..run.runtime import model_source, prepare, released_on_failure
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
 from .state import (
@@ -62,50 +62,51 @@ class RetrainRecipe:
         cfg, rc, structure = self.cfg, self.cfg.retrain, self._structure
         self.plan = plan = RunPlan.for_retrain(cfg, model_source(cfg), structure)
         self.rt = rt = prepare(cfg, rc, resume=self.resume, kind="retrain", plan=plan)
-        if elastic:
-            rt.log(elastic)
-        specs = masks = None
-        if structure is not None:
-            structure.check_backbone(rt.site_map)
-            specs = structure.specs()
-            if rc.pafi_mask:
-                from ..structure.pafi import check_weights, load_mask
+        with released_on_failure(rt, self.resume):  # a setup that fails leaves no claimed directory
+            if elastic:
+                rt.log(elastic)
+            specs = masks = None
+            if structure is not None:
+                structure.check_backbone(rt.site_map)
+                specs = structure.specs()
+                if rc.pafi_mask:
+                    from ..structure.pafi import check_weights, load_mask
 
-                masks, meta = load_mask(rc.pafi_mask, rt.backbone)
-                check_weights(meta, rt.model, rt.site_map, rc.pafi_mask, gather=zero.gathered)
-        self.pipe = pipe = build_pipeline(
-            rt.model,
-            rt.site_map,
-            specs,
-            objective=rt.objective,
-            dtype=DTYPES[rt.dtype],
-            ds_config=rt.ds_config,
-            lr=rc.lr,
-            weight_decay=rc.weight_decay,
-            total_steps=rc.steps,
-            seed=cfg.seed,  # fresh init, identical on every rank
-            head=rt.family.head_modules,
-            masks=masks,
-        )
-        rt.log(
-            f"retraining {'full fine-tuning' if structure is None else rc.structure}: {pipe.trainable:,} trainable "
-            f"parameters ({100 * pipe.trainable / plan.num_params:.5f}% of the backbone)"
-        )
-        self.stream = BatchStream(
-            rt.data["train"],
-            micro_batch=rc.micro_batch_size,
-            grad_accum=rc.grad_accum,
-            rank=rt.rank,
-            world=rt.world,
-            seed=cfg.seed,
-            collate=rt.collate,
-            name="train",
-        )
-        self.state = LoopState()
-        self.ckpt_dir = rt.out / CHECKPOINTS
-        if self.resume:
-            self.load_checkpoint()
-        self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
+                    masks, meta = load_mask(rc.pafi_mask, rt.backbone)
+                    check_weights(meta, rt.model, rt.site_map, rc.pafi_mask, gather=zero.gathered)
+            self.pipe = pipe = build_pipeline(
+                rt.model,
+                rt.site_map,
+                specs,
+                objective=rt.objective,
+                dtype=DTYPES[rt.dtype],
+                ds_config=rt.ds_config,
+                lr=rc.lr,
+                weight_decay=rc.weight_decay,
+                total_steps=rc.steps,
+                seed=cfg.seed,  # fresh init, identical on every rank
+                head=rt.family.head_modules,
+                masks=masks,
+            )
+            rt.log(
+                f"retraining {'full fine-tuning' if structure is None else rc.structure}: {pipe.trainable:,} trainable "
+                f"parameters ({100 * pipe.trainable / plan.num_params:.5f}% of the backbone)"
+            )
+            self.stream = BatchStream(
+                rt.data["train"],
+                micro_batch=rc.micro_batch_size,
+                grad_accum=rc.grad_accum,
+                rank=rt.rank,
+                world=rt.world,
+                seed=cfg.seed,
+                collate=rt.collate,
+                name="train",
+            )
+            self.state = LoopState()
+            self.ckpt_dir = rt.out / CHECKPOINTS
+            if self.resume:
+                self.load_checkpoint()
+            self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
 
     def train(self) -> bool:
         """The retrain loop. Returns False when the launch stopped early (``retrain.stop_after``)."""

@@ -20,7 +20,7 @@ from ..run.evaluate import evaluate
 from ..run.plan import RunPlan
 from ..run.preflight import preflight_search
 from ..run.report import MetricsLog, gates_csv, heatmap
-from ..run.runtime import model_source, prepare
+from ..run.runtime import model_source, prepare, released_on_failure
 from ..structure import Structure, builders
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
@@ -55,53 +55,54 @@ class SearchRecipe:
         cfg, sc = self.cfg, self.cfg.search
         self.plan = plan = RunPlan.for_search(cfg, model_source(cfg))
         self.rt = rt = prepare(cfg, sc, resume=self.resume, kind="search", plan=plan)
-        self.stage = zero.zero_stage(rt.ds_config)
-        check_mode(sc.mode, self.stage)
-        if elastic:
-            rt.log(elastic)
-        space = plan.space
-        rt.log(
-            f"space {sc.space}: {len(space)} candidates, {space.total_params:,} parameters if all on; budget "
-            f"{sc.budget:g} = {plan.budget_params:,.0f} parameters; mode {sc.mode}"
-        )
-        self.ctx = GateContext()
-        self.pipe = build_pipeline(
-            rt.model,
-            rt.site_map,
-            [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates],
-            objective=rt.objective,
-            dtype=DTYPES[rt.dtype],
-            ds_config=rt.ds_config,
-            lr=sc.lr,
-            weight_decay=sc.weight_decay,
-            total_steps=sc.steps,
-            seed=cfg.seed,
-            head=rt.family.head_modules,
-            ctx=self.ctx,
-        )
-        self.gates = GateLogits(
-            space.params,
-            plan.budget_params,
-            lr=sc.gate_lr,
-            clip=sc.gate_clip,
-            total_steps=sc.steps - sc.gate_warmup_steps,
-            beta=sc.beta,
-            temperature=sc.temperature,
-            seed=cfg.seed,
-            device=rt.device,
-            optimizer=sc.gate_optimizer,
-            shift_gradient=sc.shift_gradient,
-            loss_scale=GateLossScale.from_ds_config(rt.ds_config),
-        )
-        self.bilevel = BiLevel(
-            self.pipe.engine, self.gates, mode=sc.mode, virtual_step=sc.virtual_step, device=rt.device
-        )
-        self.streams = self._streams()
-        self.state = LoopState()
-        self.ckpt_dir = rt.out / CHECKPOINTS
-        if self.resume:
-            self.load_checkpoint()
-        self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
+        with released_on_failure(rt, self.resume):  # a setup that fails leaves no claimed directory
+            self.stage = zero.zero_stage(rt.ds_config)
+            check_mode(sc.mode, self.stage)
+            if elastic:
+                rt.log(elastic)
+            space = plan.space
+            rt.log(
+                f"space {sc.space}: {len(space)} candidates, {space.total_params:,} parameters if all on; budget "
+                f"{sc.budget:g} = {plan.budget_params:,.0f} parameters; mode {sc.mode}"
+            )
+            self.ctx = GateContext()
+            self.pipe = build_pipeline(
+                rt.model,
+                rt.site_map,
+                [DeltaSpec(c.site, c.type, c.kwargs, c.index) for c in space.candidates],
+                objective=rt.objective,
+                dtype=DTYPES[rt.dtype],
+                ds_config=rt.ds_config,
+                lr=sc.lr,
+                weight_decay=sc.weight_decay,
+                total_steps=sc.steps,
+                seed=cfg.seed,
+                head=rt.family.head_modules,
+                ctx=self.ctx,
+            )
+            self.gates = GateLogits(
+                space.params,
+                plan.budget_params,
+                lr=sc.gate_lr,
+                clip=sc.gate_clip,
+                total_steps=sc.steps - sc.gate_warmup_steps,
+                beta=sc.beta,
+                temperature=sc.temperature,
+                seed=cfg.seed,
+                device=rt.device,
+                optimizer=sc.gate_optimizer,
+                shift_gradient=sc.shift_gradient,
+                loss_scale=GateLossScale.from_ds_config(rt.ds_config),
+            )
+            self.bilevel = BiLevel(
+                self.pipe.engine, self.gates, mode=sc.mode, virtual_step=sc.virtual_step, device=rt.device
+            )
+            self.streams = self._streams()
+            self.state = LoopState()
+            self.ckpt_dir = rt.out / CHECKPOINTS
+            if self.resume:
+                self.load_checkpoint()
+            self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
 
     def train(self) -> bool:
         """The search loop. Returns False when the launch stopped early (``search.stop_after``)."""

@@ -130,6 +130,12 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
                 "data.task is not set and the structure records no search task "
                 f"({rc.structure or 'full fine-tuning'}): pass data.task=NAME (or a --config that sets it)"
             )
+        if searched_task == "custom":  # the structure names the task, not the files and template
+            raise ConfigError(
+                f"{rc.structure} was searched on your own data (data.task=custom), and a structure records "
+                "the task's name, not its files: pass the search's config (--config mine.yaml; with "
+                "slurm/retrain.sh, CONFIG=mine.yaml)"
+            )
         cfg = _replace(cfg, "data", task=searched_task)
         log(f"[s3delta retrain] data.task not set: using {searched_task} (the structure's search task)")
     elif searched_task is not None and searched_task != cfg.data.task:
@@ -139,7 +145,8 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
     if structure is not None and family and family != structure.backbone.family:
         raise StructureError(
             f"{rc.structure} is for a {structure.backbone.family} backbone but model {cfg.model.name_or_path} is "
-            f"{family}: pass a {structure.backbone.family} model, or map the structure with `s3delta transfer`"
+            f"{family}, and structures map only within a family: pass a {structure.backbone.family} model, or "
+            f"search a structure on a {family} backbone"
         )
     if structure is not None and family:
         # depths and widths too, on the meta device: a t5-base structure on tiny-t5 used to fail only

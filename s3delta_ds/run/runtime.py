@@ -3,6 +3,7 @@ config, the task's encoded data, the frozen backbone, and the output directory r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,7 +208,7 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
         )
     except BaseException:
         if rank == 0 and not resume:
-            _release_claim(out)
+            release_unstarted(out)
         raise
     if family.name == "bert" and cfg.model.pooling == "auto":  # record what auto chose: export, resume
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pooling=pooling_of(model)))
@@ -303,11 +305,29 @@ def _output_dir(out: Path, rank: int, *, resume: bool, overwrite: bool, cfg=None
         raise ConfigError(err)
 
 
-def _release_claim(out: Path) -> None:
-    """Give back a directory this run claimed and wrote nothing else into (a failed model load):
-    the rerun after the fix must not find it "not empty"."""
-    if [p.name for p in out.iterdir()] == [RUN_MARKER]:
-        (out / RUN_MARKER).unlink()
+#: What a run writes before its first step: the claim and its resolved configs (``_announce``).
+UNSTARTED = frozenset({RUN_MARKER, "config.yaml", "ds_config.json"})
+
+
+def release_unstarted(out: Path) -> None:
+    """Give back a directory a run claimed and set up but never started training in (a failed
+    model load, a DeepSpeed config DeepSpeed refuses, a batch the data cannot fill): the rerun
+    after the fix must not find it "not empty". A directory holding anything more is left alone."""
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if RUN_MARKER in names and names <= UNSTARTED:
+        for name in names:
+            (out / name).unlink()
+
+
+@contextlib.contextmanager
+def released_on_failure(rt: Runtime, resume: bool) -> Iterator[None]:
+    """Around the rest of a recipe's setup: any failure there gives back the unstarted directory."""
+    try:
+        yield
+    except BaseException:
+        if rt.is_main and not resume:
+            release_unstarted(rt.out)
+        raise
 
 
 def _task_data(cfg: RunConfig, family: Family, config) -> tuple[Task, str, object, Collator, dict[str, list[dict]]]:
