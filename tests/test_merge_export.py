@@ -135,6 +135,9 @@ def test_unmergeable_deltas_are_refused_or_kept_beside_the_model(t5_with_bitfit,
     err = capsys.readouterr().err
     assert "cannot be folded" in err and "lra" in err and "has no bias" in err
     assert not (tmp_path / "no").exists()
+    assert main(["export", str(t5_with_bitfit), "--merge", "--keep-unmergeable", "-o", str(tmp_path / "cli")]) == 0
+    said = capsys.readouterr().out  # the merged folder alone is not the trained model: say how to load the rest
+    assert f"then s3delta_ds.load(model, {str(tmp_path / 'cli' / 'unmerged')!r})" in said
     report = export_merged(t5_with_bitfit, tmp_path / "kept", keep_unmergeable=True)
     assert report["kept"] and all(k.split()[1] in ("bitfit", "lra") for k in report["kept"])
     # the merged model + the kept deltas attached with s3delta_ds == the original run
@@ -178,7 +181,10 @@ def test_a_failed_export_leaves_nothing_behind(t5_mergeable, tmp_path, monkeypat
     report = export_merged(t5_mergeable, tmp_path / "merged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
     assert all(Path(f).parent == tmp_path / "merged" and Path(f).is_file() for f in report["files"])
-    assert json.loads((tmp_path / "merged" / "s3delta_export.json").read_text())["merged"] == report["merged"]
+    recorded = json.loads((tmp_path / "merged" / "s3delta_export.json").read_text())
+    assert recorded["merged"] == report["merged"]
+    # its file list names the folder's own files (it named the staging folder's, which is gone)
+    assert recorded["files"] == ["model.safetensors"] and (tmp_path / "merged" / "model.safetensors").is_file()
     _check_merged_equals(t5_mergeable, tmp_path / "merged", "tiny-t5")
 
 

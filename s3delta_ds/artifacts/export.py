@@ -232,7 +232,7 @@ def export_merged(
     save_dtype = _save_dtype(load_run_config(run / "config.yaml"), dtype)
     with _staged(out) as stage:
         result = _write_merged(run, model, backbone, structure, stage, max_shard_bytes, save_dtype)
-    result["files"] = [str(out / Path(f).relative_to(stage)) for f in result["files"]]
+    result["files"] = [str(out / f) for f in result["files"]]
     result["out"] = str(out)
     return result
 
@@ -286,7 +286,7 @@ def _write_merged(
     result = {
         "merged": len(report.merged),
         "kept": [f"{s} {t}" for s, t in kept],
-        "files": [str(f) for f in files],
+        "files": [str(Path(f).relative_to(out)) for f in files],  # in the export folder (out is its staging name)
         "dtype": str(dtype).removeprefix("torch."),
     }
     if zero.rank() == 0:

@@ -56,12 +56,13 @@ def run(args) -> int:
             full_precision_base=args.full_precision_base,
             dtype=args.dtype,
         )
-        print(
-            f"merged {r['merged']} deltas into {out} ({len(r['files'])} safetensors file(s), {r['dtype']}); loads with "
-            f"AutoModel*.from_pretrained({str(out)!r})"
-        )
+        loads = f"AutoModel*.from_pretrained({str(out)!r})"
+        if r["kept"]:  # the merged folder alone is not the trained model
+            loads += f", then s3delta_ds.load(model, {str(out / 'unmerged')!r}) for the deltas kept beside it"
+        print(f"merged {r['merged']} deltas into {out} ({len(r['files'])} safetensors file(s), {r['dtype']}); {loads}")
         if r["kept"]:
-            print(f"kept {len(r['kept'])} unmergeable deltas in {out / 'unmerged'}: {', '.join(r['kept'][:8])}")
+            more = f", ... ({len(r['kept']) - 8} more)" if len(r["kept"]) > 8 else ""
+            print(f"kept {len(r['kept'])} unmergeable deltas in {out / 'unmerged'}: {', '.join(r['kept'][:8])}{more}")
         return 0
     r = export_peft(Path(args.run), out, partial=args.partial)
     for kind, path in r["adapters"].items():
