@@ -227,7 +227,8 @@ def export_merged(
         more = f"\n  ... and {len(plan.kept) - 20} more" if len(plan.kept) > 20 else ""
         raise StructureError(
             f"{len(plan.kept)} of {len(structure.modules)} deltas cannot be folded into the backbone:\n{lines}{more}\n"
-            "pass --keep-unmergeable to merge the rest and write these beside the model, or export --peft"
+            "pass --keep-unmergeable to merge the rest and write these beside the model, export --peft (with "
+            "--partial where PEFT cannot express some of them), or search with search.space=mergeable"
         )
     save_dtype = _save_dtype(load_run_config(run / "config.yaml"), dtype)
     with _staged(out) as stage:

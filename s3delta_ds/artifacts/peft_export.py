@@ -79,7 +79,8 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
         listed = "; ".join(f"{t} on {s}: {why}" for s, t, why in refused[:6])
         raise StructureError(
             f"PEFT cannot express {len(refused)} of the modules ({listed}{'; ...' if len(refused) > 6 else ''}). "
-            "Use export --merge, or --partial to export the rest"
+            "Use --partial to export the rest, export --merge (with --keep-unmergeable where some cannot be "
+            "folded), or search with search.space=mergeable"
         )
     with _staged(out) as stage:
         written = _write_peft(run, model, backbone, refused, stage)
