@@ -263,6 +263,14 @@ def test_cli_transfer_and_budget_sweep(base, tmp_path, capsys):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert Structure.load(tmp_path / "sweep" / "structure_5e-05.json").budget.used == rows[1]["params_used"]
     assert main(["inspect", str(src), "--budgets", "1e-4,x"]) == 2
+    # a budget below the cheapest candidate is one refused row, named with the smallest that fits
+    capsys.readouterr()
+    assert main(["inspect", str(src), "--budgets", "1e-4,1e-9", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["budget"] for r in json.loads(out)] == [1e-4]
+    floor = min(c.params for c in base.candidates) / base.backbone.num_params
+    assert "budget 1e-09: no structure" in err and f"smallest relative budget that fits one is {floor:.3g}" in err
+    assert main(["inspect", str(src), "--budgets", "1e-9"]) == 2
 
 
 def test_rediscretise_on_its_own_backbone_needs_no_model(base, tmp_path):

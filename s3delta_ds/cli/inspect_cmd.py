@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..structure import Structure
 from ._format import fmt_int, print_json, table
 
@@ -35,9 +37,23 @@ def _budgets(text: str) -> list[float]:
 def sweep(args, structure: Structure) -> int:
     from pathlib import Path
 
+    from ..errors import BudgetError
     from ..structure.transfer import rediscretise
 
-    results = [(b, rediscretise(structure, b)) for b in _budgets(args.budgets)]
+    results, refused = [], []
+    for b in _budgets(args.budgets):  # one budget below the cheapest candidate must not sink the table
+        try:
+            results.append((b, rediscretise(structure, b)))
+        except BudgetError as e:
+            refused.append((b, str(e)))
+    if refused:
+        cheapest = min((c.params for c in structure.candidates), default=0)
+        floor = cheapest / structure.backbone.num_params
+        for b, why in refused:
+            print(f"budget {b:g}: no structure ({why}); the smallest relative budget that fits one is {floor:.3g}",
+                  file=sys.stderr)  # fmt: skip
+        if not results:
+            return 2
     if args.write:
         for b, s in results:
             s.save(Path(args.write) / f"structure_{b:g}.json")
