@@ -57,7 +57,9 @@ def test_unknown_task_lists_known():
         get_task("nope")
     for name in TASKS:
         assert name in str(err.value)
-    assert "tiny-sentiment" in str(err.value)
+    assert "tiny-sentiment" in str(err.value) and "did you mean" not in str(err.value)
+    with pytest.raises(ConfigError, match="unknown task 'sst-2'; did you mean 'sst2'\\?"):
+        get_task("sst-2")
 
 
 def test_shipped_rows():

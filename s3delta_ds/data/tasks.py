@@ -45,9 +45,13 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(str(name).lower(), list(TASKS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
-            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} (or data.task=custom with your own "
-            "files, columns and label words: docs/your-data.md)"
+            f"unknown task {name!r}; {hint}known tasks: {', '.join(sorted(TASKS))} (or data.task=custom with your "
+            "own files, columns and label words: docs/your-data.md)"
         ) from None
 
 
