@@ -497,3 +497,59 @@ def test_a_negative_or_non_numeric_nproc_is_refused(capsys, value):
     with pytest.raises(SystemExit) as e:
         main(["search", "--nproc", value])
     assert e.value.code == 2 and "is not a number of ranks" in capsys.readouterr().err
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The ranks ``--nproc`` would start, recorded instead of started (what is tested is whether the
+    parent process gets that far)."""
+    import s3delta_ds.run.launch as launch_mod
+
+    calls = []
+    monkeypatch.setattr(launch_mod, "launch", lambda script, args, nproc: calls.append((script, args, nproc)) or 0)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["search", "search.budget=0.9"], "the budget must lie in [0.000353, 0.0455)"),
+        (["search", "search.space=mixd"], "mixd"),
+        (["search", "model.name_or_path=tiny-bret"], "tiny-bret"),
+        (["retrain"], "retrain.structure must name a structure JSON"),
+        (["search", "--resume"], "does not exist"),
+    ],
+)
+def test_nproc_checks_the_run_before_it_starts_the_ranks(capsys, tmp_path, launches, argv, said):
+    """Each of these used to surface only after the launcher's ~30 s start-up, once per rank."""
+    rc, _, err = run(capsys, *argv, "--nproc", 2, f"output_dir={tmp_path / 'run'}")
+    assert (rc, launches) == (2, []), err
+    assert err.startswith("error: ") and said in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_nproc_refuses_a_non_empty_output_dir_before_the_ranks(capsys, tmp_path, launches):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    rc, _, err = run(capsys, "search", "--nproc", 2, f"output_dir={tmp_path / 'run'}")
+    assert (rc, launches) == (2, []) and "is not empty" in err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+
+
+def test_nproc_starts_the_ranks_with_the_command_as_given(capsys, tmp_path, launches):
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "search", "--nproc", 2, "search.budget=0.02", f"output_dir={out}")
+    assert (rc, err) == (0, "")
+    assert launches == [("search", ["search.budget=0.02", f"output_dir={out}"], 2)]
+    assert not out.exists()  # the parent checks, the ranks write
+
+
+def test_overrides_may_sit_on_both_sides_of_an_option(capsys, tmp_path, launches):
+    """argparse ended the overrides at ``--nproc`` and refused the rest as unrecognized."""
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "search", "search.budget=0.02", "--nproc", 2, f"output_dir={out}")
+    assert (rc, err) == (0, "")
+    assert launches == [("search", ["search.budget=0.02", f"output_dir={out}"], 2)]
+    with pytest.raises(SystemExit):
+        main(["search", "search.budget=0.02", "--nproc", "2", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

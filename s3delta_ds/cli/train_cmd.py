@@ -40,7 +40,11 @@ def run(args) -> int:
     forwarded = ([f"--config={args.config}"] if args.config else []) + (["--resume"] if args.resume else [])
     forwarded += list(args.overrides)
     if args.nproc:
+        from ..config import load_run_config
         from ..run.launch import launch
+        from ..run.preflight import check_before_launch
+
+        check_before_launch(args.script, load_run_config(args.config, args.overrides), resume=args.resume)
 
         return launch(args.script, forwarded, args.nproc)
     if args.script == "search":

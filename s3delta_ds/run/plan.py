@@ -54,20 +54,7 @@ class RunPlan:
         Raises:
             BudgetError: a budget no structure (or the gate equation) can meet.
         """
-        planner = Backbone.plan(source)
-        num_params = planner.info.num_params
-        space = planner.space(cfg.search.space)
-        budget_params = absolute_budget(cfg.search.budget, num_params)
-        try:
-            check_budget(space.params, budget_params)  # the only budget check of a search
-        except BudgetError as e:  # say it in the unit the user set
-            if not space.params:
-                raise
-            lo, hi = min(space.params) / num_params, space.total_params / num_params
-            raise BudgetError(
-                f"search.budget={cfg.search.budget:g} of {cfg.model.name_or_path}'s {num_params:,} parameters: "
-                f"{e}. On this model and space ({cfg.search.space}) the budget must lie in [{lo:.3g}, {hi:.3g})"
-            ) from None
+        num_params, space, budget_params = searchable_space(cfg, source)
         return cls._with_strategy(
             cfg,
             kind="search",
@@ -117,6 +104,32 @@ class RunPlan:
         if name == "auto":
             name, why = auto_strategy(cfg.model, fields["num_params"], fields["trainable"])
         return cls(task=cfg.data.task, deepspeed=name, strategy=why, **fields)
+
+
+def searchable_space(cfg: RunConfig, source: str) -> tuple[int, SearchSpace, float]:
+    """The backbone's parameter count, the enumerated space and the budget in parameters, checked
+    to be reachable: the only budget check of a search (also run by ``s3delta search --nproc N``
+    before it starts the ranks). Needs no process group.
+
+    Raises:
+        BudgetError: a budget no structure (or the gate equation) can meet, said in the unit the
+            user set, with the range this model and space allow.
+    """
+    planner = Backbone.plan(source)
+    num_params = planner.info.num_params
+    space = planner.space(cfg.search.space)
+    budget_params = absolute_budget(cfg.search.budget, num_params)
+    try:
+        check_budget(space.params, budget_params)
+    except BudgetError as e:  # say it in the unit the user set
+        if not space.params:
+            raise
+        lo, hi = min(space.params) / num_params, space.total_params / num_params
+        raise BudgetError(
+            f"search.budget={cfg.search.budget:g} of {cfg.model.name_or_path}'s {num_params:,} parameters: "
+            f"{e}. On this model and space ({cfg.search.space}) the budget must lie in [{lo:.3g}, {hi:.3g})"
+        ) from None
+    return num_params, space, budget_params
 
 
 def auto_strategy(model: ModelConfig, num_params: int, trainable: int) -> tuple[str, str]:

@@ -161,6 +161,32 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
     return cfg, structure
 
 
+def check_before_launch(script: str, cfg: RunConfig, *, resume: bool) -> None:
+    """What ``s3delta search|retrain --nproc N`` checks in its own process before it starts the
+    ranks: the preflight, a search's budget, and the output directory. A typo used to surface
+    after ~30 s of launcher start-up, once per rank, among the launcher's lines. The ranks check
+    it all again (they may also be started by deepspeed, torchrun or srun, which run none of this).
+
+    Raises:
+        ConfigError, StructureError, BackboneError, SearchSpaceError, BudgetError: as the run would.
+    """
+    from .runtime import check_output_dir
+
+    def quiet(msg: str) -> None:  # rank 0 says the resolved defaults once the run starts
+        return None
+
+    if script == "search":
+        cfg = preflight_search(cfg, log=quiet)
+        from ..engine.backbone import resolve_source
+        from .plan import searchable_space
+
+        if cfg.model.gguf_file is None:  # a GGUF's architecture is known only once it loads
+            searchable_space(cfg, resolve_source(cfg.model))
+    else:
+        cfg, _ = preflight_retrain(cfg, log=quiet)
+    check_output_dir(Path(cfg.output_dir), resume=resume, overwrite=cfg.overwrite)
+
+
 def _check_pafi_mask(cfg: RunConfig, structure: Structure, backbone) -> None:
     """Globally ranked PaFi needs the backbone's mask, with the structure's counts: found here,
     not at attach time, after the output directory was written."""

@@ -76,10 +76,28 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     output_dir at once cannot both write there, and a requeued Slurm job knows its own directory
     (``run.slurm.run_args``) by the job id the claim records.
     """
+    check_output_dir(out, resume=resume, overwrite=overwrite)
+    if resume:
+        claim_run_dir(out, _claim_info(), replace=True)  # this job continues it now
+        return
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)  # an earlier run's, and overwrite=true (check_output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not claim_run_dir(out, _claim_info()):
+        raise ConfigError(f"output directory {out} was claimed by another run a moment ago: use another output_dir")
+
+
+def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """``prepare_output_dir``'s refusals, touching nothing: also run by ``s3delta search --nproc N``
+    before it starts the ranks.
+
+    Raises:
+        ConfigError: --resume of a missing directory; a non-empty one without --resume or
+            overwrite=true; overwrite=true of a directory that is not a run's, or holds the cwd.
+    """
     if resume:
         if not out.is_dir():
             raise ConfigError(f"--resume: output directory {out} does not exist")
-        claim_run_dir(out, _claim_info(), replace=True)  # this job continues it now
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -96,10 +114,6 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             )
         if Path.cwd().resolve().is_relative_to(out.resolve()):
             raise ConfigError(f"overwrite=true would delete {out}, which holds the current directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not claim_run_dir(out, _claim_info()):
-        raise ConfigError(f"output directory {out} was claimed by another run a moment ago: use another output_dir")
 
 
 def subsample(rows: list[dict], limit: int | None, how: str, seed: int, split: str) -> list[dict]:
