@@ -795,3 +795,18 @@ def test_a_missing_asset_model_names_the_fetch_command(tmp_path, monkeypatch):
     with pytest.raises(BackboneError) as info:
         load_config(asset_path("models", "all-MiniLM-L6-v2"))
     assert str(info.value).endswith("no such path (its weights come from `s3delta fetch-assets minilm`)")
+
+
+@pytest.mark.parametrize("typo, meant", [("tiny-t55", "tiny-t5"), ("llama2-7b", "llama-2-7b"), ("t5-bsae", "t5-base")])
+def test_a_misspelt_model_name_suggests_the_shipped_one(monkeypatch, typo, meant):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub lookup of the typo fails fast, as it would online
+    with pytest.raises(BackboneError) as info:
+        load_config(typo)
+    assert str(info.value).startswith(f"cannot find a model or config called {typo!r} (did you mean {meant!r}?): ")
+
+
+def test_no_suggestion_for_a_name_like_no_shipped_one(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError) as info:
+        load_config("no-such-model-s3delta-test")
+    assert "did you mean" not in str(info.value)

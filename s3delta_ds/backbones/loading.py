@@ -5,6 +5,7 @@ or from pretrained weights (optionally sharded by ZeRO-3 from the start, see ``e
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -126,9 +127,12 @@ def load_config(model_or_config: str | os.PathLike):
     elif spec in builtin_shapes():
         config = _config_from_dict(json.loads(builtin_shapes()[spec].read_text()), spec)
     else:
+        shipped = sorted(k for k in builtin_shapes() if "/" not in k)
+        close = difflib.get_close_matches(spec, shipped, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         tried = (
-            f"cannot find a model or config called {spec!r}: not a file, not a directory, not a shipped shape "
-            f"({', '.join(sorted(k for k in builtin_shapes() if '/' not in k))})"
+            f"cannot find a model or config called {spec!r}{hint}: not a file, not a directory, not a shipped "
+            f"shape ({', '.join(shipped)})"
         )
         if _is_local_path(spec):  # a hub id is "name" or "owner/name": asking the hub would only blur the error
             raise BackboneError(f"{tried}; no such path{_asset_hint(path)}")
