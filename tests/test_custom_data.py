@@ -102,10 +102,10 @@ def test_custom_keys_on_a_builtin_task_and_misspelt_tasks_are_errors(tmp_path):
     [
         (
             ["positive", "negative", "neutral"],
-            "row 2: label 'neutral' in column 'sentiment' is not one of the label words",
+            r"data row 3 \(line 4\): label 'neutral' in column 'sentiment' is not one of the label words",
         ),
-        ([0, 1, 2], "row 2: label 2 in column 'sentiment' is not a class id in \\[0, 2\\)"),
-        ([0, 1, 0.5], "row 2: label 0.5 in column 'sentiment' is not a class id"),
+        ([0, 1, 2], r"data row 3 \(line 4\): label 2 in column 'sentiment' is not a class id in \[0, 2\)"),
+        ([0, 1, 0.5], r"data row 3 \(line 4\): label 0.5 in column 'sentiment' is not a class id"),
     ],
 )
 def test_bad_labels_are_named_with_file_and_row(tmp_path, labels, message):
@@ -146,13 +146,17 @@ def test_batched_encoding_equals_per_row_encoding(tmp_path, family, model, objec
         (
             "train.csv",
             'review,stars,sentiment\n"fine",1,pos\n,2,neg\n',
-            "train.csv row 1: text column 'review' is null",
+            r"train.csv data row 2 \(line 3\): text column 'review' is null",
         ),
-        ("train.csv", 'review,stars,sentiment\n"fine",1,pos\n"  ",2,neg\n', "row 1: text column 'review' is empty"),
+        (
+            "train.csv",
+            'review,stars,sentiment\n"fine",1,pos\n"  ",2,neg\n',
+            r"data row 2 \(line 3\): text column 'review' is empty",
+        ),
         (
             "train.jsonl",
             '{"review": "fine", "sentiment": "pos"}\n{"sentiment": "neg"}\n',
-            "row 1: text column 'review'",
+            r"train.jsonl data row 2 \(line 2\): text column 'review'",
         ),
     ],
 )
@@ -162,6 +166,35 @@ def test_a_missing_text_never_reads_as_none(tmp_path, name, content, message):
     (tmp_path / name).write_text(content.replace("pos", "positive").replace("neg", "negative"))
     with pytest.raises(DataError, match=message):
         load_rows(resolve_task(data), None)
+
+
+@pytest.mark.parametrize(
+    "name, content, said",
+    [
+        # a quoted cell over two lines and a blank line: data row 3 starts on line 6
+        ("train.csv", 'review,sentiment\n"fine",positive\n"two\nlines",negative\n\n"meh",neutral\n', "(line 6)"),
+        # blank lines between JSON lines
+        (
+            "train.jsonl",
+            '{"review": "fine", "sentiment": "positive"}\n\n{"review": "ok", "sentiment": "negative"}\n\n\n'
+            '{"review": "meh", "sentiment": "neutral"}\n',
+            "(line 6)",
+        ),
+        # one JSON array: its rows are not lines, so no line is claimed
+        (
+            "train.json",
+            json.dumps([{"review": r, "sentiment": s} for r, s in (("a", "positive"), ("b", "negative"), ("c", "x"))]),
+            "data row 3: label",
+        ),
+    ],
+)
+def test_a_bad_row_is_named_by_the_line_an_editor_shows(tmp_path, name, content, said):
+    """Errors said "row 2" for the third row (0-based) of a file whose editor line was 4, or 6."""
+    data = _cfg(tmp_path, f"data.train_file={tmp_path / name}")
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as info:
+        load_rows(resolve_task(data), None)
+    assert f"{name} data row 3" in str(info.value) and said in str(info.value), str(info.value)
 
 
 def test_a_misspelt_hub_test_split_is_an_error(tmp_path):

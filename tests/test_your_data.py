@@ -97,7 +97,7 @@ def test_a_data_error_leaves_nothing_the_fixed_rerun_would_refuse(tmp_path):
     ]  # fmt: skip
     bad = subprocess.run(cmd, cwd=tmp_path, env=_bin_env(), capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2, bad.stderr[-3000:]
-    assert "dev.csv row 0: label 'neutral'" in bad.stderr, bad.stderr[-3000:]
+    assert "dev.csv data row 1 (line 2): label 'neutral'" in bad.stderr, bad.stderr[-3000:]
     assert not (tmp_path / "runs" / "search").exists() or not any((tmp_path / "runs" / "search").iterdir())
     dev.write_text(good)
     ok = subprocess.run(cmd, cwd=tmp_path, env=_bin_env(), capture_output=True, text=True, timeout=600)

@@ -65,7 +65,7 @@ class Task:
             )
         return as_words and not as_ids
 
-    def check_text(self, row: dict[str, Any], where: str) -> None:
+    def check_text(self, row: dict[str, Any], where: object) -> None:
         """Every text column present and non-empty: a missing value would read as "None"."""
         for c in self.columns:
             value = row.get(c)
@@ -73,7 +73,7 @@ class Task:
                 what = "is missing" if c not in row else "is empty" if value is not None else "is null"
                 raise DataError(f"{where}: text column {c!r} {what}; fill or drop the row")
 
-    def label_index(self, value: Any, where: str = "", *, ints_are_words: bool = False) -> int:
+    def label_index(self, value: Any, where: object = "", *, ints_are_words: bool = False) -> int:
         """Integer class of a raw label: ints as they are; a float score (STS-B) rounded to the
         nearest label word; a string that is one of the label words; a whole float (1.0, as CSV
         readers make of integer columns with gaps) as its int.
@@ -81,9 +81,12 @@ class Task:
         Raises:
             DataError: a label that is none of these (named, with the label words).
         """
-        where = f"{where}: " if where else ""
+
+        def error(msg: str) -> DataError:  # ``where`` (a data.tasks.RowAt) is said only on error
+            return DataError(f"{where}: {msg}" if where else msg)
+
         if isinstance(value, bool):
-            raise DataError(f"{where}label column {self.label_column!r} holds booleans; use 0/1 or the label words")
+            raise error(f"label column {self.label_column!r} holds booleans; use 0/1 or the label words")
         if self.metric == "pearson" and isinstance(value, (int, float)):
             words = [float(w) for w in self.label_words]
             return min(range(len(words)), key=lambda i: abs(words[i] - float(value)))
@@ -94,14 +97,14 @@ class Task:
         if isinstance(value, str):
             if value in self.label_words:
                 return self.label_words.index(value)
-            raise DataError(
-                f"{where}label {value!r} in column {self.label_column!r} is not one of the label words "
+            raise error(
+                f"label {value!r} in column {self.label_column!r} is not one of the label words "
                 f"{list(self.label_words)}"
             )
         if isinstance(value, int) and 0 <= value < len(self.label_words):
             return value
-        raise DataError(
-            f"{where}label {value!r} in column {self.label_column!r} is not a class id in [0, {len(self.label_words)}) "
+        raise error(
+            f"label {value!r} in column {self.label_column!r} is not a class id in [0, {len(self.label_words)}) "
             f"nor one of the label words {list(self.label_words)}"
         )
 

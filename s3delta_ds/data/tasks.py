@@ -75,6 +75,53 @@ def _read(path: Path) -> list[dict]:
     return ds
 
 
+class RowAt:
+    """A row as the person opening the file finds it: ``train.csv data row 3 (line 4)``. Rows count
+    from 1; a text file's line adds what the reader skipped (a CSV's header and blank lines, a
+    JSONL's blank lines, a quoted cell's line breaks). Worked out only when an error is said."""
+
+    def __init__(self, where: str, index: int, path: Path | None = None):
+        self.where, self.index, self.path = where, index, path
+
+    def __str__(self) -> str:
+        line = _line_of(self.path, self.index) if self.path is not None else None
+        return f"{self.where} data row {self.index + 1}" + (f" (line {line})" if line else "")
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def _line_of(path: Path, index: int) -> int | None:
+    """The 1-based line where data row ``index`` (0-based) starts, as ``datasets`` reads the file
+    (blank lines skipped, a CSV's first record the header); None for a binary or a JSON array file."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            if path.suffix == ".csv":
+                reader, row, start = csv.reader(f), -1, 1
+                for record in reader:
+                    if record:
+                        if row == index:
+                            return start
+                        row += 1
+                    start = reader.line_num + 1
+                return None
+            if path.suffix in (".jsonl", ".json"):
+                row = 0
+                for n, text in enumerate(f, start=1):
+                    if not text.strip():
+                        continue
+                    if row == 0 and n == 1 and text.lstrip().startswith("["):
+                        return None  # one JSON array: rows are not lines
+                    if row == index:
+                        return n
+                    row += 1
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return None
+
+
 def _rows(ds, task: Task, where: str) -> list[dict]:
     """A ``datasets`` split as rows, with ``ClassLabel`` ids read as the names they stand for.
 
@@ -138,6 +185,7 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
                 )
         where = {s: str(p) for s, p in paths.items()}
         rows = {s: _rows(_read(p), task, where[s]) for s, p in paths.items()}
+        local = paths
     elif data_dir is not None:
         root = Path(data_dir)
         if not root.is_dir():
@@ -153,6 +201,7 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
             )
         where = {s: str(p) for s, p in files.items() if p is not None}
         rows = {s: _rows(_read(p), task, where[s]) for s, p in files.items() if p is not None}
+        local = files
     elif task.hub is not None:
         import datasets
 
@@ -173,6 +222,7 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
         where = {ours: f"hub:{task.hub[0]}/{task.hub[1]}:{ours}" for ours in task.hub_splits}
         rows = {ours: _rows(ds[theirs], task, where[ours]) for ours, theirs in task.hub_splits.items() if theirs in ds}
         where = {s: where[s] for s in rows}
+        local = {}
     else:
         raise DataError(f"task {task.name!r} has no shipped data: pass data.data_dir")
     for split, split_rows in rows.items():
@@ -188,7 +238,7 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
     ints_are_words = task.int_labels_are_words(ints, ", ".join(where.values()))
     for split, split_rows in rows.items():
         for i, row in enumerate(split_rows):
-            at = f"{where[split]} row {i}"
+            at = RowAt(where[split], i, local.get(split))
             task.check_text(row, at)
             if task.label_column not in row:
                 raise DataError(f"{at}: label column {task.label_column!r} is missing")
