@@ -497,6 +497,25 @@ def read_yaml_values(path: str | Path | None) -> dict[str, Any]:
     return loaded or {}
 
 
+def run_config_hint(path: str | Path, wanted: str) -> str:
+    """What to pass instead when a command that reads a model or a structure is handed a run config
+    (``s3delta space run.yaml``): "" unless ``path`` is a YAML mapping. ``wanted``: "model" or
+    "structure"."""
+    if Path(path).suffix.lower() not in (".yaml", ".yml"):
+        return ""
+    try:
+        values = read_yaml_values(path)
+    except ConfigError:
+        return ""
+    section = values.get("model")
+    model = section.get("name_or_path") if isinstance(section, dict) else None
+    if wanted == "model":
+        name = f"its model, {model}" if model else "its model.name_or_path (unset: the embedded tiny-t5)"
+        return f"; {path} looks like a run config: pass {name}"
+    out = values.get("output_dir", RunConfig().output_dir)
+    return f"; {path} looks like a run config: a search writes its structure to {Path(str(out)) / 'structure.json'}"
+
+
 def build_run_config(
     values: dict[str, Any], overrides: list[str] | None = None, keys: dict[str, Any] | None = None
 ) -> RunConfig:

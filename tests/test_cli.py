@@ -553,3 +553,21 @@ def test_overrides_may_sit_on_both_sides_of_an_option(capsys, tmp_path, launches
     with pytest.raises(SystemExit):
         main(["search", "search.budget=0.02", "--nproc", "2", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_run_config_given_for_a_model_or_a_structure_says_what_to_pass(capsys, tmp_path):
+    """``s3delta space run.yaml`` said only "not a readable JSON config"."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  name_or_path: tiny-bert\noutput_dir: runs/mine\n")
+    rc, _, err = run(capsys, "space", cfg)
+    assert rc == 2 and err.rstrip().endswith(f"{cfg} looks like a run config: pass its model, tiny-bert")
+    rc, _, err = run(capsys, "inspect", cfg)
+    assert rc == 2 and err.rstrip().endswith("a search writes its structure to runs/mine/structure.json")
+    bare = tmp_path / "bare.yml"
+    bare.write_text("seed: 3\n")
+    rc, _, err = run(capsys, "space", bare)
+    assert rc == 2 and "pass its model.name_or_path (unset: the embedded tiny-t5)" in err
+    broken = tmp_path / "x.json"
+    broken.write_text("{")
+    rc, _, err = run(capsys, "inspect", broken)
+    assert rc == 2 and "looks like a run config" not in err

@@ -113,7 +113,9 @@ def load_config(model_or_config: str | os.PathLike):
         try:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise BackboneError(f"{spec}: not a readable JSON config ({e})") from e
+            from ..config import run_config_hint
+
+            raise BackboneError(f"{spec}: not a readable JSON config ({e}){run_config_hint(path, 'model')}") from e
         if not isinstance(d, dict):
             raise BackboneError(f"{spec}: a config file must hold a JSON object")
         config = _config_from_dict(d, spec)

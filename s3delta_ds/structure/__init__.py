@@ -173,7 +173,10 @@ class Structure:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise StructureError(f"{src}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+            from ..config import run_config_hint
+
+            hint = run_config_hint(src, "structure")
+            raise StructureError(f"{src}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}{hint}") from e
         return cls.from_dict(d, source=src)
 
     @classmethod
