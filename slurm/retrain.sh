@@ -21,10 +21,12 @@
 # Retrain a structure across nodes:
 #   sbatch [--nodes N] slurm/retrain.sh STRUCTURE.json [MODEL] [DS_CONFIG] [section.key=value ...] [--resume]
 #     MODEL       model dir or hub id (default: the run config's model.name_or_path; "" to skip)
-#     DS_CONFIG   auto | zero2 | zero3 | zero3_offload | zero3_cpu | path.json (default: the run
-#                 config's `deepspeed`, which is auto unless CONFIG sets it: ZeRO-2 when the frozen
-#                 backbone fits next to the trainable state on a GPU, ZeRO-3 otherwise)
-#     MODEL and DS_CONFIG are read until the first section.key=value or --flag.
+#     DS_CONFIG   auto | zero2 | zero3 | zero3_offload | zero3_cpu | zero3_multinode | path.json
+#                 (default: the run config's `deepspeed`, which is auto unless CONFIG sets it:
+#                 ZeRO-2 when the frozen backbone fits next to the trainable state on a GPU, ZeRO-3
+#                 otherwise)
+#     MODEL and DS_CONFIG are read until the first section.key=value or --flag; a DS_CONFIG name
+#     (or a .json holding zero_optimization) in MODEL's place is the DS_CONFIG.
 # Environment (passed through): CONFIG (a YAML run config), OUTPUT_DIR (default: CONFIG's output_dir,
 # else runs/retrain-<jobid>), NPROC_PER_NODE (default: GPUs per node, else 2), MASTER_PORT (default:
 # from the job id), S3DELTA_VENV (a virtualenv to activate).
@@ -38,8 +40,18 @@ fi
 [ -n "${S3DELTA_VENV:-}" ] && source "$S3DELTA_VENV/bin/activate"
 structure=$1; model=""; ds=""
 shift
-if [ $# -gt 0 ] && [[ $1 != *=* && $1 != -* ]]; then model=$1; shift; fi
-if [ $# -gt 0 ] && [[ $1 != *=* && $1 != -* ]]; then ds=$1; shift; fi
+is_ds_config() {  # `sbatch slurm/x.sh FILE zero3` used to load a model called zero3
+  case $1 in
+    auto | zero2 | zero3 | zero3_offload | zero3_cpu | zero3_multinode) return 0 ;;
+    *.json) [ -f "$1" ] && grep -q '"zero_optimization"' "$1" ;;
+    *) return 1 ;;
+  esac
+}
+if [ $# -gt 0 ] && [[ $1 != *=* && $1 != -* ]]; then
+  if is_ds_config "$1"; then ds=$1; else model=$1; fi
+  shift
+fi
+if [ -z "$ds" ] && [ $# -gt 0 ] && [[ $1 != *=* && $1 != -* ]]; then ds=$1; shift; fi
 args=(retrain.structure="$structure")
 [ -n "${OUTPUT_DIR:-}" ] && args+=(output_dir="$OUTPUT_DIR")
 [ -n "$model" ] && args+=(model.name_or_path="$model")

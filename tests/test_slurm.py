@@ -88,6 +88,24 @@ def srun_args(tmp_path: Path, script: str, argv: list[str]) -> list[str]:
             ["s.json", "", "zero2", "retrain.steps=3"],
             ["retrain.structure=s.json", "deepspeed=zero2", "retrain.steps=3"],
         ),
+        # a DS config in MODEL's place (it used to load a model called zero3)
+        ("retrain.sh", ["s.json", "zero3"], ["retrain.structure=s.json", "deepspeed=zero3"]),
+        (
+            "search.sh",
+            ["c.yaml", "zero3_multinode", "search.steps=3"],
+            ["--config", "c.yaml", "deepspeed=zero3_multinode", "search.steps=3"],
+        ),
+        (
+            "retrain.sh",
+            ["s.json", "ds_configs/zero3.json"],
+            ["retrain.structure=s.json", "deepspeed=ds_configs/zero3.json"],
+        ),
+        # a model's config.json is a model
+        (
+            "search.sh",
+            ["c.yaml", "tests/nope/config.json", "zero2"],
+            ["--config", "c.yaml", "model.name_or_path=tests/nope/config.json", "deepspeed=zero2"],
+        ),
     ],
 )
 def test_scripts_leave_deepspeed_to_the_run_config_unless_asked(script, argv, expected, tmp_path):
