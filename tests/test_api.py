@@ -13,7 +13,7 @@ import torch
 
 import s3delta_ds
 from s3delta_ds.errors import StructureError
-from s3delta_ds.method.supernet import named_delta_parameters
+from s3delta_ds.method.supernet import DeltaSlot, named_delta_parameters
 from s3delta_ds.run.checkpoint import save_deltas
 from s3delta_ds.structure.builders import Backbone, manual
 
@@ -156,6 +156,34 @@ def test_attach_gives_each_delta_its_hosts_dtype_in_a_half_precision_t5(tmp_path
     assert {p.dtype for p in q.s3delta.parameters()} == {torch.float16}
     with torch.no_grad():
         model(**tiny_inputs("tiny-t5"))  # no dtype error
+
+
+@pytest.mark.parametrize("preset", ["lra", "adapter"])
+def test_adapters_on_a_half_t5_ffn_block_take_its_fp32_output(tmp_path, preset):
+    """The FFN block returns fp32 in an fp16 T5 (its ``wo`` is kept in fp32): the block's adapter,
+    given the backbone's fp16, failed at the first forward ("expected m1 and m2 to have the same
+    dtype"). It now takes fp32, as the block's output."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    tiny_model("tiny-t5").save_pretrained(tmp_path / "m")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "m", dtype=torch.float16)
+    reference = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "m", dtype=torch.float16)
+    backbone = Backbone.from_model(model)
+    structure = manual(backbone, preset).save(tmp_path / "s.json")
+    s3delta_ds.attach(model, structure)
+    blocks = {m.site: {p.dtype for p in m.parameters()} for m in model.modules() if isinstance(m, DeltaSlot)}
+    assert {s.rsplit(".", 1)[1] for s in blocks} == {"attn", "mlp"}, blocks
+    for site, dtypes in blocks.items():  # the attention block is all fp16, and so is its output
+        assert dtypes == {torch.float32 if site.endswith(".mlp") else torch.float16}, site
+    for slot in (m for m in model.modules() if isinstance(m, DeltaSlot)):
+        for delta in slot.deltas.values():  # a zero change, so the outputs must be the plain model's
+            for name, p in delta.named_parameters():
+                if "up" in name:
+                    torch.nn.init.zeros_(p)
+    with torch.no_grad():
+        got = model(**tiny_inputs("tiny-t5")).logits
+        want = reference(**tiny_inputs("tiny-t5")).logits
+    assert torch.equal(got, want)
 
 
 def _mean_pooled_bert_run(tmp_path, *, pooling_metadata: bool = True):

@@ -63,6 +63,16 @@ class DeltaSlot(nn.Module):
         self._order: dict[Slot, list[str]] = {binding: [] for binding in Slot}
         self._handles: list = []
 
+    def _run(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """One delta on ``x``, gated, computed in the delta's dtype and returned in ``x``'s (a host
+        whose input and output dtypes differ: a half model's block that keeps an fp32 module). Read
+        from the delta each call, not remembered: DeepSpeed below ZeRO-3 recasts the whole model."""
+        delta = self.deltas[key]
+        dtype = next(delta.parameters()).dtype
+        if x.dtype == dtype or not x.is_floating_point():
+            return self._scale(key, delta(x))
+        return self._scale(key, delta(x.to(dtype))).to(x.dtype)
+
     def add(self, key: str, delta: Delta, gate_index: int | None) -> None:
         self.deltas[key] = delta
         self._gate_index[key] = gate_index
@@ -85,7 +95,7 @@ class DeltaSlot(nn.Module):
         """x' = x + Σ z_k D_k(x) over the input deltas (all see the original x)."""
         out = x
         for key in self._order[Slot.INPUT]:
-            out = out + self._scale(key, self.deltas[key](x))
+            out = out + self._run(key, x)
         return out
 
     def forward(self, x: torch.Tensor, y0: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,11 +104,11 @@ class DeltaSlot(nn.Module):
             return self.scale_input(x)
         y = y0
         for key in self._order[Slot.PARALLEL]:
-            y = y + self._scale(key, self.deltas[key](x))
+            y = y + self._run(key, x)
         if self._order[Slot.SEQUENTIAL]:
             y1 = y
             for key in self._order[Slot.SEQUENTIAL]:
-                y = y + self._scale(key, self.deltas[key](y1))
+                y = y + self._run(key, y1)
         return y
 
     def hook(self, module: nn.Module) -> None:
@@ -210,13 +220,23 @@ def cast_deltas(model: nn.Module, dtype: torch.dtype) -> None:
     whole module itself; under ZeRO-3 the backbone was created in its dtype and DeepSpeed leaves
     parameters added later (our deltas) as they are, so a bf16 run would mix dtypes in a matmul.
     Per host, not one dtype: transformers keeps some modules in fp32 in a half-precision model
-    (T5's ``wo``), and a LoRA there must take fp32 inputs."""
+    (T5's ``wo``), and a LoRA there must take fp32 inputs. A block site (T5's FFN) holding such a
+    module returns fp32 too: its adapters take fp32 (a half one would overflow where the fp32
+    ``wo`` was kept to avoid it), and :meth:`DeltaSlot.forward` casts any input left over."""
     for module in model.modules():
         slot = getattr(module, SLOT_ATTR, None)
         if isinstance(slot, DeltaSlot):
             weight = getattr(module, "weight", None)
-            own = isinstance(weight, torch.Tensor) and weight.is_floating_point()
-            slot.to(weight.dtype if own else dtype)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+                chosen = weight.dtype
+            else:
+                own = (
+                    p.dtype
+                    for name, p in module.named_parameters()
+                    if p.is_floating_point() and not name.startswith(f"{SLOT_ATTR}.")
+                )
+                chosen = torch.float32 if any(d.itemsize > dtype.itemsize for d in own) else dtype
+            slot.to(chosen)
 
 
 def slots(model: nn.Module) -> dict[str, DeltaSlot]:
