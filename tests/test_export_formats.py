@@ -22,7 +22,7 @@ from s3delta_ds.artifacts.peft_export import export_peft
 from s3delta_ds.config import dump_yaml, load_run_config
 from s3delta_ds.deltas import resolve
 from s3delta_ds.engine.backbone import load_backbone, resolve_source
-from s3delta_ds.errors import StructureError
+from s3delta_ds.errors import ConfigError, StructureError
 from s3delta_ds.method.supernet import attach, slots
 from s3delta_ds.run.checkpoint import load_deltas, save_deltas
 from s3delta_ds.structure import Budget, ModuleChoice, Structure
@@ -235,3 +235,46 @@ def test_an_output_path_that_is_a_file_is_refused_by_name(tmp_path):
     (tmp_path / "out").write_text("x")
     with pytest.raises(StructureError, match="not an empty directory"):
         export_merged(run, tmp_path / "out")
+
+
+# -- what the export refuses ----------------------------------------------------------------------
+
+
+def test_a_random_init_run_is_refused_for_peft_and_merges_exactly(tmp_path):
+    """A PEFT adapter names a checkpoint as its base; the run trained on ``from_config`` weights
+    drawn from its seed, so the adapter on that checkpoint was off by up to 0.84 in the logits."""
+    from s3delta_ds.engine.backbone import materialise_embedded
+
+    source = str(materialise_embedded("tiny-llama"))
+    lora = ("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})
+    run = _run(tmp_path / "run", source, [lora], overrides=["model.random_init=true", "seed=7"], scale=0.1)
+    with pytest.raises(ConfigError, match=r"model.random_init=true.*use export --merge"):
+        export_peft(run, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    export_merged(run, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (_logits(merged, "tiny-llama") - _reference(run, "tiny-llama")).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        ([], "one of the arguments --merge --peft is required"),
+        (["--merge", "--peft"], "not allowed with argument"),
+        (["--peft", "--dtype", "bf16"], "--dtype does not apply to --peft"),
+        (["--peft", "--keep-unmergeable"], "--keep-unmergeable does not apply to --peft"),
+        (["--merge", "--partial"], "--partial does not apply to --merge"),
+        (["--peft", "--zero3"], "--zero3 applies to --merge"),
+    ],
+)
+def test_the_launcher_entry_refuses_what_s3delta_export_refuses(tmp_path, capsys, argv, said):
+    """``python -m s3delta_ds.artifacts.export`` ran a PEFT export with no mode flag, only the merge
+    with both, and ignored the other mode's flags."""
+    from s3delta_ds.artifacts.export import main as export_main
+
+    try:
+        rc = export_main([str(tmp_path / "run"), *argv, "-o", str(tmp_path / "out")])
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    assert rc == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

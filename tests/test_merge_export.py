@@ -143,6 +143,8 @@ def test_unmergeable_deltas_are_refused_or_kept_beside_the_model(t5_with_bitfit,
     # the merged model + the kept deltas attached with s3delta_ds == the original run
     merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "kept")
     rest = Structure.load(tmp_path / "kept" / "unmerged" / "structure.json")
+    # the merged folder, where it lives (it named the staging folder, gone after the rename)
+    assert rest.backbone.name_or_path == str((tmp_path / "kept").resolve())
     plan = Backbone.from_model(merged, str(tmp_path / "kept"))
     attach(merged, plan.site_map, rest.specs())
     load_deltas(merged, tmp_path / "kept" / "unmerged" / "deltas.safetensors")

@@ -28,7 +28,7 @@ from ..backbones.pooling import pooling_of
 from ..config import load_run_config
 from ..engine import zero
 from ..engine.backbone import load_backbone, resolve_source
-from ..errors import CheckpointError, S3DeltaError, StructureError
+from ..errors import CheckpointError, ConfigError, S3DeltaError, StructureError
 from ..method.supernet import SLOT_ATTR, attach
 from ..run.checkpoint import load_deltas, save_deltas
 from ..structure import Budget, ModuleChoice, Structure
@@ -232,7 +232,7 @@ def export_merged(
         )
     save_dtype = _save_dtype(load_run_config(run / "config.yaml"), dtype)
     with _staged(out) as stage:
-        result = _write_merged(run, model, backbone, structure, stage, max_shard_bytes, save_dtype)
+        result = _write_merged(run, model, backbone, structure, stage, max_shard_bytes, save_dtype, final=out)
     result["files"] = [str(out / f) for f in result["files"]]
     result["out"] = str(out)
     return result
@@ -255,8 +255,18 @@ def _save_dtype(cfg, choice: str) -> torch.dtype:
 
 
 def _write_merged(
-    run: Path, model: nn.Module, backbone, structure: Structure, out: Path, max_shard_bytes: int, dtype: torch.dtype
+    run: Path,
+    model: nn.Module,
+    backbone,
+    structure: Structure,
+    out: Path,
+    max_shard_bytes: int,
+    dtype: torch.dtype,
+    *,
+    final: Path,
 ) -> dict:
+    """Merge and save into ``out`` (the staging folder); ``final`` is where it will live, which
+    the kept deltas' structure names as their backbone."""
     report = merge(model, backbone.site_map, gather=zero.gathered)
     files = save_hf(model, out, max_shard_bytes, dtype)
     if zero.rank() == 0:
@@ -265,7 +275,7 @@ def _write_merged(
     if kept:
         remaining = tuple(m for m in structure.modules if (m.site, m.type) in set(kept))
         used = sum(m.params for m in remaining)
-        merged_info = Backbone.from_model(model, str(out)).info
+        merged_info = Backbone.from_model(model, str(final.resolve())).info
         rest = Structure(
             kind=structure.kind,
             backbone=merged_info,
@@ -326,6 +336,23 @@ def _staged(out: Path) -> Iterator[Path]:
     zero.barrier()
 
 
+def check_mode_flags(args) -> None:
+    """Refuse a flag of the other mode (``--partial`` with ``--merge``, ``--dtype`` with ``--peft``
+    ...): accepted and ignored, it would look as if it had worked.
+
+    Raises:
+        ConfigError: the flag and the mode it does not apply to.
+    """
+    for flag, on, mode in (
+        ("--partial", args.partial, "merge"),
+        ("--keep-unmergeable", args.keep_unmergeable, "peft"),
+        ("--full-precision-base", args.full_precision_base, "peft"),
+        ("--dtype", args.dtype != "auto", "peft"),
+    ):
+        if on and getattr(args, mode):
+            raise ConfigError(f"{flag} does not apply to --{mode} (see s3delta export --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m s3delta_ds.artifacts.export RUN (--merge|--peft) -o OUT [--zero3]``; with ``--zero3`` under a
     launcher (deepspeed/torchrun), the backbone is loaded partitioned across the ranks and every
@@ -335,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m s3delta_ds.artifacts.export")
     p.add_argument("run")
-    p.add_argument("--merge", action="store_true")
-    p.add_argument("--peft", action="store_true")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--merge", action="store_true")
+    mode.add_argument("--peft", action="store_true")
     p.add_argument("--keep-unmergeable", action="store_true")
     p.add_argument("--partial", action="store_true")
     p.add_argument("--zero3", action="store_true", help="load the backbone partitioned (ZeRO-3) across the ranks")
@@ -347,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
+        check_mode_flags(args)
+        if args.zero3 and args.peft:
+            raise ConfigError("--zero3 applies to --merge (a PEFT export loads no partitioned backbone)")
         ds_config = None
         if args.zero3:
             zero.init_distributed()

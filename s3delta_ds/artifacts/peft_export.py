@@ -3,8 +3,10 @@
 Every type with a PEFT counterpart (``Delta.peft_adapter``) becomes one adapter of that type: LoRA
 in ``OUT`` itself (per-module ranks in ``rank_pattern``), LNFit as LN tuning in ``ln_tuning/``, IA3
 in ``ia3/``, each loadable with ``PeftModel.from_pretrained``. PEFT cannot hold two types in one
-model: load ``ln_tuning`` and ``merge_and_unload()``, then the LoRA adapter (and
-``merge_and_unload()``), then ``ia3`` last (on a shared site IA3 scales LoRA's update too). The
+model: load ``ln_tuning`` and ``merge_and_unload()``, then the LoRA adapter (and, only when ``ia3``
+follows, ``merge_and_unload()``), then ``ia3`` last (on a shared site IA3 scales LoRA's update
+too). A LoRA adapter carrying BitFit (``lora_bias``) stays unmerged: PEFT refuses to merge it, and
+has already folded the LoRA weights when it says so (BitFit beside IA3 is refused here). The
 trained head (BERT) travels in the first adapter that can hold it (LoRA, else LN tuning, else
 IA3), as ``modules_to_save``; only that adapter is ``SEQ_CLS``, since PEFT expects the
 head inside every adapter of that task type. Types PEFT has no method for (added bias, LRA,
@@ -24,7 +26,7 @@ from ..config import ModelConfig, load_run_config
 from ..deltas import DELTAS, delta_class
 from ..engine import zero
 from ..engine.backbone import resolve_source
-from ..errors import StructureError
+from ..errors import ConfigError, StructureError
 from ..method.supernet import slots
 from ..structure import Structure
 from ..util import atomic_write_text
@@ -72,6 +74,13 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
     ``lora_bias``) in ``out``, LNFit (LN tuning) in ``out/ln_tuning``, IA3 in ``out/ia3`` (see the
     module docstring for the loading order). One adapter per PEFT method: a method's first type in
     registry order writes its layers (``peft_site_state``) and its config (``peft_config``)."""
+    model_cfg = load_run_config(run / "config.yaml").model
+    if model_cfg.random_init:
+        raise ConfigError(
+            f"{run} trained on a randomly initialised backbone (model.random_init=true), and a PEFT adapter "
+            f"names a checkpoint to load as its base ({model_cfg.name_or_path}), whose weights are not those: "
+            "use export --merge, which writes the backbone the run trained on"
+        )
     model, backbone, structure = load_run(run)
     _check_pooling(model)
     refused = _peft_refusals(model, backbone, structure)

@@ -34,18 +34,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..artifacts.export import export_merged
+    from ..artifacts.export import check_mode_flags, export_merged
     from ..artifacts.peft_export import export_peft
-    from ..errors import ConfigError
 
-    for flag, on, mode in (
-        ("--partial", args.partial, "merge"),
-        ("--keep-unmergeable", args.keep_unmergeable, "peft"),
-        ("--full-precision-base", args.full_precision_base, "peft"),
-        ("--dtype", args.dtype != "auto", "peft"),
-    ):
-        if on and getattr(args, mode):  # accepted and ignored, it would look as if it had worked
-            raise ConfigError(f"{flag} does not apply to --{mode} (see s3delta export --help)")
+    check_mode_flags(args)
     out = Path(args.output)
     if args.merge:
         r = export_merged(
