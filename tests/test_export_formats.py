@@ -193,6 +193,31 @@ def test_merged_weights_are_saved_in_the_checkpoints_dtype_or_the_one_asked_for(
         export_merged(run, tmp_path / "bad", dtype="int8")
 
 
+def test_a_half_precision_merge_says_how_much_of_the_update_its_rounding_takes(tmp_path, capsys):
+    """bf16 keeps ~8 bits of W, and a small trained ΔW sits below them: the saved merge silently
+    lost most of it. The export measures it (checked here against the fp32 merge) and warns."""
+    from safetensors.torch import load_file
+
+    from s3delta_ds.cli import main
+    from s3delta_ds.engine.backbone import materialise_embedded
+
+    lora = ("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})
+    run = _run(tmp_path / "run", "tiny-llama", [lora], scale=3e-3)
+    assert export_merged(run, tmp_path / "fp32")["update_lost_to_rounding"] is None  # nothing rounded
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w0 = load_file(materialise_embedded("tiny-llama") / "model.safetensors")[name]
+    w1 = load_file(tmp_path / "fp32" / "model.safetensors")[name]
+    want = float((w1.bfloat16().float() - w1).norm() / (w1 - w0).norm())
+    assert 0.1 < want < 10  # a case that matters
+    assert main(["export", str(run), "--merge", "--dtype", "bf16", "-o", str(tmp_path / "bf16")]) == 0
+    report = json.loads((tmp_path / "bf16" / "s3delta_export.json").read_text())
+    assert report["update_lost_to_rounding"] == pytest.approx(want, rel=1e-4)
+    assert f"differ from W + ΔW by {100 * want:.0f}% of the trained update" in capsys.readouterr().err
+    big = _run(tmp_path / "big", "tiny-llama", [lora], scale=0.5)  # a large update: rounding is noise
+    assert main(["export", str(big), "--merge", "--dtype", "bf16", "-o", str(tmp_path / "big-bf16")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_separate_head_is_saved_as_untied(tmp_path):
     """T5 v1.1 holds its own lm_head: a config claiming a tied head would, read by another transformers
     version or under a ZeRO-3 init, tie it to the embedding and give other logits."""

@@ -267,7 +267,8 @@ def _write_merged(
 ) -> dict:
     """Merge and save into ``out`` (the staging folder); ``final`` is where it will live, which
     the kept deltas' structure names as their backbone."""
-    report = merge(model, backbone.site_map, gather=zero.gathered)
+    narrower = dtype if dtype.itemsize < torch.float32.itemsize else None
+    report = merge(model, backbone.site_map, gather=zero.gathered, saved_in=narrower)
     files = save_hf(model, out, max_shard_bytes, dtype)
     if zero.rank() == 0:
         _copy_tokenizer(run, out)
@@ -299,6 +300,7 @@ def _write_merged(
         "kept": [f"{s} {t}" for s, t in kept],
         "files": [str(Path(f).relative_to(out)) for f in files],  # in the export folder (out is its staging name)
         "dtype": str(dtype).removeprefix("torch."),
+        "update_lost_to_rounding": report.update_lost,
     }
     if zero.rank() == 0:
         atomic_write_text(out / "s3delta_export.json", json.dumps(result, indent=2) + "\n")

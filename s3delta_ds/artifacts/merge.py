@@ -38,6 +38,16 @@ from ..method.supernet import slots
 class MergeReport:
     merged: list[tuple[str, str]] = field(default_factory=list)
     kept: list[tuple[str, str, str]] = field(default_factory=list)  # (site, type, why)
+    update_sq: float = 0.0
+    """Σ‖ΔW‖² over the folded tensors (with ``merge(saved_in=...)``)."""
+    rounding_sq: float = 0.0
+    """Σ‖round(W + ΔW) − (W + ΔW)‖² in the saved dtype over the same tensors."""
+
+    @property
+    def update_lost(self) -> float | None:
+        """‖rounding error‖ / ‖ΔW‖ of the folded tensors once saved: how much of the trained update
+        the saved dtype does not hold (bf16 keeps ~8 bits of W, and a small ΔW sits below them)."""
+        return (self.rounding_sq / self.update_sq) ** 0.5 if self.update_sq > 0 else None
 
     @property
     def complete(self) -> bool:
@@ -78,8 +88,10 @@ def _enable_llama_bias(model: nn.Module, site_map: SiteMap, group: str) -> None:
 
 
 @torch.no_grad()
-def merge(model: nn.Module, site_map: SiteMap, *, gather=None) -> MergeReport:
-    """Fold every mergeable delta into the backbone and remove it; returns what was kept."""
+def merge(model: nn.Module, site_map: SiteMap, *, gather=None, saved_in: torch.dtype | None = None) -> MergeReport:
+    """Fold every mergeable delta into the backbone and remove it; returns what was kept. With
+    ``saved_in`` (a dtype narrower than the merge's), also what rounding to it takes from the
+    update (``MergeReport.update_lost``), one host at a time."""
     gather = gather or (lambda params, modifier_rank=None: contextlib.nullcontext())
     report = plan_merge(model, site_map)
     merged = set(report.merged)
@@ -94,7 +106,13 @@ def merge(model: nn.Module, site_map: SiteMap, *, gather=None) -> MergeReport:
             _enable_llama_bias(model, site_map, s.component.split(".")[0])
         params = [*module.parameters(recurse=False), *slot.parameters()]
         with gather(params, modifier_rank=0):
+            own = dict(module.named_parameters(recurse=False))
+            before = {n: p.detach().float().clone() for n, p in own.items()} if saved_in is not None else {}
             fold_all(module, [slot.deltas[key] for key in todo])
+            for name, old in before.items():
+                new = module.get_parameter(name).detach().float()
+                report.update_sq += float((new - old).square().sum())
+                report.rounding_sq += float((new.to(saved_in).float() - new).square().sum())
         for key in todo:
             slot.remove(key)
         if len(slot.deltas) == 0:
