@@ -331,10 +331,11 @@ def _staged(out: Path) -> Iterator[Path]:
         raise
     zero.barrier()  # every rank's writes (rank 0's) are done
     if zero.rank() == 0:
-        (stage / _STAGE_MARKER).unlink()
         if out.exists():
             out.rmdir()  # empty: checked above
         os.replace(stage, out)
+        # the marker goes last: a rename that fails leaves a stage the rerun may still clear
+        (out / _STAGE_MARKER).unlink()
     zero.barrier()
 
 
