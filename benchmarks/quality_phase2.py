@@ -603,15 +603,30 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
 
 
 def _load() -> list[dict]:
-    """Every record made with today's lengths (older ones are left for their units to replace)."""
-    expected = {"curve": P2_CURVE_STEPS, "search": P2_SEARCH_MULT * P2_STEPS}
-    recs = [_read(p) for p in sorted(P2_OUT.rglob("*.json")) if "structures" not in p.parts]
-    recs = [r for r in recs if r is not None]
-    return [r for r in recs if r.get("steps") == expected.get(r["method"], P2_STEPS)]
+    """Every record whose unit is done today (``Unit.done``: today's lengths and task files, a
+    search with today's defaults, a searched retrain of the structure its search holds now). A
+    record its unit would redo is left out until it is redone: a search rerun after a change of
+    defaults must not leave its old retrain in the verdicts."""
+    recs = []
+    for p in sorted(P2_OUT.rglob("*.json")):
+        if p.relative_to(P2_OUT).parts[0] == "structures":
+            continue
+        r = _read(p)
+        if r is None:
+            continue
+        unit = Unit(r["task"], r["method"], r["seed"], r.get("budget"), r.get("preset"))
+        if unit.path == p and unit.done():
+            recs.append(r)
+    return recs
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
+
+
+def _sd(sd: float, n: int) -> str:
+    """ " ± sd" in points; nothing for one run, whose spread is unknown (not 0)."""
+    return f" ± {_pct(sd)}" if n > 1 else ""
 
 
 def best_manual(rows: list[dict], task: str, budget: float) -> tuple[str | None, list[dict]]:
@@ -636,14 +651,25 @@ def cell_verdicts(rows: list[dict], task: str, budget: float) -> dict:
     pick = lambda m: {r["seed"]: r for r in rows if r["method"] == m and r["task"] == task and r["budget"] == budget}  # noqa: E731
     searched, random_ = pick("searched"), pick("random")
     seeds = sorted(set(searched) & set(random_))
-    out: dict = {"seeds": seeds}
+    # a verdict only once every seed is in: an interval of the first seeds reads as final otherwise
+    out: dict = {"seeds": seeds, "complete": seeds == sorted(P2_PAIRED)}
     if len(seeds) >= 2:
         out["vs_random"] = paired_t_interval([searched[s]["test"] for s in seeds], [random_[s]["test"] for s in seeds])
     name, manual = best_manual(rows, task, budget)
     out["best_manual"] = name
+    out["searched_complete"] = sorted(searched) == sorted(P2_PAIRED)
     if name and len(searched) >= 2:
         out["vs_manual"] = welch_interval([r["test"] for r in searched.values()], [r["test"] for r in manual])
     return out
+
+
+def _said(interval: Interval | None, complete: bool, n: int) -> str:
+    """An interval and its verdict; "pending" with how many seeds of an incomplete cell."""
+    if interval is None:
+        return "—"
+    if not complete:
+        return f"{interval.fmt()} pending ({n} of {len(P2_PAIRED)} seeds)"
+    return f"{interval.fmt()} **{interval.verdict()}**"
 
 
 def _plot_heatmap(structs: list[Structure], png: Path, title: str) -> bool:
@@ -825,7 +851,7 @@ def report() -> str:
             params = statistics.mean(r.get("params_used", r["trainable_params"]) for r in rs)
             tables.append(
                 f"| {'own size' if not budget else _fmt_budget(budget)} | {name} | {params:,.0f} | "
-                f"{_pct(vm)} ± {_pct(vs)} | {_pct(tm)} ± {_pct(ts)} | {pct} | {len(rs)} |"
+                f"{_pct(vm)}{_sd(vs, len(rs))} | {_pct(tm)}{_sd(ts, len(rs))} | {pct} | {len(rs)} |"
             )
         tables.append("")
         png = P2_MD.parent / f"{P2_MD.stem}-curves-{task}.png"
@@ -841,9 +867,9 @@ def report() -> str:
             ft = f"{100 * statistics.mean(s) / full_mean:.1f}%" if s and full_mean else "—"
             summary.append(
                 f"| {task} @ {_fmt_budget(budget)} | {fmt(s)} | {fmt(rn)} | {v['best_manual'] or '—'} | "
-                + (f"{vr.fmt()} **{vr.verdict()}**" if vr else "—")
+                + _said(vr, v["complete"], len(v["seeds"]))
                 + " | "
-                + (f"{vmn.fmt()} **{vmn.verdict()}**" if vmn else "—")
+                + _said(vmn, v["searched_complete"], len(s))
                 + f" | {ft} |"
             )
             structs = [

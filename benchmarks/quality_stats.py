@@ -38,7 +38,7 @@ class Interval:
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
+    """Mean and sample standard deviation (0 for one value; tables print none for it, ``fmt_mean_std``)."""
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 

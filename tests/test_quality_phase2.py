@@ -35,6 +35,13 @@ def _write(u: q2.Unit, **rec):
     u.path.write_text(json.dumps({**base, **rec}))
 
 
+def _searched(task: str, seed: int, budget: float, key: str = "k", **rec):
+    """A searched retrain and the search it retrained (today's defaults, the same structure key)."""
+    search = {"settings": q2.search_defaults(), "structure": "structures/not-written.json"}
+    _write(q2.Unit(task, "search", seed, budget), modules_key=f"{key}{seed}", **search)
+    _write(q2.Unit(task, "searched", seed, budget), modules_key=f"{key}{seed}", **rec)
+
+
 def test_plan_pairs_seeds_and_carries_the_validation_best_manual_methods(phase2):
     cands = q2.manual_candidates(phase2, 0.02)
     assert len(cands) >= 3  # the test needs a choice to make
@@ -204,7 +211,7 @@ def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(
     searched = [0.84, 0.82, 0.85, 0.83, 0.86]
     random_ = [0.80, 0.81, 0.80, 0.79, 0.82]
     for s in q2.P2_PAIRED:
-        _write(q2.Unit(t, "searched", s, b), validation=0.8, test=searched[s], params_used=90)
+        _searched(t, s, b, validation=0.8, test=searched[s], params_used=90)
         _write(q2.Unit(t, "random", s, b), validation=0.8, test=random_[s], params_used=95)
     # the screen ranks lnfit and lora first on validation (the others far behind on validation,
     # far ahead on test); of those two, lnfit is better on validation, lora on test: lnfit it is
@@ -225,6 +232,12 @@ def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(
     row = next(line for line in text.splitlines() if line.startswith(f"| {t} @ 0.02 |"))
     assert "| lnfit |" in row and row.count("**win**") == 2
     assert f"{100 * sum(searched) / 5 / 0.88:.1f}%" in row  # searched / full fine-tuning
+    # a search rerun (another structure) takes its old retrain out of the verdicts until redone
+    _write(q2.Unit(t, "search", 4, b), settings=q2.search_defaults(), modules_key="other", structure="x.json")
+    v = q2.cell_verdicts([r for r in q2._load() if r["method"] != "search"], t, b)
+    assert v["seeds"] == [0, 1, 2, 3] and not v["complete"] and not v["searched_complete"]
+    row = next(line for line in q2.report().splitlines() if line.startswith(f"| {t} @ 0.02 |"))
+    assert "**" not in row and row.count("pending (4 of 5 seeds)") == 2, row
 
 
 @pytest.fixture
