@@ -199,3 +199,36 @@ def test_a_gpu_checkpoints_rng_state_resumes_on_the_cpu():
     torch.manual_seed(123)
     zero.set_rng_state((cpu, torch.zeros(16, dtype=torch.uint8)))  # a stand-in CUDA generator state
     assert torch.equal(torch.rand(3), expected)
+
+
+# -- what the keys of config.yaml cannot show: the rows, and a random backbone's draw ----------------
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_rows_or_a_random_backbone_drawn_another_way(tmp_path):
+    """With no test split, validation is halved into validation and test: a test file added before
+    --resume re-cut validation and moved the selected step (3 -> 6 in the review's run), with every
+    config key unchanged. A random_init backbone drawn under ZeRO-2, resumed under ZeRO-3, trained
+    on other frozen weights (validation loss 4.34 -> 5.74)."""
+    from .launching import ROOT, run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation"):
+        shutil.copy(ROOT / "s3delta_ds" / "assets" / "tiny" / "data" / f"{split}.jsonl", data / f"{split}.jsonl")
+    args = [
+        "data.task=tiny-sentiment", f"data.data_dir={data}", "model.name_or_path=tiny-t5", "model.random_init=true",
+        "deepspeed=zero2", "search.steps=4", "search.eval_every=2", "search.checkpoint_every=2",
+        "search.budget=0.02", "data.max_eval_examples=16", f"output_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    run("python", "search", [*args, "search.stop_after=2"], 1)
+    shutil.copy(ROOT / "s3delta_ds" / "assets" / "tiny" / "data" / "test.jsonl", data / "test.jsonl")
+    added = run("python", "search", ["--resume", *args], 1, check=False)
+    assert added.returncode == 2 and "--resume: the validation rows are not the checkpoint's" in added.stderr
+    (data / "test.jsonl").unlink()
+    restaged = run("python", "search", ["--resume", *args, "deepspeed=zero3_cpu"], 1, check=False)
+    assert restaged.returncode == 2, restaged.stderr[-3000:]
+    assert "model.random_init=true draws the frozen backbone's weights differently under ZeRO-3" in restaged.stderr
+    assert "the checkpoint's were drawn under another stage, this launch's under ZeRO-3" in restaged.stderr
+    run("python", "search", ["--resume", *args], 1)  # the same rows and draw: it goes on
+    assert (tmp_path / "run" / "structure.json").is_file()

@@ -334,6 +334,11 @@ def test_resume_refuses_settings_the_run_did_not_use(tmp_path):
     with pytest.raises(ConfigError, match=r"seed 0 -> 3; search.lr 0.0003 -> 0.01\).*another output_dir"):
         check_resume_config(out, changed, "search")
     check_resume_config(out, dataclasses.replace(changed, seed=0, search=first.search), "search")
+    for key in ("search.clip=0.001", "search.gate_clip=0.001", "search.select=loss", "search.virtual_step=sgd"):
+        with pytest.raises(ConfigError, match=key.split("=")[0]):  # the optimisation was let through
+            check_resume_config(
+                out, _cfg(tmp_path, "search.lr=3e-4", "search.budget=1e-3", "data.task=tiny-sentiment", key), "search"
+            )
 
 
 def test_resume_refuses_another_reading_of_the_labels_or_another_validation_set(tmp_path):

@@ -27,7 +27,7 @@ from ..run.evaluate import evaluate
 from ..run.plan import RunPlan
 from ..run.preflight import preflight_retrain
 from ..run.report import MetricsLog
-from ..run.runtime import model_source, prepare, released_on_failure
+from ..run.runtime import check_resume_facts, model_source, prepare, released_on_failure
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
 from .state import (
@@ -162,7 +162,7 @@ class RetrainRecipe:
         return (self.rt.out / DELTA_FILE,) if self.plan.structure is not None else ()
 
     def save_checkpoint(self) -> None:
-        client = {"stream": self.stream.state_dict(), "state": self.state.state_dict()}
+        client = {"stream": self.stream.state_dict(), "state": self.state.state_dict(), "facts": self.rt.resume_facts}
         batch = geometry(self.cfg.retrain, self.rt.world)
         save_run_checkpoint(
             self.pipe.engine, self.ckpt_dir, self.state.step, client, batch=batch, files=self._kept_files
@@ -171,6 +171,7 @@ class RetrainRecipe:
     def load_checkpoint(self) -> None:
         ckpt = latest_checkpoint(self.ckpt_dir)
         client = load_run_checkpoint(self.pipe.engine, self.ckpt_dir)
+        check_resume_facts(self.rt, client.get("facts"))
         self.stream.load_state_dict(client["stream"])
         self.state.load_state_dict(client["state"])
         if self.rt.is_main:  # a deltas file newer than the checkpoint is not its best step's

@@ -20,7 +20,7 @@ from ..run.evaluate import evaluate
 from ..run.plan import RunPlan
 from ..run.preflight import preflight_search
 from ..run.report import MetricsLog, gates_csv, heatmap
-from ..run.runtime import model_source, prepare, released_on_failure
+from ..run.runtime import check_resume_facts, model_source, prepare, released_on_failure
 from ..structure import Structure, builders
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
@@ -176,12 +176,14 @@ class SearchRecipe:
             "gates": self.gates.state_dict(),
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "state": self.state.state_dict(),
+            "facts": self.rt.resume_facts,
         }
         batch = geometry(self.cfg.search, self.rt.world)
         save_run_checkpoint(self.pipe.engine, self.ckpt_dir, self.state.step, client, batch=batch)
 
     def load_checkpoint(self) -> None:
         client = load_run_checkpoint(self.pipe.engine, self.ckpt_dir)
+        check_resume_facts(self.rt, client.get("facts"))
         self.gates.load_state_dict(client["gates"])
         for name, s in self.streams.items():
             s.load_state_dict(client["streams"][name])

@@ -238,6 +238,7 @@ def save_run_checkpoint(
         atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, **batch, "files": kept}))
         fsync_dir(root / tag)
         for old in sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())[:-keep]:
+            (old / COMPLETE).unlink()  # first: a crash mid-delete must not leave COMPLETE beside a partial folder
             shutil.rmtree(old, ignore_errors=True)
     zero.barrier()
     return root / tag
@@ -254,6 +255,13 @@ def _keep_copy(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:  # another file system, or no hard links there
             shutil.copy2(src, tmp)
+        # its contents on disk before COMPLETE names the checkpoint complete, as the state file's: the
+        # file was written through the page cache, and a node crash could leave it torn
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def restore_checkpoint_files(ckpt: Path, files: tuple[Path, ...]) -> None:

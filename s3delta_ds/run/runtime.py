@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import random
@@ -63,6 +65,51 @@ class Runtime:
     def log(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
+
+    @functools.cached_property
+    def resume_facts(self) -> dict:
+        """What a checkpoint records so that a resumed launch can check it continues the same run
+        (``check_resume_facts``): a fingerprint of the encoded train and validation rows, and, for
+        a randomly initialised backbone, whether ZeRO-3 drew its weights (partitioned, they come out
+        other than whole)."""
+        digest = {}
+        for split in ("train", "validation"):
+            h = hashlib.sha256()
+            for example in self.data[split]:
+                h.update(json.dumps(example, sort_keys=True, default=str).encode())
+            digest[split] = f"{len(self.data[split])}:{h.hexdigest()[:16]}"
+        return {"rows": digest, "zero3_init": zero.zero_stage(self.ds_config) == 3}
+
+
+def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
+    """Refuse to resume a run on other rows, or on a random backbone drawn another way.
+
+    Config keys cannot see everything: a test file added since re-cuts validation from the same
+    files (the protocol halves validation when there is no test split), and ``deepspeed=auto`` may
+    pick another ZeRO stage on another number of nodes.
+
+    Raises:
+        DataError: the train or validation rows differ from the checkpoint's.
+        ConfigError: a ``model.random_init`` backbone drawn under ZeRO-3 and now not (or the reverse).
+    """
+    if saved is None:  # a checkpoint written before these facts were recorded
+        return
+    now = rt.resume_facts
+    changed = [s for s, d in now["rows"].items() if saved["rows"].get(s) != d]
+    if changed:
+        said = "; ".join(f"{s}: {saved['rows'].get(s)} -> {now['rows'][s]} (rows:sha256)" for s in changed)
+        raise DataError(
+            f"--resume: the {' and '.join(changed)} rows are not the checkpoint's ({said}). A data file, the "
+            "tokenizer, or a test split changed since (with no test split, validation is halved into validation "
+            "and test). Put them back, or start a new run in another output_dir"
+        )
+    if rt.cfg.model.random_init and saved["zero3_init"] != now["zero3_init"]:
+        was, is_ = ("ZeRO-3", "another stage") if saved["zero3_init"] else ("another stage", "ZeRO-3")
+        raise ConfigError(
+            f"--resume: model.random_init=true draws the frozen backbone's weights differently under ZeRO-3 "
+            f"(partitioned) than whole, and the checkpoint's were drawn under {was}, this launch's under {is_}: "
+            "resume with the checkpoint's deepspeed config (its ds_config.json)"
+        )
 
 
 def _claim_info() -> dict:
@@ -239,24 +286,25 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
 # them, how labels read and score (a reversed label_words would retrain against the other class),
 # the validation set and metric its best step was chosen on, what it trains, and its optimisation.
 # The rest (micro-batch and accumulation on another number of ranks, the ZeRO stage, evaluation and
-# checkpoint cadence, stop_after, the test set scored at the end) may change.
+# checkpoint cadence, stop_after, the test set scored at the end) may change; what the keys cannot
+# show (the rows themselves, a random backbone's draw) the checkpoint checks (``check_resume_facts``).
 RESUME_FIXED = {
     "common": (
         "seed", "model.name_or_path", "model.dtype", "model.random_init", "model.quantize", "model.gguf_file",
         "data.task", "data.data_dir", "data.train_file", "data.validation_file", "data.hub_dataset",
         "data.hub_config", "data.train_split", "data.validation_split",
-        "data.template", "data.columns", "data.label_column", "data.label_words", "data.metric",
+        "data.template", "data.columns", "data.label_column", "data.label_words", "data.metric", "model.tokenizer",
         "data.label_scoring", "data.max_source_length", "data.max_target_length",
         "data.split_seed", "data.subsample", "data.max_train_examples", "data.max_eval_examples",
     ),
     "search": (
         "search.space", "search.budget", "search.mode", "search.steps", "search.lr", "search.weight_decay",
         "search.gate_lr", "search.gate_optimizer", "search.gate_warmup", "search.beta", "search.temperature",
-        "search.shift_gradient",
+        "search.shift_gradient", "search.clip", "search.gate_clip", "search.virtual_step", "search.select",
     ),
     "retrain": (
         "retrain.structure", "retrain.full_finetune", "retrain.pafi_mask", "retrain.steps", "retrain.lr",
-        "retrain.weight_decay",
+        "retrain.weight_decay", "retrain.clip", "retrain.test_at",
     ),
 }  # fmt: skip
 
