@@ -186,6 +186,33 @@ def test_adapters_on_a_half_t5_ffn_block_take_its_fp32_output(tmp_path, preset):
     assert torch.equal(got, want)
 
 
+def test_a_block_and_a_linear_inside_it_both_take_a_bf16_models_dtype(tmp_path):
+    """A block site's dtype read its child site's delta (still fp32 before its own cast) as the
+    block's own fp32 module: the block's adapter went fp32 in a bf16 model, and ZeRO-3 refused the
+    mixed trainable dtypes at start-up."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from s3delta_ds.deltas import resolve
+    from s3delta_ds.structure import Budget, ModuleChoice, Structure
+
+    tiny_model("tiny-t5").save_pretrained(tmp_path / "m")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    backbone = Backbone.from_model(model)
+    chosen = [("encoder.0.mlp", "lra", {}), ("encoder.0.mlp.down", "lora", {"r": 1})]
+    modules = []
+    for site, kind, kwargs in chosen:
+        _, _, n = resolve(kind, kwargs, backbone.site_map.site(site).dims, site)
+        modules.append(ModuleChoice(site, kind, kwargs, n))
+    used = sum(m.params for m in modules)
+    Structure(kind="manual", backbone=backbone.info, budget=Budget(None, None, used), modules=tuple(modules)).save(
+        tmp_path / "s.json"
+    )
+    s3delta_ds.attach(model, tmp_path / "s.json")
+    assert {p.dtype for _, p in named_delta_parameters(model)} == {torch.bfloat16}
+    with torch.no_grad():
+        model(**tiny_inputs("tiny-t5"))
+
+
 def _mean_pooled_bert_run(tmp_path, *, pooling_metadata: bool = True):
     """A tiny BERT trained with model.pooling=mean (what auto gives a sentence-transformers checkpoint)."""
     from s3delta_ds.backbones.pooling import use_mean_pooling

@@ -230,10 +230,10 @@ def cast_deltas(model: nn.Module, dtype: torch.dtype) -> None:
             if isinstance(weight, torch.Tensor) and weight.is_floating_point():
                 chosen = weight.dtype
             else:
-                own = (
+                own = (  # the backbone's own: no delta, of this slot or of a child site's (still fp32 here)
                     p.dtype
                     for name, p in module.named_parameters()
-                    if p.is_floating_point() and not name.startswith(f"{SLOT_ATTR}.")
+                    if p.is_floating_point() and SLOT_ATTR not in name.split(".")
                 )
                 chosen = torch.float32 if any(d.itemsize > dtype.itemsize for d in own) else dtype
             slot.to(chosen)
