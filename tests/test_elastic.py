@@ -230,5 +230,10 @@ def test_resume_refuses_other_rows_or_a_random_backbone_drawn_another_way(tmp_pa
     assert restaged.returncode == 2, restaged.stderr[-3000:]
     assert "model.random_init=true draws the frozen backbone's weights differently under ZeRO-3" in restaged.stderr
     assert "the checkpoint's were drawn under another stage, this launch's under ZeRO-3" in restaged.stderr
+    assert "resume with deepspeed=zero2" in restaged.stderr
+    (data / "train.jsonl").write_text((data / "train.jsonl").read_text().replace("a ", "the ", 1))  # one word
+    edited = run("python", "search", ["--resume", *args], 1, check=False)
+    assert edited.returncode == 2 and "--resume: the train rows are not the checkpoint's" in edited.stderr
+    shutil.copy(ROOT / "s3delta_ds" / "assets" / "tiny" / "data" / "train.jsonl", data / "train.jsonl")
     run("python", "search", ["--resume", *args], 1)  # the same rows and draw: it goes on
     assert (tmp_path / "run" / "structure.json").is_file()

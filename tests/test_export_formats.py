@@ -303,3 +303,21 @@ def test_the_launcher_entry_refuses_what_s3delta_export_refuses(tmp_path, capsys
         rc = e.code
     assert rc == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_peft_export_of_a_folder_that_is_no_run_says_what_is_missing(tmp_path, capsys):
+    from s3delta_ds.cli import main
+
+    (tmp_path / "notarun").mkdir()
+    assert main(["export", str(tmp_path / "notarun"), "--peft", "-o", str(tmp_path / "o")]) == 2
+    assert "is not a finished retrain run: config.yaml is missing" in capsys.readouterr().err
+
+
+def test_the_launcher_entry_warns_of_a_lossy_half_precision_merge(tmp_path, capsys):
+    """``python -m s3delta_ds.artifacts.export --merge`` (the ZeRO-3 path for big models) only wrote
+    the measurement into s3delta_export.json."""
+    from s3delta_ds.artifacts.export import main as export_main
+
+    run = _run(tmp_path / "run", "tiny-llama", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0})], scale=3e-3)
+    assert export_main([str(run), "--merge", "--dtype", "bf16", "-o", str(tmp_path / "out")]) == 0
+    assert "of the trained update ΔW (bfloat16 rounding" in capsys.readouterr().err

@@ -380,3 +380,19 @@ def test_resume_compares_the_backbone_settings_and_resolves_paths(tmp_path, monk
     check_resume_config(out, _cfg(tmp_path, "retrain.structure=./s.json", "model.dtype=bf16"), "retrain")
     with pytest.raises(ConfigError, match="model.dtype 'bf16' -> 'fp16'"):  # the gates' fp16 scale would restart
         check_resume_config(out, _cfg(tmp_path, "retrain.structure=s.json", "model.dtype=fp16"), "retrain")
+
+
+def test_the_rows_digest_follows_token_ids_and_labels_only():
+    from s3delta_ds.run.runtime import rows_digest
+
+    rows = [{"input_ids": [5, 6, 7], "label": 1, "choices": None}, {"input_ids": [8], "label": 0, "choices": None}]
+    same = [{"input_ids": torch.tensor([5, 6, 7]), "label": 1, "choices": [{"x": 1}]}, dict(rows[1])]
+    assert rows_digest(rows) == rows_digest(same)  # tensors or lists; choices follow from the rest
+    assert rows_digest(rows).startswith("2:")
+    for changed in (
+        [{**rows[0], "input_ids": [5, 6, 9]}, rows[1]],
+        [{**rows[0], "label": 0}, rows[1]],
+        [rows[1], rows[0]],  # the order is the data
+        [{**rows[0], "input_ids": [5, 6]}, {**rows[1], "input_ids": [7, 8]}],  # boundaries count
+    ):
+        assert rows_digest(changed) != rows_digest(rows)

@@ -111,6 +111,8 @@ def merge(model: nn.Module, site_map: SiteMap, *, gather=None, saved_in: torch.d
             fold_all(module, [slot.deltas[key] for key in todo])
             for name, old in before.items():
                 new = module.get_parameter(name).detach().float()
+                if torch.equal(new, old):  # left alone by the fold (a Linear's bias under LoRA)
+                    continue
                 report.update_sq += float((new - old).square().sum())
                 report.rounding_sq += float((new.to(saved_in).float() - new).square().sum())
         for key in todo:

