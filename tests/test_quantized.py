@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from s3delta_ds.artifacts.export import export_merged
-from s3delta_ds.config import ModelConfig
+from s3delta_ds.backbones.loading import is_quantized, stored_quantization
+from s3delta_ds.config import ModelConfig, dump_yaml, load_run_config
 from s3delta_ds.engine.backbone import load_backbone, resolve_source
-from s3delta_ds.errors import SearchSpaceError, StructureError
+from s3delta_ds.errors import BackboneError, SearchSpaceError, StructureError
 from s3delta_ds.method.supernet import DeltaSpec, attach
+from s3delta_ds.run.preflight import preflight_search
 from s3delta_ds.structure.builders import Backbone, manual
 
 from .helpers import tiny_inputs
@@ -69,3 +71,63 @@ def test_4bit_computes_in_the_model_dtype(dtype):
 
     q = quantization_config("4bit", dtype)
     assert q.bnb_4bit_compute_dtype == dtype and q.bnb_4bit_quant_storage == dtype
+
+
+# -- checkpoints stored quantized (an "...-bnb-8bit" repo) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stored_8bit(tmp_path_factory):
+    """tiny-llama saved already quantized: its config.json carries a bitsandbytes quantization_config."""
+    out = tmp_path_factory.mktemp("q8") / "tiny-llama-8bit"
+    cfg = ModelConfig(name_or_path="tiny-llama", quantize="8bit")
+    load_backbone(cfg, source=resolve_source(cfg), dtype="fp32", ds_config={}).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("quantize", [None, "4bit"])
+def test_a_checkpoint_stored_quantized_is_refused_unless_model_quantize_says_so(stored_8bit, quantize):
+    """It loads 8-bit whatever model.quantize says: a run must not believe it has full-precision weights
+    (a merge added deltas to its int8 entries: logits off by 0.5 where the largest was 0.58)."""
+    cfg = ModelConfig(name_or_path=str(stored_8bit), quantize=quantize)
+    with pytest.raises(BackboneError, match="already quantized by bitsandbytes \\(8bit\\).*set model.quantize=8bit"):
+        load_backbone(cfg, source=str(stored_8bit), dtype="fp32", ds_config={})
+    run_cfg = load_run_config(
+        None,
+        [f"model.name_or_path={stored_8bit}", "data.task=tiny-sentiment", "search.budget=0.01"]
+        + ([f"model.quantize={quantize}"] if quantize else []),
+    )
+    with pytest.raises(BackboneError, match="set model.quantize=8bit"):  # before anything loads
+        preflight_search(run_cfg, log=lambda m: None)
+
+
+def test_a_checkpoint_stored_quantized_loads_when_model_quantize_agrees(stored_8bit):
+    cfg = ModelConfig(name_or_path=str(stored_8bit), quantize="8bit")
+    model = load_backbone(cfg, source=str(stored_8bit), dtype="fp32", ds_config={})
+    assert any(is_quantized(p) for p in model.parameters())
+
+
+def test_other_quantization_methods_are_named():
+    from s3delta_ds.backbones.loading import check_stored_quantization, load_config
+
+    config = load_config("tiny-llama")
+    config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    assert stored_quantization(config) == "gptq"
+    with pytest.raises(BackboneError, match="quantized with gptq"):
+        check_stored_quantization(config, "4bit", "some/llama-gptq")
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    assert stored_quantization(config) == "4bit"
+    check_stored_quantization(config, "4bit", "some/llama-bnb-4bit")  # agrees: nothing to say
+
+
+@pytest.mark.parametrize("full_precision_base", [False, True])
+def test_merge_refuses_a_run_on_a_checkpoint_stored_quantized(stored_8bit, tmp_path, full_precision_base):
+    """A run made before the load-time check (model.quantize unset): its config alone hid the packed
+    weights; --full-precision-base cannot help, the checkpoint holds none."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_run_config(None, [f"model.name_or_path={stored_8bit}", "data.task=tiny-sentiment"])
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    with pytest.raises(StructureError, match="stores its weights quantized \\(8bit\\).*no full-precision weights"):
+        export_merged(run_dir, tmp_path / "out", full_precision_base=full_precision_base)
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ..backbones.loading import is_quantized, load_config, stored_quantization
 from ..backbones.pooling import pooling_of
 from ..config import load_run_config
 from ..engine import zero
@@ -194,6 +195,13 @@ def _copy_tokenizer(run: Path, out: Path) -> None:
         print(f"warning: tokenizer not copied ({e})")
 
 
+def _stored_quantization(model_cfg) -> str | None:
+    """How the run's checkpoint stores its weights (None for random-init and GGUF runs)."""
+    if model_cfg.random_init or model_cfg.gguf_file is not None:
+        return None
+    return stored_quantization(load_config(model_cfg.name_or_path))
+
+
 def export_merged(
     run: Path,
     out: Path,
@@ -212,7 +220,17 @@ def export_merged(
     """
     if dtype not in SAVE_DTYPES:
         raise StructureError(f"export dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
-    quantize = load_run_config(run / "config.yaml").model.quantize if (run / "config.yaml").is_file() else None
+    quantize = None
+    if (run / "config.yaml").is_file():
+        model_cfg = load_run_config(run / "config.yaml").model
+        stored = _stored_quantization(model_cfg)
+        if stored:  # --full-precision-base cannot help: there are none
+            raise StructureError(
+                f"the run's backbone {model_cfg.name_or_path} stores its weights quantized ({stored}), so it has no "
+                "full-precision weights to merge deltas into. export --peft, and apply the adapters to the "
+                "full-precision checkpoint the quantized one was made from"
+            )
+        quantize = model_cfg.quantize
     if quantize and not full_precision_base:
         raise StructureError(
             f"the run's backbone is quantized ({quantize}): its packed weights cannot take merged deltas. Pass "
@@ -220,6 +238,9 @@ def export_merged(
             "convention; outputs then differ from the quantized run by the quantization error), or export --peft"
         )
     model, backbone, structure = load_run(run, ds_config=ds_config, full_precision_base=full_precision_base)
+    packed = next((name for name, p in model.named_parameters() if is_quantized(p)), None)
+    if packed is not None:  # whatever the config said: adding to packed weights corrupts them
+        raise StructureError(f"the backbone loaded quantized ({packed}): its packed weights cannot take merged deltas")
     _check_pooling(model)
     plan = plan_merge(model, backbone.site_map)
     if plan.kept and not keep_unmergeable:

@@ -184,6 +184,56 @@ def without_hf_zero3():
         hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
 
+QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
+"""bitsandbytes' packed weight classes (matched by name: bitsandbytes is imported only when used)."""
+
+
+def is_quantized(p: torch.Tensor | None) -> bool:
+    return type(p).__name__ in QUANTIZED_PARAM_TYPES
+
+
+def stored_quantization(config) -> str | None:
+    """How a checkpoint stores its own weights, from its config's ``quantization_config``: "4bit" or
+    "8bit" (bitsandbytes), the method's name for others ("gptq", "awq", ...), None in full precision.
+
+    Such a checkpoint loads quantized whatever the caller asks (transformers applies the
+    checkpoint's own quantization_config), so a run must know: it holds no full-precision
+    weights to merge deltas into, and PaFi/HiWi cannot read its weights."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    method = str(q.get("quant_method", "unknown")).lower()
+    if method == "bitsandbytes":
+        if q.get("load_in_4bit"):
+            return "4bit"
+        if q.get("load_in_8bit"):
+            return "8bit"
+    return method
+
+
+def check_stored_quantization(config, quantize: str | None, source: str) -> None:
+    """Refuse a checkpoint stored quantized unless ``model.quantize`` says the same.
+
+    Raises:
+        BackboneError: the checkpoint is quantized another way than ``model.quantize`` says (or at
+            all, when it is unset), or by a method other than bitsandbytes.
+    """
+    stored = stored_quantization(config)
+    if stored is None or stored == quantize:
+        return
+    if stored not in ("4bit", "8bit"):
+        raise BackboneError(
+            f"{source} stores its weights quantized with {stored}: s3delta_ds trains on full-precision "
+            "checkpoints, optionally quantized while loading (model.quantize=4bit|8bit, bitsandbytes)"
+        )
+    raise BackboneError(
+        f"{source} stores its weights already quantized by bitsandbytes ({stored}), so it loads {stored} whatever "
+        f"model.quantize says ({quantize or 'unset'}): set model.quantize={stored}, or point model.name_or_path at "
+        "the full-precision checkpoint (only that one can take merged deltas, PaFi or HiWi)"
+    )
+
+
 def logical_numel(p: torch.Tensor) -> int:
     """Entries a parameter stands for: its full size under ZeRO-3 (``ds_numel``), and the unpacked
     size of a bitsandbytes 4-bit weight (two 4-bit values per byte, stored in a float dtype)."""

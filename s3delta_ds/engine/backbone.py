@@ -19,7 +19,14 @@ import torch.nn as nn
 
 from ..backbones import family_for
 from ..backbones.checkpointing import enable_activation_checkpointing
-from ..backbones.loading import build_model, config_hash, load_config, without_hf_zero3
+from ..backbones.loading import (
+    build_model,
+    check_stored_quantization,
+    config_hash,
+    load_config,
+    stored_quantization,
+    without_hf_zero3,
+)
 from ..backbones.pooling import resolve_pooling, use_mean_pooling
 from ..config import ModelConfig
 from ..errors import BackboneError
@@ -108,7 +115,10 @@ def _load_weights(cfg: ModelConfig, source: str, torch_dtype: torch.dtype, head:
             config = load_config(source) if cfg.gguf_file is None else None
             cls = family_for(config).model_class(config) if config is not None else _gguf_class(source, cfg.gguf_file)
             kwargs = {"dtype": torch_dtype, **head}
-            if cfg.quantize:
+            if config is not None:
+                check_stored_quantization(config, cfg.quantize, cfg.name_or_path)
+            if cfg.quantize and (config is None or stored_quantization(config) is None):
+                # (a checkpoint stored quantized brings its own quantization_config)
                 kwargs["quantization_config"] = quantization_config(cfg.quantize, torch_dtype)
             if head:
                 kwargs["ignore_mismatched_sizes"] = True  # a head for another label count is re-initialised

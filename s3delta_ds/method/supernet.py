@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..backbones import SiteMap
+from ..backbones.loading import is_quantized
 from ..deltas import Delta, Slot, resolve
 
 SLOT_ATTR = "s3delta"
@@ -198,8 +199,11 @@ def attach(
 
 def _bind(delta, module, site, gather, register_external, masks) -> None:
     needs_weight = getattr(delta, "binds_to_weight", False) or getattr(delta, "uses_base_weight", False)
-    if needs_weight and type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params"):
-        raise ValueError("needs the full-precision weights, and this backbone is quantized (model.quantize)")
+    if needs_weight and is_quantized(getattr(module, "weight", None)):
+        raise ValueError(
+            "needs the full-precision weights, and this backbone is quantized (model.quantize): unset model.quantize, "
+            "or search a space without pafi and hiwi (search.space=mixed) / retrain a structure without them"
+        )
     if getattr(delta, "binds_to_weight", False):
         indices = None
         if getattr(delta.cfg, "ranking", "") == "global":

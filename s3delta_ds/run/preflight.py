@@ -59,7 +59,7 @@ def from_accelerate(cfg: RunConfig, log=log0) -> RunConfig:
 def _check_common(cfg: RunConfig) -> str:
     """Task, DeepSpeed config and model family; returns the model's family name ("" for GGUF)."""
     from ..backbones import family_for
-    from ..backbones.loading import load_config
+    from ..backbones.loading import check_stored_quantization, load_config
     from ..data import resolve_task
 
     resolve_task(cfg.data)
@@ -69,7 +69,10 @@ def _check_common(cfg: RunConfig) -> str:
         zero.read_ds_config(cfg.deepspeed)
     if cfg.model.gguf_file is not None:  # the architecture is inside the GGUF file, read at load time
         return ""
-    return family_for(load_config(cfg.model.name_or_path)).name
+    config = load_config(cfg.model.name_or_path)
+    if not cfg.model.random_init:
+        check_stored_quantization(config, cfg.model.quantize, cfg.model.name_or_path)
+    return family_for(config).name
 
 
 def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
