@@ -304,3 +304,21 @@ def test_rediscretise_breaks_clamped_ties_by_the_stored_logit():
     s = builders.searched(space, plan.info, p, alpha, 0.001, search={"method": "test"})
     one = rediscretise(s, (space.params[n - 1] + 1) / plan.info.num_params)
     assert [(m.site, m.type) for m in one.modules] == [(space.candidates[n - 1].site, space.candidates[n - 1].type)]
+
+
+def test_searched_and_transfer_break_saturated_ties_by_the_stored_logit():
+    """Gates far above the shift all read p = 1.0 in float64: the logits rank them, in the search's
+    own discretisation and in a transfer alike (transfer ranked them in site order, encoder first)."""
+    plan = Backbone.plan("tiny-t5")
+    space = plan.space("lora")
+    n = len(space.candidates)
+    p = [1.0] * n
+    alpha = [60.0 + i for i in range(n)]  # the last candidates are the most certain
+    top = list(range(n - 4, n))
+    relative = sum(space.params[i] for i in top) / plan.info.num_params
+    s = builders.searched(space, plan.info, p, alpha, relative, search={"method": "test"})
+    want = [(space.candidates[i].site, space.candidates[i].type) for i in top]
+    assert [(m.site, m.type) for m in s.modules] == want
+    moved = transfer(s, plan)
+    assert [(m.site, m.type) for m in moved.modules] == want
+    assert [(m.site, m.type) for m in rediscretise(s, relative).modules] == want

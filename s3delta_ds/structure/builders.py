@@ -138,7 +138,7 @@ def searched(
 ) -> Structure:
     """Discretise gate probabilities at the budget (greedy knapsack by p)."""
     absolute = absolute_budget(relative, info.num_params)
-    chosen = discretise(list(p), space.params, absolute)
+    chosen = discretise(list(p), space.params, absolute, logits=alpha)
     return from_indices(
         space, info, chosen, kind="searched", relative=relative, absolute=absolute, p=p, alpha=alpha, search=search
     )

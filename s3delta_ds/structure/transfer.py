@@ -42,18 +42,22 @@ def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
-def _source_p(source: Structure) -> dict[tuple[str, str, str], dict[int | None, float]]:
-    """(stack, component, type) → {layer: p}, from the candidates."""
+def _source_table(source: Structure, field: str) -> dict[tuple[str, str, str], dict[int | None, float]]:
+    """(stack, component, type) → {layer: the candidate's ``field``} (p, or alpha: 0 where none is stored)."""
     table: dict[tuple[str, str, str], dict[int | None, float]] = defaultdict(dict)
     for c in source.candidates:
         stack, layer, component = parse_site(c.site)
-        table[(stack, component, c.type)][layer] = c.p
+        table[(stack, component, c.type)][layer] = getattr(c, field) or 0.0
     return table
 
 
 def map_probabilities(source: Structure, space: SearchSpace) -> tuple[list[float], dict[str, int]]:
     """p for every candidate of the target ``space`` (see the module docstring for the rule)."""
-    table = _source_p(source)
+    return _map_field(source, space, "p")
+
+
+def _map_field(source: Structure, space: SearchSpace, field: str) -> tuple[list[float], dict[str, int]]:
+    table = _source_table(source, field)
     depths = source.backbone.depths
     roles = space.family.roles(space.site_map.config)
     role_of = {c: r for r, comps in roles.items() for c in comps}
@@ -145,13 +149,16 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
     rules_of(source.space)
     space = target.space(source.space)
     p, stats = map_probabilities(source, space)
+    # the logits by the same rule: ties in p (gates saturated at 1, or clamped at sigmoid(-200)) go
+    # to the higher logit, as when the search discretised, not to site order
+    alpha, _ = _map_field(source, space, "alpha")
     relative = budget if budget is not None else source.budget.relative
     if relative is None:
         raise StructureError("the source structure records no relative budget: pass --budget")
     absolute = absolute_budget(relative, target.info.num_params)
     # A candidate no source candidate maps to (p = 0) is never chosen: it would only fill the
     # leftover budget in site order, encoder first.
-    chosen = [i for i in discretise(p, space.params, absolute, allow_all=True) if p[i] > 0]
+    chosen = [i for i in discretise(p, space.params, absolute, logits=alpha, allow_all=True) if p[i] > 0]
     provenance |= {"budget_rule": "explicit" if budget is not None else "same relative budget", **stats}
     return from_indices(
         space,
