@@ -192,3 +192,14 @@ def test_discretise_takes_every_candidate_when_allowed_and_all_fit():
     assert discretise([0.5, 0.2], [3, 4], 10, allow_all=True) == [0, 1]
     with pytest.raises(BudgetError, match="cheapest"):
         discretise([0.5, 0.2], [3, 4], 2, allow_all=True)
+
+
+def test_concrete_sample_keeps_the_gradient_of_deeply_rejected_gates():
+    """dz/dα = z(1-z)/(τβ) for p = sigmoid(α/β): it shrinks with z but is not zero below p = 1e-7
+    (a clamp there zeroed it: 5.5e-6, then 0, 0, 0 for the logits below)."""
+    alpha = torch.tensor([-13.1, -17.1, -21.1, -28.1], dtype=torch.float32, requires_grad=True)
+    z = concrete_sample(torch.sigmoid(alpha), step_generator(0, 0))
+    (grad,) = torch.autograd.grad(z.sum(), alpha)
+    expected = (z * (1 - z)).detach()
+    assert (grad > 0).all()
+    assert torch.allclose(grad, expected, rtol=1e-3)

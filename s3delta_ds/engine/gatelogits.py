@@ -177,7 +177,7 @@ class GateLogits:
         return self.logits.numel()
 
     def probs(self) -> torch.Tensor:
-        """p (num_candidates,), differentiable in the logits; Σ n_i p_i = budget."""
+        """p (num_candidates,), differentiable in the logits; Σ n_i p_i = budget (to float32 rounding)."""
         p, _ = probabilities(  # budget checked by the plan
             self.logits, self.n, self.budget, self.beta, check=False, exact_shift=self.exact_shift
         )

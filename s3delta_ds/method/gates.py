@@ -18,7 +18,8 @@ import torch
 
 from ..errors import BudgetError, TrainingError
 
-#: The original solves Σ n_i p_i = B·(1 − 1e-7): a hair under the budget, so rounding never overshoots.
+#: The original solves Σ n_i p_i = B·(1 − 1e-7): a hair under the budget, so the float64 p that
+#: discretisation reads never overshoots (training's float32 p may, by float32 rounding).
 BUDGET_SLACK = 1e-7
 P_EPS = 1e-7
 
@@ -168,7 +169,10 @@ def concrete_sample(p: torch.Tensor, generator: torch.Generator, temperature: fl
     same way draws the same z.
     """
     u = torch.rand(p.shape, generator=generator, dtype=torch.float64).clamp(P_EPS, 1 - P_EPS)
-    pc = p.clamp(P_EPS, 1 - P_EPS)
+    # Clamped only where logit(p) would be infinite (or its gradient overflow): a clamp at P_EPS cut
+    # the gradient of every gate below p = 1e-7 to zero, where dz/dα = z(1-z)/(τβ) does not vanish
+    # (the original adds its eps only at p = 0 or 1).
+    pc = p.clamp(torch.finfo(p.dtype).tiny, 1 - P_EPS)
     noise = (torch.log(u) - torch.log1p(-u)).to(p.dtype).to(p.device)
     return torch.sigmoid((torch.log(pc) - torch.log1p(-pc) + noise) / temperature)
 
