@@ -171,6 +171,37 @@ def test_hiwi_weight_formula():
     assert torch.allclose(module(x), x @ (W + f).T + module.bias, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_hiwi_read_by_columns_counts_its_width_and_merges_exactly(name):
+    """tokens=columns: the paper's x W1 reading, each of W's in_dim columns a token of width out_dim."""
+    from s3delta_ds.artifacts.merge import merge
+
+    m, sm = _with_map(name)
+    site = next(s for s in sm.sites.values() if s.component == "mlp.up" and s.dims.in_dim != s.dims.out_dim)
+    dims = site.dims
+    _, cfg, n = resolve("hiwi", {"bottleneck": 3, "tokens": "columns"}, dims, site.name)
+    assert n == 2 * dims.out_dim * 3 + 3 + dims.out_dim
+    attach(m, sm, [DeltaSpec(site.name, "hiwi", {"bottleneck": 3, "tokens": "columns"})])
+    module = m.get_submodule(site.path)
+    h = module.s3delta.deltas["hiwi"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in h.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    W = module.weight.detach().clone()
+    f = (torch.relu(W.T @ h.A + h.a) @ h.B + h.c).T
+    x = torch.randn(2, dims.in_dim, generator=g)
+    assert torch.allclose(module(x), x @ (W + f).T, atol=1e-5)
+    batch = tiny_inputs(name)
+    with torch.no_grad():
+        unmerged = logits_of(m, batch)
+        merge(m, sm)
+        assert torch.allclose(module.weight, W + f, atol=1e-6)
+        assert (logits_of(m, batch) - unmerged).abs().max() < 1e-5
+    with pytest.raises(SearchSpaceError, match="tokens must be one of rows, columns"):
+        resolve("hiwi", {"tokens": "cols"}, dims, site.name)
+
+
 def test_space_with_pafi_and_hiwi_accounts_trainable_parameters():
     s = Backbone.plan("t5-base").space("mixed+pafi+hiwi")
     by = {(c.site, c.type): c.params for c in s.candidates}

@@ -3,12 +3,17 @@ feed-forward Linear instead of to hidden states. X' = X + f(X), f(X) = act(X A +
 the rows of X as its tokens; B and c start at zero, so training starts from X' = X. After training
 X' is materialised and the adapter thrown away: inference costs exactly the base model.
 
-* ``target="weight"`` — X = W (out × in); the adapter has in → bottleneck → in; storage |W|.
-* ``target="bias"``   — X = b (one row of width out); the adapter has out → bottleneck → out;
+* ``target="weight"`` — X = W (torch's out × in); storage |W|. Its tokens are W's rows
+  (``tokens="rows"``: the adapter has in → bottleneck → in) or its columns (``tokens="columns"``:
+  out → bottleneck → out).
+* ``target="bias"``   — X = b (one token of width out); the adapter has out → bottleneck → out;
   storage |b|. Needs a Linear with a bias (BERT, RoBERTa); T5 and LLaMA FFNs have none.
 
 Trainable parameters (what budgets count) differ from stored ones (|X|): ``stored_params`` says.
-The paper's code was never released: the activation, init std and which FFN matrix are switches.
+The paper's code was never released: the activation, init std, which FFN matrix and which way W
+is read are switches. The paper writes h = x W1 + b1 with W1 ∈ R^{d × d_ff}; read so, its tokens
+are W1's rows of width d_ff, the bias's width: ``tokens="columns"`` here. ``"rows"`` (the default,
+for the structures made before the switch) reads the transpose.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from transformers.activations import ACT2FN
 from .base import Delta, Slot
 
 TARGETS = ("weight", "bias")
+TOKENS = ("rows", "columns")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +38,14 @@ class HiWiConfig:
     activation: str = "relu"
     init_std: float = 0.02
     """Std of the normal init of the down projection A (the up projection B starts at 0)."""
+    tokens: str = "rows"
+    """target=weight: W's rows (width in) or columns (width out, the bias's width) are the tokens."""
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.tokens not in TOKENS:
+            raise ValueError(f"tokens must be one of {', '.join(TOKENS)}, got {self.tokens!r}")
         if self.bottleneck < 1:
             raise ValueError(f"bottleneck must be >= 1, got {self.bottleneck}")
         if self.activation not in ACT2FN:
@@ -64,7 +74,7 @@ class HiWi(Delta):
 
     @staticmethod
     def width(dims, cfg) -> int:
-        return dims.in_dim if cfg.target == "weight" else dims.out_dim
+        return dims.in_dim if cfg.target == "weight" and cfg.tokens == "rows" else dims.out_dim
 
     @classmethod
     def num_params(cls, dims, cfg):
@@ -93,8 +103,10 @@ class HiWi(Delta):
 
     def delta(self, X: torch.Tensor) -> torch.Tensor:
         """f(X) in X's shape."""
-        rows = X.reshape(-1, self.A.shape[0]).to(self.A.dtype)
-        return (self.act(rows @ self.A + self.a) @ self.B + self.c).reshape(X.shape)
+        columns = self.cfg.target == "weight" and self.cfg.tokens == "columns"
+        tokens = (X.t() if columns else X.reshape(-1, self.A.shape[0])).to(self.A.dtype)
+        f = self.act(tokens @ self.A + self.a) @ self.B + self.c
+        return f.t() if columns else f.reshape(X.shape)
 
     def forward(self, x):
         f = self.delta(self.base_tensor().detach())
