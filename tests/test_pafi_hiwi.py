@@ -14,6 +14,7 @@ from s3delta_ds.deltas import resolve
 from s3delta_ds.deltas.pafi import smallest_magnitude
 from s3delta_ds.errors import SearchSpaceError, StructureError
 from s3delta_ds.method.supernet import DeltaSpec, attach, delta_parameters
+from s3delta_ds.structure import Structure
 from s3delta_ds.structure.builders import Backbone
 from s3delta_ds.structure.pafi import check_weights, compute_mask, load_mask, mask_structure, save_mask, weights_probe
 
@@ -264,3 +265,20 @@ def test_pafi_mask_cli_reads_a_bf16_checkpoint_in_bf16_and_ranks_its_stored_valu
     exact = model.float()
     want = compute_mask(exact, SiteMap(exact, family_for(exact.config)), density=0.01)
     assert mask.keys() == want.keys() and all(torch.equal(mask[k], want[k]) for k in want)
+
+
+def test_a_hiwi_structure_written_before_tokens_existed_keeps_its_digest(tmp_path):
+    """A setting added later is written only when it differs from its default: an older structure
+    file reads back to the same digest its trained deltas recorded (else load/export refuse them)."""
+    from s3delta_ds.structure.builders import manual
+
+    s = manual(Backbone.plan("tiny-t5"), "hiwi")
+    assert all("tokens" not in m.kwargs for m in s.modules)
+    s.save(tmp_path / "rows.json")
+    assert Structure.load(tmp_path / "rows.json").digest() == s.digest()
+    d = s.to_dict()
+    for m in d["modules"]:
+        m["kwargs"]["tokens"] = "columns"
+        m["params"] = resolve("hiwi", m["kwargs"], Backbone.plan("tiny-t5").site_map.site(m["site"]).dims, "")[2]
+    cols = Structure.from_dict(d)
+    assert all(m.kwargs["tokens"] == "columns" for m in cols.modules) and cols.digest() != s.digest()

@@ -211,6 +211,17 @@ def build_config(delta_cls: type[Delta], kwargs: Mapping[str, Any] | None, where
         raise SearchSpaceError(f"{prefix}{delta_cls.type_name}: {e}") from e
 
 
+#: Field metadata of a setting added after structures were written: left out of structure files
+#: while it holds its default, so an older file (and the digest its trained deltas record) keeps
+#: its bytes and its meaning.
+ADDED_LATER = {"added_later": True}
+
+
 def config_kwargs(cfg) -> dict[str, Any]:
-    """The full kwargs of a config (defaults filled in), as written to structure files."""
-    return dataclasses.asdict(cfg)
+    """The full kwargs of a config (defaults filled in, but :data:`ADDED_LATER` ones at their
+    default), as written to structure files."""
+    out = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("added_later") and out[f.name] == f.default:
+            del out[f.name]
+    return out

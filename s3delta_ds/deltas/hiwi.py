@@ -18,14 +18,14 @@ for the structures made before the switch) reads the transpose.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from .base import Delta, Slot
+from .base import ADDED_LATER, Delta, Slot
 
 TARGETS = ("weight", "bias")
 TOKENS = ("rows", "columns")
@@ -38,7 +38,7 @@ class HiWiConfig:
     activation: str = "relu"
     init_std: float = 0.02
     """Std of the normal init of the down projection A (the up projection B starts at 0)."""
-    tokens: str = "rows"
+    tokens: str = field(default="rows", metadata=ADDED_LATER)
     """target=weight: W's rows (width in) or columns (width out, the bias's width) are the tokens."""
 
     def __post_init__(self):
