@@ -128,6 +128,7 @@ def test_deepspeed_engine_on_one_gpu_trains_bf16_deltas_and_fp32_gates(ds_config
         [
             f"output_dir={tmp_path / 'run'}",
             "model.name_or_path=tiny-t5",
+            "data.task=tiny-sentiment",
             "model.dtype=bf16",
             f"deepspeed={ds_config}",
             "search.micro_batch_size=4",
@@ -138,7 +139,7 @@ def test_deepspeed_engine_on_one_gpu_trains_bf16_deltas_and_fp32_gates(ds_config
     rt = prepare(cfg, cfg.search, resume=False, kind="test_cuda")
     assert (rt.world, rt.device.type, rt.dtype) == (1, "cuda", "bf16")
     assert torch.distributed.get_backend() == "nccl"
-    space = rt.backbone.space("mixed")
+    space = rt.backbone.space("mixed+pafi+hiwi")  # PaFi's index buffer must follow the deltas to the GPU
     ctx = GateContext()
     torch.manual_seed(0)
     attach(
@@ -194,3 +195,27 @@ def test_deepspeed_engine_on_one_gpu_trains_bf16_deltas_and_fp32_gates(ds_config
     assert torch.cuda.max_memory_allocated() > 0
     del engine, bilevel, module
     torch.cuda.empty_cache()
+
+
+def test_api_attach_to_a_model_already_on_the_gpu_with_a_pafi_mask(tmp_path):
+    """The Python API gets no DeepSpeed to move the deltas: they follow their hosts to the GPU,
+    PaFi's index buffers included, and the mask's probe is compared on the CPU."""
+    import s3delta_ds
+    from s3delta_ds.structure.builders import Backbone
+    from s3delta_ds.structure.pafi import compute_mask, load_mask, mask_structure, save_mask, weights_probe
+
+    cpu = tiny_model("tiny-t5")
+    sm = SiteMap(cpu, family_for(cpu.config))
+    plan = Backbone.from_model(cpu, "tiny-t5")
+    mask = compute_mask(cpu, sm, density=0.02)
+    path = tmp_path / "mask.safetensors"
+    probe = weights_probe(cpu, sm, mask)
+    save_mask(mask, path, backbone=plan, density=0.02, ranking="global", eligible=("linear",), probe=probe)
+    structure = mask_structure(plan, *load_mask(path, plan))
+    model = tiny_model("tiny-t5").to(CUDA, BF16)
+    s3delta_ds.attach(model, structure, pafi_mask=str(path))
+    held = {b.device.type for name, b in model.named_buffers() if ".s3delta." in name}
+    assert held == {"cuda"}
+    assert {(p.dtype, p.device) for p in model.parameters() if p.requires_grad} == {(BF16, CUDA)}
+    out = logits_of(model, _on_cuda(tiny_inputs("tiny-t5")))
+    assert torch.isfinite(out).all()

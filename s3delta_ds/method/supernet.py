@@ -219,28 +219,33 @@ def _bind(delta, module, site, gather, register_external, masks) -> None:
 
 
 def cast_deltas(model: nn.Module, dtype: torch.dtype) -> None:
-    """Give every delta the float dtype its host computes in: the host's weight's, else ``dtype``
+    """Give every delta its host's device, and the float dtype its host computes in: the host's weight's, else ``dtype``
     (the backbone's; block sites and quantized hosts). Under ZeRO stages 0-2 DeepSpeed casts the
     whole module itself; under ZeRO-3 the backbone was created in its dtype and DeepSpeed leaves
     parameters added later (our deltas) as they are, so a bf16 run would mix dtypes in a matmul.
     Per host, not one dtype: transformers keeps some modules in fp32 in a half-precision model
     (T5's ``wo``), and a LoRA there must take fp32 inputs. A block site (T5's FFN) holding such a
     module returns fp32 too: its adapters take fp32 (a half one would overflow where the fp32
-    ``wo`` was kept to avoid it), and :meth:`DeltaSlot.forward` casts any input left over."""
+    ``wo`` was kept to avoid it), and :meth:`DeltaSlot.forward` casts any input left over.
+
+    The device matters under ZeRO-3 and in the Python API: DeepSpeed moves a partitioned model's
+    late parameters one by one but never their buffers (PaFi's ``indices``), and a model already on
+    a GPU gets no ``.to`` at all. A partitioned host's ``.device`` is its rank's device; a host on
+    the meta device (offloaded by accelerate) leaves the deltas where they are."""
     for module in model.modules():
         slot = getattr(module, SLOT_ATTR, None)
         if isinstance(slot, DeltaSlot):
             weight = getattr(module, "weight", None)
+            own = [  # the backbone's own: no delta, of this slot or of a child site's (still fp32 here)
+                p for name, p in module.named_parameters() if SLOT_ATTR not in name.split(".")
+            ]
             if isinstance(weight, torch.Tensor) and weight.is_floating_point():
                 chosen = weight.dtype
             else:
-                own = (  # the backbone's own: no delta, of this slot or of a child site's (still fp32 here)
-                    p.dtype
-                    for name, p in module.named_parameters()
-                    if p.is_floating_point() and SLOT_ATTR not in name.split(".")
-                )
-                chosen = torch.float32 if any(d.itemsize > dtype.itemsize for d in own) else dtype
-            slot.to(chosen)
+                wider = any(p.is_floating_point() and p.dtype.itemsize > dtype.itemsize for p in own)
+                chosen = torch.float32 if wider else dtype
+            device = own[0].device if own else None
+            slot.to(device=None if device is None or device.type == "meta" else device, dtype=chosen)
 
 
 def slots(model: nn.Module) -> dict[str, DeltaSlot]:

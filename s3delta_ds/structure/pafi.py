@@ -144,7 +144,7 @@ def check_weights(
         with gather([w]):
             if not w.is_floating_point():
                 return
-            got = w.detach().reshape(-1)[torch.tensor(rec["index"], dtype=torch.long)].float()
+            got = w.detach().reshape(-1)[torch.tensor(rec["index"], dtype=torch.long)].float().cpu()
         want = torch.tensor(rec["value"], dtype=torch.float32)
         bad = ~torch.isclose(got, want, rtol=2**-7, atol=6e-8)
         if bad.any():
