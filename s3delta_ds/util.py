@@ -102,3 +102,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def slurm_count(raw: str | None) -> int | None:
+    """A per-node count as Slurm writes it (``8``, ``4(x2)``, ``a100:8``), None when absent or 0."""
+    value = (raw or "").split("(")[0].rsplit(":", 1)[-1].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None

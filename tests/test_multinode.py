@@ -220,3 +220,29 @@ def test_two_nodes_with_hpz_match_one_node_zero3(tmp_path):
     # which the first, normalised AdamW steps amplify for near-zero gradients: measured 1.4e-5
     # (gates) and 2.9e-5 (deltas) on the seeded 64-row sample, under 1e-5 on the file's first 64 rows.
     assert gates <= 1e-4 and weights <= 1e-4
+
+
+@pytest.mark.distributed
+def test_ranks_with_different_device_memory_choose_one_strategy(tmp_path):
+    """deepspeed=auto is decided on every rank: from the smallest rank's memory, or mixed GPUs
+    chose ZeRO-2 on one node and ZeRO-3 on another, and the job hung at its first collective."""
+    from .launching import run
+
+    run("torchrun", str(ROOT / "tests" / "distributed" / "strategy_probe.py"), [str(tmp_path)], 2, timeout=300)
+    chosen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [c["memory"] for c in chosen] == [10**6, 10**6]
+    assert chosen[0]["strategy"] == chosen[1]["strategy"] != "zero2"
+
+
+def test_auto_dtype_without_bf16_sizes_the_backbone_in_fp32(monkeypatch):
+    """model.dtype=auto loads fp32 on a GPU without bf16 (V100, T4): a 7B backbone is ~26 GiB, not 13."""
+    from s3delta_ds.config import ModelConfig
+    from s3delta_ds.engine import zero
+    from s3delta_ds.run.plan import auto_strategy
+
+    monkeypatch.setenv("S3DELTA_DEVICE_MEMORY", str(32 * GIB))
+    monkeypatch.setattr(zero, "device_type", lambda: "cuda")
+    for bf16, expected in ((True, "zero2"), (False, "zero3")):
+        monkeypatch.setattr(zero, "accelerator_has_bf16", lambda bf16=bf16: bf16)
+        name, why = auto_strategy(ModelConfig(name_or_path="llama-2-7b"), 7 * 10**9, 10**6)
+        assert name == expected, why

@@ -233,6 +233,36 @@ def test_hostfile_prints_nothing_but_the_hostfile_and_refuses_a_bad_slot_count(t
     assert "$NPROC_PER_NODE must be a positive integer, got 'abc'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("gpus,slots", [("a100:8", 8), ("8(x2)", 8), ("4", 4), ("0", 2)])
+def test_local_slots_read_slurms_gpu_count_as_the_engine_does(gpus, slots, monkeypatch):
+    from s3delta_ds.run.slurm import local_slots
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", gpus)
+    assert local_slots() == slots  # this machine has no GPU: the Slurm count decides, 0 falls to 2
+
+
+@pytest.mark.parametrize("visible,local_id,expected", [(8, 3, 3), (1, 3, 0), (2, 3, 1), (0, 3, 3)])
+def test_one_task_per_rank_with_per_task_gpu_binding_uses_a_visible_device(visible, local_id, expected, monkeypatch):
+    """srun --gpus-per-task=1: task 3 sees one GPU, cuda:0; LOCAL_RANK=3 made DeepSpeed bind cuda:3."""
+    from s3delta_ds.engine import zero
+
+    class Accelerator:
+        def device_count(self):
+            return visible
+
+    monkeypatch.setattr(zero, "device_type", lambda: "cuda")
+    monkeypatch.setattr(zero, "get_accelerator", Accelerator)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "n1")
+    for var, value in {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": str(local_id)}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    zero._env_from_slurm()
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("3", str(expected))
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     missing = missing_binaries()

@@ -34,7 +34,7 @@ from deepspeed.utils import (
 )
 
 from ..errors import ConfigError, DistributedSetupError
-from ..util import free_port
+from ..util import free_port, slurm_count
 
 # Sections s3delta_ds owns: the delta optimizer (AdamW) and its schedule (linear decay) come from the
 # run config, and a second definition in the DeepSpeed json would silently disagree with it.
@@ -197,9 +197,9 @@ def local_world_size(environ: dict[str, str] | None = None) -> int | None:
     ``8`` or ``a100:8``."""
     environ = os.environ if environ is None else environ
     for var in LOCAL_WORLD_VARS:
-        raw = environ.get(var, "").split("(")[0].rsplit(":", 1)[-1].strip()
-        if raw.isdigit() and int(raw) > 0:
-            return int(raw)
+        count = slurm_count(environ.get(var))
+        if count is not None:
+            return count
     return None
 
 
@@ -241,8 +241,8 @@ def resolve_dtype(model_dtype: str, template: dict) -> str:
         enabled = template.get(key, {}).get("enabled", False)
         if enabled is True:
             return key
-    if template.get("bf16", {}).get("enabled") == "auto" and device_type() != "cpu":
-        return "bf16" if get_accelerator().is_bf16_supported() else "fp32"
+    if template.get("bf16", {}).get("enabled") == "auto":
+        return "bf16" if accelerator_has_bf16() else "fp32"
     return "fp32"
 
 
@@ -265,12 +265,22 @@ def _env_from_slurm() -> None:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ["LOCAL_RANK"] = str(_local_device_index(int(os.environ.get("SLURM_LOCALID", "0"))))
     local = local_world_size()  # SLURM_NTASKS_PER_NODE or SLURM_GPUS_ON_NODE; unknown stays unset, not 1
     if local is not None:
         os.environ.setdefault("LOCAL_SIZE", str(local))
     if "MASTER_ADDR" not in os.environ:
         raise DistributedSetupError("running one Slurm task per rank but MASTER_ADDR is not set (see slurm/*.sh)")
+
+
+def _local_device_index(local_id: int) -> int:
+    """The device a task's rank uses. With per-task GPU binding (``--gpus-per-task=1``,
+    ``--gpu-bind=single:1``) every task sees its own GPUs numbered from 0, and DeepSpeed's process
+    group binds ``cuda:LOCAL_RANK``: task 3's ``cuda:3`` would not exist."""
+    if device_type() == "cpu":
+        return local_id
+    count = get_accelerator().device_count()
+    return local_id % count if 0 < count <= local_id else local_id
 
 
 def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
@@ -510,13 +520,31 @@ def register_external(module: nn.Module, param: torch.Tensor) -> None:
 
 def device_memory_bytes() -> int:
     """Memory one rank may use: the accelerator's total, or on the CPU the machine's RAM divided by
-    the ranks on this node. $S3DELTA_DEVICE_MEMORY (bytes) overrides it."""
+    the ranks on this node. $S3DELTA_DEVICE_MEMORY (bytes) overrides it. The smallest over the
+    ranks when the process group is up: every rank must choose the same strategy (a partition mixing
+    40 and 80 GB GPUs chose ZeRO-2 on some nodes and ZeRO-3 on others, and hung)."""
     if os.environ.get("S3DELTA_DEVICE_MEMORY"):
-        return int(float(os.environ["S3DELTA_DEVICE_MEMORY"]))
-    if device_type() != "cpu":
-        return int(get_accelerator().total_memory())
-    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(ram // (local_world_size() or 1))
+        own = int(float(os.environ["S3DELTA_DEVICE_MEMORY"]))
+    elif device_type() != "cpu":
+        own = int(get_accelerator().total_memory())
+    else:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        own = int(ram // (local_world_size() or 1))
+    return min_over_ranks(own)
+
+
+def min_over_ranks(value: int) -> int:
+    """``value``'s minimum over all ranks (itself without a process group of several)."""
+    if world() <= 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def accelerator_has_bf16() -> bool:
+    """What ``model.dtype=auto`` resolves to bf16 on (else fp32)."""
+    return device_type() != "cpu" and bool(get_accelerator().is_bf16_supported())
 
 
 def choose_strategy(

@@ -137,12 +137,13 @@ def auto_strategy(model: ModelConfig, num_params: int, trainable: int) -> tuple[
     dtype) and the trainable state decide replication or ZeRO-3, and the ranks per node whether
     ZeRO-3 takes hpZ (``engine.zero.choose_strategy``). Needs the process group (joined before the plan)."""
     per_param = {"4bit": 0.5, "8bit": 1.0}.get(model.quantize or "", 2.0 if model.dtype in ("bf16", "fp16") else 4.0)
-    if model.dtype == "auto" and zero.device_type() != "cpu" and not model.quantize:
-        per_param = 2.0
+    if model.dtype == "auto" and not model.quantize:  # what resolve_dtype will load: fp32 without bf16 (V100, T4)
+        per_param = 2.0 if zero.accelerator_has_bf16() else 4.0
+    local = zero.min_over_ranks(zero.local_world_size() or 0)  # 0: unknown (on any rank)
     return zero.choose_strategy(
         int(num_params * per_param),
         trainable,
-        zero.device_memory_bytes(),
+        zero.device_memory_bytes(),  # the smallest rank's: every rank must choose the same
         world=zero.world(),
-        local_world=zero.local_world_size(),
+        local_world=local or None,
     )

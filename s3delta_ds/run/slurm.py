@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..errors import DistributedSetupError
+from ..util import slurm_count
 
 SCRIPTS = ("search", "retrain")
 
@@ -59,9 +60,8 @@ def local_slots() -> int:
             return torch.cuda.device_count()
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    if os.environ.get("SLURM_GPUS_ON_NODE"):
-        return _int_env("SLURM_GPUS_ON_NODE")
-    return 2
+    gpus = slurm_count(os.environ.get("SLURM_GPUS_ON_NODE"))  # "8", "a100:8", "8(x2)"; 0 = none
+    return gpus if gpus is not None else 2
 
 
 def hostfile(nodelist: str | None = None, slots: int | None = None) -> str:
