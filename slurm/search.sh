@@ -8,6 +8,9 @@
 #   --cpus-per-task  CPUs of the node's one task, shared by its ranks: about 8 per GPU (data
 #                    loading; the optimizer step with zero3_offload).
 #   --time; add --partition, --account or --mem where the site needs them.
+#   --signal=USR1@300: five minutes before the time limit every rank finishes its step, writes a
+#                    checkpoint and the job requeues itself (S3DELTA_REQUEUE=0: it just stops);
+#                    a preemption's SIGTERM writes the checkpoint the same way.
 #SBATCH --job-name=s3delta-search
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -16,6 +19,8 @@
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
 # -------------------------------------------------------------------------------------------------
 #
 # Search a structure across nodes:
@@ -29,7 +34,8 @@
 #     (or a .json holding zero_optimization) in MODEL's place is the DS_CONFIG.
 # Environment (passed through): OUTPUT_DIR (default: the config's output_dir, else
 # runs/search-<jobid>), NPROC_PER_NODE (default: GPUs per node, else 2), MASTER_PORT (default: from
-# the job id), S3DELTA_VENV (a virtualenv to activate).
+# the job id), S3DELTA_MASTER_ADDR (default: the job's first node), S3DELTA_VENV (a virtualenv to
+# activate).
 # A requeued job (preemption, node failure) resumes from its newest checkpoint by itself. To continue
 # a run in a new job, point OUTPUT_DIR (or the config's output_dir) at its directory and add --resume.
 set -euo pipefail
@@ -57,11 +63,15 @@ args=(--config "$config")
 [ -n "$model" ] && args+=(model.name_or_path="$model")
 # Without DS_CONFIG the run config's `deepspeed` decides (auto picks the strategy for the model).
 [ -n "$ds" ] && args+=(deepspeed="$ds")
-export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+# The first node of this job, unless S3DELTA_MASTER_ADDR names another: a MASTER_ADDR left in the
+# submitting shell (sbatch passes the environment on) would point torchrun at a stale host.
+export MASTER_ADDR=${S3DELTA_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 echo "[s3delta] job $SLURM_JOB_ID: $SLURM_NNODES node(s), master $MASTER_ADDR; search ${args[*]} $*"
 # One task per node; that task runs torchrun for the node's ranks; any failing task ends the job.
 # Slurm 22.05-23.02's srun does not inherit the job's --cpus-per-task: without it the step would
 # get one CPU per task, shared by all of the node's ranks.
-step=(--kill-on-bad-exit=1 --ntasks-per-node=1)
+# --nodes/--ntasks too: an sbatch --ntasks-per-node=8 (a GPU-job habit) would otherwise make srun
+# start 8 torchruns per node, all but one failing on the rendezvous port.
+step=(--kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 srun "${step[@]}" python -m s3delta_ds.run.slurm search "${args[@]}" "$@"

@@ -296,6 +296,11 @@ def test_resolve_bf16_and_stage_override(name):
     cfg = resolve_ds_config(template, dtype="bf16", zero_stage=1, **GEOMETRY)
     assert cfg["bf16"]["enabled"] is True
     assert cfg["zero_optimization"]["stage"] == 1
+    # delta gradients are reduced in fp32, not rounded to bf16 at every hop of the ring
+    assert cfg["communication_data_type"] == "fp32"
+    assert "communication_data_type" not in resolve_ds_config(template, dtype="fp32", **GEOMETRY)
+    kept = resolve_ds_config({**template, "communication_data_type": "bf16"}, dtype="bf16", **GEOMETRY)
+    assert kept["communication_data_type"] == "bf16"
     assert template["zero_optimization"]["stage"] in (2, 3)
     assert template["bf16"]["enabled"] == "auto"
 

@@ -150,3 +150,66 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_together(tmp_path):
             assert report[phase]["error"] == "TrainingError", (rank, phase, report)
             assert "non-finite loss" in report[phase]["message"]
             assert report[phase]["seconds"] < 30, (rank, phase, report)
+
+
+def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_matches(reference, tmp_path):
+    """Preemption (Slurm's SIGTERM, which torchrun forwards to its workers): the ranks agree on the
+    next step, write its checkpoint and leave, so no step since the last periodic checkpoint is
+    lost (here there is none before the end), and --resume is the uninterrupted run."""
+    out = tmp_path / "run"
+    args = [*FAULT, f"output_dir={out}", "search.checkpoint_every=0"]  # a checkpoint only at evaluations (16)
+    log_path = tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            command("torchrun", "search", args), env=env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.time() + 300
+            while not _logged_step(out, 3):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "no step 3 within 300 s"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    assert len(saved) == 1, (saved, text[-3000:])
+    step = int(saved[0].removeprefix("step-"))
+    assert 3 <= step < 16 and f"SIGTERM received: stopped at step {step}" in text
+    assert not (out / "structure.json").exists()
+    run("torchrun", "search", ["--resume", *args])
+    assert torch.equal(alphas(out), alphas(reference))
+    assert _rows(out) == _rows(reference)
+
+
+def _logged_step(out: Path, step: int) -> bool:
+    metrics = out / "metrics.jsonl"
+    try:
+        return any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines() if line)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def test_sigusr1_in_a_slurm_job_requeues_it(tmp_path, monkeypatch):
+    """--signal=USR1@T: after the checkpoint, rank 0 requeues its own job (the requeued start resumes)."""
+    from s3delta_ds.run.signals import requeue_after
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "called"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    said = []
+    requeue_after(signal.SIGTERM, True, said.append)  # preemption: Slurm's policy decides
+    requeue_after(signal.SIGUSR1, False, said.append)  # not rank 0
+    assert not (tmp_path / "called").exists() and said == []
+    requeue_after(signal.SIGUSR1, True, said.append)
+    assert (tmp_path / "called").read_text() == "requeue 77\n" and "requeued job 77" in said[0]
+    monkeypatch.setenv("S3DELTA_REQUEUE", "0")
+    (tmp_path / "called").unlink()
+    requeue_after(signal.SIGUSR1, True, said.append)
+    assert not (tmp_path / "called").exists()

@@ -396,3 +396,13 @@ def test_the_rows_digest_follows_token_ids_and_labels_only():
         [{**rows[0], "input_ids": [5, 6]}, {**rows[1], "input_ids": [7, 8]}],  # boundaries count
     ):
         assert rows_digest(changed) != rows_digest(rows)
+
+
+@pytest.mark.parametrize(
+    "name,dtype,warned", [("tiny-t5", "fp16", True), ("tiny-t5", "bf16", False), ("tiny-llama", "fp16", False)]
+)
+def test_fp16_on_a_t5_is_warned_about(name, dtype, warned):
+    cfg = load_run_config(None, [f"model.name_or_path={name}", f"model.dtype={dtype}", "data.task=tiny-sentiment"])
+    said = []
+    preflight_search(cfg, log=said.append)
+    assert any("fp16 on a T5" in s and "bf16" in s for s in said) == warned

@@ -52,10 +52,13 @@ def srun_args(tmp_path: Path, script: str, argv: list[str]) -> list[str]:
     (fake / "srun").chmod(0o755)
     (fake / "activate").write_text(f'PATH="{fake}:$PATH"\n')
     job = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_CPUS_PER_TASK": "64"}
-    e = {**os.environ, **job, "MASTER_ADDR": "n1", "S3DELTA_VENV": str(fake.parent), "SRUN_ARGS": str(tmp_path / "a")}
+    e = {**os.environ, **job, "S3DELTA_MASTER_ADDR": "n1", "S3DELTA_VENV": str(fake.parent)}
+    e["SRUN_ARGS"] = str(tmp_path / "a")
+    e["MASTER_ADDR"] = "stale-host"  # left in the submitting shell: never the job's master
     for var in ("CONFIG", "OUTPUT_DIR"):  # the scripts read these from the environment
         e.pop(var, None)
-    subprocess.run(["bash", f"slurm/{script}", *argv], cwd=ROOT, env=e, check=True, capture_output=True)
+    proc = subprocess.run(["bash", f"slurm/{script}", *argv], cwd=ROOT, env=e, check=True, capture_output=True)
+    assert "master n1;" in proc.stdout.decode()
     return (tmp_path / "a").read_text().splitlines()
 
 
@@ -111,9 +114,11 @@ def srun_args(tmp_path: Path, script: str, argv: list[str]) -> list[str]:
 def test_scripts_leave_deepspeed_to_the_run_config_unless_asked(script, argv, expected, tmp_path):
     args = srun_args(tmp_path, script, argv)
     # srun gets the job's CPUs explicitly (Slurm 22.05-23.02's srun does not inherit them)
-    assert args[:5] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=64", "python", "-m"]
-    assert args[5:7] == ["s3delta_ds.run.slurm", script.removesuffix(".sh")]
-    assert args[7:] == expected
+    # one task per node whatever --ntasks(-per-node) the job was submitted with
+    step = ["--kill-on-bad-exit=1", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--cpus-per-task=64"]
+    assert args[:7] == [*step, "python", "-m"]
+    assert args[7:9] == ["s3delta_ds.run.slurm", script.removesuffix(".sh")]
+    assert args[9:] == expected
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -124,12 +129,15 @@ def test_scripts_pass_output_dir_only_when_set_and_append_to_the_log(script, tmp
     (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
     (fake / "srun").chmod(0o755)
     (fake / "activate").write_text(f'PATH="{fake}:$PATH"\n')
-    job = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "MASTER_ADDR": "n1"}
+    job = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "S3DELTA_MASTER_ADDR": "n1"}
     e = {**os.environ, **job, "S3DELTA_VENV": str(fake.parent), "SRUN_ARGS": str(tmp_path / "a")}
     subprocess.run(["bash", f"slurm/{script}", "x"], cwd=ROOT, env=e, check=True, capture_output=True)
     assert "output_dir=runs/mine" in (tmp_path / "a").read_text().splitlines()
     # a requeued job writes on into its log instead of truncating the first attempt's
     assert directives(ROOT / "slurm" / script)["--open-mode"] == "append"
+    # five minutes' notice before the time limit: a checkpoint, then a requeue (run.signals)
+    assert directives(ROOT / "slurm" / script)["--signal"] == "USR1@300"
+    assert "--requeue" in directives(ROOT / "slurm" / script)
 
 
 def _job(monkeypatch, restarts: int) -> None:
@@ -149,6 +157,9 @@ def test_run_args_default_output_dir_is_per_job_and_never_overrides_the_config(t
     config.write_text("output_dir: runs/rte-base\n")
     assert run_args("search", ["--config", str(config)]) == (["--config", str(config)], [])
     assert run_args("retrain", ["output_dir=here"])[1] == []
+    # `s3delta config custom > mine.yaml` writes the default: every job of it would share runs/default
+    config.write_text("output_dir: runs/default\n")
+    assert run_args("retrain", ["--config", str(config)])[1] == ["output_dir=runs/retrain-42"]
 
 
 def _run_dir(out: Path, *, checkpoint: bool, job: str = "42") -> None:
@@ -253,8 +264,9 @@ def test_one_task_per_rank_with_per_task_gpu_binding_uses_a_visible_device(visib
 
     monkeypatch.setattr(zero, "device_type", lambda: "cuda")
     monkeypatch.setattr(zero, "get_accelerator", Accelerator)
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE"):  # set first: monkeypatch restores what it set
+        monkeypatch.setenv(var, "")  # (a RANK left behind made a later test's Slurm ranks both rank 3)
+        monkeypatch.delenv(var)
     monkeypatch.setenv("MASTER_ADDR", "n1")
     for var, value in {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": str(local_id)}.items():
         monkeypatch.setenv(var, value)

@@ -126,6 +126,11 @@ def resolve_ds_config(
             section["enabled"] = want
         elif bool(section.get("enabled", False)) != want:
             raise ConfigError(f"DeepSpeed config has {key}.enabled={section.get('enabled')} but model.dtype is {dtype}")
+    if dtype in ("bf16", "fp16"):
+        # DeepSpeed reduces gradients in the model's dtype by default: a bf16 ring all-reduce rounds
+        # the delta gradients at every hop (the gate gradient is reduced in fp32). The trainable
+        # set is small, so fp32 costs next to nothing; a config that says otherwise is kept.
+        cfg.setdefault("communication_data_type", "fp32")
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if zero_stage is not None:
         zero["stage"] = zero_stage
@@ -535,10 +540,19 @@ def device_memory_bytes() -> int:
 
 def min_over_ranks(value: int) -> int:
     """``value``'s minimum over all ranks (itself without a process group of several)."""
+    return _reduce_int(value, dist.ReduceOp.MIN)
+
+
+def max_over_ranks(value: int) -> int:
+    """``value``'s maximum over all ranks (itself without a process group of several)."""
+    return _reduce_int(value, dist.ReduceOp.MAX)
+
+
+def _reduce_int(value: int, op) -> int:
     if world() <= 1:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=op)
     return int(t.item())
 
 

@@ -28,6 +28,8 @@ from ..run.plan import RunPlan
 from ..run.preflight import preflight_retrain
 from ..run.report import MetricsLog
 from ..run.runtime import check_resume_facts, model_source, prepare, released_on_failure
+from ..run.signals import StopRequest, requeue_after
+from ..run.signals import stop_note as signal_note
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
 from .state import (
@@ -114,24 +116,31 @@ class RetrainRecipe:
         start, bar = state.step, progress_bar(rc, state, "retrain", rt.is_main)
         module.train()
         try:
-            while state.step < rc.steps:
-                t0 = time.perf_counter()
-                loss = delta_update(engine, module, self.stream.next(), rt.device)
-                state.step_times.append(time.perf_counter() - t0)
-                state.step += 1
-                bar.update(1)
-                if state.step % rc.log_every == 0:
-                    log_step(self.metrics, bar, state.step, "retrain", {"loss": loss, "lr": float(engine.get_lr()[0])})
-                evaluated = state.step % rc.eval_every == 0 or state.step == rc.steps
-                if evaluated:
-                    self.evaluate()
-                stop = stop_early(rc, state.step, start)
-                if checkpoint_due(rc, state.step, evaluated) or stop:
-                    self.save_checkpoint()
-                if stop:
-                    rt.log(stop_note(rc, state.step))
-                    return False
-            return True
+            with StopRequest() as signals:
+                while state.step < rc.steps:
+                    t0 = time.perf_counter()
+                    loss = delta_update(engine, module, self.stream.next(), rt.device)
+                    state.step_times.append(time.perf_counter() - t0)
+                    state.step += 1
+                    bar.update(1)
+                    if state.step % rc.log_every == 0:
+                        log_step(
+                            self.metrics, bar, state.step, "retrain", {"loss": loss, "lr": float(engine.get_lr()[0])}
+                        )
+                    evaluated = state.step % rc.eval_every == 0 or state.step == rc.steps
+                    if evaluated:
+                        self.evaluate()
+                    stop, signalled = stop_early(rc, state.step, start), signals.agreed()
+                    if checkpoint_due(rc, state.step, evaluated) or stop or signalled:
+                        self.save_checkpoint()
+                    if signalled:  # preemption or the time limit: this step's checkpoint is written
+                        rt.log(signal_note(signalled, state.step))
+                        requeue_after(signalled, rt.is_main, rt.log)
+                        return False
+                    if stop:
+                        rt.log(stop_note(rc, state.step))
+                        return False
+                return True
         finally:
             bar.close()
             self.metrics.close()

@@ -21,6 +21,8 @@ from ..run.plan import RunPlan
 from ..run.preflight import preflight_search
 from ..run.report import MetricsLog, gates_csv, heatmap
 from ..run.runtime import check_resume_facts, model_source, prepare, released_on_failure
+from ..run.signals import StopRequest, requeue_after
+from ..run.signals import stop_note as signal_note
 from ..structure import Structure, builders
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
@@ -110,36 +112,44 @@ class SearchRecipe:
         start, bar = state.step, progress_bar(sc, state, "search", self.rt.is_main)
         self.pipe.module.train()
         try:
-            while state.step < sc.steps:
-                t0 = time.perf_counter()
-                weight_batches, gate_batches = self.streams["weights"].next(), self.streams["gates"].next()
-                # Gates first, on their own half of the training data (the original's order): a
-                # gradient on the batches the weights were just fitted to would favour overfitting.
-                gate_loss = None  # search.gate_warmup: the delta weights train alone first
-                if state.step >= sc.gate_warmup_steps:
-                    gate_loss = self.bilevel.gate_update(weight_batches, gate_batches, state.step)
-                delta_loss = self.bilevel.delta_step(weight_batches, state.step)  # a fresh gate sample
-                state.step_times.append(time.perf_counter() - t0)
-                state.step += 1
-                bar.update(1)
-                if state.step % sc.log_every == 0:
-                    lr = float(self.pipe.engine.get_lr()[0])
-                    stats = {"delta_loss": delta_loss, "gate_grad_norm": gates.last_grad_norm}
-                    if gate_loss is not None:
-                        stats["gate_loss"] = gate_loss
-                    if gates.loss_scale.enabled:  # fp16: the gate pass's own scale and its skipped steps
-                        stats |= {"gate_loss_scale": gates.loss_scale.scale, "gate_skipped": gates.loss_scale.skipped}
-                    log_step(self.metrics, bar, state.step, "search", {**stats, "lr": lr})
-                evaluated = state.step % sc.eval_every == 0 or state.step == sc.steps
-                if evaluated:
-                    self.evaluate()
-                stop = stop_early(sc, state.step, start)
-                if checkpoint_due(sc, state.step, evaluated) or stop:
-                    self.save_checkpoint()
-                if stop:
-                    self.rt.log(stop_note(sc, state.step))
-                    return False
-            return True
+            with StopRequest() as signals:
+                while state.step < sc.steps:
+                    t0 = time.perf_counter()
+                    weight_batches, gate_batches = self.streams["weights"].next(), self.streams["gates"].next()
+                    # Gates first, on their own half of the training data (the original's order): a
+                    # gradient on the batches the weights were just fitted to would favour overfitting.
+                    gate_loss = None  # search.gate_warmup: the delta weights train alone first
+                    if state.step >= sc.gate_warmup_steps:
+                        gate_loss = self.bilevel.gate_update(weight_batches, gate_batches, state.step)
+                    delta_loss = self.bilevel.delta_step(weight_batches, state.step)  # a fresh gate sample
+                    state.step_times.append(time.perf_counter() - t0)
+                    state.step += 1
+                    bar.update(1)
+                    if state.step % sc.log_every == 0:
+                        lr = float(self.pipe.engine.get_lr()[0])
+                        stats = {"delta_loss": delta_loss, "gate_grad_norm": gates.last_grad_norm}
+                        if gate_loss is not None:
+                            stats["gate_loss"] = gate_loss
+                        if gates.loss_scale.enabled:  # fp16: the gate pass's own scale and its skipped steps
+                            stats |= {
+                                "gate_loss_scale": gates.loss_scale.scale,
+                                "gate_skipped": gates.loss_scale.skipped,
+                            }
+                        log_step(self.metrics, bar, state.step, "search", {**stats, "lr": lr})
+                    evaluated = state.step % sc.eval_every == 0 or state.step == sc.steps
+                    if evaluated:
+                        self.evaluate()
+                    stop, signalled = stop_early(sc, state.step, start), signals.agreed()
+                    if checkpoint_due(sc, state.step, evaluated) or stop or signalled:
+                        self.save_checkpoint()
+                    if signalled:  # preemption or the time limit: this step's checkpoint is written
+                        self.rt.log(signal_note(signalled, state.step))
+                        requeue_after(signalled, self.rt.is_main, self.rt.log)
+                        return False
+                    if stop:
+                        self.rt.log(stop_note(sc, state.step))
+                        return False
+                return True
         finally:
             bar.close()
             self.metrics.close()

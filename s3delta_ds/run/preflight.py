@@ -56,7 +56,7 @@ def from_accelerate(cfg: RunConfig, log=log0) -> RunConfig:
     return cfg
 
 
-def _check_common(cfg: RunConfig) -> str:
+def _check_common(cfg: RunConfig, log=log0) -> str:
     """Task, DeepSpeed config and model family; returns the model's family name ("" for GGUF)."""
     from ..backbones import family_for
     from ..backbones.loading import check_stored_quantization, load_config
@@ -72,7 +72,14 @@ def _check_common(cfg: RunConfig) -> str:
     config = load_config(cfg.model.name_or_path)
     if not cfg.model.random_init:
         check_stored_quantization(config, cfg.model.quantize, cfg.model.name_or_path)
-    return family_for(config).name
+    family = family_for(config).name
+    if family == "t5" and cfg.model.dtype == "fp16":
+        log(
+            "warning: model.dtype=fp16 on a T5: T5's feed-forward activations exceed fp16's range (transformers "
+            "keeps its wo in fp32 for that, and DeepSpeed's fp16 engine casts it), so losses may turn NaN. "
+            "Use model.dtype=bf16, or fp32 on a GPU without bf16"
+        )
+    return family
 
 
 def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
@@ -96,7 +103,7 @@ def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
         cfg = _replace(cfg, "data", task=DEFAULT_TASK)
     rules_of(cfg.search.space)
     cfg = from_accelerate(cfg, log)
-    _check_common(cfg)
+    _check_common(cfg, log)
     return cfg
 
 
@@ -144,7 +151,7 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
     elif searched_task is not None and searched_task != cfg.data.task:
         log(f"[s3delta retrain] the structure was searched on task {searched_task}; retraining on {cfg.data.task}")
     cfg = from_accelerate(cfg, log)
-    family = _check_common(cfg)
+    family = _check_common(cfg, log)
     if structure is not None and family and family != structure.backbone.family:
         raise StructureError(
             f"{rc.structure} is for a {structure.backbone.family} backbone but model {cfg.model.name_or_path} is "

@@ -13,6 +13,7 @@ SLURM_NTASKS to RANK/LOCAL_RANK/WORLD_SIZE when MASTER_ADDR/MASTER_PORT are expo
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,9 @@ def run_args(script: str, args: list[str]) -> tuple[list[str], list[str]]:
     """The entry point's arguments for this start of the job, and what was added (to print).
 
     * Neither the config nor the overrides name an ``output_dir``: ``runs/<script>-<job id>``, one
-      directory per job. A config's own ``output_dir`` is never overridden.
+      directory per job. A config's own ``output_dir`` is never overridden, unless it is the
+      default ``runs/default`` that ``s3delta config`` writes into every template (every job of
+      such a config, its search and its retrain, would share one directory).
     * A requeued job (``SLURM_RESTART_COUNT`` > 0: preemption, a node failure, ``scontrol
       requeue``) keeps its job id and its directory: when the directory's claim records this job
       id, it continues from the newest complete checkpoint (``--resume``), or starts over
@@ -115,7 +118,10 @@ def run_args(script: str, args: list[str]) -> tuple[list[str], list[str]]:
             raise ConfigError(f"cannot read config {known.config}: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"config {known.config} must be a YAML mapping at the top level")
-    if not any(o.startswith("output_dir=") for o in overrides) and "output_dir" not in raw:
+    from ..config import RunConfig
+
+    named = raw.get("output_dir") not in (None, RunConfig().output_dir)
+    if not any(o.startswith("output_dir=") for o in overrides) and not named:
         added.append(f"output_dir=runs/{script}-{os.environ.get('SLURM_JOB_ID', '0')}")
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
     if not known.resume and restarts.isdigit() and int(restarts) > 0:
@@ -134,6 +140,11 @@ def torchrun_command(script: str, args: list[str]) -> list[str]:
     for var in ("SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_NODEID"):
         if var not in os.environ:
             raise DistributedSetupError(f"{var} is not set: run this through srun inside sbatch/salloc")
+    if os.environ.get("SLURM_LOCALID", "0") != "0":  # a second task on this node: a second torchrun
+        raise DistributedSetupError(
+            f"this is task {os.environ['SLURM_LOCALID']} on its node, and each node runs one torchrun: launch one "
+            'task per node (srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1)'
+        )
     master = os.environ.get("MASTER_ADDR") or hostnames()[0]
     return [
         sys.executable,
@@ -181,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"[s3delta slurm] node {os.environ['SLURM_NODEID']}/{os.environ['SLURM_NNODES']}: {' '.join(cmd)}", flush=True
     )
+    # `#SBATCH --signal=USR1@T` signals every process of the step: torchrun, which does not handle
+    # SIGUSR1, would die of it and take the workers down before they checkpoint. An ignored signal
+    # stays ignored across exec; the workers set their own handler while they train (run.signals).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execv(cmd[0], cmd)
     return 0  # pragma: no cover
 

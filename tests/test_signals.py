@@ -1,0 +1,20 @@
+"""StopRequest: a scheduler's signal is latched while a training loop runs, and the handlers that
+were there before come back afterwards (the Python API must not leave a notebook's behind)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from s3delta_ds.run.signals import StopRequest, stop_note
+
+
+def test_signals_are_latched_inside_and_handlers_restored_outside():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with StopRequest() as stop:
+        assert stop.agreed() == 0
+        os.kill(os.getpid(), signal.SIGUSR1)  # the process lives on: latched, not acted on
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGUSR1 and stop.agreed() == signal.SIGUSR1  # the first one wins
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert "SIGUSR1 received: stopped at step 7" in stop_note(signal.SIGUSR1, 7)
