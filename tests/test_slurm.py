@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,49 @@ def test_hostfile_prints_nothing_but_the_hostfile_and_refuses_a_bad_slot_count(t
     monkeypatch.setenv("NPROC_PER_NODE", "abc")
     assert main(["hostfile", "--nodelist", "n[1-2]"]) == 2
     assert "$NPROC_PER_NODE must be a positive integer, got 'abc'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("state,refused", [("RUNNING", True), ("PENDING", True), ("", False), ("COMPLETED", False)])
+def test_a_directory_another_live_job_owns_cannot_be_resumed_or_overwritten(tmp_path, monkeypatch, state, refused):
+    """Job 100 is requeued (or still running) and will resume its directory itself: a second job's
+    --resume (or overwrite=true) there would write it twice; once 100 has ended it may."""
+    from s3delta_ds.errors import ConfigError
+    from s3delta_ds.run.runtime import check_output_dir
+
+    out = tmp_path / "run"
+    _run_dir(out, checkpoint=True, job="100")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f'#!/bin/sh\n[ "$3" = 100 ] && printf "{state}\\n"\nexit 0\n')
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "200")
+    for kwargs in ({"resume": True, "overwrite": False}, {"resume": False, "overwrite": True}):
+        if refused:
+            with pytest.raises(ConfigError, match=f"belongs to Slurm job 100 \\({state}\\)"):
+                check_output_dir(out, **kwargs)
+        else:
+            check_output_dir(out, **kwargs)
+    monkeypatch.setenv("SLURM_JOB_ID", "100")  # the job itself, requeued: its own directory
+    check_output_dir(out, resume=True, overwrite=False)
+
+
+def test_a_directory_a_live_run_on_this_host_owns_cannot_be_resumed(tmp_path):
+    from s3delta_ds.errors import ConfigError
+    from s3delta_ds.run.runtime import check_output_dir
+    from s3delta_ds.util import claim_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "s3delta_ds.search"])
+    try:
+        claim_run_dir(out, {"slurm_job_id": None, "host": socket.gethostname(), "pid": live.pid})
+        with pytest.raises(ConfigError, match=f"belongs to process {live.pid} on this host"):
+            check_output_dir(out, resume=True, overwrite=False)
+    finally:
+        live.kill()
+        live.wait()
+    check_output_dir(out, resume=True, overwrite=False)  # it has ended
 
 
 @pytest.mark.parametrize("gpus,slots", [("a100:8", 8), ("8(x2)", 8), ("4", 4), ("0", 2)])

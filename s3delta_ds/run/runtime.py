@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -151,6 +152,49 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"output directory {out} was claimed by another run a moment ago: use another output_dir")
 
 
+#: squeue states of a job that is, or will again be, running (and writing to its directory).
+_LIVE_SLURM_STATES = {
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+    "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT",
+}  # fmt: skip
+
+
+def live_owner(claim: dict) -> str | None:
+    """Who still runs on a claimed directory, or None: another Slurm job that ``squeue`` lists as
+    active (a requeued one resumes the directory by itself), or an s3delta process on this host.
+    Unknown (no squeue, a claim from elsewhere) counts as not running."""
+    job, here = claim.get("slurm_job_id"), os.environ.get("SLURM_JOB_ID")
+    if job:
+        if job == here:
+            return None  # this job (requeued): its own directory
+        try:
+            proc = subprocess.run(
+                ["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=20
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        state = proc.stdout.strip().splitlines()[0].strip() if proc.returncode == 0 and proc.stdout.strip() else ""
+        return f"Slurm job {job} ({state})" if state in _LIVE_SLURM_STATES else None
+    pid = claim.get("pid")
+    if claim.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return f"process {pid} on this host" if b"s3delta" in cmdline else None
+
+
+def _refuse_a_live_owner(out: Path, action: str) -> None:
+    claim = read_run_claim(out)
+    owner = live_owner(claim) if claim else None
+    if owner:
+        raise ConfigError(
+            f"{action}: {out} belongs to {owner}, which is still running (or queued to resume it): two runs "
+            "would write one directory. Wait for it, cancel it (scancel), or use another output_dir"
+        )
+
+
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """``prepare_output_dir``'s refusals, touching nothing: also run by ``s3delta search --nproc N``
     before it starts the ranks.
@@ -162,8 +206,11 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     if resume:
         if not out.is_dir():
             raise ConfigError(f"--resume: output directory {out} does not exist")
+        _refuse_a_live_owner(out, "--resume")
         return
     if out.exists() and any(out.iterdir()):
+        if overwrite:
+            _refuse_a_live_owner(out, "overwrite=true")
         if not overwrite:
             raise ConfigError(
                 f"output directory {out} is not empty; pass --resume to continue it, or overwrite=true to replace it"
