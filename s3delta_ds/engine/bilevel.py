@@ -59,14 +59,14 @@ def delta_update(engine, model: DeltaModel, micro_batches, device: torch.device)
     """
     items = global_items(micro_batches, device)
     scale = engine.gradient_accumulation_steps() * zero.world() / items
-    total = 0.0
+    total = torch.zeros(1, dtype=torch.float64, device=device)  # on the device: no sync per micro-batch
     for mb in micro_batches:
         loss_sum, _ = engine(move(mb, device))
         loss = loss_sum.sum()
         engine.backward(loss * scale)
         engine.step()
-        total += float(loss.detach())
-    mean = float(zero.all_reduce_sum_(torch.tensor([total], dtype=torch.float64, device=device)).item()) / items
+        total += loss.detach().double()
+    mean = float(zero.all_reduce_sum_(total).item()) / items
     check_finite(mean, "delta phase")  # on every rank alike: the sum is all-reduced
     return mean
 
@@ -190,7 +190,7 @@ class BiLevel:
 
         gz = torch.zeros_like(z_leaf)
         gw = [torch.zeros_like(w) for w in ws] if want_w else None
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=gz.device)  # on the device: no sync per micro-batch
         self.model.gate_ctx.z = z_leaf
         for mb in micro_batches:
             loss, grads = run(move(mb, self.device))
@@ -199,10 +199,12 @@ class BiLevel:
                 for acc, g in zip(gw, grads[1:], strict=True):
                     if g is not None:
                         acc += g
-            total += float(loss)
+            total += loss.detach().double()
         # the loss's finiteness rides on the gradient's all-reduce, so every rank decides alike
-        reduced = zero.all_reduce_sum_(torch.cat([gz, gz.new_tensor([0.0 if math.isfinite(total) else 1.0])]))
+        bad_here = (~torch.isfinite(total)).to(gz.dtype).reshape(1)
+        reduced = zero.all_reduce_sum_(torch.cat([gz, bad_here]))
         gz, bad = reduced[:-1], float(reduced[-1])
+        total = float(total)
         if bad:
             raise TrainingError("non-finite loss in the gate phase: lower the learning rate or check the data")
         if want_w:
