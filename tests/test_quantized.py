@@ -30,6 +30,18 @@ def test_quantized_backbone_counts_its_real_parameters(quantize):
         assert torch.isfinite(model(**tiny_inputs("tiny-llama")).logits).all()
 
 
+def test_hiwi_on_the_bias_of_a_quantized_linear_is_allowed():
+    """HiWi target=bias reads only the bias, which bitsandbytes leaves in full precision."""
+    cfg = ModelConfig(name_or_path="tiny-bert", quantize="8bit")
+    model = load_backbone(cfg, source=resolve_source(cfg), dtype="fp32", ds_config={}, num_labels=2)
+    sm = Backbone.from_model(model).site_map
+    site = sm.site("encoder.0.mlp.up")
+    assert is_quantized(model.get_submodule(site.path).weight)
+    attach(model, sm, [DeltaSpec(site.name, "hiwi", {"target": "bias", "bottleneck": 2})])
+    with pytest.raises(SearchSpaceError, match="backbone is quantized"):
+        attach(model, sm, [DeltaSpec("encoder.1.mlp.up", "hiwi", {"target": "weight"})])
+
+
 def test_pafi_and_hiwi_refuse_quantized_weights():
     cfg = ModelConfig(name_or_path="tiny-llama", quantize="4bit")
     model = load_backbone(cfg, source=resolve_source(cfg), dtype="fp32", ds_config={})

@@ -198,8 +198,12 @@ def attach(
 
 
 def _bind(delta, module, site, gather, register_external, masks) -> None:
+    # the tensor the delta reads: HiWi target=bias reads only the bias, never quantized
+    reads = (
+        "bias" if getattr(delta, "uses_base_weight", False) and getattr(delta.cfg, "target", "") == "bias" else "weight"
+    )
     needs_weight = getattr(delta, "binds_to_weight", False) or getattr(delta, "uses_base_weight", False)
-    if needs_weight and is_quantized(getattr(module, "weight", None)):
+    if needs_weight and is_quantized(getattr(module, reads, None)):
         raise ValueError(
             "needs the full-precision weights, and this backbone is quantized (model.quantize): unset model.quantize, "
             "or search a space without pafi and hiwi (search.space=mixed) / retrain a structure without them"
