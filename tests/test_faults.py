@@ -152,10 +152,11 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_together(tmp_path):
             assert report[phase]["seconds"] < 30, (rank, phase, report)
 
 
-def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_matches(reference, tmp_path):
+def test_sigterm_writes_a_checkpoint_at_the_next_step(tmp_path):
     """Preemption (Slurm's SIGTERM, which torchrun forwards to its workers): the ranks agree on the
     next step, write its checkpoint and leave, so no step since the last periodic checkpoint is
-    lost (here there is none before the end), and --resume is the uninterrupted run."""
+    lost (here there is none before the end). Resuming a checkpoint of any step is the
+    uninterrupted run: test_killed_rank_ends_the_job_and_resume_matches."""
     out = tmp_path / "run"
     args = [*FAULT, f"output_dir={out}", "search.checkpoint_every=0"]  # a checkpoint only at evaluations (16)
     log_path = tmp_path / "log.txt"
@@ -180,9 +181,8 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_resume_matches(referen
     step = int(saved[0].removeprefix("step-"))
     assert 3 <= step < 16 and f"SIGTERM received: stopped at step {step}" in text
     assert not (out / "structure.json").exists()
-    run("torchrun", "search", ["--resume", *args])
-    assert torch.equal(alphas(out), alphas(reference))
-    assert _rows(out) == _rows(reference)
+    state = torch.load(out / "checkpoints" / saved[0] / "state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == state["client"]["state"]["step"] == step
 
 
 def _logged_step(out: Path, step: int) -> bool:
