@@ -208,8 +208,7 @@ class BiLevel:
         if bad:
             raise TrainingError("non-finite loss in the gate phase: lower the learning rate or check the data")
         if want_w:
-            for g in gw:
-                zero.all_reduce_sum_(g)
+            zero.all_reduce_sum_many_(gw)
         if scale != 1.0:
             gz /= scale
             for g in gw or ():
