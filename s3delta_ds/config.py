@@ -202,8 +202,9 @@ class TrainConfig:
     log_every: int = 10
     """Print the training loss every N steps."""
     stop_after: int = 0
-    """Stop this launch after N steps (checkpointing first) and exit; continue with --resume. For
-    job time limits and preemptible queues. 0: run to the end."""
+    """Stop this launch after N steps (checkpointing first) and exit; continue with --resume. 0: run
+    to the end. (A SIGTERM or SIGUSR1 also checkpoints at the next step and stops: preemption, and
+    the Slurm scripts' --signal=USR1@300 before the time limit.)"""
 
     def _validate(self, section: str):
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_batch_size", "eval_every", "log_every"):
