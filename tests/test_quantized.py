@@ -11,9 +11,9 @@ from s3delta_ds.artifacts.export import export_merged
 from s3delta_ds.backbones.loading import is_quantized, stored_quantization
 from s3delta_ds.config import ModelConfig, dump_yaml, load_run_config
 from s3delta_ds.engine.backbone import load_backbone, resolve_source
-from s3delta_ds.errors import BackboneError, SearchSpaceError, StructureError
+from s3delta_ds.errors import BackboneError, ConfigError, SearchSpaceError, StructureError
 from s3delta_ds.method.supernet import DeltaSpec, attach
-from s3delta_ds.run.preflight import preflight_search
+from s3delta_ds.run.preflight import preflight_retrain, preflight_search
 from s3delta_ds.structure.builders import Backbone, manual
 
 from .helpers import tiny_inputs
@@ -143,3 +143,61 @@ def test_merge_refuses_a_run_on_a_checkpoint_stored_quantized(stored_8bit, tmp_p
     with pytest.raises(StructureError, match="stores its weights quantized \\(8bit\\).*no full-precision weights"):
         export_merged(run_dir, tmp_path / "out", full_precision_base=full_precision_base)
     assert not (tmp_path / "out").exists()
+
+
+# -- refused at plan time, before a backbone loads ------------------------------------------------
+
+
+def _structure_of(tmp_path, model: str, modules: list[tuple[str, str, dict]]):
+    """A manual structure of ``model`` holding exactly ``modules`` (site, type, kwargs)."""
+    from s3delta_ds.deltas import resolve
+    from s3delta_ds.structure import Budget, ModuleChoice, Structure
+
+    plan = Backbone.plan(model)
+    chosen = []
+    for site, type_, kwargs in modules:
+        _, _, n = resolve(type_, kwargs, plan.site_map.site(site).dims, site)
+        chosen.append(ModuleChoice(site, type_, kwargs, n))
+    used = sum(m.params for m in chosen)
+    s = Structure(kind="manual", backbone=plan.info, budget=Budget(None, None, used), modules=tuple(chosen))
+    return s.save(tmp_path / f"{model}-{len(chosen)}.json")
+
+
+def _cfg(tmp_path, *overrides):
+    return load_run_config(None, [f"output_dir={tmp_path / 'out'}", "model.quantize=4bit", *overrides])
+
+
+def test_a_search_space_with_pafi_or_hiwi_is_refused_on_a_quantized_backbone_before_it_loads(tmp_path):
+    for space in ("mixed+pafi+hiwi", "mergeable"):
+        with pytest.raises(ConfigError, match=r"has hiwi \(target=weight\), pafi, which need .* model.quantize=4bit"):
+            preflight_search(_cfg(tmp_path, "model.name_or_path=tiny-llama", f"search.space={space}"))
+    preflight_search(_cfg(tmp_path, "model.name_or_path=tiny-llama", "search.space=mixed"))
+
+
+def test_a_structure_with_pafi_or_weight_hiwi_on_quantized_hosts_is_refused_before_it_loads(tmp_path):
+    pafi = _structure_of(tmp_path, "tiny-llama", [("decoder.0.attn.q", "pafi", {"density": 0.1})])
+    with pytest.raises(ConfigError, match=r"has pafi, which need the backbone's full-precision weights"):
+        preflight_retrain(_cfg(tmp_path, f"retrain.structure={pafi}", "data.task=tiny-sentiment"))
+    bias = _structure_of(tmp_path, "tiny-bert", [("encoder.0.mlp.up", "hiwi", {"target": "bias", "bottleneck": 2})])
+    preflight_retrain(_cfg(tmp_path, f"retrain.structure={bias}", "data.task=tiny-sentiment"))
+
+
+def test_hiwi_on_t5s_wo_passes_preflight_and_attach_because_bitsandbytes_keeps_it_full_precision(tmp_path):
+    """T5 lists "wo" in _keep_in_fp32_modules, which transformers leaves out of bitsandbytes: the
+    plan-time check must not refuse what attaching accepts."""
+    hiwi = ("encoder.0.mlp.down", "hiwi", {"target": "weight", "bottleneck": 1})
+    path = _structure_of(tmp_path, "tiny-t5", [hiwi])
+    preflight_retrain(_cfg(tmp_path, f"retrain.structure={path}", "data.task=tiny-sentiment"))
+    model = load_backbone(
+        ModelConfig(name_or_path="tiny-t5", quantize="4bit"),
+        source=resolve_source(ModelConfig(name_or_path="tiny-t5")),
+        dtype="fp32",
+        ds_config={},
+    )
+    sm = Backbone.from_model(model).site_map
+    assert not is_quantized(model.get_submodule(sm.path("encoder.0.mlp.down")).weight)
+    assert is_quantized(model.get_submodule(sm.path("encoder.0.mlp.up")).weight)
+    attach(model, sm, [DeltaSpec(*hiwi)])
+    up = _structure_of(tmp_path, "tiny-t5", [("encoder.0.mlp.up", "hiwi", {}), hiwi])
+    with pytest.raises(ConfigError, match=r"has hiwi \(target=weight\)"):
+        preflight_retrain(_cfg(tmp_path, f"retrain.structure={up}", "data.task=tiny-sentiment"))

@@ -56,6 +56,39 @@ def from_accelerate(cfg: RunConfig, log=log0) -> RunConfig:
     return cfg
 
 
+def check_quantized_types(cfg: RunConfig, types, where: str) -> None:
+    """Refuse, before a backbone loads, delta types that read a quantized backbone's weights.
+
+    PaFi trains entries of the frozen weight and HiWi (target=weight) adapts it: under
+    ``model.quantize`` those weights are packed 4/8-bit storage. Attaching refuses them too, but
+    only after a 70B backbone has loaded for minutes on every rank.
+
+    Args:
+        types: (type name, kwargs) pairs, from a search space's rules (each rule reaches at least
+            one quantized projection) or a structure's modules on quantized hosts.
+        where: what the pairs came from, for the message.
+    """
+    if cfg.model.quantize is None:
+        return
+    from ..deltas import delta_class
+    from ..deltas.base import build_config
+
+    refused = set()
+    for type_name, kwargs in types:
+        cls = delta_class(type_name)
+        reads_weight = getattr(cls, "binds_to_weight", False) or (
+            getattr(cls, "uses_base_weight", False) and build_config(cls, kwargs).target != "bias"
+        )
+        if reads_weight:
+            refused.add(type_name if type_name != "hiwi" else "hiwi (target=weight)")
+    if refused:
+        raise ConfigError(
+            f"{where} has {', '.join(sorted(refused))}, which need the backbone's full-precision weights, and "
+            f"model.quantize={cfg.model.quantize} packs them: unset model.quantize, or search a space without pafi "
+            "and hiwi (search.space=mixed) / retrain a structure without them (hiwi target=bias is fine)"
+        )
+
+
 def _check_common(cfg: RunConfig, log=log0) -> str:
     """Task, DeepSpeed config and model family; returns the model's family name ("" for GGUF)."""
     from ..backbones import family_for
@@ -101,7 +134,8 @@ def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
             )
     if cfg.data.task is None:
         cfg = _replace(cfg, "data", task=DEFAULT_TASK)
-    rules_of(cfg.search.space)
+    rules = rules_of(cfg.search.space)
+    check_quantized_types(cfg, ((r.delta, r.kwargs) for r in rules), f"search.space={cfg.search.space}")
     cfg = from_accelerate(cfg, log)
     _check_common(cfg, log)
     return cfg
@@ -166,6 +200,11 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
         planned = Backbone.plan(cfg.model.name_or_path)
         structure.check_backbone(planned.site_map)
         _check_pafi_mask(cfg, structure, planned)
+        # transformers keeps a class's _keep_in_fp32_modules (T5: every "wo") out of bitsandbytes
+        keep = set(getattr(planned.model, "_keep_in_fp32_modules", None) or ())
+        hosts = ((m, planned.site_map.path(m.site)) for m in structure.modules)
+        quantized = ((m.type, m.kwargs) for m, path in hosts if path.rsplit(".", 1)[-1] not in keep)
+        check_quantized_types(cfg, quantized, str(rc.structure))
     if structure is not None:
         _warn_split(cfg, structure, log)
     return cfg, structure
