@@ -81,11 +81,57 @@ def test_custom_task_from_a_datasets_directory_and_jsonl(tmp_path):
         (["data.label_words=[pos]"], ConfigError, "two or more distinct words"),
         (["data.metric=auc"], ConfigError, "data.metric must be one of"),
         (["data.hub_dataset=some/set"], ConfigError, "exactly one of .* got files, hub_dataset"),
+        # the answer in the input, or validation/test rows that are training rows: no error used to say so
+        (["data.template=review: {review} ({sentiment})"], ConfigError, "reads the label column 'sentiment'"),
+        (["data.columns=[review, sentiment]"], ConfigError, "reads the label column 'sentiment'"),
     ],
 )
 def test_custom_config_mistakes_are_named(tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
         resolve_task(_cfg(tmp_path, *overrides))
+
+
+def test_validation_or_test_data_that_is_the_training_data_is_refused(tmp_path):
+    train = tmp_path / "train.csv"
+    with pytest.raises(ConfigError, match="data.train_file and data.validation_file name the same file"):
+        resolve_task(_cfg(tmp_path, f"data.validation_file={tmp_path / '.' / 'train.csv'}"))
+    with pytest.raises(ConfigError, match="data.validation_file and data.test_file name the same file"):
+        resolve_task(_cfg(tmp_path, f"data.test_file={tmp_path / 'dev.csv'}"))
+    hub = ["data.task=custom", f"data.hub_dataset={tmp_path}", "data.template={review}", "data.label_words=[a, b]"]
+    for overrides, pair in (
+        (["data.validation_split=train"], "data.train_split and data.validation_split"),
+        (["data.test_split=train"], "data.train_split and data.test_split"),
+        (["data.test_split=validation"], "data.validation_split and data.test_split"),
+    ):
+        with pytest.raises(ConfigError, match=f"{pair} name the same split"):
+            resolve_task(load_run_config(None, [*hub, *overrides]).data)
+    assert train.is_file() and resolve_task(load_run_config(None, [*hub, "data.test_split=test"]).data)
+
+
+def test_csv_cells_that_pandas_reads_as_missing_are_text(tmp_path):
+    """pandas reads NA, None, null, NaN, N/A as missing: the label word "NA" was refused as label None,
+    and a review saying "null" was a null text. Only an empty cell is missing."""
+    rows = [("NA", "yes"), ("null", "NA"), ("N/A", "no"), ("fine", "None")]
+    body = "".join(f"{t},{lab}\n" for t, lab in rows)
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.csv").write_text("review,answer\n" + body)
+    base = ["data.task=custom", "data.template={review}", "data.label_column=answer"]
+    files = [f"data.train_file={tmp_path / 'train.csv'}", f"data.validation_file={tmp_path / 'dev.csv'}"]
+    data = load_run_config(None, [*base, *files, "data.label_words=[yes, no, NA, None]"]).data
+    got = load_rows(resolve_task(data), None)["train"]
+    assert [(r["review"], r["answer"]) for r in got] == [("NA", 0), ("null", 2), ("N/A", 1), ("fine", 3)]
+    (tmp_path / "train.csv").write_text("review,answer\nok,yes\n,no\n")
+    with pytest.raises(DataError, match="text column 'review' is null"):
+        load_rows(resolve_task(data), None)
+
+
+def test_a_malformed_row_is_named_by_the_parsers_own_error(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"review": "ok", "sentiment": "positive"}\n{"review": "bad", \n')
+    (tmp_path / "dev.jsonl").write_text('{"review": "ok", "sentiment": "positive"}\n')
+    files = [f"data.train_file={tmp_path / 'train.jsonl'}", f"data.validation_file={tmp_path / 'dev.jsonl'}"]
+    data = _cfg(tmp_path, *files, files=False)
+    with pytest.raises(DataError, match=r"train.jsonl: cannot read its rows \((?!DatasetGenerationError)"):
+        load_rows(resolve_task(data), None)
 
 
 def test_custom_keys_on_a_builtin_task_and_misspelt_tasks_are_errors(tmp_path):
@@ -234,6 +280,36 @@ def test_numeral_label_words_read_by_the_whole_column(tmp_path, labels, expected
     for split in ("train", "dev"):
         (tmp_path / f"{split}.csv").write_text("review,stars\n" + rows)
     assert [r["stars"] for r in load_rows(resolve_task(data), None)["train"]] == expected
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        (["2.0", "1.0", "3.0"], [1, 0, 2]),  # a CSV reader makes floats of them: still the words
+        (["3", "1", "2"], [2, 0, 1]),  # 3 is no class id of 3 words: the words
+        (["1.5", "1.0", "3.0"], [None, 0, 2]),  # 1.5 is no word: refused
+    ],
+)
+def test_decimal_label_words_read_from_a_csv_are_the_words(tmp_path, labels, expected):
+    """Words "1.0".."3.0": a CSV label 2.0 became the int 2, read as class id 2 ("3.0"), one class off."""
+    data = _cfg(tmp_path, "data.label_column=score", "data.label_words=['1.0', '2.0', '3.0']")
+    rows = "".join(f'"{t}",{lab}\n' for t, lab in zip("abc", labels, strict=True))
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.csv").write_text("review,score\n" + rows)
+    if None in expected:
+        with pytest.raises(DataError, match="label 1.5 in column 'score' is not a class id"):
+            load_rows(resolve_task(data), None)
+    else:
+        assert [r["score"] for r in load_rows(resolve_task(data), None)["train"]] == expected
+
+
+def test_decimal_label_words_that_fit_both_readings_are_refused(tmp_path):
+    data = _cfg(tmp_path, "data.label_column=score", "data.label_words=['1.0', '2.0', '3.0']")
+    rows = "".join(f'"{t}",{lab}\n' for t, lab in zip("ab", ["1.0", "2.0"], strict=True))
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.csv").write_text("review,score\n" + rows)
+    with pytest.raises(DataError, match="ambiguous .* is label 1 class 1 \\('2.0'\\) or the word '1.0' \\(class 0\\)"):
+        load_rows(resolve_task(data), None)
 
 
 def test_numeral_label_words_that_fit_both_readings_are_refused(tmp_path):

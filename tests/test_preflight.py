@@ -406,3 +406,22 @@ def test_fp16_on_a_t5_is_warned_about(name, dtype, warned):
     said = []
     preflight_search(cfg, log=said.append)
     assert any("fp16 on a T5" in s and "bf16" in s for s in said) == warned
+
+
+def test_a_source_longer_than_an_encoders_position_table_is_refused_before_writing(tmp_path):
+    """tiny-bert reads 128 positions: 200 tokens failed at the first step with a size mismatch, after
+    the output directory was claimed. RoBERTa's table starts after its padding index."""
+    with pytest.raises(ConfigError, match=r"max_source_length=200 exceeds the 128 positions .* bert"):
+        run_search(_cfg(tmp_path, "model.name_or_path=tiny-bert", "data.max_source_length=200"))
+    assert not (tmp_path / "out").exists()
+    preflight_search(_cfg(tmp_path, "model.name_or_path=tiny-bert", "data.max_source_length=128"))
+    from transformers import RobertaConfig
+
+    roberta = tmp_path / "roberta"
+    RobertaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=130
+    ).save_pretrained(roberta)
+    with pytest.raises(ConfigError, match="max_source_length=129 exceeds the 128 positions this roberta"):
+        preflight_search(_cfg(tmp_path, f"model.name_or_path={roberta}", "data.max_source_length=129"))
+    preflight_search(_cfg(tmp_path, f"model.name_or_path={roberta}", "data.max_source_length=128"))
+    preflight_search(_cfg(tmp_path, "model.name_or_path=tiny-t5", "data.max_source_length=4096"))

@@ -56,6 +56,23 @@ def test_stsb_scores_round_to_the_nearest_label_word():
     assert t.label_index(3.14) == STSB_WORDS.index("3.2") and t.label_index(0.09) == 0 and t.label_index(5) == 25
 
 
+def test_stsb_ties_round_half_to_even_as_t5_does():
+    """T5's preprocessing is round(x * 5) / 5, half to even: 0.3 -> 0.4, 0.7 -> 0.8, 1.5 -> 1.6,
+    3.5 -> 3.6, 0.1 -> 0.0. The nearest-word search used to go wherever float noise fell (mostly down)."""
+    t = get_task("stsb")
+    for score in (0.1, 0.3, 0.5, 0.7, 1.5, 2.9, 3.5, 4.9, 1.37, 4.61):
+        expected = f"{np.round(score * 5) / 5:.1f}"
+        assert STSB_WORDS[t.label_index(score)] == expected, score
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), -0.2, 5.11, 99.0])
+def test_a_score_that_is_not_finite_or_outside_the_words_range_is_refused(score):
+    """NaN was nearest to every word (all comparisons false) and became "0.0"; -7 became "0.0"."""
+    with pytest.raises(DataError, match=r"outside the label words' range \[0, 5\]"):
+        get_task("stsb").label_index(score, "train.jsonl row 3")
+    assert get_task("stsb").label_index(5.09) == 25 and get_task("stsb").label_index(-0.09) == 0
+
+
 def test_string_labels_map_to_their_word():
     assert get_task("rte").label_index("not_entailment") == 1
     assert get_task("rte").label_index(0) == 0

@@ -25,6 +25,19 @@ def placeholders(template: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _distinct(named: dict[str, str], what: str) -> None:
+    """Train, validation and test must be different data: a validation split that is the training
+    split selects on rows the deltas trained on, and a test split among them scores memory."""
+    seen: dict[str, str] = {}
+    for key, value in named.items():
+        if value in seen:
+            raise ConfigError(
+                f"{seen[value]} and {key} name the same {what} ({value}): validation and test rows must be "
+                "held out from training and from each other (leave data.test_split unset to halve validation)"
+            )
+        seen[value] = key
+
+
 def custom_task(data) -> Task:
     """The ``Task`` that a ``DataConfig`` with ``task: custom`` describes.
 
@@ -45,6 +58,11 @@ def custom_task(data) -> Task:
     missing = [f for f in fields if f not in columns]
     if missing:
         raise ConfigError(f"data.template uses {missing} but data.columns is {list(columns)}")
+    if data.label_column in columns:  # every source would carry its answer: training and test scores mean nothing
+        raise ConfigError(
+            f"data.template (or data.columns) reads the label column {data.label_column!r}: the model would see "
+            "each answer in its input; take it out of the template"
+        )
     words = tuple(data.label_words or ())
     if len(words) < 2 or len(set(words)) != len(words):
         raise ConfigError(f"data.task=custom needs data.label_words: two or more distinct words, got {list(words)}")
@@ -75,9 +93,12 @@ def custom_task(data) -> Task:
         for split, f in files.items():
             if Path(f).suffix not in _SUFFIXES:
                 raise ConfigError(f"data.{split}_file {f}: use {', '.join(_SUFFIXES)}")
+        _distinct({f"data.{s}_file": str(Path(f).resolve()) for s, f in files.items()}, "file")
     splits = {"train": data.train_split, "validation": data.validation_split}
     if data.test_split:
         splits["test"] = data.test_split
+    if data.hub_dataset:
+        _distinct({f"data.{s}_split": name for s, name in splits.items()}, "split")
     return Task(
         name="custom",
         template=data.template,

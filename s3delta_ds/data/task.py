@@ -5,6 +5,7 @@ the registry (``tasks``) import it, never the other way round."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +39,22 @@ class Task:
     #: Split → file path (``data.task: custom`` with data.train_file etc.).
     files: dict[str, str] = field(default_factory=dict)
 
+    def numerals(self) -> dict[float, int]:
+        """Label words that are numbers ("1", "2.0"), by value: a CSV reader makes numbers of them."""
+        out: dict[float, int] = {}
+        for i, w in enumerate(self.label_words):
+            try:
+                value = float(w)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                out.setdefault(value, i)
+        return out
+
     def int_labels_are_words(self, values: set[int], where: str = "") -> bool:
-        """How integer labels read when the label words are numerals too (star ratings ``"1".."5"``
-        that a CSV reader turned into ints): as the words (True) or as class ids (False).
+        """How integer labels read when the label words are numerals too (star ratings ``"1".."5"``,
+        or ``"1.0".."3.0"``, that a CSV reader turned into numbers): as the words (True) or as class
+        ids (False).
 
         The whole label column decides, never a row alone: read row by row, labels 0..4 against the
         words "1".."5" would map both 0 and 1 to class 0.
@@ -49,18 +63,19 @@ class Task:
             DataError: both readings fit every label yet disagree (labels 1..4 against the words
                 "1".."5": class ids 1..4, or the words of classes 0..3?).
         """
-        numerals = {w: i for i, w in enumerate(self.label_words) if w.lstrip("-").isdigit()}
+        numerals = self.numerals()
         if self.metric == "pearson" or not values or not numerals:
             return False
-        as_words = all(str(v) in numerals for v in values)
+        as_words = all(float(v) in numerals for v in values)
         as_ids = all(0 <= v < len(self.label_words) for v in values)
-        if as_words and as_ids and any(numerals[str(v)] != v for v in values):
-            v = next(v for v in sorted(values) if numerals[str(v)] != v)
+        if as_words and as_ids and any(numerals[float(v)] != v for v in values):
+            v = next(v for v in sorted(values) if numerals[float(v)] != v)
+            word = self.label_words[numerals[float(v)]]
             where = f"{where}: " if where else ""
             raise DataError(
                 f"{where}integer labels {sorted(values)} in column {self.label_column!r} are ambiguous against the "
                 f"label words {list(self.label_words)}: is label {v} class {v} ({self.label_words[v]!r}) or the "
-                f"word {str(v)!r} (class {numerals[str(v)]})? Write the labels as strings in JSONL (a CSV reader "
+                f"word {word!r} (class {numerals[float(v)]})? Write the labels as strings in JSONL (a CSV reader "
                 "reads quoted numbers as numbers), or use label words that are not numerals (e.g. '1 star')"
             )
         return as_words and not as_ids
@@ -88,12 +103,13 @@ class Task:
         if isinstance(value, bool):
             raise error(f"label column {self.label_column!r} holds booleans; use 0/1 or the label words")
         if self.metric == "pearson" and isinstance(value, (int, float)):
-            words = [float(w) for w in self.label_words]
-            return min(range(len(words)), key=lambda i: abs(words[i] - float(value)))
+            return self._nearest_word(float(value), error)
+        if isinstance(value, float) and not value.is_integer() and value in self.numerals():
+            return self.numerals()[value]  # "2.5" read by a CSV reader: never a class id
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if ints_are_words and isinstance(value, int):
-            value = str(value)
+            return self.numerals()[float(value)]
         if isinstance(value, str):
             if value in self.label_words:
                 return self.label_words.index(value)
@@ -107,6 +123,24 @@ class Task:
             f"label {value!r} in column {self.label_column!r} is not a class id in [0, {len(self.label_words)}) "
             f"nor one of the label words {list(self.label_words)}"
         )
+
+    def _nearest_word(self, value: float, error) -> int:
+        """A score's label word: the nearest, ties to the even index (T5 rounds STS-B's scores
+        half to even, ``round(x * 5) / 5``, and word k there is k/5). A score that is not finite
+        or lies more than half a step outside the words' range is refused: NaN compared as the
+        nearest to every word and became class 0."""
+        words = [float(w) for w in self.label_words]
+        ordered = sorted(words)
+        half = min((b - a for a, b in zip(ordered, ordered[1:], strict=False)), default=0.0) / 2
+        if not math.isfinite(value) or not ordered[0] - half <= value <= ordered[-1] + half:
+            raise error(
+                f"score {value!r} in column {self.label_column!r} is outside the label words' range "
+                f"[{ordered[0]:g}, {ordered[-1]:g}]"
+            )
+        distance = [abs(w - value) for w in words]
+        nearest = min(distance)
+        ties = [i for i, d in enumerate(distance) if d - nearest <= 1e-9 * max(1.0, abs(value))]
+        return next((i for i in ties if i % 2 == 0), ties[0])
 
     def source(self, row: dict[str, Any]) -> str:
         return self.template.format(**{c: row[c] for c in self.columns})

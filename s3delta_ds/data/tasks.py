@@ -67,11 +67,18 @@ def _read(path: Path) -> list[dict]:
 
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    # pandas reads the cells NA, None, null, NaN, N/A... as missing: a review that says "NA" became a
+    # null text and the label word "NA" no label. Only an empty cell is missing here.
+    na = {"keep_default_na": False, "na_values": [""]} if path.suffix == ".csv" else {}
     try:
-        ds = datasets.load_dataset(_EXTENSIONS[path.suffix], data_files={"x": str(path)}, split="x")
+        ds = datasets.load_dataset(_EXTENSIONS[path.suffix], data_files={"x": str(path)}, split="x", **na)
     except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as e:
-        # datasets reports a header-only CSV or a row-less parquet file in several ways
-        raise DataError(f"{path}: cannot read any rows ({type(e).__name__}: {e})") from e
+        # datasets reports a header-only CSV or a row-less parquet file in several ways, and wraps the
+        # parser's own error (which names the bad line) in "An error occurred while generating the dataset"
+        inner = e
+        while (inner.__cause__ or inner.__context__) is not None:
+            inner = inner.__cause__ or inner.__context__
+        raise DataError(f"{path}: cannot read its rows ({type(inner).__name__}: {str(inner).strip()})") from e
     return ds
 
 

@@ -89,13 +89,30 @@ def check_quantized_types(cfg: RunConfig, types, where: str) -> None:
         )
 
 
+def _check_positions(config, source_length: int) -> None:
+    """An encoder with learned absolute positions (BERT, RoBERTa) cannot read more tokens than its
+    position table holds: the first step failed with a size mismatch, after the output directory
+    was claimed. T5 (relative) and RoPE decoders have no such table."""
+    relative = (getattr(config, "position_embedding_type", None) or "absolute") != "absolute"
+    if relative or config.model_type not in ("bert", "roberta"):
+        return
+    table = config.max_position_embeddings
+    if config.model_type == "roberta":  # positions start after the padding index
+        table -= (config.pad_token_id or 0) + 1
+    if source_length > table:
+        raise ConfigError(
+            f"data.max_source_length={source_length} exceeds the {table} positions this {config.model_type} model "
+            f"reads (max_position_embeddings): set data.max_source_length={table} or less"
+        )
+
+
 def _check_common(cfg: RunConfig, log=log0) -> str:
     """Task, DeepSpeed config and model family; returns the model's family name ("" for GGUF)."""
     from ..backbones import family_for
     from ..backbones.loading import check_stored_quantization, load_config
     from ..data import resolve_task
 
-    resolve_task(cfg.data)
+    task = resolve_task(cfg.data)
     if cfg.deepspeed != "auto":
         from ..engine import zero
 
@@ -106,6 +123,7 @@ def _check_common(cfg: RunConfig, log=log0) -> str:
     if not cfg.model.random_init:
         check_stored_quantization(config, cfg.model.quantize, cfg.model.name_or_path)
     family = family_for(config).name
+    _check_positions(config, cfg.data.max_source_length or task.max_source_length)
     if family == "t5" and cfg.model.dtype == "fp16":
         log(
             "warning: model.dtype=fp16 on a T5: T5's feed-forward activations exceed fp16's range (transformers "
