@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,3 +426,27 @@ def test_a_source_longer_than_an_encoders_position_table_is_refused_before_writi
         preflight_search(_cfg(tmp_path, f"model.name_or_path={roberta}", "data.max_source_length=129"))
     preflight_search(_cfg(tmp_path, f"model.name_or_path={roberta}", "data.max_source_length=128"))
     preflight_search(_cfg(tmp_path, "model.name_or_path=tiny-t5", "data.max_source_length=4096"))
+
+
+def test_resume_refuses_a_classifier_pooled_another_way():
+    """A BERT head trained on CLS features resumed on mean pooling with no word: model.pooling=auto
+    resolves from the model directory, so the resolved mode is a checkpoint fact, not a config key."""
+    from types import SimpleNamespace
+
+    from s3delta_ds.run.runtime import Runtime, check_resume_facts
+
+    def rt(family: str, pooling: str):
+        cfg = _cfg(Path("/tmp"), f"model.pooling={pooling}")
+        ns = SimpleNamespace(
+            cfg=cfg, data={"train": [], "validation": []}, ds_config={}, plan=SimpleNamespace(deepspeed="zero2")
+        )
+        ns.family = SimpleNamespace(name=family)
+        ns.resume_facts = Runtime.resume_facts.func(ns)
+        return ns
+
+    saved = rt("bert", "cls").resume_facts
+    assert saved["pooling"] == "cls" and rt("t5", "auto").resume_facts["pooling"] is None
+    check_resume_facts(rt("bert", "cls"), saved)
+    with pytest.raises(ConfigError, match="trained on cls pooling and this launch pools by mean: .*model.pooling=cls"):
+        check_resume_facts(rt("bert", "mean"), saved)
+    check_resume_facts(rt("bert", "mean"), {k: v for k, v in saved.items() if k != "pooling"})  # older checkpoints

@@ -225,6 +225,7 @@ class BiLevel:
         z = self.gates.sample(step, GATE_PHASE)
         z_leaf = z.detach().requires_grad_(True)
         scaler = self.gates.loss_scale
+        self.gates.last_grad_norm = None  # stays None when the step is skipped
         gz, _, total = self._z_grad(micro_batches, z_leaf, items, scale=scaler.scale)
         if scaler.update(bool(torch.isfinite(gz).all())):
             (g_logits,) = torch.autograd.grad(z, self.gates.logits, grad_outputs=gz.to(z.dtype))

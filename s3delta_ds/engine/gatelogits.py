@@ -170,7 +170,8 @@ class GateLogits:
         self.logits = torch.zeros(len(params), dtype=torch.float32, device=device, requires_grad=True)
         self.optimizer = gate_optimizer(optimizer, self.logits, lr)
         self.scheduler = zero.linear_decay(self.optimizer, total_steps)
-        self.last_grad_norm = 0.0
+        self.last_grad_norm: float | None = None
+        """The last gate step's gradient norm; None before one, and after a step fp16 skipped."""
         self.loss_scale = loss_scale or GateLossScale()
 
     def __len__(self) -> int:

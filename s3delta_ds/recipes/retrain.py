@@ -119,14 +119,13 @@ class RetrainRecipe:
             with StopRequest() as signals:
                 while state.step < rc.steps:
                     t0 = time.perf_counter()
+                    lr = float(engine.get_lr()[0])  # this step's: DeepSpeed steps the schedule in it
                     loss = delta_update(engine, module, self.stream.next(), rt.device)
                     state.step_times.append(time.perf_counter() - t0)
                     state.step += 1
                     bar.update(1)
                     if state.step % rc.log_every == 0:
-                        log_step(
-                            self.metrics, bar, state.step, "retrain", {"loss": loss, "lr": float(engine.get_lr()[0])}
-                        )
+                        log_step(self.metrics, bar, state.step, "retrain", {"loss": loss, "lr": lr})
                     evaluated = state.step % rc.eval_every == 0 or state.step == rc.steps
                     if evaluated:
                         self.evaluate()
@@ -209,6 +208,7 @@ class RetrainRecipe:
     def finish(self) -> dict:
         """Write summary.json (and the structure next to the deltas) on rank 0. Returns the summary
         on every rank."""
+        self.state.check_selected("metric")
         self._test_selected()
         rt, state, structure, metric = self.rt, self.state, self.plan.structure, self.rt.task.metric
         summary = self._summary()

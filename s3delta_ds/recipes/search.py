@@ -121,15 +121,17 @@ class SearchRecipe:
                     gate_loss = None  # search.gate_warmup: the delta weights train alone first
                     if state.step >= sc.gate_warmup_steps:
                         gate_loss = self.bilevel.gate_update(weight_batches, gate_batches, state.step)
+                    lr = float(self.pipe.engine.get_lr()[0])  # this step's: DeepSpeed steps the schedule in it
                     delta_loss = self.bilevel.delta_step(weight_batches, state.step)  # a fresh gate sample
                     state.step_times.append(time.perf_counter() - t0)
                     state.step += 1
                     bar.update(1)
                     if state.step % sc.log_every == 0:
-                        lr = float(self.pipe.engine.get_lr()[0])
-                        stats = {"delta_loss": delta_loss, "gate_grad_norm": gates.last_grad_norm}
+                        stats = {"delta_loss": delta_loss}
                         if gate_loss is not None:
                             stats["gate_loss"] = gate_loss
+                        if gate_loss is not None and gates.last_grad_norm is not None:  # not warm-up, not skipped
+                            stats["gate_grad_norm"] = gates.last_grad_norm
                         if gates.loss_scale.enabled:  # fp16: the gate pass's own scale and its skipped steps
                             stats |= {
                                 "gate_loss_scale": gates.loss_scale.scale,
@@ -210,6 +212,7 @@ class SearchRecipe:
             head_prefixes=rt.family.head_modules,
             metadata={"kind": "supernet", "step": str(state.step)},
         )
+        state.check_selected(sc.select)
         logits = state.best_logits
         p, _ = probabilities(logits.double(), self.gates.n, plan.budget_params, sc.beta, check=False)
         # structure and gates.csv

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, TrainConfig
+from ..errors import TrainingError
 from ..run.checkpoint import CHECKPOINTS, resume_grad_accum
 
 
@@ -47,6 +48,21 @@ class LoopState:
         self.best_score, self.best_loss, self.best_step = result[metric], result["loss"], self.step
         for name, value in kept.items():
             setattr(self, name, value)
+
+    def check_selected(self, select: str) -> None:
+        """Raise when no evaluation could be selected (every score it compared was NaN), instead
+        of failing on the missing best step after the whole run.
+
+        Raises:
+            TrainingError: no selected step.
+        """
+        if self.best_step < 0:
+            by = "loss" if select == "loss" else "metric"
+            raise TrainingError(
+                f"no validation step could be selected: every evaluation's {by} was not a number (NaN), so the run "
+                "has no best step to keep (metrics.jsonl has each evaluation). An fp16 overflow in evaluation or a "
+                "diverged run: use model.dtype=bf16 or fp32, or a lower learning rate"
+            )
 
     def median_step_s(self) -> float:
         """The median step time, the first (warm-up) step left out when there are others."""

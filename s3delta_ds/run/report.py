@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from pathlib import Path
 
@@ -38,8 +39,12 @@ class MetricsLog:
     def log(self, step: int, phase: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        # strict JSON (jq, JSON.parse, pandas): a non-finite number (the -inf "best" before the first
+        # selectable step) is null, not the -Infinity that only Python reads
+        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "phase": phase, "time": round(time.time(), 3), **values}) + "\n")
+            row = {"step": step, "phase": phase, "time": round(time.time(), 3), **values}
+            f.write(json.dumps(row) + "\n")
         for k, v in values.items():
             if isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{phase}/{k}", v, step)

@@ -76,7 +76,8 @@ class Runtime:
         other than whole)."""
         digest = {split: rows_digest(self.data[split]) for split in ("train", "validation")}
         stage3 = zero.zero_stage(self.ds_config) == 3
-        return {"rows": digest, "zero3_init": stage3, "deepspeed": self.plan.deepspeed}
+        pooling = self.cfg.model.pooling if self.family.name == "bert" else None  # resolved: auto reads the model
+        return {"rows": digest, "zero3_init": stage3, "deepspeed": self.plan.deepspeed, "pooling": pooling}
 
 
 def rows_digest(rows: list[dict]) -> str:
@@ -119,6 +120,11 @@ def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
             f"--resume: the {' and '.join(changed)} rows are not the checkpoint's ({said}). A data file, the "
             "tokenizer, or a test split changed since (with no test split, validation is halved into validation "
             "and test). Put them back, or start a new run in another output_dir"
+        )
+    if saved.get("pooling") is not None and saved["pooling"] != now["pooling"]:
+        raise ConfigError(
+            f"--resume: the checkpoint's classifier head was trained on {saved['pooling']} pooling and this launch "
+            f"pools by {now['pooling']}: resume with model.pooling={saved['pooling']}"
         )
     if rt.cfg.model.random_init and saved["zero3_init"] != now["zero3_init"]:
         was, is_ = ("ZeRO-3", "another stage") if saved["zero3_init"] else ("another stage", "ZeRO-3")
