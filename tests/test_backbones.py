@@ -10,6 +10,7 @@ from transformers import GPT2Config, MistralConfig, Qwen2Config, RobertaConfig, 
 
 from s3delta_ds.backbones import FAMILIES, SiteDims, SiteMap, family_for, format_site, get_family, parse_site
 from s3delta_ds.backbones.loading import build_model, builtin_shapes, config_hash, count_params, load_config
+from s3delta_ds.engine.backbone import resolve_source
 from s3delta_ds.errors import BackboneError, SearchSpaceError
 from s3delta_ds.structure.builders import Backbone
 
@@ -810,3 +811,40 @@ def test_no_suggestion_for_a_name_like_no_shipped_one(monkeypatch):
     with pytest.raises(BackboneError) as info:
         load_config("no-such-model-s3delta-test")
     assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, base", [("tiny-t5", "T5EncoderModel"), ("tiny-llama", "LlamaModel")])
+def test_a_checkpoint_without_weights_the_model_computes_with_is_refused(tmp_path, name, base):
+    """A T5EncoderModel folder loaded as T5ForConditionalGeneration trained on a random frozen decoder
+    and lm_head, a LlamaModel on a random lm_head: transformers only prints a table of MISSING keys."""
+    import transformers
+
+    from s3delta_ds.backbones.loading import load_config
+    from s3delta_ds.config import ModelConfig
+    from s3delta_ds.engine.backbone import load_backbone
+
+    config = load_config(name)
+    config.tie_word_embeddings = False  # tied, LLaMA's lm_head would be the (saved) embedding
+    getattr(transformers, base)(config).save_pretrained(tmp_path / "part")
+    with pytest.raises(BackboneError, match=rf"lacks \d+ weight tensor\(s\) .* saved as {base}"):
+        load_backbone(ModelConfig(name_or_path=str(tmp_path / "part")), source=str(tmp_path / "part"), dtype="fp32",
+                      ds_config={})  # fmt: skip
+    cfg = ModelConfig(name_or_path=name)
+    load_backbone(cfg, source=resolve_source(cfg), dtype="fp32", ds_config={})  # the whole model loads
+
+
+def test_a_new_classifier_head_and_an_unused_pooler_may_be_missing(tmp_path):
+    import transformers
+
+    from s3delta_ds.backbones.loading import load_config
+    from s3delta_ds.config import ModelConfig
+    from s3delta_ds.engine.backbone import load_backbone
+
+    transformers.BertModel(load_config("tiny-bert"), add_pooling_layer=False).save_pretrained(tmp_path / "enc")
+    src = str(tmp_path / "enc")
+    model = load_backbone(ModelConfig(name_or_path=src, pooling="mean"), source=src, dtype="fp32", ds_config={},
+                          num_labels=3)  # fmt: skip
+    assert model.classifier.out_features == 3
+    with pytest.raises(BackboneError, match=r"lacks 2 weight tensor\(s\) .*bert.pooler.dense"):
+        load_backbone(ModelConfig(name_or_path=src, pooling="cls"), source=src, dtype="fp32", ds_config={},
+                      num_labels=3)  # fmt: skip

@@ -37,6 +37,38 @@ def test_bitfit_only_where_a_reloadable_bias_can_hold_it():
     }
 
 
+@pytest.mark.parametrize("flags", [{}, {"attention_bias": True, "mlp_bias": True}])
+def test_qwen2_offers_bitfit_only_on_its_own_biases_and_the_merge_reloads(tmp_path, flags):
+    """Qwen2's modelling ignores attention_bias/mlp_bias (q/k/v always have a bias, o and the MLP never),
+    but a config.json may carry them: BitFit was offered on o_proj and the MLP, and the merge failed
+    there (AttributeError on a None bias), or would have saved biases that never reload."""
+    import transformers
+
+    config = transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=500, **flags,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
+    bb = Backbone.from_model(model, str(tmp_path / "qwen2"))
+    bitfit = [c for c in bb.space("mergeable").candidates if c.type == "bitfit"]
+    assert {c.site.split(".", 2)[-1] for c in bitfit} == {"attn.q", "attn.k", "attn.v"}
+    attach(model, bb.site_map, [DeltaSpec(c.site, "bitfit", {}) for c in bitfit])
+    with torch.no_grad():
+        for _, p in delta_parameters(model):
+            p.normal_(0, 0.5)
+    ids = torch.randint(0, 500, (1, 6))
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits
+        report = merge(model, bb.site_map)
+    assert not report.kept
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, hooked, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama", "tiny-bert"])
 def test_the_whole_space_folds_into_an_equal_model(name):
     """Every candidate at once, perturbed: merge keeps nothing and the outputs do not change."""

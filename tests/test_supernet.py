@@ -159,3 +159,29 @@ def test_attaching_twice_is_refused():
 
     with pytest.raises(SearchSpaceError, match="already has deltas"):
         attach(model, sm, [DeltaSpec("encoder.0.attn.q", "bitfit", {})])
+
+
+def test_parallel_deltas_keep_the_output_dtype_of_an_fp16_t5_whose_wo_stays_fp32(tmp_path):
+    """transformers keeps T5's wo in fp32 under fp16, so the residual stream (and every later norm's
+    input) is fp32 while the norm's output is fp16. A parallel delta's term came back in the input's
+    dtype and promoted the norm's output to fp32: the next fp16 Linear failed (float != Half)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    import s3delta_ds
+    from s3delta_ds.structure.builders import Backbone, manual
+
+    config = T5Config(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, decoder_start_token_id=0,
+    )  # fmt: skip
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", dtype=torch.float16)
+    assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    ids = torch.randint(1, 96, (2, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    for preset in ("lnfit", "lora"):
+        s3delta_ds.attach(model, manual(Backbone.from_model(model), preset).save(tmp_path / f"{preset}.json"))
+    with torch.no_grad():
+        after = model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    assert after.dtype == torch.float16 and torch.equal(after, before)  # zero-initialised deltas change nothing

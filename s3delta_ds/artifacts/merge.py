@@ -75,9 +75,7 @@ def _enable_llama_bias(model: nn.Module, site_map: SiteMap, group: str) -> None:
     """Turn on LLaMA's attention_bias / mlp_bias: zero biases on every projection of that group,
     so the saved model loads as a plain LlamaForCausalLM with the flag set."""
     flag = site_map.family.bias_flag(f"{group}.proj", site_map.config)
-    if getattr(site_map.config, flag, False):
-        return
-    setattr(site_map.config, flag, True)
+    setattr(site_map.config, flag, True)  # and a zero bias wherever one is missing, whatever the flag said
     for s in site_map.sites.values():
         if s.component.startswith(group + ".") and s.dims.kind == "linear":
             lin = model.get_submodule(s.path)

@@ -41,6 +41,10 @@ class LlamaFamily(Family):
         }
 
     def bias_flag(self, component, config):
+        # LLaMA's modelling reads these flags; Qwen2's and Mistral's ignore them (a config.json may still
+        # carry them), so a bias saved there would not reload
+        if getattr(config, "model_type", None) != "llama":
+            return None
         flag = {"attn": "attention_bias", "mlp": "mlp_bias"}.get(component.split(".")[0])
         return flag if flag is not None and hasattr(config, flag) and "." in component else None
 

@@ -89,11 +89,12 @@ def load_backbone(
     # API, a notebook, one compat launch running several precisions): transformers would partition
     # these weights into ZeRO-3 placeholders that nothing gathers.
     with contextlib.nullcontext() if keep_alive is not None else without_hf_zero3():
-        model = _load_weights(cfg, source, torch_dtype, head)
+        model, missing = _load_weights(cfg, source, torch_dtype, head)
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    _apply_pooling(model, cfg, source)
+    mean_pooled = _apply_pooling(model, cfg, source)
+    _check_missing(model, missing, source, mean_pooled)
     model.config._name_or_path = cfg.name_or_path
     # transformers holds the DeepSpeed config by weakref and consults it again later (generate,
     # resizing): keep it alive as long as the model.
@@ -101,7 +102,34 @@ def load_backbone(
     return model
 
 
-def _load_weights(cfg: ModelConfig, source: str, torch_dtype: torch.dtype, head: dict) -> nn.Module:
+def _check_missing(model: nn.Module, missing: set[str], source: str, mean_pooled: bool) -> None:
+    """Refuse a checkpoint that lacks frozen weights the model computes with.
+
+    transformers initialises them randomly and only prints a table: a T5EncoderModel folder loaded
+    as T5ForConditionalGeneration trained on a random frozen decoder and lm_head, a LlamaModel on a
+    random lm_head, with results that looked real. A task head is new by design, and a BERT pooler
+    is unused under mean pooling.
+    """
+    heads = family_for(model.config).head_modules
+    lacking = sorted(
+        k
+        for k in missing
+        if not any(k == h or k.startswith(f"{h}.") for h in heads) and not (mean_pooled and ".pooler." in f".{k}")
+    )
+    if lacking:
+        shown = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+        saved_as = ", ".join(getattr(model.config, "architectures", None) or []) or "unknown"
+        raise BackboneError(
+            f"{source} lacks {len(lacking)} weight tensor(s) that {type(model).__name__} computes with ({shown}): "
+            f"they would be random and frozen. The checkpoint was saved as {saved_as}; point model.name_or_path "
+            "at the whole model (for T5, an encoder-decoder checkpoint, not a T5EncoderModel folder; for a "
+            "decoder, one with its lm_head)"
+        )
+
+
+def _load_weights(cfg: ModelConfig, source: str, torch_dtype: torch.dtype, head: dict) -> tuple[nn.Module, set[str]]:
+    """The model and the weight names its checkpoint lacked (none for a random init)."""
+    missing: set[str] = set()
     try:
         if cfg.random_init:
             if cfg.quantize:
@@ -124,20 +152,24 @@ def _load_weights(cfg: ModelConfig, source: str, torch_dtype: torch.dtype, head:
                 kwargs["ignore_mismatched_sizes"] = True  # a head for another label count is re-initialised
             if cfg.gguf_file:
                 kwargs["gguf_file"] = cfg.gguf_file
-            model = cls.from_pretrained(source, **kwargs)
+            model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+            missing = set(info.get("missing_keys") or ())
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot load backbone weights from {source!r}: {e}") from e
-    return model
+    return model, missing
 
 
-def _apply_pooling(model: nn.Module, cfg: ModelConfig, source: str) -> None:
+def _apply_pooling(model: nn.Module, cfg: ModelConfig, source: str) -> bool:
+    """Hook mean pooling where it applies; returns whether it did."""
     family = family_for(model.config)
     if family.name != "bert":
         if cfg.pooling != "auto":
             raise BackboneError(f"model.pooling applies to encoder classifiers (bert family), not {family.name}")
-        return
+        return False
     if resolve_pooling(cfg.pooling, source, pretrained=not cfg.random_init and not cfg.gguf_file) == "mean":
         use_mean_pooling(model)
+        return True
+    return False
 
 
 def quantization_config(kind: str, storage_dtype: torch.dtype):

@@ -501,7 +501,9 @@ def trim_zero3_hooks(engine) -> int:
                 handle.remove()
                 trimmed[id(module)] = module
         hooks[:] = keep
-    persistent = [p for m in trimmed.values() for p in m._parameters.values() if p is not None]
+    # once each: a tied weight (T5's shared/embed_tokens/lm_head) belongs to several trimmed modules,
+    # and a world of one refuses the same parameter twice in one gather (INFLIGHT)
+    persistent = list({id(p): p for m in trimmed.values() for p in m._parameters.values() if p is not None}.values())
 
     @torch.no_grad()
     def gather_persistent(_module, _args):

@@ -104,8 +104,8 @@ class DeltaSlot(nn.Module):
         if y0 is None:
             return self.scale_input(x)
         y = y0
-        for key in self._order[Slot.PARALLEL]:
-            y = y + self._run(key, x)
+        for key in self._order[Slot.PARALLEL]:  # in the output's dtype: an fp16 T5 norm reads an fp32 stream
+            y = y + self._run(key, x).to(y0.dtype)
         if self._order[Slot.SEQUENTIAL]:
             y1 = y
             for key in self._order[Slot.SEQUENTIAL]:
