@@ -327,7 +327,8 @@ class RunConfig:
     a json path, or "auto": replicate the frozen backbone (zero2) when it fits on a device, ZeRO-3 when
     not (zero3_multinode, with ZeRO++ hpZ, when the job spans nodes)."""
     zero_stage: int | None = None
-    """Override the DeepSpeed config's ZeRO stage (0-3)."""
+    """Override the DeepSpeed config's ZeRO stage (0-3). Under ``deepspeed=auto`` it also picks the
+    template: 3 a ZeRO-3 one (zero3, zero3_cpu or zero3_multinode), 0-2 zero2."""
     seed: int = 0
     """Initialisation, data order and gate noise. The data splits use ``data.split_seed`` instead."""
     overwrite: bool = False

@@ -55,3 +55,17 @@ def test_explicit_config_overrides_auto(tmp_path):
         extra_env={"S3DELTA_DEVICE_MEMORY": "100000"},
     )
     assert json.loads((out / "summary.json").read_text())["zero_stage"] == 2
+
+
+def test_a_zero_stage_set_under_auto_takes_that_stages_template():
+    """zero_stage=3 under deepspeed=auto ran stage 3 on the zero2 template (none of stage 3's
+    settings: DeepSpeed's default persistence threshold, no prefetch sizing) when the backbone fit."""
+    name, why = choose_strategy(22 * GIB, 10**6, 80 * GIB, cpu=False, stage=3)
+    assert name == "zero3" and "zero_stage=3 set" in why
+    assert choose_strategy(22 * GIB, 10**6, 80 * GIB, cpu=True, stage=3)[0] == "zero3_cpu"
+    assert choose_strategy(22 * GIB, 10**6, 80 * GIB, world=32, local_world=8, cpu=False, stage=3)[0] == (
+        "zero3_multinode"
+    )
+    name, why = choose_strategy(44 * GIB, 10**6, 80 * GIB, cpu=False, stage=2)
+    assert name == "zero2" and "zero_stage=2 set" in why
+    assert choose_strategy(44 * GIB, 10**6, 80 * GIB, cpu=False)[0] == "zero3"  # unset: the sizes decide

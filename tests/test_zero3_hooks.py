@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,15 +99,17 @@ def test_bert_retrain_with_persistent_parameters_tests_at_the_end(tmp_path):
 @pytest.mark.slow
 def test_one_process_zero3_with_persistent_tied_embeddings_matches_the_partitioned_run(tmp_path):
     """tiny-t5 ties shared, both embed_tokens and lm_head to one weight. Under a persistence threshold
-    above its size (deepspeed=auto with zero_stage=3: DeepSpeed's default 1e5), the trimmed modules
-    listed it four times, and a world of one gathered it twice in one call: 'expect NOT_AVAILABLE,
-    got INFLIGHT' at the first gate step. Two ranks tolerated the duplicate."""
+    above its size (a user's stage-3 config without one: DeepSpeed's default 1e5), the trimmed modules
+    listed it four times, and a world of one gathered it twice in one call: 'expect NOT_AVAILABLE, got
+    INFLIGHT' at the first gate step. Two ranks tolerated the duplicate."""
+    persistent = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    persistent["zero_optimization"]["stage"] = 3  # and none of zero3.json's settings
+    (tmp_path / "persistent.json").write_text(json.dumps(persistent))
     args = [a for a in TINY if not a.startswith("deepspeed=")]
     losses = {}
-    for ds in (["deepspeed=auto", "zero_stage=3"], ["deepspeed=zero3_cpu"]):
-        out = tmp_path / ds[0].split("=")[1]
-        run("python", "search", [*args, *ds, f"output_dir={out}"], nproc=1)
+    for ds in (str(tmp_path / "persistent.json"), "zero3_cpu"):
+        out = tmp_path / Path(ds).stem
+        run("python", "search", [*args, f"deepspeed={ds}", f"output_dir={out}"], nproc=1)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        losses[ds[0]] = [r[k] for r in rows if r.get("phase") == "search" for k in ("delta_loss", "gate_loss")]
-    auto, partitioned = losses["deepspeed=auto"], losses["deepspeed=zero3_cpu"]
-    assert len(auto) == 12 and auto == pytest.approx(partitioned, rel=1e-5)
+        losses[out.name] = [r[k] for r in rows if r.get("phase") == "search" for k in ("delta_loss", "gate_loss")]
+    assert len(losses["persistent"]) == 12 and losses["persistent"] == pytest.approx(losses["zero3_cpu"], rel=1e-5)

@@ -589,6 +589,7 @@ def choose_strategy(
     world: int = 1,
     local_world: int | None = None,
     cpu: bool | None = None,
+    stage: int | None = None,
 ) -> tuple[str, str]:
     """``deepspeed=auto``: replicate the frozen backbone (ZeRO-2: no parameter gathering at all,
     trainable state still sharded) when it fits in ``fraction`` of a device next to the trainable
@@ -605,6 +606,8 @@ def choose_strategy(
         trainable_params: parameters the optimizer owns.
         memory: bytes one rank may use (:func:`device_memory_bytes`).
         world: ranks in the job; local_world: ranks per node (None: all on one node).
+        stage: a ZeRO stage the user set (``zero_stage``): 3 takes a ZeRO-3 template whatever the
+            sizes (the zero2 template has none of stage 3's settings), 0-2 the replicated one.
 
     Returns:
         (shipped config name, the reason to print).
@@ -613,7 +616,9 @@ def choose_strategy(
     cpu = device_type() == "cpu" if cpu is None else cpu
     local_world = world if local_world is None else local_world
     gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    if need <= fraction * memory:
+    if stage is not None and stage < 3:
+        return "zero2", f"zero_stage={stage} set: the replicated template (zero2) at stage {stage}"
+    if stage is None and need <= fraction * memory:
         return "zero2", (
             f"frozen backbone {gb(frozen_bytes)} + trainable state {gb(16 * trainable_params)} fits in "
             f"{fraction:.0%} of {gb(memory)} per rank: replicate it (ZeRO-2, no parameter gathering)"
@@ -621,6 +626,8 @@ def choose_strategy(
     why = (
         f"frozen backbone {gb(frozen_bytes)} + trainable state {gb(16 * trainable_params)} exceeds {fraction:.0%} "
         f"of {gb(memory)} per rank: shard it (ZeRO-3)"
+        if stage is None
+        else "zero_stage=3 set: shard the backbone with a ZeRO-3 template"
     )
     single = "zero3_cpu" if cpu else "zero3"
     if world <= local_world:

@@ -102,7 +102,7 @@ class RunPlan:
     def _with_strategy(cls, cfg: RunConfig, **fields) -> RunPlan:
         name, why = cfg.deepspeed, None
         if name == "auto":
-            name, why = auto_strategy(cfg.model, fields["num_params"], fields["trainable"])
+            name, why = auto_strategy(cfg.model, fields["num_params"], fields["trainable"], stage=cfg.zero_stage)
         return cls(task=cfg.data.task, deepspeed=name, strategy=why, **fields)
 
 
@@ -132,7 +132,7 @@ def searchable_space(cfg: RunConfig, source: str) -> tuple[int, SearchSpace, flo
     return num_params, space, budget_params
 
 
-def auto_strategy(model: ModelConfig, num_params: int, trainable: int) -> tuple[str, str]:
+def auto_strategy(model: ModelConfig, num_params: int, trainable: int, stage: int | None = None) -> tuple[str, str]:
     """``deepspeed=auto``: the frozen backbone's bytes (from the planner's count and the storage
     dtype) and the trainable state decide replication or ZeRO-3, and the ranks per node whether
     ZeRO-3 takes hpZ (``engine.zero.choose_strategy``). Needs the process group (joined before the plan)."""
@@ -146,4 +146,5 @@ def auto_strategy(model: ModelConfig, num_params: int, trainable: int) -> tuple[
         zero.device_memory_bytes(),  # the smallest rank's: every rank must choose the same
         world=zero.world(),
         local_world=local or None,
+        stage=stage,
     )
