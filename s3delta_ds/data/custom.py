@@ -58,10 +58,10 @@ def custom_task(data) -> Task:
     missing = [f for f in fields if f not in columns]
     if missing:
         raise ConfigError(f"data.template uses {missing} but data.columns is {list(columns)}")
-    if data.label_column in columns:  # every source would carry its answer: training and test scores mean nothing
+    if data.label_column in fields:  # every source would carry its answer: training and test scores mean nothing
         raise ConfigError(
-            f"data.template (or data.columns) reads the label column {data.label_column!r}: the model would see "
-            "each answer in its input; take it out of the template"
+            f"data.template reads the label column {data.label_column!r}: the model would see each answer in its "
+            "input; take it out of the template"
         )
     words = tuple(data.label_words or ())
     if len(words) < 2 or len(set(words)) != len(words):

@@ -51,7 +51,7 @@ class Task:
                 out.setdefault(value, i)
         return out
 
-    def int_labels_are_words(self, values: set[int], where: str = "") -> bool:
+    def int_labels_are_words(self, values: set[int], where: str = "", *, words: bool = False) -> bool:
         """How integer labels read when the label words are numerals too (star ratings ``"1".."5"``,
         or ``"1.0".."3.0"``, that a CSV reader turned into numbers): as the words (True) or as class
         ids (False).
@@ -67,6 +67,8 @@ class Task:
         if self.metric == "pearson" or not values or not numerals:
             return False
         as_words = all(float(v) in numerals for v in values)
+        if words and as_words:  # the column also holds labels such as 1.5 that only a word reads
+            return True
         as_ids = all(0 <= v < len(self.label_words) for v in values)
         if as_words and as_ids and any(numerals[float(v)] != v for v in values):
             v = next(v for v in sorted(values) if numerals[float(v)] != v)

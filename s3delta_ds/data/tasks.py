@@ -72,13 +72,13 @@ def _read(path: Path) -> list[dict]:
     na = {"keep_default_na": False, "na_values": [""]} if path.suffix == ".csv" else {}
     try:
         ds = datasets.load_dataset(_EXTENSIONS[path.suffix], data_files={"x": str(path)}, split="x", **na)
-    except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as e:
-        # datasets reports a header-only CSV or a row-less parquet file in several ways, and wraps the
-        # parser's own error (which names the bad line) in "An error occurred while generating the dataset"
-        inner = e
-        while (inner.__cause__ or inner.__context__) is not None:
-            inner = inner.__cause__ or inner.__context__
-        raise DataError(f"{path}: cannot read its rows ({type(inner).__name__}: {str(inner).strip()})") from e
+    except datasets.exceptions.DatasetGenerationError as e:
+        # the parser's own error (which names the bad line) is wrapped in "An error occurred while
+        # generating the dataset"
+        inner = e.__cause__ or e.__context__ or e
+        raise DataError(f"{path}: cannot parse its rows ({type(inner).__name__}: {str(inner).strip()})") from e
+    except (StopIteration, ValueError) as e:  # a header-only CSV or a row-less parquet file, said several ways
+        raise DataError(f"{path}: cannot read any rows ({type(e).__name__}: {e})") from e
     return ds
 
 
@@ -244,7 +244,13 @@ def load_rows(task: Task, data_dir: str | None, split_seed: int = 0) -> dict[str
         for r in split_rows
         if type(v := r.get(task.label_column)) is int or (type(v) is float and v.is_integer())  # noqa: E721 - not bools
     }
-    ints_are_words = task.int_labels_are_words(ints, ", ".join(where.values()))
+    # a label such as 1.5 that is a word ("1.5") and can be no class id says the column holds words
+    decimal_words = any(
+        type(v := r.get(task.label_column)) is float and not v.is_integer() and v in task.numerals()
+        for split_rows in rows.values()
+        for r in split_rows
+    )
+    ints_are_words = task.int_labels_are_words(ints, ", ".join(where.values()), words=decimal_words)
     for split, split_rows in rows.items():
         for i, row in enumerate(split_rows):
             at = RowAt(where[split], i, local.get(split))

@@ -116,6 +116,12 @@ def _check_missing(model: nn.Module, missing: set[str], source: str, mean_pooled
         for k in missing
         if not any(k == h or k.startswith(f"{h}.") for h in heads) and not (mean_pooled and ".pooler." in f".{k}")
     )
+    if lacking and all(".pooler." in f".{k}" for k in lacking):
+        raise BackboneError(
+            f"{source} has no pooler ({', '.join(lacking)} missing; saved as "
+            f"{', '.join(getattr(model.config, 'architectures', None) or []) or 'unknown'}), and CLS pooling reads "
+            "it: it would be random and frozen. Use model.pooling=mean"
+        )
     if lacking:
         shown = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
         saved_as = ", ".join(getattr(model.config, "architectures", None) or []) or "unknown"
