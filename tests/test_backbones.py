@@ -11,7 +11,7 @@ from transformers import GPT2Config, MistralConfig, Qwen2Config, RobertaConfig, 
 from s3delta_ds.backbones import FAMILIES, SiteDims, SiteMap, family_for, format_site, get_family, parse_site
 from s3delta_ds.backbones.loading import build_model, builtin_shapes, config_hash, count_params, load_config
 from s3delta_ds.engine.backbone import resolve_source
-from s3delta_ds.errors import BackboneError, SearchSpaceError
+from s3delta_ds.errors import BackboneError, SearchSpaceError, StructureError
 from s3delta_ds.structure.builders import Backbone
 
 TINY = ("tiny-t5", "tiny-t5-v1_1", "tiny-llama", "tiny-bert")
@@ -848,3 +848,48 @@ def test_a_new_classifier_head_and_an_unused_pooler_may_be_missing(tmp_path):
     with pytest.raises(BackboneError, match=r"has no pooler \(bert.pooler.dense.bias, .* Use model.pooling=mean"):
         load_backbone(ModelConfig(name_or_path=src, pooling="cls"), source=src, dtype="fp32", ds_config={},
                       num_labels=3)  # fmt: skip
+
+
+def test_a_gguf_file_plans_loads_and_preflights_like_its_model(tmp_path):
+    """model.gguf_file: the config comes from the file's metadata, for the plan and the preflight as
+    for the load (a search used to stop at 'directory has no config.json')."""
+    from s3delta_ds.config import ModelConfig, load_run_config
+    from s3delta_ds.engine.backbone import load_backbone
+    from s3delta_ds.run.preflight import preflight_retrain, preflight_search
+    from s3delta_ds.structure import builders
+
+    from .helpers import write_tiny_gguf
+
+    hf, name = write_tiny_gguf(tmp_path)
+    src = str(tmp_path)
+    model = load_backbone(ModelConfig(name_or_path=src, gguf_file=name), source=src, dtype="fp32", ds_config={})
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, hf(input_ids=ids).logits)
+    plan = Backbone.plan(src, name)
+    assert plan.info.num_params == Backbone.from_model(hf).info.num_params
+    with pytest.raises(BackboneError, match=f"no config.json; it holds {name}: set model.gguf_file={name}"):
+        Backbone.plan(src)
+    overrides = [f"model.name_or_path={src}", f"model.gguf_file={name}", "data.task=tiny-sentiment"]
+    preflight_search(load_run_config(None, [*overrides, f"output_dir={tmp_path / 'out'}"]))
+    t5 = builders.manual(Backbone.plan("tiny-t5"), "lora").save(tmp_path / "t5.json")
+    with pytest.raises(StructureError, match="is for a t5 backbone but model .* is llama"):
+        retrain = [*overrides, f"retrain.structure={t5}", f"output_dir={tmp_path / 'o'}"]
+        preflight_retrain(load_run_config(None, retrain))
+
+
+@pytest.mark.slow
+def test_a_search_and_a_retrain_run_on_a_gguf_file(tmp_path):
+    from .helpers import write_tiny_gguf
+    from .launching import TINY, run
+
+    _, name = write_tiny_gguf(tmp_path)
+    args = [a for a in TINY if not a.startswith("model.name_or_path=")]
+    args += [f"model.name_or_path={tmp_path}", f"model.gguf_file={name}", "model.tokenizer=tiny-llama"]
+    run("python", "search", [*args, f"output_dir={tmp_path / 's'}"], nproc=1)
+    structure = json.loads((tmp_path / "s" / "structure.json").read_text())
+    assert structure["backbone"]["family"] == "llama" and structure["modules"]
+    run("python", "retrain", [*args, f"retrain.structure={tmp_path / 's' / 'structure.json'}",
+                              f"output_dir={tmp_path / 'r'}"], nproc=1)  # fmt: skip
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["params_used"] == sum(m["params"] for m in structure["modules"]) and summary["best_step"] > 0

@@ -93,7 +93,7 @@ def _family(cfg):
     from ..backbones import family_for
     from ..backbones.loading import load_config
 
-    return family_for(load_config(resolve_source(cfg.model)))
+    return family_for(load_config(resolve_source(cfg.model), cfg.model.gguf_file))
 
 
 def _num_labels(cfg) -> int | None:

@@ -99,8 +99,9 @@ def _asset_hint(path: Path) -> str:
     return ""
 
 
-def load_config(model_or_config: str | os.PathLike):
-    """A HF config from a model directory, a ``config.json`` file, a shipped shape name, or a hub id.
+def load_config(model_or_config: str | os.PathLike, gguf_file: str | None = None):
+    """A HF config from a model directory, a ``config.json`` file, a shipped shape name, or a hub id;
+    with ``gguf_file``, from that GGUF file's metadata (a directory holding it, or a hub id).
 
     Raises:
         BackboneError: nothing readable was found (the message says what was tried).
@@ -109,7 +110,14 @@ def load_config(model_or_config: str | os.PathLike):
 
     spec = str(model_or_config)
     path = Path(spec)
-    if path.is_file():
+    if gguf_file is not None:
+        if path.is_dir() and not (path / gguf_file).is_file():
+            raise BackboneError(f"{spec}: no GGUF file {gguf_file!r} there (model.gguf_file)")
+        try:
+            config = AutoConfig.from_pretrained(spec, gguf_file=gguf_file)
+        except (OSError, ValueError, KeyError) as e:
+            raise BackboneError(f"{spec}/{gguf_file}: cannot read the GGUF file's metadata ({e})") from e
+    elif path.is_file():
         try:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -121,7 +129,9 @@ def load_config(model_or_config: str | os.PathLike):
         config = _config_from_dict(d, spec)
     elif path.is_dir():
         if not (path / "config.json").is_file():
-            raise BackboneError(f"{spec}: directory has no config.json")
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; it holds {', '.join(ggufs)}: set model.gguf_file={ggufs[0]}" if ggufs else ""
+            raise BackboneError(f"{spec}: directory has no config.json{hint}")
         try:
             config = AutoConfig.from_pretrained(spec)
         except (OSError, ValueError) as e:

@@ -38,7 +38,7 @@ def load_tokenizer(family: str, name_or_path: str, tokenizer: str | None = None,
             tok.pad_token = tok.unk_token
             return tok
         return BertTokenizer.from_pretrained(path)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs = {"gguf_file": gguf_file} if gguf_file and tokenizer is None else {}  # model.tokenizer: its own files
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:

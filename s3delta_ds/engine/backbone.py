@@ -146,12 +146,12 @@ def _load_weights(cfg: ModelConfig, source: str, torch_dtype: torch.dtype, head:
             cls = family_for(config).model_class(config)
             model = cls.from_config(config, dtype=torch_dtype)
         else:
-            config = load_config(source) if cfg.gguf_file is None else None
-            cls = family_for(config).model_class(config) if config is not None else _gguf_class(source, cfg.gguf_file)
+            config = load_config(source, cfg.gguf_file)
+            cls = family_for(config).model_class(config)
             kwargs = {"dtype": torch_dtype, **head}
-            if config is not None:
+            if cfg.gguf_file is None:  # a GGUF file's blocks are dequantised by transformers
                 check_stored_quantization(config, cfg.quantize, cfg.name_or_path)
-            if cfg.quantize and (config is None or stored_quantization(config) is None):
+            if cfg.quantize and (cfg.gguf_file is not None or stored_quantization(config) is None):
                 # (a checkpoint stored quantized brings its own quantization_config)
                 kwargs["quantization_config"] = quantization_config(cfg.quantize, torch_dtype)
             if head:
@@ -194,10 +194,3 @@ def quantization_config(kind: str, storage_dtype: torch.dtype):
             bnb_4bit_quant_storage=storage_dtype,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _gguf_class(source: str, gguf_file: str):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
-    return family_for(config).model_class(config)

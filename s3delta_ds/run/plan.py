@@ -69,7 +69,7 @@ class RunPlan:
     @classmethod
     def for_retrain(cls, cfg: RunConfig, source: str, structure: Structure | None) -> RunPlan:
         """Size the run by what it trains: the structure, or every weight (full fine-tuning)."""
-        planner = Backbone.plan(source)
+        planner = Backbone.plan(source, cfg.model.gguf_file)
         if structure is None:
             trainable = sum(p.numel() for p in planner.model.parameters())
         else:
@@ -87,7 +87,7 @@ class RunPlan:
     def for_setup(cls, cfg: RunConfig, source: str) -> RunPlan:
         """For callers that assemble their own pipeline on a prepared runtime (probes, checks): no
         budget, sized like a search of ``cfg.search.space``."""
-        planner = Backbone.plan(source)
+        planner = Backbone.plan(source, cfg.model.gguf_file)
         space = planner.space(cfg.search.space)
         return cls._with_strategy(
             cfg,
@@ -115,7 +115,7 @@ def searchable_space(cfg: RunConfig, source: str) -> tuple[int, SearchSpace, flo
         BudgetError: a budget no structure (or the gate equation) can meet, said in the unit the
             user set, with the range this model and space allow.
     """
-    planner = Backbone.plan(source)
+    planner = Backbone.plan(source, cfg.model.gguf_file)
     num_params = planner.info.num_params
     space = planner.space(cfg.search.space)
     budget_params = absolute_budget(cfg.search.budget, num_params)

@@ -107,7 +107,7 @@ def _check_positions(config, source_length: int) -> None:
 
 
 def _check_common(cfg: RunConfig, log=log0) -> str:
-    """Task, DeepSpeed config and model family; returns the model's family name ("" for GGUF)."""
+    """Task, DeepSpeed config and model family; returns the model's family name."""
     from ..backbones import family_for
     from ..backbones.loading import check_stored_quantization, load_config
     from ..data import resolve_task
@@ -117,10 +117,8 @@ def _check_common(cfg: RunConfig, log=log0) -> str:
         from ..engine import zero
 
         zero.read_ds_config(cfg.deepspeed)
-    if cfg.model.gguf_file is not None:  # the architecture is inside the GGUF file, read at load time
-        return ""
-    config = load_config(cfg.model.name_or_path)
-    if not cfg.model.random_init:
+    config = load_config(cfg.model.name_or_path, cfg.model.gguf_file)  # a GGUF file: its metadata
+    if not cfg.model.random_init and cfg.model.gguf_file is None:
         check_stored_quantization(config, cfg.model.quantize, cfg.model.name_or_path)
     family = family_for(config).name
     _check_positions(config, cfg.data.max_source_length or task.max_source_length)
@@ -215,7 +213,7 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
         # after the output directory was written, and the corrected rerun was refused as "not empty"
         from ..structure.builders import Backbone
 
-        planned = Backbone.plan(cfg.model.name_or_path)
+        planned = Backbone.plan(cfg.model.name_or_path, cfg.model.gguf_file)
         structure.check_backbone(planned.site_map)
         _check_pafi_mask(cfg, structure, planned)
         # transformers keeps a class's _keep_in_fp32_modules (T5: every "wo") out of bitsandbytes
@@ -247,8 +245,7 @@ def check_before_launch(script: str, cfg: RunConfig, *, resume: bool) -> None:
         from ..engine.backbone import resolve_source
         from .plan import searchable_space
 
-        if cfg.model.gguf_file is None:  # a GGUF's architecture is known only once it loads
-            searchable_space(cfg, resolve_source(cfg.model))
+        searchable_space(cfg, resolve_source(cfg.model))
     else:
         cfg, _ = preflight_retrain(cfg, log=quiet)
     check_output_dir(Path(cfg.output_dir), resume=resume, overwrite=cfg.overwrite)

@@ -309,7 +309,7 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
 
     from ..backbones.loading import load_config
 
-    config = load_config(plan.source)
+    config = load_config(plan.source, cfg.model.gguf_file)
     family = family_for(config)
     template, ds_source = zero.read_ds_config(plan.deepspeed)
     dtype = zero.resolve_dtype(cfg.model.dtype, template)

@@ -68,9 +68,10 @@ class Backbone:
         return cls(config, family, model, site_map, info)
 
     @classmethod
-    def plan(cls, model_or_config: str) -> Backbone:
-        """From a model name/path or a bare config, on the meta device: no weights, no memory."""
-        config = load_config(model_or_config)
+    def plan(cls, model_or_config: str, gguf_file: str | None = None) -> Backbone:
+        """From a model name/path or a bare config (or a GGUF file's metadata), on the meta device:
+        no weights, no memory."""
+        config = load_config(model_or_config, gguf_file)
         return cls.from_model(build_model(config, device="meta"), hub_id(str(model_or_config)))
 
     def space(self, name: str) -> SearchSpace:
