@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -279,6 +280,12 @@ def test_a_directory_a_live_run_on_this_host_owns_cannot_be_resumed(tmp_path):
     out.mkdir()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "s3delta_ds.search"])
     try:
+        # under a loaded suite this failed once (no refusal): wait until the child's command line is
+        # readable as the check reads it, so a slow start cannot pass for "not an s3delta process"
+        deadline = time.monotonic() + 30
+        while b"s3delta" not in Path(f"/proc/{live.pid}/cmdline").read_bytes():
+            assert live.poll() is None and time.monotonic() < deadline, "the stand-in run did not start"
+            time.sleep(0.05)
         claim_run_dir(out, {"slurm_job_id": None, "host": socket.gethostname(), "pid": live.pid})
         with pytest.raises(ConfigError, match=f"belongs to process {live.pid} on this host"):
             check_output_dir(out, resume=True, overwrite=False)
