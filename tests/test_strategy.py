@@ -69,3 +69,16 @@ def test_a_zero_stage_set_under_auto_takes_that_stages_template():
     name, why = choose_strategy(44 * GIB, 10**6, 80 * GIB, cpu=False, stage=2)
     assert name == "zero2" and "zero_stage=2 set" in why
     assert choose_strategy(44 * GIB, 10**6, 80 * GIB, cpu=False)[0] == "zero3"  # unset: the sizes decide
+
+
+def test_the_run_plan_passes_zero_stage_to_auto():
+    from s3delta_ds.config import load_run_config
+    from s3delta_ds.run.plan import RunPlan
+
+    def plan(*overrides):
+        cfg = load_run_config(None, ["deepspeed=auto", *overrides])
+        return RunPlan._with_strategy(cfg, kind="setup", source="tiny-t5", num_params=181_056, trainable=1_000)
+
+    assert plan().deepspeed == "zero2"  # tiny-t5 fits: replicated
+    assert plan("zero_stage=3").deepspeed == "zero3_cpu" and "zero_stage=3 set" in plan("zero_stage=3").strategy
+    assert plan("zero_stage=1").deepspeed == "zero2"
