@@ -559,3 +559,34 @@ def test_manual_presets_on_tiny_t5(tiny_t5, preset, count, params):
     assert s.budget.relative == params / 181056
     assert s.budget.absolute is None
     assert s.search == {"method": "manual", "preset": preset}
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-bert", "tiny-llama"])
+@pytest.mark.parametrize("preset", sorted(builders.SCALABLE))
+def test_a_scaled_preset_is_the_largest_that_fits_as_a_full_scan_finds_it(name, preset):
+    """scaled_manual bisects the knob; its definition is a scan for the first value (largest
+    structure) that fits, skipping values that build nothing."""
+    backbone = Backbone.plan(name)
+    n = backbone.info.num_params
+    key, values = builders.SCALABLE[preset]
+    scan = []  # (value, size) along the knob, as a linear scan meets them
+    for value in values:
+        try:
+            scan.append((value, sum(m.params for m in builders.preset_modules(backbone, preset, {key: value}))))
+        except builders.SearchSpaceError:
+            pass
+    sizes = {size for _, size in scan}
+    # Every exact fit, one parameter short of each, below the smallest and above the largest version.
+    budgets = sorted(r for r in {s / n for s in sizes} | {(s - 1) / n for s in sizes} | {0.9, 1e-9} if 0 < r < 1)
+    checked = 0
+    for relative in budgets[:: max(1, len(budgets) // 40)] + budgets[-3:] + budgets[:3]:
+        absolute = builders.absolute_budget(relative, n)
+        expected = next(((v, size) for v, size in scan if size <= absolute), None)
+        got = builders.scaled_manual(backbone, preset, relative)
+        if expected is None:
+            assert got is None, (preset, relative)
+            continue
+        checked += 1
+        assert got.search["scaled"] == {key: expected[0]}, (preset, relative)
+        assert got.budget.used == expected[1]
+    assert checked >= 5

@@ -8,6 +8,7 @@ atomically (temp file + rename), and laid out for diffs: one module or candidate
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -91,6 +92,14 @@ class Budget:
 
 
 def library_versions() -> dict[str, str]:
+    """The versions a structure records (a fresh dict each call: callers may edit theirs)."""
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> dict[str, str]:
+    # Read once per process: each metadata lookup scans every distribution on sys.path (~3 ms),
+    # and every Structure (a transfer, a scaled preset, a study's plan) records them.
     out = {}
     for pkg in ("s3delta_ds", "torch", "transformers", "deepspeed"):
         try:

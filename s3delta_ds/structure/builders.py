@@ -209,19 +209,33 @@ def scaled_manual(backbone: Backbone, preset: str, relative: float) -> Structure
         raise SearchSpaceError(f"preset {preset!r} has no size knob; scalable presets: {', '.join(SCALABLE)}")
     absolute = absolute_budget(relative, backbone.info.num_params)
     key, values = SCALABLE[preset]
-    for value in values:
+
+    def sized(value) -> tuple[ModuleChoice, ...] | None:
         try:
-            modules = preset_modules(backbone, preset, {key: value})
+            return preset_modules(backbone, preset, {key: value})
         except SearchSpaceError:  # e.g. a reduction that leaves no bottleneck
-            continue
-        used = sum(m.params for m in modules)
-        if used <= absolute:
-            return Structure(
-                kind="manual",
-                backbone=backbone.info,
-                budget=Budget(relative, absolute, used),
-                modules=modules,
-                space=None,
-                search={"method": "manual", "preset": preset, "scaled": {key: value}},
-            )
-    return None
+            return None
+
+    # The first value (largest structure) that fits, by bisection: a structure's size never grows
+    # along ``values``, and the values that build nothing (an LRA reduction wider than the width)
+    # are a tail, so "builds nothing or fits" is false and then true along it. A linear scan
+    # enumerated the whole space up to ~1,000 times (LRA's reductions) for each preset and budget.
+    lo, hi = 0, len(values)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        modules = sized(values[mid])
+        if modules is None or sum(m.params for m in modules) <= absolute:
+            hi = mid
+        else:
+            lo = mid + 1
+    modules = sized(values[lo]) if lo < len(values) else None
+    if modules is None:
+        return None
+    return Structure(
+        kind="manual",
+        backbone=backbone.info,
+        budget=Budget(relative, absolute, sum(m.params for m in modules)),
+        modules=modules,
+        space=None,
+        search={"method": "manual", "preset": preset, "scaled": {key: values[lo]}},
+    )
