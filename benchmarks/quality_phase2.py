@@ -33,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import math
 import os
 import shutil
 import socket
@@ -334,8 +335,11 @@ class Unit:
         if self.kind == "search":
             return rec.get("settings") == search_defaults()
         if self.kind == "searched":
-            search = _read(Unit(self.task, "search", self.seed, self.budget).path)
-            return search is not None and rec.get("modules_key") == search.get("modules_key")
+            search_unit = Unit(self.task, "search", self.seed, self.budget)
+            search = _read(search_unit.path)
+            # the search itself must still count: a change of defaults redoes it, and its old
+            # retrain must leave the verdicts with it, not linger until the new search differs
+            return search_unit.done() and rec.get("modules_key") == search.get("modules_key")
         return True
 
 
@@ -602,11 +606,15 @@ def run_phase2(work_root: Path, poll_s: float = 30.0, kinds: tuple[str, ...] | N
 # -- the report --------------------------------------------------------------------------------------
 
 
-def _load() -> list[dict]:
-    """Every record whose unit is done today (``Unit.done``: today's lengths and task files, a
-    search with today's defaults, a searched retrain of the structure its search holds now). A
-    record its unit would redo is left out until it is redone: a search rerun after a change of
-    defaults must not leave its old retrain in the verdicts."""
+def _load(failed: list[str] | None = None) -> list[dict]:
+    """Every record of a unit of today's plan that is done today (``Unit.done``: today's lengths
+    and task files, a search with today's defaults, a searched retrain of the structure its search
+    holds now). A record its unit would redo is left out until it is redone: a search rerun after a
+    change of defaults must not leave its old retrain in the verdicts. So is a record outside the
+    plan (a seed beyond P2_PAIRED/P2_SEEDS, a preset that no longer fits), which would change a
+    mean's n but not the paired interval's, and a record with a non-finite score, whose key goes
+    to ``failed`` (the report names it; its cell stays pending)."""
+    planned = {u.key for u in units()}
     recs = []
     for p in sorted(P2_OUT.rglob("*.json")):
         if p.relative_to(P2_OUT).parts[0] == "structures":
@@ -615,8 +623,14 @@ def _load() -> list[dict]:
         if r is None:
             continue
         unit = Unit(r["task"], r["method"], r["seed"], r.get("budget"), r.get("preset"))
-        if unit.path == p and unit.done():
-            recs.append(r)
+        if unit.path != p or unit.key not in planned or not unit.done():
+            continue
+        scores = [] if r["method"] == "search" else [r.get("validation"), r.get("test")]  # a search scores none
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in scores):
+            if failed is not None:
+                failed.append(unit.key)
+            continue
+        recs.append(r)
     return recs
 
 
@@ -646,20 +660,23 @@ def best_manual(rows: list[dict], task: str, budget: float) -> tuple[str | None,
     return best, sorted(full[best], key=lambda r: r["seed"])
 
 
-def cell_verdicts(rows: list[dict], task: str, budget: float) -> dict:
-    """Searched − random (paired by seed) and searched − best manual (Welch), on test."""
+def cell_verdicts(rows: list[dict], task: str, budget: float, conf: float = 0.95) -> dict:
+    """Searched − random (paired by seed) and searched − best manual (Welch), on test, as ``conf``
+    intervals."""
     pick = lambda m: {r["seed"]: r for r in rows if r["method"] == m and r["task"] == task and r["budget"] == budget}  # noqa: E731
     searched, random_ = pick("searched"), pick("random")
     seeds = sorted(set(searched) & set(random_))
     # a verdict only once every seed is in: an interval of the first seeds reads as final otherwise
     out: dict = {"seeds": seeds, "complete": seeds == sorted(P2_PAIRED)}
     if len(seeds) >= 2:
-        out["vs_random"] = paired_t_interval([searched[s]["test"] for s in seeds], [random_[s]["test"] for s in seeds])
+        out["vs_random"] = paired_t_interval(
+            [searched[s]["test"] for s in seeds], [random_[s]["test"] for s in seeds], conf
+        )
     name, manual = best_manual(rows, task, budget)
     out["best_manual"] = name
     out["searched_complete"] = sorted(searched) == sorted(P2_PAIRED)
     if name and len(searched) >= 2:
-        out["vs_manual"] = welch_interval([r["test"] for r in searched.values()], [r["test"] for r in manual])
+        out["vs_manual"] = welch_interval([r["test"] for r in searched.values()], [r["test"] for r in manual], conf)
     return out
 
 
@@ -670,6 +687,37 @@ def _said(interval: Interval | None, complete: bool, n: int) -> str:
     if not complete:
         return f"{interval.fmt()} pending ({n} of {len(P2_PAIRED)} seeds)"
     return f"{interval.fmt()} **{interval.verdict()}**"
+
+
+def _multiplicity(rows: list[dict]) -> list[str]:
+    """Each verdict is its own 95% interval; across the study's comparisons some would read "win" or
+    "loss" by chance alone. Which complete ones hold at a family-wise 95% (Bonferroni)?"""
+    m = 2 * len(P2_TASKS) * len(P2_BUDGETS)
+    conf = 1 - 0.05 / m
+    held, decided = [], 0
+    for task in P2_TASKS:
+        for budget in P2_BUDGETS:
+            v = cell_verdicts(rows, task, budget, conf)
+            for name, iv, complete in (
+                ("random", v.get("vs_random"), v["complete"]),
+                (v["best_manual"], v.get("vs_manual"), v["searched_complete"]),
+            ):
+                if iv is None or not complete:
+                    continue
+                decided += 1
+                if iv.win or iv.loss:
+                    held.append(f"{task} @ {_fmt_budget(budget)} vs {name}: {iv.fmt()} {iv.verdict()}")
+    if not decided:
+        return []
+    p_any = 1 - 0.95**m
+    return [
+        f"Each interval above is a 95% interval on its own. The study makes {m} such comparisons: if no "
+        f"method differed, at least one would read win or loss by chance: {100 * p_any:.0f}% of the time if "
+        f"the comparisons were independent. At a family-wise 95% (Bonferroni: "
+        f"{100 * conf:.2f}% intervals), of the {decided} complete comparisons "
+        + (f"these hold: {'; '.join(held)}." if held else "none is a win or a loss."),
+        "",
+    ]
 
 
 def _plot_heatmap(structs: list[Structure], png: Path, title: str) -> bool:
@@ -758,14 +806,14 @@ def _length_section(curves: list[dict], rows: list[dict]) -> list[str]:
         "## Training length",
         "",
         f"Seed-0 runs of {P2_CURVE_STEPS} steps (validation every {P2_EVAL_EVERY}) against the table's "
-        f"{P2_STEPS}-step runs of seeds {_seeds(P2_SEEDS)}: {P2_STEPS} steps converge for a method unless the "
-        f"long run's best validation exceeds their mean best validation by more than "
+        f"{P2_STEPS}-step runs of seeds {_seeds(P2_SEEDS)}: {P2_STEPS} steps count as converged for a method "
+        f"unless the long run's best validation exceeds their mean best validation by more than "
         f"{100 * P2_LENGTH_MARGIN:.1f} points{' (the rule and its margin: quality-notes.md)' if P2_NOTES else ''}. "
         "`last` = table runs "
         "whose selected step is their last evaluation.",
         "",
         f"| task | method | best validation, {P2_CURVE_STEPS} steps (at step) | mean best validation, "
-        f"{P2_STEPS} steps | difference | {P2_STEPS} steps converge | last |",
+        f"{P2_STEPS} steps | difference | within the margin | last |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in sorted(curves, key=lambda r: (r["task"], r["preset"])):
@@ -796,7 +844,8 @@ def _length_section(curves: list[dict], rows: list[dict]) -> list[str]:
 
 
 def report() -> str:
-    loaded = _load()
+    failed: list[str] = []
+    loaded = _load(failed)
     rows = [r for r in loaded if r["method"] not in ("search", "curve")]
     searches = [r for r in loaded if r["method"] == "search"]
     curves = [r for r in loaded if r["method"] == "curve"]
@@ -865,6 +914,7 @@ def report() -> str:
             vr: Interval | None = v.get("vs_random")
             vmn: Interval | None = v.get("vs_manual")
             ft = f"{100 * statistics.mean(s) / full_mean:.1f}%" if s and full_mean else "—"
+            ft += f" (n={len(s)})" if s and full_mean and len(s) < len(P2_PAIRED) else ""
             summary.append(
                 f"| {task} @ {_fmt_budget(budget)} | {fmt(s)} | {fmt(rn)} | {v['best_manual'] or '—'} | "
                 + _said(vr, v["complete"], len(v["seeds"]))
@@ -880,7 +930,10 @@ def report() -> str:
             png = P2_MD.parent / f"{P2_MD.stem}-heatmap-{task}-{_fmt_budget(budget)}.png"
             if structs and _plot_heatmap(structs, png, f"searched structures, {task} @ {_fmt_budget(budget)}"):
                 tables += [f"![searched structures, {task} @ {_fmt_budget(budget)}]({png.name})", ""]
-    lines += [*summary, "", *_length_section(curves, rows), *tables]
+    lines += [*summary, ""]
+    if failed:
+        lines += [f"Records with a non-finite score, left out (their cells stay pending): {', '.join(failed)}.", ""]
+    lines += [*_multiplicity(rows), *_length_section(curves, rows), *tables]
     if P2_NOTES is not None and P2_NOTES.exists():  # the analysis of these numbers, written by whoever ran them
         lines += ["", P2_NOTES.read_text().strip()]
     text = "\n".join(lines) + "\n"

@@ -23,14 +23,23 @@ class Interval:
     n: tuple[int, ...]
 
     @property
+    def no_spread(self) -> bool:
+        """A zero-width interval: every seed gave the same difference (or both groups were constant).
+        Seeds of real runs never agree to the last digit; identical runs point at a bug (the two
+        methods ran the same thing), so this is no evidence either way."""
+        return self.lo == self.hi
+
+    @property
     def win(self) -> bool:
-        return self.lo > 0
+        return self.lo > 0 and not self.no_spread
 
     @property
     def loss(self) -> bool:
-        return self.hi < 0
+        return self.hi < 0 and not self.no_spread
 
     def verdict(self) -> str:
+        if self.no_spread:
+            return "no spread: identical runs?"
         return "win" if self.win else "loss" if self.loss else "tie"
 
     def fmt(self, scale: float = 100.0) -> str:

@@ -102,10 +102,10 @@ def test_an_unreadable_record_is_not_done_and_the_report_skips_it(phase2):
 
 def test_a_searched_retrain_of_an_older_search_is_not_done(phase2):
     search, searched = (q2.Unit("tiny-sentiment", k, 0, 0.02) for k in ("search", "searched"))
-    _write(search, modules_key="abc")
+    _write(search, modules_key="abc", settings=q2.search_defaults())
     _write(searched, modules_key="abc", validation=0.8, test=0.8)
     assert searched.done()
-    _write(search, modules_key="def")  # the search ran again and found another structure
+    _write(search, modules_key="def", settings=q2.search_defaults())  # ran again, found another structure
     assert not searched.done()
 
 
@@ -238,6 +238,69 @@ def test_verdicts_use_test_scores_paired_by_seed_and_the_validation_best_manual(
     assert v["seeds"] == [0, 1, 2, 3] and not v["complete"] and not v["searched_complete"]
     row = next(line for line in q2.report().splitlines() if line.startswith(f"| {t} @ 0.02 |"))
     assert "**" not in row and row.count("pending (4 of 5 seeds)") == 2, row
+
+
+def test_a_searched_retrain_leaves_the_verdicts_with_its_search_when_the_defaults_change(phase2, monkeypatch):
+    t, b = "tiny-sentiment", 0.02
+    for s in q2.P2_PAIRED:
+        _searched(t, s, b, validation=0.8, test=0.85 + 0.01 * s)
+        _write(q2.Unit(t, "random", s, b), validation=0.8, test=0.80)
+    assert q2.cell_verdicts(q2._load(), t, b)["vs_random"].win
+    changed = {**q2.search_defaults(), "shift_gradient": "other"}
+    monkeypatch.setattr(q2, "search_defaults", lambda: changed)
+    # every search now reruns; their retrains, still of the same structures, must not stay in
+    assert not q2.Unit(t, "searched", 0, b).done()
+    assert [r["method"] for r in q2._load()] == ["random"] * len(q2.P2_PAIRED)
+    row = next(line for line in q2.report().splitlines() if line.startswith(f"| {t} @ 0.02 |"))
+    assert "**" not in row and row.split("|")[2].strip() == "—", row
+
+
+def test_a_non_finite_score_is_named_and_its_cell_stays_pending(phase2):
+    t, b = "tiny-sentiment", 0.02
+    for s in q2.P2_PAIRED:
+        _searched(t, s, b, validation=0.8, test=0.85 + 0.01 * s)
+        _write(q2.Unit(t, "random", s, b), validation=0.8, test=0.80)
+    bad = q2.Unit(t, "random", 3, b)
+    bad.path.write_text(bad.path.read_text().replace('"test": 0.8', '"test": NaN'))
+    failed: list[str] = []
+    assert bad.key not in {q2.Unit(r["task"], r["method"], r["seed"], r["budget"]).key for r in q2._load(failed)}
+    assert failed == [bad.key]
+    text = q2.report()  # before: statistics.mean raised on the NaN and the report went stale
+    row = next(line for line in text.splitlines() if line.startswith(f"| {t} @ 0.02 |"))
+    assert "pending (4 of 5 seeds)" in row and "**win**" not in row
+    assert f"non-finite score, left out (their cells stay pending): {bad.key}." in text
+
+
+def test_a_record_outside_the_plan_changes_no_table(phase2):
+    t, b = "tiny-sentiment", 0.02
+    for s in q2.P2_PAIRED:
+        _searched(t, s, b, validation=0.8, test=0.85 + 0.01 * s)
+        _write(q2.Unit(t, "random", s, b), validation=0.8, test=0.80)
+    before = q2.report()
+    stray = max(q2.P2_PAIRED) + 1  # e.g. a seed run by hand, or left from a larger plan
+    _searched(t, stray, b, validation=0.8, test=0.10)
+    _write(q2.Unit(t, "random", stray, b), validation=0.8, test=0.99)
+    assert q2.report() == before
+    assert {r["seed"] for r in q2._load()} == set(q2.P2_PAIRED)
+
+
+def test_the_report_says_which_verdicts_survive_the_number_of_comparisons(phase2):
+    t, b = "tiny-sentiment", 0.02
+    clear = [0.84, 0.85, 0.86, 0.85, 0.84]  # +4 to +6 points: holds at any of these confidences
+    for s in q2.P2_PAIRED:
+        _searched(t, s, b, validation=0.8, test=clear[s])
+        _write(q2.Unit(t, "random", s, b), validation=0.8, test=0.80)
+    text = q2.report()
+    assert "makes 2 such comparisons" in text and "97.50% intervals" in text
+    assert f"these hold: {t} @ 0.02 vs random: " in text
+    # a difference of a 95% win that a 97.5% interval no longer clears
+    barely = [0.80, 0.84, 0.82, 0.83, 0.81]  # differences 0-4 points: mean 2, sd 1.58
+    for s in q2.P2_PAIRED:
+        _searched(t, s, b, validation=0.8, test=barely[s])
+    assert paired_t_interval(barely, [0.80] * 5).win
+    assert not paired_t_interval(barely, [0.80] * 5, 0.975).win
+    text = q2.report()
+    assert "**win**" in text and "of the 1 complete comparisons none is a win or a loss." in text
 
 
 @pytest.fixture

@@ -51,3 +51,13 @@ def test_bad_samples_are_named():
         paired_t_interval([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="two values per group"):
         welch_interval([1.0], [1.0, 2.0])
+
+
+def test_a_zero_width_interval_is_no_evidence_either_way():
+    # five identical differences (or two constant groups): runs that agree to the last digit are
+    # the same run, so no verdict, however far from 0
+    same = paired_t_interval([0.81] * 5, [0.80] * 5)
+    assert same.lo == same.hi and same.no_spread
+    assert not same.win and not same.loss and same.verdict() == "no spread: identical runs?"
+    assert welch_interval([0.7, 0.7], [0.8, 0.8]).verdict() == "no spread: identical runs?"
+    assert not paired_t_interval([0.81, 0.82], [0.80, 0.80]).no_spread
