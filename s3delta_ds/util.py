@@ -2,6 +2,7 @@
 
 * ``atomic_path`` / ``atomic_write_text``: a reader never sees a half-written file, even if the
   writer is killed: write a temporary sibling, then rename it over the target (atomic on POSIX).
+* ``strict_json``: non-finite floats as null, so that files parse outside Python (jq, JSON.parse).
 * ``free_port``: a TCP port for a rendezvous (launchers, single-process runs, test clusters).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -108,3 +110,15 @@ def slurm_count(raw: str | None) -> int | None:
     """A per-node count as Slurm writes it (``8``, ``4(x2)``, ``a100:8``), None when absent or 0."""
     value = (raw or "").split("(")[0].rsplit(":", 1)[-1].strip()
     return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def strict_json(value):
+    """``value`` with every non-finite float (nested in dicts, lists and tuples) as None: strict JSON
+    has no NaN or Infinity, and only Python reads back the ``-Infinity`` that ``json.dumps`` writes."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value

@@ -329,7 +329,8 @@ MALFORMED = {
     "used_not_sum": (_used_mismatch, "but the modules add up to"),
     "used_over_budget": (_over_budget, "parameters exceed the budget of"),
     "budget_relative": (_put(-0.5, "budget", "relative"), "expected a positive number, got -0.5"),
-    "budget_relative_above_one": (_put(5.0, "budget", "relative"), "expected a number <= 1.0, got 5.0"),
+    "budget_relative_above_one": (_put(5.0, "budget", "relative"), "expected a number < 1.0, got 5.0"),
+    "budget_relative_one": (_put(1.0, "budget", "relative"), "expected a number < 1.0, got 1.0"),
     "budget_extra": (_put(1, "budget", "spent", where="budget"), "unknown keys ['spent']"),
     "p_high": (_candidate("p", 1.5), "expected a number in [0.0, 1.0], got 1.5"),
     "p_negative": (_candidate("p", -0.25), "expected a number in [0.0, 1.0], got -0.25"),
@@ -466,6 +467,7 @@ def test_check_backbone_wrong_site_kind(tiny_t5, valid, tmp_path):
     d = copy.deepcopy(valid)
     i = _first(d, "modules", "lnfit")
     d["modules"][i]["site"] = "encoder.0.attn.q"  # a linear, not a norm
+    d["candidates"] = []  # a structure with gates is checked against its candidates at load already
     path = tmp_path / "s.json"
     path.write_text(json.dumps(d))
     s = Structure.load(path)
@@ -590,3 +592,13 @@ def test_a_scaled_preset_is_the_largest_that_fits_as_a_full_scan_finds_it(name, 
         assert got.search["scaled"] == {key: expected[0]}, (preset, relative)
         assert got.budget.used == expected[1]
     assert checked >= 5
+
+
+def test_a_non_finite_value_in_search_or_provenance_is_written_as_strict_json(tiny_t5, tmp_path):
+    s = builders.manual(tiny_t5, "lora")
+    s = Structure(**{**s.__dict__, "search": {**s.search, "best": float("-inf")}, "provenance": {"x": [float("nan")]}})
+    text = s.save(tmp_path / "s.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not strict JSON"))
+    loaded = Structure.load(tmp_path / "s.json")
+    assert loaded.search["best"] is None and loaded.provenance == {"x": [None]}
+    assert loaded.digest() == s.digest()  # the file and the digest agree

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from s3delta_ds.cli import main
-from s3delta_ds.errors import BudgetError, StructureError
-from s3delta_ds.structure import Structure, builders
+from s3delta_ds.errors import BudgetError, SearchSpaceError, StructureError
+from s3delta_ds.structure import ModuleChoice, Structure, builders
 from s3delta_ds.structure.builders import Backbone
 from s3delta_ds.structure.transfer import RULE, map_probabilities, rediscretise, transfer
 
@@ -159,23 +159,27 @@ def test_per_matrix_pafi_counts_are_recounted_on_the_target():
     assert all("count" not in m.kwargs for m in out.modules)
 
 
-def test_random_structure_transfers_only_its_modules():
-    """A random structure has a space but no probabilities: its unchosen components are not
-    "missing" from the source, so nothing may reach them through the role fallback."""
-    plan = Backbone.plan("t5-base")
-    src = builders.random_baseline(plan.space("mixed"), plan.info, 1e-4, seed=0)
-    out = transfer(src, Backbone.plan("t5-large"))
-    chosen = {(m.site.split(".")[0], m.site.split(".")[-1] if m.site.count(".") == 1 else m.site.split(".", 2)[2],
-               m.type) for m in src.modules}  # fmt: skip
-    for m in out.modules:
-        stack, rest = m.site.split(".", 1)
-        component = rest if rest.startswith("final") else rest.split(".", 1)[1]
-        assert (stack, component, m.type) in chosen, m.site
-    # 12 -> 24 layers: each chosen source module lands on the two target layers it covers
-    layered = [m for m in src.modules if m.site.count(".") >= 2]
-    assert len(out.modules) == 2 * len(layered) + (len(src.modules) - len(layered))
+@pytest.mark.parametrize("source, target", [("llama-2-70b", "llama-2-7b"), ("t5-base", "t5-large")])
+def test_a_random_baseline_is_redrawn_on_the_target_at_its_budget(source, target):
+    """A random baseline exists to sit at the budget of what it is compared with. Mapped module by
+    module it did not: 70B at 1e-4 landed on 7B at 4.4e-4 (each module on every layer it overlaps)."""
+    src_plan, dst = Backbone.plan(source), Backbone.plan(target)
+    src = builders.random_baseline(src_plan.space("mixed"), src_plan.info, 1e-4, seed=3)
+    out = transfer(src, dst)
+    again = builders.random_baseline(dst.space("mixed"), dst.info, 1e-4, seed=3)
+    assert out.kind == "transferred" and out.modules == again.modules
+    assert out.budget.relative == 1e-4 and out.budget.used <= out.budget.absolute
+    assert out.budget.used > 0.9 * out.budget.absolute  # filled, as the source was
+    assert out.provenance["rule"].startswith("random redrawn") and out.search == src.search
+    # a random baseline has no gates, but a budget is all a redraw needs
+    wider = builders.random_baseline(dst.space("mixed"), dst.info, 3e-4, 3)
+    assert transfer(src, dst, budget=3e-4).modules == wider.modules
+    # one without what drew it (edited, or transferred by an older version) maps its modules
+    hand = Structure(**{**src.__dict__, "space": None})
+    mapped = transfer(hand, dst)
+    assert mapped.provenance["rule"] == "overlap-mean"
     with pytest.raises(StructureError, match="no gate probabilities"):
-        transfer(src, Backbone.plan("t5-large"), budget=1e-3)
+        transfer(hand, dst, budget=1e-3)
 
 
 def test_unmatched_candidates_are_never_chosen(base):
@@ -223,6 +227,10 @@ def test_transfer_errors(base, tmp_path):
     d = base.to_dict()
     d["modules"][0]["site"] = "encoder.0.attn.z"
     bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(StructureError, match=r"modules\[0\]: encoder.0.attn.z .* is not one of the structure's cand"):
+        Structure.load(bad)  # a searched structure chooses among its candidates
+    d["candidates"] = []  # a hand-made structure: its modules are all it has
     bad.write_text(json.dumps(d))
     with pytest.raises(StructureError, match="unknown on the target"):
         transfer(Structure.load(bad), Backbone.plan("t5-large"))
@@ -322,3 +330,60 @@ def test_searched_and_transfer_break_saturated_ties_by_the_stored_logit():
     moved = transfer(s, plan)
     assert [(m.site, m.type) for m in moved.modules] == want
     assert [(m.site, m.type) for m in rediscretise(s, relative).modules] == want
+    # the transferred file keeps the mapped logits, so its own re-discretisation ranks them too
+    assert [c.alpha for c in moved.candidates] == alpha
+    assert [(m.site, m.type) for m in rediscretise(moved, relative).modules] == want
+
+
+def test_a_preset_edited_by_hand_transfers_its_modules_not_the_whole_preset():
+    """A preset with a stack (or a layer) removed must not come back whole on the target."""
+    base = Backbone.plan("t5-base")
+    preset = builders.manual(base, "lora")
+    encoder_only = Structure(
+        **{**preset.__dict__, "modules": tuple(m for m in preset.modules if m.site.startswith("encoder."))}
+    )
+    assert {m.site.split(".")[0] for m in transfer(encoder_only, Backbone.plan("t5-large")).modules} == {"encoder"}
+    no_layer_3 = Structure(**{**preset.__dict__, "modules": tuple(m for m in preset.modules if ".3." not in m.site)})
+    out = transfer(no_layer_3, Backbone.plan("t5-large"))  # 12 -> 24: source layer 3 is target layers 6-7
+    assert not any(m.site.split(".")[1] in ("6", "7") for m in out.modules)
+    assert transfer(preset, Backbone.plan("t5-large")).provenance["rule"] == "preset rebuilt on the target"
+
+
+def test_the_whole_preset_check_works_without_the_source_backbone_at_hand():
+    """A source that cannot be planned (a local path gone, a hub id offline): the check falls back
+    to every (stack, role, type, settings) of the preset on every layer."""
+    preset = builders.manual(Backbone.plan("t5-base"), "lora")
+    info = preset.backbone.__class__(**{**preset.backbone.__dict__, "name_or_path": "/nowhere/t5-base"})
+    whole = Structure(**{**preset.__dict__, "backbone": info})
+    assert transfer(whole, Backbone.plan("t5-large")).provenance["rule"] == "preset rebuilt on the target"
+    # (a component dropped within a role, e.g. attn.v beside attn.q, needs the source's sites to see)
+    for drop in ("encoder.", ".3."):
+        edited = Structure(**{**whole.__dict__, "modules": tuple(m for m in whole.modules if drop not in m.site)})
+        assert transfer(edited, Backbone.plan("t5-large")).provenance["rule"] == "overlap-mean", drop
+
+
+def test_a_searched_v1_1_structure_with_gate_modules_transfers_to_v1_0_and_says_what_it_lost():
+    plan = Backbone.plan("flan-t5-base")
+    space = plan.space("lora")
+    p = [0.9 if c.site.endswith("mlp.gate") else 0.05 + 0.001 * i for i, c in enumerate(space.candidates)]
+    s = builders.searched(space, plan.info, p, None, 1e-4, search={"method": "test"})
+    assert any(m.site.endswith("mlp.gate") for m in s.modules)
+    out = transfer(s, Backbone.plan("t5-large"))  # refused before: "sites unknown on the target backbone"
+    assert out.provenance["unmapped_source"] == ["decoder.*.mlp.gate lora", "encoder.*.mlp.gate lora"]
+    assert not any("gate" in m.site for m in out.modules) and out.budget.used <= out.budget.absolute
+
+
+def test_a_per_matrix_pafi_count_that_is_not_its_density_is_refused():
+    """transfer recounts a per-matrix PaFi module from its density; a count of its own (set by
+    hand) changed the size silently, even onto the same backbone (100 -> 2,950 per matrix)."""
+    base = Backbone.plan("t5-base")
+    preset = builders.manual(base, "pafi")
+    edited = [ModuleChoice(m.site, m.type, {**m.kwargs, "count": 100}, 100) for m in preset.modules]
+    bad = Structure(**{**preset.__dict__, "modules": tuple(edited)})
+    with pytest.raises(StructureError, match=r"per-matrix count must be ceil\(density × entries\) = \d+"):
+        bad.check_backbone(base.site_map)
+    with pytest.raises((StructureError, SearchSpaceError), match="per-matrix count must be"):
+        transfer(bad, base)
+    # the count a per-matrix mask file writes is its density's, and stays accepted
+    same = [ModuleChoice(m.site, m.type, {**m.kwargs, "count": m.params}, m.params) for m in preset.modules]
+    Structure(**{**preset.__dict__, "modules": tuple(same)}).check_backbone(base.site_map)

@@ -71,7 +71,15 @@ class PaFi(Delta):
     @classmethod
     def num_params(cls, dims, cfg):
         entries = _entries(dims)
-        n = cfg.count or math.ceil(cfg.density * entries)
+        per_matrix = math.ceil(cfg.density * entries)
+        if cfg.count and cfg.ranking == "per-matrix" and cfg.count != per_matrix:
+            # a per-matrix count is derived from the density (a transfer recounts it on the target's
+            # matrix); one of its own would silently change size there
+            raise ValueError(
+                f"a per-matrix count must be ceil(density × entries) = {per_matrix} on this {entries}-entry "
+                f"site, got {cfg.count}: set the density instead (only a global mask gives a count of its own)"
+            )
+        n = cfg.count or per_matrix
         if n > entries:
             raise ValueError(f"count {n} exceeds the {entries} entries of the site")
         return n

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 from ..backbones import parse_site
 from ..method.space import SearchSpace
-from ..util import atomic_path, atomic_write_text
+from ..util import atomic_path, atomic_write_text, strict_json
 
 
 class MetricsLog:
@@ -41,7 +40,7 @@ class MetricsLog:
             return
         # strict JSON (jq, JSON.parse, pandas): a non-finite number (the -inf "best" before the first
         # selectable step) is null, not the -Infinity that only Python reads
-        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+        values = strict_json(values)
         with self.path.open("a") as f:
             row = {"step": step, "phase": phase, "time": round(time.time(), 3), **values}
             f.write(json.dumps(row) + "\n")

@@ -24,7 +24,7 @@ from ..backbones.loading import BackboneInfo
 from ..deltas import DELTAS, build_config, config_kwargs, resolve
 from ..errors import S3DeltaError, StructureError
 from ..method.supernet import DeltaSpec
-from ..util import atomic_write_text
+from ..util import atomic_write_text, strict_json
 
 FORMAT = "s3delta-structure"
 VERSION = 1
@@ -135,10 +135,12 @@ class Structure:
             "backbone": self.backbone.to_dict(),
             "space": self.space,
             "budget": self.budget.to_dict(),
-            "search": dict(self.search),
+            # strict JSON (e.g. a search's -inf "best score" before any evaluation): null, in the
+            # file and in the digest alike
+            "search": strict_json(dict(self.search)),
             "modules": [m.to_dict() for m in self.modules],
             "candidates": [c.to_dict() for c in self.candidates],
-            "provenance": dict(self.provenance),
+            "provenance": strict_json(dict(self.provenance)),
             "versions": dict(self.versions),
             "created": self.created,
         }
@@ -293,15 +295,16 @@ class _Validator:
             self.fail(where, f"expected a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
         return v
 
-    def number(self, v, where, *, nullable=False, lo=None, hi=None, positive=False) -> float | None:
+    def number(self, v, where, *, nullable=False, lo=None, hi=None, hi_open=False, positive=False) -> float | None:
         if v is None and nullable:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             self.fail(where, f"expected a finite number, got {v!r}")
         if positive and v <= 0:
             self.fail(where, f"expected a positive number, got {v!r}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        if (lo is not None and v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)):
+            upper = f"{'<' if hi_open else '<='} {hi}"
+            bounds = f">= {lo}" if hi is None else upper if lo is None else f"in [{lo}, {hi}]"
             self.fail(where, f"expected a number {bounds}, got {v!r}")
         return float(v)
 
@@ -325,6 +328,17 @@ class _Validator:
             self.string(space, "space")
         modules = self.entries(d["modules"], "modules", backbone, with_gate=False)
         candidates = self.entries(d.get("candidates") or [], "candidates", backbone, with_gate=True)
+        if candidates:
+            # a structure with gates is a choice among its candidates: transfer and re-discretisation
+            # map the candidates only, so a module outside them (edited in by hand) would vanish
+            offered = {(c.site, c.type): (dict(c.kwargs), c.params) for c in candidates}
+            for i, m in enumerate(modules):
+                if offered.get((m.site, m.type)) != (dict(m.kwargs), m.params):
+                    self.fail(
+                        f"modules[{i}]",
+                        f"{m.site} {m.type} {dict(m.kwargs)} is not one of the structure's candidates (a structure "
+                        "with gates chooses among them; edit the candidates too, or drop them to make a manual one)",
+                    )
         budget = self.budget(d["budget"], modules)
         for key in ("search", "provenance", "versions"):
             if d.get(key) is not None:
@@ -428,7 +442,7 @@ class _Validator:
             self.fail("budget", f"unknown keys {extra}; valid keys: relative, absolute, used")
         if "used" not in b:
             self.fail("budget.used", "missing required field")
-        rel = self.number(b.get("relative"), "budget.relative", nullable=True, positive=True, hi=1.0)
+        rel = self.number(b.get("relative"), "budget.relative", nullable=True, positive=True, hi=1.0, hi_open=True)
         absolute = self.number(b.get("absolute"), "budget.absolute", nullable=True, positive=True)
         used = self.pos_int(b["used"], "budget.used", allow_zero=True)
         total = sum(m.params for m in modules)

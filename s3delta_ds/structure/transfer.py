@@ -10,26 +10,30 @@ v1.0 → v1.1 adds ``mlp.gate``) takes the p of the source components with the s
 counts are recomputed on the target's shapes, then the greedy knapsack re-discretises at the budget;
 a target candidate nothing maps to (p = 0) is never chosen.
 
-A manual preset (``s3delta structure manual``, scaled or not) is rebuilt on the target: the same
-rules on the target's sites, so a component the source lacks (v1.1's ``mlp.gate``) is covered
-whenever the preset covers its role. Any other structure without probabilities (random, edited by
-hand) transfers its modules as they are: each goes to every target layer its source layer overlaps,
-and it cannot be re-discretised. A per-matrix PaFi module's position count is recomputed from its
+A manual preset (``s3delta structure manual``, scaled or not, all of it and nothing else) is
+rebuilt on the target: the same rules on the target's sites, so a component the source lacks
+(v1.1's ``mlp.gate``) is covered whenever the preset covers its role. A random baseline is drawn
+again on the target with its space and seed, at its relative budget (or ``budget``): it exists to
+sit at the budget of what it is compared with. Any other structure without probabilities (edited
+by hand) transfers its modules as they are: each goes to every target layer its source layer
+overlaps, and it cannot be re-discretised. A searched structure's candidates that map nowhere on
+the target (v1.1's ``mlp.gate`` on v1.0) are listed in the provenance (``unmapped_source``). A per-matrix PaFi module's position count is recomputed from its
 density on the target's matrix. Globally ranked PaFi is refused: its positions come from the
 source's weights (``s3delta pafi-mask`` makes the target's).
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 from ..backbones import parse_site
 from ..deltas import resolve
-from ..errors import SearchSpaceError, StructureError
+from ..errors import S3DeltaError, SearchSpaceError, StructureError
 from ..method.gates import discretise
 from ..method.space import Candidate, SearchSpace, rules_of
 from . import Budget, ModuleChoice, Structure
-from .builders import MANUAL_PRESETS, Backbone, absolute_budget, from_indices, preset_modules
+from .builders import MANUAL_PRESETS, Backbone, absolute_budget, from_indices, preset_modules, random_baseline
 
 RULE = "overlap-mean"
 
@@ -56,19 +60,39 @@ def map_probabilities(source: Structure, space: SearchSpace) -> tuple[list[float
     return _map_field(source, space, "p")
 
 
+def _source_keys(cand: Candidate, table, roles, role_of) -> list[tuple[str, str, str]]:
+    """The source's (stack, component, type) entries a target candidate takes its value from: its
+    own component, else the components of the same role (v1.1's mlp.gate from v1.0's mlp.up)."""
+    stack, _, component = parse_site(cand.site)
+    keys = [(stack, component, cand.type)]
+    if keys[0] not in table and component in role_of:
+        keys = [(stack, c, cand.type) for c in roles[role_of[component]]]
+    return [k for k in keys if k in table]
+
+
+def _roles(space: SearchSpace):
+    roles = space.family.roles(space.site_map.config)
+    return roles, {c: r for r, comps in roles.items() for c in comps}
+
+
+def _unmapped_source(source: Structure, space: SearchSpace) -> list[str]:
+    """The source's candidate groups no target candidate reads (e.g. v1.1's ``mlp.gate`` on v1.0,
+    whose one FFN input maps from ``mlp.up``), as ``stack.*.component type``: their gates are lost."""
+    table = _source_table(source, "p")
+    roles, role_of = _roles(space)
+    used = {k for cand in space.candidates for k in _source_keys(cand, table, roles, role_of)}
+    return sorted(f"{stack}.*.{component} {type_name}" for stack, component, type_name in set(table) - used)
+
+
 def _map_field(source: Structure, space: SearchSpace, field: str) -> tuple[list[float], dict[str, int]]:
     table = _source_table(source, field)
     depths = source.backbone.depths
-    roles = space.family.roles(space.site_map.config)
-    role_of = {c: r for r, comps in roles.items() for c in comps}
+    roles, role_of = _roles(space)
     stats = {"matched": 0, "by_role": 0, "unmatched": 0}
     p_out = []
     for cand in space.candidates:
         stack, layer, component = parse_site(cand.site)
-        keys = [(stack, component, cand.type)]
-        if keys[0] not in table and component in role_of:  # same role, e.g. v1.1's mlp.gate from v1.0's mlp.up
-            keys = [(stack, c, cand.type) for c in roles[role_of[component]] if (stack, c, cand.type) in table]
-        keys = [k for k in keys if k in table]
+        keys = _source_keys(cand, table, roles, role_of)
         if not keys:
             p_out.append(0.0)
             stats["unmatched"] += 1
@@ -104,6 +128,8 @@ def _check_compatible(source: Structure, target: Backbone) -> None:
     missing = sorted(set(source.backbone.depths) - set(target.site_map.depths))
     if missing:
         raise StructureError(f"the target backbone has no {', '.join(missing)} stack(s), which the structure uses")
+    if source.candidates:
+        return  # a searched structure maps its candidates; what maps nowhere is counted in provenance
     target_components = {s.component for s in target.site_map.sites.values()}
     role_components = {c for comps in target.family.roles(target.config).values() for c in comps}
     unknown = sorted(
@@ -123,7 +149,8 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         BudgetError: the budget is impossible on the target.
     """
     _check_compatible(source, target)
-    if not source.candidates and budget is not None:  # manual or random: no probabilities to re-discretise
+    redraw = _is_random_draw(source)
+    if not source.candidates and budget is not None and not redraw:  # manual: no probabilities to re-discretise
         raise StructureError(
             f"the source structure ({source.kind}) stores no gate probabilities, so it cannot be "
             "re-discretised at a new budget: transfer it without --budget"
@@ -139,6 +166,14 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         },
         "rule": RULE,
     }
+    if redraw:
+        return _redrawn(source, target, budget, provenance)
+    if any(m.type == "pafi" and m.kwargs.get("count") for m in source.modules):
+        # the counts are recounted from the densities below: one that is not its density's (set by
+        # hand) would change size silently, so check them on the source's own backbone if at hand
+        planned = _source_backbone(source)
+        if planned is not None:
+            source.check_backbone(planned.site_map)
     if not source.candidates:
         rebuilt = _rebuilt_preset(source, target, provenance)
         if rebuilt is not None:
@@ -149,6 +184,9 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
     rules_of(source.space)
     space = target.space(source.space)
     p, stats = map_probabilities(source, space)
+    unmapped = _unmapped_source(source, space)
+    if unmapped:  # e.g. v1.1's mlp.gate onto v1.0, whose one FFN input maps from v1.1's mlp.up
+        stats["unmapped_source"] = unmapped
     # the logits by the same rule: ties in p (gates saturated at 1, or clamped at sigmoid(-200)) go
     # to the higher logit, as when the search discretised, not to site order
     alpha, _ = _map_field(source, space, "alpha")
@@ -168,14 +206,94 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         relative=relative,
         absolute=absolute,
         p=p,
+        alpha=alpha,
         search=dict(source.search),
         provenance=provenance,
     )
 
 
+def _is_random_draw(source: Structure) -> bool:
+    """A random baseline that records what drew it (its space and seed) and has no gates."""
+    seed = source.search.get("seed")
+    return (
+        source.search.get("method") == "random"
+        and not source.candidates
+        and source.space is not None
+        and isinstance(seed, int)
+        and not isinstance(seed, bool)
+    )
+
+
+def _redrawn(source: Structure, target: Backbone, budget: float | None, provenance: dict) -> Structure:
+    """A random baseline drawn again on the target: the same space, seed and relative budget.
+
+    Mapping its modules layer by layer would keep its sites but not its budget (each goes to every
+    target layer it overlaps: LLaMA-2-70B at 1e-4 onto 7B lands at 4.4e-4), and a random baseline
+    exists to sit at the budget of the structure it is compared with."""
+    relative = budget if budget is not None else source.budget.relative
+    if relative is None:
+        raise StructureError("the source structure records no relative budget: pass --budget")
+    rules_of(source.space)
+    drawn = random_baseline(target.space(source.space), target.info, relative, source.search["seed"])
+    return Structure(
+        kind="transferred",
+        backbone=drawn.backbone,
+        budget=drawn.budget,
+        modules=drawn.modules,
+        space=drawn.space,
+        search=dict(source.search),
+        provenance=provenance
+        | {
+            "rule": "random redrawn on the target (same space, seed and relative budget)",
+            "budget_rule": "explicit" if budget is not None else "same relative budget",
+        },
+    )
+
+
+def _module_keys(modules, role_of: dict[str, str]) -> dict[tuple, set]:
+    """(stack, role, type, kwargs) -> the layers holding it."""
+    out: dict[tuple, set] = defaultdict(set)
+    for m in modules:
+        stack, layer, component = parse_site(m.site)
+        out[(stack, role_of.get(component, component), m.type, repr(sorted(m.kwargs.items())))].add(layer)
+    return out
+
+
+def _source_backbone(source: Structure) -> Backbone | None:
+    """The source's backbone planned from its recorded name (no weights), when its config is at hand
+    and still the one the structure was made on; else None."""
+    try:
+        planned = Backbone.plan(source.backbone.name_or_path)
+    except (S3DeltaError, OSError, ValueError):
+        return None
+    return planned if planned.info.config_hash == source.backbone.config_hash else None
+
+
+def _is_whole_preset(source: Structure, target: Backbone, made: tuple[ModuleChoice, ...], preset: str, overrides):
+    """Does ``source`` hold everything its preset makes, on every layer? Exactly, when the source
+    backbone can be planned (its config is at hand); else: the same (stack, role, type, settings)
+    as the preset makes on the target, each on every layer of its stack (roles, not components: a
+    v1.0 source has no mlp.gate; so one component dropped beside another of its role goes unseen)."""
+    planned = _source_backbone(source)
+    try:
+        own = None if planned is None else preset_modules(planned, preset, overrides)
+    except SearchSpaceError:
+        own = None
+    if own is not None:
+        canonical = lambda ms: sorted(json.dumps(m.to_dict(), sort_keys=True) for m in ms)  # noqa: E731
+        return canonical(own) == canonical(source.modules)
+    role_of = {c: r for r, comps in target.family.roles(target.config).items() for c in comps}
+    have, want = _module_keys(source.modules, role_of), _module_keys(made, role_of)
+    if set(have) != set(want):
+        return False
+    depths = source.backbone.depths
+    return all(layers == {None} or layers == set(range(depths[key[0]])) for key, layers in have.items())
+
+
 def _rebuilt_preset(source: Structure, target: Backbone, provenance: dict) -> Structure | None:
     """A manual preset's structure built on the target with the source's settings, or None when
-    ``source`` is not one: no preset recorded, or modules the preset would not make (edited by hand).
+    ``source`` is not one: no preset recorded, or not all of it and nothing else (edited by hand:
+    a module removed, or a whole stack; those transfer module by module).
 
     Mapping its modules site by site would miss what the source backbone lacks: a preset on every
     FFN projection of T5 v1.0 covers ``mlp.up`` only, and on v1.1 it must also cover ``mlp.gate``."""
@@ -187,11 +305,7 @@ def _rebuilt_preset(source: Structure, target: Backbone, provenance: dict) -> St
         modules = preset_modules(target, preset, overrides)
     except SearchSpaceError:
         return None
-    made = {(parse_site(m.site)[0], parse_site(m.site)[2], m.type, repr(sorted(m.kwargs.items()))) for m in modules}
-    if any(
-        (parse_site(m.site)[0], parse_site(m.site)[2], m.type, repr(sorted(m.kwargs.items()))) not in made
-        for m in source.modules
-    ):
+    if not _is_whole_preset(source, target, modules, preset, overrides):
         return None
     used = sum(m.params for m in modules)
     return Structure(
@@ -228,7 +342,8 @@ def _transfer_modules(source: Structure, target: Backbone, provenance: dict) -> 
                     continue
                 kwargs = by_layer[best]
             if type_name == "pafi" and kwargs.get("count"):
-                # a per-matrix count is the source matrix's share of its density: recount on the target's
+                # a per-matrix count is the source matrix's share of its density (PaFi refuses any
+                # other; transfer() checked the source when it could): recount on the target's
                 kwargs = {k: v for k, v in kwargs.items() if k != "count"}
             site = f"{stack}.{component}" if layer is None else f"{stack}.{layer}.{component}"
             dims = target.site_map.site(site).dims
