@@ -21,8 +21,9 @@ def register(sub) -> None:
         "--budget",
         type=float,
         default=None,
-        help="relative budget on the target (default: the source's relative budget); searched structures "
-        "only: a manual or random one maps its modules as they are",
+        help="relative budget on the target (default: the source's relative budget); for searched structures "
+        "and random baselines (drawn again on the target with their space and seed); a manual preset is rebuilt "
+        "at its own settings, a hand-edited structure maps its modules as they are",
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT.json")
     p.set_defaults(func=run)

@@ -199,8 +199,9 @@ class Structure:
         """This structure mapped onto another backbone of the family (by relative depth) and
         re-discretised at ``budget`` (relative; default: this one's). ``target``: a ``Backbone`` or
         anything ``Backbone.plan`` takes (``"t5-v1_1-xxl"``, a model directory, a config.json).
-        A structure without gate probabilities (manual, random) maps its modules as they are and
-        takes no ``budget``."""
+        A manual preset is rebuilt on the target and takes no ``budget``; a random baseline is drawn
+        again there (its space and seed, at its relative budget or ``budget``); a structure edited by
+        hand without gate probabilities maps its modules as they are and takes no ``budget``."""
         from .builders import Backbone
         from .transfer import transfer
 

@@ -17,9 +17,10 @@ again on the target with its space and seed, at its relative budget (or ``budget
 sit at the budget of what it is compared with. Any other structure without probabilities (edited
 by hand) transfers its modules as they are: each goes to every target layer its source layer
 overlaps, and it cannot be re-discretised. A searched structure's candidates that map nowhere on
-the target (v1.1's ``mlp.gate`` on v1.0) are listed in the provenance (``unmapped_source``). A per-matrix PaFi module's position count is recomputed from its
-density on the target's matrix. Globally ranked PaFi is refused: its positions come from the
-source's weights (``s3delta pafi-mask`` makes the target's).
+the target (v1.1's ``mlp.gate`` on v1.0) are listed in the provenance (``unmapped_source``). A
+per-matrix PaFi module's position count is recomputed from its density on the target's matrix.
+Globally ranked PaFi is refused: its positions come from the source's weights (``s3delta
+pafi-mask`` makes the target's).
 """
 
 from __future__ import annotations
