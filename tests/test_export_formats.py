@@ -19,6 +19,7 @@ import s3delta_ds
 from s3delta_ds.artifacts import export as export_mod
 from s3delta_ds.artifacts.export import _num_labels, export_merged, load_run, save_hf
 from s3delta_ds.artifacts.peft_export import export_peft
+from s3delta_ds.backbones.loading import load_config
 from s3delta_ds.config import dump_yaml, load_run_config
 from s3delta_ds.deltas import resolve
 from s3delta_ds.engine.backbone import load_backbone, resolve_source
@@ -321,3 +322,42 @@ def test_the_launcher_entry_warns_of_a_lossy_half_precision_merge(tmp_path, caps
     run = _run(tmp_path / "run", "tiny-llama", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0})], scale=3e-3)
     assert export_main([str(run), "--merge", "--dtype", "bf16", "-o", str(tmp_path / "out")]) == 0
     assert "of the trained update ΔW (bfloat16 rounding" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--peft", "--max-shard-gb", "0.001"], "--max-shard-gb does not apply to --peft"),
+        (["--merge", "--max-shard-gb", "-1"], "--max-shard-gb must be a positive size"),
+        (["--merge", "--max-shard-gb", "0"], "--max-shard-gb must be a positive size"),
+        (["--merge", "--max-shard-gb", "nan"], "--max-shard-gb must be a positive size"),
+    ],
+)
+def test_a_shard_size_the_export_cannot_use_is_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    """--max-shard-gb -1 wrote one file per tensor, and with --peft any value was accepted and ignored."""
+    from s3delta_ds.cli import main
+
+    assert main(["export", str(tmp_path / "run"), *argv, "-o", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_half_precision_t5_export_keeps_what_transformers_keeps_in_fp32(tmp_path):
+    """T5's `wo` stays fp32 in a half-precision model (its activations overflow fp16) and in
+    transformers' own save; the export rounded it to half."""
+    from transformers import T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(load_config("tiny-t5")).eval()
+    files = save_hf(model, tmp_path / "out", dtype=torch.float16)
+    from safetensors import safe_open
+
+    dtypes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            dtypes |= {k: h.get_slice(k).get_dtype() for k in h.keys()}
+    wo = [k for k in dtypes if k.endswith("DenseReluDense.wo.weight")]
+    assert wo and {dtypes[k] for k in wo} == {"F32"}
+    assert {v for k, v in dtypes.items() if k not in wo} == {"F16"}
+    reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float16)
+    assert torch.equal(reloaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.float(),
+                       model.encoder.block[0].layer[1].DenseReluDense.wo.weight)  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -207,10 +208,17 @@ def test_peft_round_trip_lora_and_ln_tuning(llama_peft, llama_all, tmp_path, cap
 
     assert main(["export", str(llama_peft), "--peft", "-o", str(tmp_path / "peft")]) == 0
     said = capsys.readouterr().out
-    assert "PEFT lora adapter" in said and "PEFT ln_tuning adapter" in said and "not expressible" not in said
+    assert "lora -> " in said and "ln_tuning -> " in said and "not expressible" not in said
     assert repr(str(materialise_embedded("tiny-llama").resolve())) in said  # the base the adapters name
     ref_model, plan, _ = load_run(llama_peft)
     reference = _logits(ref_model, "tiny-llama")
+    # the code the command prints, and writes beside the adapters, rebuilds the trained model as it is
+    printed = textwrap.dedent(said.split("load them in this order", 1)[1].split("\n", 1)[1])
+    readme = (tmp_path / "peft" / "README.md").read_text()
+    assert printed.strip() in readme and printed.index("ln_tuning") < printed.index("peft')")
+    scope: dict = {}
+    exec(printed, scope)
+    assert (_logits(scope["model"].eval(), "tiny-llama") - reference).abs().max() < 1e-5
     base_dir = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     # PEFT cannot hold LoRA and LN tuning in one model: fold the LN-tuning adapter, then add LoRA

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -116,6 +117,9 @@ def save_hf(
     persistent = set(model.state_dict().keys())
     names += [(n, b) for n, b in model.named_buffers() if n in persistent and f".{SLOT_ATTR}." not in f".{n}"]
     main = zero.rank() == 0
+    # transformers keeps these in fp32 in a half-precision model (T5's "wo": its activations overflow
+    # fp16) and saves them so: rounding them to half would lose what its own save keeps
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     if main:
         for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
             old.unlink()
@@ -134,7 +138,7 @@ def save_hf(
             value = t.detach().to("cpu").clone().contiguous() if main else None
         if value is None:
             continue
-        if dtype is not None and value.is_floating_point():
+        if dtype is not None and value.is_floating_point() and not (keep_fp32 & set(name.split("."))):
             value = value.to(dtype)
         nbytes = value.numel() * value.element_size()
         if shard and size + nbytes > max_shard_bytes:
@@ -390,9 +394,23 @@ def check_mode_flags(args) -> None:
         ("--keep-unmergeable", args.keep_unmergeable, "peft"),
         ("--full-precision-base", args.full_precision_base, "peft"),
         ("--dtype", args.dtype != "auto", "peft"),
+        ("--max-shard-gb", args.max_shard_gb is not None, "peft"),
     ):
         if on and getattr(args, mode):
             raise ConfigError(f"{flag} does not apply to --{mode} (see s3delta export --help)")
+    shard_bytes(args.max_shard_gb)
+
+
+def shard_bytes(gb: float | None) -> int:
+    """``--max-shard-gb`` in bytes (None: the default 5 GiB).
+
+    Raises:
+        ConfigError: not a positive finite size (0 or -1 wrote one file per tensor)."""
+    if gb is None:
+        return DEFAULT_SHARD_BYTES
+    if not math.isfinite(gb) or gb <= 0 or int(gb * 1024**3) < 1:
+        raise ConfigError(f"--max-shard-gb must be a positive size in GiB, e.g. 5 or 0.5, got {gb:g}")
+    return int(gb * 1024**3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial", action="store_true")
     p.add_argument("--zero3", action="store_true", help="load the backbone partitioned (ZeRO-3) across the ranks")
     p.add_argument("--full-precision-base", action="store_true")
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--max-shard-gb", type=float, default=None)
     p.add_argument("--dtype", choices=SAVE_DTYPES, default="auto")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -434,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep_unmergeable=args.keep_unmergeable,
                 ds_config=ds_config,
                 full_precision_base=args.full_precision_base,
-                max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                max_shard_bytes=shard_bytes(args.max_shard_gb),
                 dtype=args.dtype,
             )
             warning = rounding_warning(result)

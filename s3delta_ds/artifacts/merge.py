@@ -93,6 +93,7 @@ def merge(model: nn.Module, site_map: SiteMap, *, gather=None, saved_in: torch.d
     gather = gather or (lambda params, modifier_rank=None: contextlib.nullcontext())
     report = plan_merge(model, site_map)
     merged = set(report.merged)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())  # saved in fp32 (save_hf): no rounding
     for site, slot in list(slots(model).items()):
         s = site_map.site(site)
         module = model.get_submodule(s.path)
@@ -105,7 +106,8 @@ def merge(model: nn.Module, site_map: SiteMap, *, gather=None, saved_in: torch.d
         params = [*module.parameters(recurse=False), *slot.parameters()]
         with gather(params, modifier_rank=0):
             own = dict(module.named_parameters(recurse=False))
-            before = {n: p.detach().float().clone() for n, p in own.items()} if saved_in is not None else {}
+            rounds = saved_in is not None and not (keep_fp32 & set(s.path.split(".")))
+            before = {n: p.detach().float().clone() for n, p in own.items()} if rounds else {}
             fold_all(module, [slot.deltas[key] for key in todo])
             for name, old in before.items():
                 new = module.get_parameter(name).detach().float()

@@ -91,13 +91,50 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
             "Use --partial to export the rest, export --merge (with --keep-unmergeable where some cannot be "
             "folded), or search with search.space=mergeable"
         )
+    base = peft_base_name(load_run_config(run / "config.yaml").model)
+    num_labels = getattr(model.config, "num_labels", None) if backbone.family.head_modules else None
     with _staged(out) as stage:
         written = _write_peft(run, model, backbone, refused, stage)
+        adapters = {name: str(out / Path(p).relative_to(stage)) for name, p in written.items()}
+        code = loading_code(adapters, base, backbone.family.name, num_labels)
+        if zero.rank() == 0:
+            atomic_write_text(
+                stage / "README.md",
+                "# PEFT adapters exported by s3delta_ds\n\nAll of them together are the trained model; load them "
+                "in this order (PEFT holds one method at a time):\n\n```python\n" + code + "```\n",
+            )
     return {
-        "adapters": {name: str(out / Path(p).relative_to(stage)) for name, p in written.items()},
-        "base": peft_base_name(load_run_config(run / "config.yaml").model),
+        "adapters": adapters,
+        "base": base,
+        "load": code,
         "not_exported": [f"{t} on {s}" for s, t, _ in refused],
     }
+
+
+#: The model class each family's adapters go on (what the run trained: its task class).
+_AUTO_CLASSES = {
+    "t5": "AutoModelForSeq2SeqLM",
+    "llama": "AutoModelForCausalLM",
+    "bert": "AutoModelForSequenceClassification",
+}
+#: PEFT's loading order: LN tuning first (merged), then LoRA, then IA3 (it scales LoRA's update on a shared site).
+LOAD_ORDER = ("ln_tuning", "lora", "ia3")
+
+
+def loading_code(adapters: dict[str, str], base: str, family: str, num_labels: int | None = None) -> str:
+    """Python that rebuilds the trained model from ``adapters`` (name -> folder): every adapter, in
+    PEFT's order, each merged before the next (PEFT holds one method at a time). One alone is not the
+    trained model: loading only the LoRA folder of a LoRA + LN tuning + IA3 export left most of the
+    trained change out, with no warning."""
+    cls = _AUTO_CLASSES[family]
+    labels = f", num_labels={num_labels}" if num_labels is not None else ""
+    steps = [name for name in LOAD_ORDER if name in adapters]
+    lines = ["from peft import PeftModel", f"from transformers import {cls}", ""]
+    lines.append(f"model = {cls}.from_pretrained({base!r}{labels})")
+    for i, name in enumerate(steps):
+        merge = ".merge_and_unload()" if i < len(steps) - 1 else ""
+        lines.append(f"model = PeftModel.from_pretrained(model, {adapters[name]!r}){merge}")
+    return "\n".join(lines) + "\n"
 
 
 def _write_peft(run: Path, model: nn.Module, backbone, refused: list, out: Path) -> dict[str, str]:

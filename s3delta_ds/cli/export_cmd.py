@@ -23,7 +23,7 @@ def register(sub) -> None:
         action="store_true",
         help="with --merge on a quantized run: merge into the unquantized weights of the same checkpoint",
     )
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="with --merge: safetensors shard size")
+    p.add_argument("--max-shard-gb", type=float, default=None, help="with --merge: safetensors shard size (default 5)")
     p.add_argument(
         "--dtype",
         choices=("auto", "fp32", "bf16", "fp16"),
@@ -35,7 +35,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..artifacts.export import check_mode_flags, export_merged, rounding_warning
+    from ..artifacts.export import check_mode_flags, export_merged, rounding_warning, shard_bytes
     from ..artifacts.peft_export import export_peft
 
     check_mode_flags(args)
@@ -45,7 +45,7 @@ def run(args) -> int:
             Path(args.run),
             out,
             keep_unmergeable=args.keep_unmergeable,
-            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            max_shard_bytes=shard_bytes(args.max_shard_gb),
             full_precision_base=args.full_precision_base,
             dtype=args.dtype,
         )
@@ -61,8 +61,10 @@ def run(args) -> int:
             print(f"kept {len(r['kept'])} unmergeable deltas in {out / 'unmerged'}: {', '.join(r['kept'][:8])}{more}")
         return 0
     r = export_peft(Path(args.run), out, partial=args.partial)
-    for kind, path in r["adapters"].items():
-        print(f"PEFT {kind} adapter -> {path} (AutoPeftModel*.from_pretrained({path!r}), base {r['base']!r})")
+    listed = ", ".join(f"{kind} -> {path}" for kind, path in r["adapters"].items())
+    print(f"PEFT adapters: {listed} (base {r['base']!r})")
+    print(f"together they are the trained model; load them in this order (also in {out / 'README.md'}):")
+    print("    " + r["load"].rstrip("\n").replace("\n", "\n    "))
     if r["not_exported"]:
         print(f"not expressible in PEFT, left out: {', '.join(r['not_exported'][:10])}")
     return 0
