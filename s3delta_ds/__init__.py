@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "attach": "api",
     "load": "api",
+    "embedded_model": "api",
     "search": "search",  # the launcher modules themselves, made callable (see api.callable_module)
     "retrain": "retrain",
     "run_config": "api",
@@ -33,6 +34,7 @@ __all__ = [
     "Structure",
     "__version__",
     "attach",
+    "embedded_model",
     "enumerate_space",
     "load",
     "retrain",

@@ -164,6 +164,21 @@ def retrain(
     return _run(run_retrain, config, overrides, keys, resume)
 
 
+def embedded_model(name: str) -> Path:
+    """The embedded tiny model ``name`` (``tiny-t5``, ``tiny-t5-v1_1``, ``tiny-llama``, ``tiny-bert``)
+    as a Hugging Face model directory, for ``from_pretrained``: the weights the CLI's embedded
+    default trains (random, fixed seed), written once to the cache. Offline: for trying the API,
+    a notebook or a test without downloading a model.
+
+    Raises:
+        ConfigError: not an embedded model."""
+    from .engine.backbone import EMBEDDED, materialise_embedded
+
+    if name not in EMBEDDED:
+        raise ConfigError(f"no embedded model {name!r}; embedded: {', '.join(EMBEDDED)}")
+    return materialise_embedded(name)
+
+
 def run_config(config=None, overrides=(), keys: Mapping[str, Any] | None = None) -> RunConfig:
     """The ``RunConfig`` that ``search``/``retrain`` would use, validated (``keys``: ``section__key``)."""
     dotted = {k.replace("__", "."): v for k, v in (keys or {}).items()}

@@ -389,3 +389,19 @@ def test_search_takes_its_config_as_a_keyword_too(tmp_path):
         s3delta_ds.search(config=bad)
     with pytest.raises(ConfigError, match="config given twice"):
         s3delta_ds.retrain(bad, config=bad)
+
+
+def test_the_embedded_models_load_with_from_pretrained_offline_for_the_api_examples():
+    """The docs' examples on the models the CLI's embedded default trains, without a download."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from s3delta_ds.config import ModelConfig
+    from s3delta_ds.engine.backbone import resolve_source
+
+    path = s3delta_ds.embedded_model("tiny-t5")
+    assert str(path) == resolve_source(ModelConfig(name_or_path="tiny-t5"))  # the weights a run trains
+    model = AutoModelForSeq2SeqLM.from_pretrained(path)
+    assert Backbone.from_model(model).info.num_params == Backbone.plan("tiny-t5").info.num_params
+    assert isinstance(AutoModelForCausalLM.from_pretrained(s3delta_ds.embedded_model("tiny-llama")), torch.nn.Module)
+    with pytest.raises(s3delta_ds.S3DeltaError, match="no embedded model 't5-base'; embedded: tiny-t5"):
+        s3delta_ds.embedded_model("t5-base")

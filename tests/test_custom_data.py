@@ -474,5 +474,5 @@ def test_a_header_only_csv_says_it_has_no_rows(tmp_path):
     (tmp_path / "train.csv").write_text("review,sentiment\n")
     (tmp_path / "dev.csv").write_text("review,sentiment\nok,positive\n")
     files = [f"data.train_file={tmp_path / 'train.csv'}", f"data.validation_file={tmp_path / 'dev.csv'}"]
-    with pytest.raises(DataError, match="train.csv: (cannot read any rows|split 'train' is empty)"):
+    with pytest.raises(DataError, match=r"train.csv: has a header \(review,sentiment\) but no data rows"):
         load_rows(resolve_task(_cfg(tmp_path, *files, files=False)), None)

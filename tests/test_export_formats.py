@@ -312,6 +312,8 @@ def test_a_peft_export_of_a_folder_that_is_no_run_says_what_is_missing(tmp_path,
     (tmp_path / "notarun").mkdir()
     assert main(["export", str(tmp_path / "notarun"), "--peft", "-o", str(tmp_path / "o")]) == 2
     assert "is not a finished retrain run: config.yaml is missing" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "typo"), "--merge", "-o", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'typo'} does not exist: pass a retrain run" in capsys.readouterr().err
 
 
 def test_the_launcher_entry_warns_of_a_lossy_half_precision_merge(tmp_path, capsys):

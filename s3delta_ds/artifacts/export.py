@@ -50,6 +50,8 @@ def load_run(run: Path, *, ds_config: dict | None = None, full_precision_base: b
     ``full_precision_base``: load the run's checkpoint without its bitsandbytes quantization (the
     QLoRA convention for merging: deltas trained on the 4-bit base go into the original weights).
     """
+    if not run.is_dir():
+        raise CheckpointError(f"{run} {'is not a directory' if run.exists() else 'does not exist'}: pass a retrain run")
     for name in ("config.yaml", "structure.json", "deltas.safetensors"):
         if not (run / name).is_file():
             raise CheckpointError(f"{run} is not a finished retrain run: {name} is missing")

@@ -89,7 +89,8 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
         raise StructureError(
             f"PEFT cannot express {len(refused)} of the modules ({listed}{'; ...' if len(refused) > 6 else ''}). "
             "Use --partial to export the rest, export --merge (with --keep-unmergeable where some cannot be "
-            "folded), or search with search.space=mergeable"
+            "folded), or search a space PEFT can hold (e.g. search.space=lora; search.space=mergeable also offers "
+            "PaFi and HiWi, which merge but have no PEFT method)"
         )
     base = peft_base_name(load_run_config(run / "config.yaml").model)
     num_labels = getattr(model.config, "num_labels", None) if backbone.family.head_modules else None

@@ -67,6 +67,11 @@ def _read(path: Path) -> list[dict]:
 
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            header = f.readline().strip()
+            if not any(line.strip() for line in f):  # datasets says 'Instruction "x" corresponds to no data!'
+                raise DataError(f"{path}: has a header ({header[:80]}) but no data rows")
     # pandas reads the cells NA, None, null, NaN, N/A... as missing: a review that says "NA" became a
     # null text and the label word "NA" no label. Only an empty cell is missing here.
     na = {"keep_default_na": False, "na_values": [""]} if path.suffix == ".csv" else {}
