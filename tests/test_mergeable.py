@@ -67,6 +67,13 @@ def test_qwen2_offers_bitfit_only_on_its_own_biases_and_the_merge_reloads(tmp_pa
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, hooked, atol=1e-5)
+    # a BitFit put on o_proj by hand is refused under its own model type's name, not LLaMA's
+    from s3delta_ds.deltas import delta_class
+    from s3delta_ds.deltas.base import host_of
+
+    assert delta_class("bitfit").fold_refusal(host_of(model, bb.site_map, "decoder.0.attn.o")) == (
+        "qwen2 attn.o has no bias to fold an added bias into"
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama", "tiny-bert"])

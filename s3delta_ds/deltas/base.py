@@ -60,7 +60,9 @@ def host_of(model: nn.Module, site_map, site: str) -> Host:
     """A site's module, with whether its family can give it a bias (``Family.bias_flag``)."""
     s = site_map.site(site)
     flag = site_map.family.bias_flag(s.component, site_map.config)
-    return Host(model.get_submodule(s.path), f"{site_map.family.name} {s.component}", can_add_bias=flag is not None)
+    # the model type, not the family: a Qwen2 o_proj is refused as "qwen2 attn.o", not "llama attn.o"
+    kind = getattr(site_map.config, "model_type", None) or site_map.family.name
+    return Host(model.get_submodule(s.path), f"{kind} {s.component}", can_add_bias=flag is not None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
