@@ -302,6 +302,10 @@ MALFORMED = {
     "depths_empty": (_put({}, "backbone", "depths"), "expected at least one stack"),
     "depth_zero": (_put(0, "backbone", "depths", "decoder"), "expected a positive integer, got 0"),
     "config_hash": (_put("md5:abc", "backbone", "config_hash"), "expected 'sha256:<hex>', got 'md5:abc'"),
+    "config_hash_not_hex": (_put("sha256:", "backbone", "config_hash"), "expected 'sha256:<hex>', got 'sha256:'"),
+    "space_unknown": (_put("nope", "space"), "unknown search space 'nope'; known spaces: mixed"),
+    "candidates_without_space": (_put(None, "space", where="candidates"), "a manual structure, or one without a"),
+    "manual_with_candidates": (_put("manual", "kind", where="candidates"), "a manual structure, or one without a"),
     "num_params": (_put(-3, "backbone", "num_params"), "expected a positive integer, got -3"),
     "site_malformed": (_set_module("site", "encoder..q"), "malformed site name 'encoder..q'"),
     "site_digit_stack": (_set_module("site", "3.attn"), "malformed site name '3.attn'"),
@@ -602,3 +606,12 @@ def test_a_non_finite_value_in_search_or_provenance_is_written_as_strict_json(ti
     loaded = Structure.load(tmp_path / "s.json")
     assert loaded.search["best"] is None and loaded.provenance == {"x": [None]}
     assert loaded.digest() == s.digest()  # the file and the digest agree
+
+
+def test_a_key_written_twice_is_refused_not_the_last_kept(tmp_path, valid):
+    """A hand edit that pastes a second "modules": [] was loaded as an empty structure."""
+    text = json.dumps(valid)
+    path = tmp_path / "twice.json"
+    path.write_text(text[:-1] + ', "modules": []}')
+    with pytest.raises(StructureError, match=r"twice.json: the key 'modules' appears twice in one object"):
+        Structure.load(path)

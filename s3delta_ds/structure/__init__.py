@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -89,6 +90,21 @@ class Budget:
 
     def to_dict(self) -> dict:
         return {"relative": self.relative, "absolute": self.absolute, "used": self.used}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object hook: a key written twice (a hand edit pasted a second "modules") is an error;
+    json.loads would keep the last one silently."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def library_versions() -> dict[str, str]:
@@ -182,7 +198,10 @@ class Structure:
         except UnicodeDecodeError as e:
             raise StructureError(f"{src}: not a text file (invalid UTF-8 at byte {e.start})") from e
         try:
-            d = json.loads(text)
+            d = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as e:
+            twice = f"the key {e.args[0]!r} appears twice in one object (JSON keeps the last)"
+            raise StructureError(f"{src}: {twice}") from e
         except json.JSONDecodeError as e:
             from ..config import run_config_hint
 
@@ -326,9 +345,17 @@ class _Validator:
         backbone = self.backbone(d["backbone"])
         space = d.get("space")
         if space is not None:
-            self.string(space, "space")
+            from ..method.space import SPACES
+
+            if self.string(space, "space") not in SPACES:
+                self.fail("space", f"unknown search space {space!r}; known spaces: {', '.join(SPACES)}")
         modules = self.entries(d["modules"], "modules", backbone, with_gate=False)
         candidates = self.entries(d.get("candidates") or [], "candidates", backbone, with_gate=True)
+        if candidates and (space is None or d["kind"] == "manual"):
+            self.fail(
+                "candidates",
+                "a manual structure, or one without a space, has no gates: candidates belong to a searched one",
+            )
         if candidates:
             # a structure with gates is a choice among its candidates: transfer and re-discretisation
             # map the candidates only, so a module outside them (edited in by hand) would vanish
@@ -372,7 +399,7 @@ class _Validator:
         for stack, depth in depths.items():
             self.pos_int(depth, f"backbone.depths.{stack}")
         h = self.string(b["config_hash"], "backbone.config_hash")
-        if not h.startswith("sha256:"):
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", h):
             self.fail("backbone.config_hash", f"expected 'sha256:<hex>', got {h!r}")
         return BackboneInfo(
             family=b["family"],
