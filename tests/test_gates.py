@@ -203,3 +203,17 @@ def test_concrete_sample_keeps_the_gradient_of_deeply_rejected_gates():
     expected = (z * (1 - z)).detach()
     assert (grad > 0).all()
     assert torch.allclose(grad, expected, rtol=1e-3)
+
+
+def test_the_shift_never_puts_the_expected_size_over_the_budget_at_any_logit_scale():
+    """When the bracket collapsed to float64 resolution the solver returned its iterate, which could
+    sit on the over side: logits spread by ~1e9 gave sum(n p) above B (1 of 200 cases, 2e-7)."""
+    torch.manual_seed(0)
+    n = torch.tensor([1, 8, 64, 512, 4096, 10**5, 10**6, 10**7] * 50, dtype=torch.float64)
+    total = float(n.sum())
+    for scale in (1e8, 1e9, 1e10):
+        for _ in range(100):
+            logits = torch.randn(len(n), dtype=torch.float64) * scale
+            budget = float(torch.rand(1)) * total * 0.999 + 1
+            p, _ = probabilities(logits, n, budget)
+            assert expected_params(p, n) <= budget, (scale, budget)

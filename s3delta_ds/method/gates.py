@@ -107,8 +107,8 @@ def solve_shift(
         step = b - val / deriv if deriv != 0 else math.nan
         b = step if lo < step < hi else 0.5 * (lo + hi)
         if hi - lo <= 1e-15 * max(1.0, abs(b)):
-            return b
-    return b
+            return hi  # f(hi) <= 0: the side under the budget (b may sit on the other)
+    return hi
 
 
 def _check_finite(values: torch.Tensor, what: str) -> None:
