@@ -231,9 +231,39 @@ def test_resume_refuses_other_rows_or_a_random_backbone_drawn_another_way(tmp_pa
     assert "model.random_init=true draws the frozen backbone's weights differently under ZeRO-3" in restaged.stderr
     assert "the checkpoint's were drawn under another stage, this launch's under ZeRO-3" in restaged.stderr
     assert "resume with deepspeed=zero2" in restaged.stderr
+    # the refused launch left the run's own resolved configs: the docs resume from its ds_config.json
+    assert "deepspeed: zero2" in (tmp_path / "run" / "config.yaml").read_text()
+    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
     (data / "train.jsonl").write_text((data / "train.jsonl").read_text().replace("a ", "the ", 1))  # one word
     edited = run("python", "search", ["--resume", *args], 1, check=False)
     assert edited.returncode == 2 and "--resume: the train rows are not the checkpoint's" in edited.stderr
     shutil.copy(ROOT / "s3delta_ds" / "assets" / "tiny" / "data" / "train.jsonl", data / "train.jsonl")
     run("python", "search", ["--resume", *args], 1)  # the same rows and draw: it goes on
     assert (tmp_path / "run" / "structure.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_retrain_resume_refuses_a_structure_file_edited_since(tmp_path):
+    """retrain.structure is compared by path: an alpha edited in the file (no tensor shape changes)
+    resumed onto the checkpoint and trained on, and the run ended with deltas of another structure
+    than its structure.json."""
+    from s3delta_ds.structure import builders
+
+    from .launching import run
+
+    path = builders.manual(builders.Backbone.plan("tiny-t5"), "lora").save(tmp_path / "s.json")
+    args = [
+        "data.task=tiny-sentiment", "model.name_or_path=tiny-t5", "model.random_init=true", "deepspeed=zero2",
+        f"retrain.structure={path}",
+        "retrain.steps=4", "retrain.eval_every=2", "retrain.checkpoint_every=2", "data.max_eval_examples=16",
+        f"output_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    run("python", "retrain", [*args, "retrain.stop_after=2"], 1)
+    original = path.read_text()
+    path.write_text(original.replace('"alpha": 16.0', '"alpha": 1.0'))
+    edited = run("python", "retrain", ["--resume", *args], 1, check=False)
+    assert edited.returncode == 2, edited.stderr[-3000:]
+    assert f"--resume: {path} is not the structure this run trained" in edited.stderr
+    path.write_text(original)
+    run("python", "retrain", ["--resume", *args], 1)  # the same structure: it goes on
+    assert (tmp_path / "run" / "deltas.safetensors").is_file()

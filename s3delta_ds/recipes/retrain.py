@@ -108,6 +108,7 @@ class RetrainRecipe:
             self.ckpt_dir = rt.out / CHECKPOINTS
             if self.resume:
                 self.load_checkpoint()
+                rt.write_resolved_configs()  # accepted: this launch's configs are the run's now
             self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
 
     def train(self) -> bool:

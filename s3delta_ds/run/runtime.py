@@ -71,13 +71,28 @@ class Runtime:
     @functools.cached_property
     def resume_facts(self) -> dict:
         """What a checkpoint records so that a resumed launch can check it continues the same run
-        (``check_resume_facts``): a fingerprint of the encoded train and validation rows, and, for
-        a randomly initialised backbone, whether ZeRO-3 drew its weights (partitioned, they come out
-        other than whole)."""
+        (``check_resume_facts``): a fingerprint of the encoded train and validation rows, for a
+        randomly initialised backbone whether ZeRO-3 drew its weights (partitioned, they come out
+        other than whole), and a retrain's structure by digest (its path is a config key; an alpha
+        or a dropout edited in the file since changes no tensor shape the checkpoint would catch)."""
         digest = {split: rows_digest(self.data[split]) for split in ("train", "validation")}
         stage3 = zero.zero_stage(self.ds_config) == 3
         pooling = self.cfg.model.pooling if self.family.name == "bert" else None  # resolved: auto reads the model
-        return {"rows": digest, "zero3_init": stage3, "deepspeed": self.plan.deepspeed, "pooling": pooling}
+        structure = self.plan.structure.digest() if self.plan.structure is not None else None
+        return {
+            "rows": digest,
+            "zero3_init": stage3,
+            "deepspeed": self.plan.deepspeed,
+            "pooling": pooling,
+            "structure": structure,
+        }
+
+    def write_resolved_configs(self) -> None:
+        """``config.yaml`` and ``ds_config.json`` of this launch (rank 0). A resumed launch writes
+        them once the checkpoint has accepted it: a refused resume must leave the run's own."""
+        if self.is_main:
+            atomic_write_text(self.out / "config.yaml", dump_yaml(self.cfg))
+            atomic_write_text(self.out / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
 
 
 def rows_digest(rows: list[dict]) -> str:
@@ -120,6 +135,12 @@ def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
             f"--resume: the {' and '.join(changed)} rows are not the checkpoint's ({said}). A data file, the "
             "tokenizer, or a test split changed since (with no test split, validation is halved into validation "
             "and test). Put them back, or start a new run in another output_dir"
+        )
+    if saved.get("structure") is not None and saved["structure"] != now["structure"]:
+        raise ConfigError(
+            f"--resume: {rt.cfg.retrain.structure} is not the structure this run trained (digest "
+            f"{saved['structure'][:19]}... then, {str(now['structure'])[:19]}... now): it was edited or replaced "
+            "since. Put the run's own back (a copy is its structure.json), or start a new run in another output_dir"
         )
     if saved.get("pooling") is not None and saved["pooling"] != now["pooling"]:
         raise ConfigError(
@@ -348,7 +369,7 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
         cfg, plan, Path(cfg.output_dir), rank, world, zero.device(), ds_config, ds_source, dtype, family,
         objective, task, tokenizer, collate, data, model, backbone,
     )  # fmt: skip
-    _announce(rt, kind, time.time() - t0)
+    _announce(rt, kind, time.time() - t0, write=not resume)
     return rt
 
 
@@ -475,8 +496,8 @@ def _task_data(cfg: RunConfig, family: Family, config) -> tuple[Task, str, objec
     return task, objective, tokenizer, collate, data
 
 
-def _announce(rt: Runtime, kind: str, load_s: float) -> None:
-    """Say what was set up, and write the resolved configs (rank 0)."""
+def _announce(rt: Runtime, kind: str, load_s: float, *, write: bool) -> None:
+    """Say what was set up, and (``write``) write the resolved configs (rank 0)."""
     cfg, plan, family, data = rt.cfg, rt.plan, rt.family, rt.data
     if plan.strategy:
         rt.log(f"[s3delta {kind}] deepspeed=auto: {plan.strategy} -> {plan.deepspeed}")
@@ -489,9 +510,9 @@ def _announce(rt: Runtime, kind: str, load_s: float) -> None:
         f"{family.name}{pooling}) loaded in {load_s:.1f}s; task {rt.task.name}: "
         f"{len(data['train'])}/{len(data['validation'])}/{len(data['test'])} train/validation/test examples"
     )
+    if write:
+        rt.write_resolved_configs()
     if rt.is_main:
-        atomic_write_text(rt.out / "config.yaml", dump_yaml(cfg))
-        atomic_write_text(rt.out / "ds_config.json", json.dumps(rt.ds_config, indent=2) + "\n")
         rt.log(
             "resolved config:\n"
             + dump_yaml(cfg)
