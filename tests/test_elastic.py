@@ -265,5 +265,9 @@ def test_a_retrain_resume_refuses_a_structure_file_edited_since(tmp_path):
     assert edited.returncode == 2, edited.stderr[-3000:]
     assert f"--resume: {path} is not the structure this run trained" in edited.stderr
     path.write_text(original)
+    torn = tmp_path / "run" / "checkpoints" / "step-00000001"  # a save a crash cut before COMPLETE
+    torn.mkdir()
+    (torn / ".state.pt.x.tmp").write_bytes(b"half")
     run("python", "retrain", ["--resume", *args], 1)  # the same structure: it goes on
     assert (tmp_path / "run" / "deltas.safetensors").is_file()
+    assert not torn.exists()  # older than a complete checkpoint: cleared at the next save

@@ -237,9 +237,14 @@ def save_run_checkpoint(
         kept = [Path(f).name for f in files]  # also those that did not exist yet: resume removes them
         atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step, **batch, "files": kept}))
         fsync_dir(root / tag)
+        fsync_dir(root)  # the new step folder's own entry, before older ones go
         for old in sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())[:-keep]:
             (old / COMPLETE).unlink()  # first: a crash mid-delete must not leave COMPLETE beside a partial folder
             shutil.rmtree(old, ignore_errors=True)
+        # older folders a crash left torn (a save before COMPLETE, a prune mid-delete): never read
+        # again, since a newer complete one exists
+        for torn in (p for p in root.glob("step-*") if p.name < tag and not (p / COMPLETE).exists()):
+            shutil.rmtree(torn, ignore_errors=True)
     zero.barrier()
     return root / tag
 
