@@ -113,15 +113,22 @@ def test_retrain_without_a_task_anywhere_is_an_error(tmp_path):
 
 
 def test_search_defaults_are_the_embedded_ones():
-    """With no model, the default budget (for real backbones: 25 parameters of tiny-t5, below its
-    cheapest module) becomes the embedded model's; a budget or model the user set stays."""
+    """With no model, or an embedded one named, the default budget (for real backbones: 25
+    parameters of tiny-t5, below its cheapest module) becomes the embedded models'; a budget the
+    user set, or a real model, keeps its own."""
     said = []
     cfg = preflight_search(load_run_config(None, []), log=said.append)
     assert (cfg.model.name_or_path, cfg.data.task, cfg.search.budget) == ("tiny-t5", "tiny-sentiment", 0.02)
     assert any("search.budget=0.02" in s for s in said)
     assert preflight_search(load_run_config(None, ["search.budget=0.01"]), log=said.append).search.budget == 0.01
-    explicit = preflight_search(load_run_config(None, ["model.name_or_path=tiny-t5"]), log=said.append)
-    assert explicit.search.budget == 1.389e-4
+    for name in ("tiny-t5", "tiny-llama", "tiny-bert"):  # named outright: it failed on the default budget
+        named = preflight_search(load_run_config(None, [f"model.name_or_path={name}"]), log=said.append)
+        assert named.search.budget == 0.02
+        assert f"model.name_or_path is the embedded {name} at search.budget=0.02" in said[-1]
+    kept = preflight_search(load_run_config(None, ["model.name_or_path=tiny-t5", "search.budget=1e-2"]))
+    assert kept.search.budget == 1e-2
+    real = preflight_search(load_run_config(None, ["model.name_or_path=t5-base", "model.random_init=true"]))
+    assert real.search.budget == 1.389e-4
 
 
 def test_an_unreachable_budget_names_the_range_that_fits():

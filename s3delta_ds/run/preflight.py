@@ -138,16 +138,21 @@ def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
         ConfigError, SearchSpaceError, BackboneError: a name that does not exist (the message lists
             the valid ones).
     """
+    from ..engine.backbone import EMBEDDED
     from ..method.space import rules_of
 
-    if cfg.model.name_or_path is None:
+    unset = cfg.model.name_or_path is None
+    if unset:
         cfg = _replace(cfg, "model", name_or_path=DEFAULT_MODEL)
-        if cfg.search.budget == SearchConfig().budget:  # made for real backbones: below the tiny one's cheapest module
-            cfg = _replace(cfg, "search", budget=DEFAULT_BUDGET)
-            log(
-                f"[s3delta search] model.name_or_path not set: using the embedded {DEFAULT_MODEL} at "
-                f"search.budget={DEFAULT_BUDGET:g} (the default {SearchConfig().budget:g} is for real backbones)"
-            )
+    # the default budget is made for real backbones: below a tiny model's cheapest module, so an
+    # embedded model named outright (model.name_or_path=tiny-t5) gets the same budget as unset
+    if cfg.model.name_or_path in EMBEDDED and cfg.search.budget == SearchConfig().budget:
+        cfg = _replace(cfg, "search", budget=DEFAULT_BUDGET)
+        said = "model.name_or_path not set: using" if unset else "model.name_or_path is"
+        log(
+            f"[s3delta search] {said} the embedded {cfg.model.name_or_path} at search.budget={DEFAULT_BUDGET:g} "
+            f"(the default {SearchConfig().budget:g} is for real backbones)"
+        )
     if cfg.data.task is None:
         cfg = _replace(cfg, "data", task=DEFAULT_TASK)
     rules = rules_of(cfg.search.space)
