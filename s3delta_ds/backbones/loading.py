@@ -42,6 +42,11 @@ _VOLATILE_KEYS = {
 }
 
 
+#: The embedded tiny models: built from their shipped configs with fixed random weights
+#: (``engine.backbone.materialise_embedded``); a run that names none trains tiny-t5.
+EMBEDDED = ("tiny-t5", "tiny-t5-v1_1", "tiny-llama", "tiny-bert")
+
+
 def builtin_shapes() -> dict[str, Path]:
     """Shipped config-only shapes (``t5-large``, ``t5-v1_1-xxl``, ``llama-2-70b``, ``tiny-t5`` ...)
     keyed by name and by their hub ids, so structures for big models can be planned offline."""

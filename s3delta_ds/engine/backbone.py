@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..backbones import family_for
 from ..backbones.checkpointing import enable_activation_checkpointing
 from ..backbones.loading import (
+    EMBEDDED,
     build_model,
     check_stored_quantization,
     config_hash,
@@ -32,7 +33,6 @@ from ..config import ModelConfig
 from ..errors import BackboneError
 from . import zero
 
-EMBEDDED = ("tiny-t5", "tiny-t5-v1_1", "tiny-llama", "tiny-bert")
 #: Part of the embedded models' cache names: bump it when ``build_model`` builds a different model
 #: from the same config, so no stale copy is loaded (2: T5 v1.1 got its own lm_head).
 EMBEDDED_REVISION = 2

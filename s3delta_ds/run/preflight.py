@@ -138,7 +138,7 @@ def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
         ConfigError, SearchSpaceError, BackboneError: a name that does not exist (the message lists
             the valid ones).
     """
-    from ..engine.backbone import EMBEDDED
+    from ..backbones.loading import EMBEDDED
     from ..method.space import rules_of
 
     unset = cfg.model.name_or_path is None
