@@ -72,6 +72,8 @@ echo "[s3delta] job $SLURM_JOB_ID: $SLURM_NNODES node(s), master $MASTER_ADDR; s
 # get one CPU per task, shared by all of the node's ranks.
 # --nodes/--ntasks too: an sbatch --ntasks-per-node=8 (a GPU-job habit) would otherwise make srun
 # start 8 torchruns per node, all but one failing on the rendezvous port.
-step=(--kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1)
+# --export=ALL: under sbatch --export=NONE, srun inherits SLURM_EXPORT_ENV=NONE and would start the
+# ranks without the virtualenv and the variables set above
+step=(--export=ALL --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 srun "${step[@]}" python -m s3delta_ds.run.slurm search "${args[@]}" "$@"

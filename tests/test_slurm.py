@@ -422,3 +422,28 @@ def test_one_task_per_rank_mode_and_hostfile(cluster, structure, tmp_path):
     assert proc.returncode == 0, proc.stderr + log.read_text()[-4000:]
     assert hosts.read_text() == f"{cluster.host} slots=2\n"
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_process_outside_an_srun_step_is_one_run_not_rank_0_of_the_job(monkeypatch):
+    """The batch (or salloc) shell of a --ntasks=2 job has SLURM_NTASKS=2 and SLURM_PROCID=0 but no
+    step: a plain `s3delta search` there was mapped to rank 0 of 2 and waited for a rank 1."""
+    from s3delta_ds.engine import zero
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MASTER_ADDR", "n1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    zero._env_from_slurm()
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
+def test_the_scripts_hand_their_environment_to_the_ranks():
+    """Under sbatch --export=NONE srun inherits SLURM_EXPORT_ENV=NONE: without --export=ALL the ranks
+    started with the system python and none of the variables the script sets."""
+    from .launching import ROOT
+
+    for script in ("search.sh", "retrain.sh"):
+        step = next(line for line in (ROOT / "slurm" / script).read_text().splitlines() if line.startswith("step=("))
+        assert "--export=ALL" in step, script

@@ -266,8 +266,8 @@ def _env_from_slurm() -> None:
     """One Slurm task per rank (``srun --ntasks-per-node=G``): map SLURM_* to the torch variables."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
         return
-    if int(os.environ["SLURM_NTASKS"]) == 1 and "SLURM_STEP_ID" not in os.environ:
-        return
+    if "SLURM_STEP_ID" not in os.environ:
+        return  # the batch or salloc shell of a multi-task job is no srun step: a process there is one run
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = str(_local_device_index(int(os.environ.get("SLURM_LOCALID", "0"))))
