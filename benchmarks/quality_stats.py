@@ -25,22 +25,21 @@ class Interval:
     @property
     def no_spread(self) -> bool:
         """A zero-width interval: every seed gave the same difference (or both groups were constant).
-        Seeds of real runs never agree to the last digit; identical runs point at a bug (the two
-        methods ran the same thing), so this is no evidence either way."""
+        Accuracy is discrete, so a steady difference can be exactly equal on every seed; the
+        t-interval then has no width, which says so (identical runs give 0 and read as a tie)."""
         return self.lo == self.hi
 
     @property
     def win(self) -> bool:
-        return self.lo > 0 and not self.no_spread
+        return self.lo > 0
 
     @property
     def loss(self) -> bool:
-        return self.hi < 0 and not self.no_spread
+        return self.hi < 0
 
     def verdict(self) -> str:
-        if self.no_spread:
-            return "no spread: identical runs?"
-        return "win" if self.win else "loss" if self.loss else "tie"
+        said = "win" if self.win else "loss" if self.loss else "tie"
+        return f"{said} (no spread)" if self.no_spread else said
 
     def fmt(self, scale: float = 100.0) -> str:
         return f"{scale * self.diff:+.1f} [{scale * self.lo:+.1f}, {scale * self.hi:+.1f}]"

@@ -360,6 +360,10 @@ def test_a_half_precision_t5_export_keeps_what_transformers_keeps_in_fp32(tmp_pa
     wo = [k for k in dtypes if k.endswith("DenseReluDense.wo.weight")]
     assert wo and {dtypes[k] for k in wo} == {"F32"}
     assert {v for k, v in dtypes.items() if k not in wo} == {"F16"}
+    # bf16: transformers rounds wo too (it keeps _keep_in_fp32_modules for fp16 only)
+    files_bf16 = save_hf(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    with safe_open(str(files_bf16[0]), framework="pt") as h:
+        assert {h.get_slice(k).get_dtype() for k in h.keys()} == {"BF16"}
     reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float16)
     assert torch.equal(reloaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.float(),
                        model.encoder.block[0].layer[1].DenseReluDense.wo.weight)  # fmt: skip

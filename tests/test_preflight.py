@@ -445,7 +445,10 @@ def test_resume_refuses_a_classifier_pooled_another_way():
     def rt(family: str, pooling: str):
         cfg = _cfg(Path("/tmp"), f"model.pooling={pooling}")
         ns = SimpleNamespace(
-            cfg=cfg, data={"train": [], "validation": []}, ds_config={}, plan=SimpleNamespace(deepspeed="zero2")
+            cfg=cfg,
+            data={"train": [], "validation": []},
+            ds_config={},
+            plan=SimpleNamespace(deepspeed="zero2", structure=None),
         )
         ns.family = SimpleNamespace(name=family)
         ns.resume_facts = Runtime.resume_facts.func(ns)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from s3delta_ds.errors import StructureError
-from s3delta_ds.structure import Structure, builders
+from s3delta_ds.structure import ModuleChoice, Structure, builders
 from s3delta_ds.structure.builders import MANUAL_PRESETS, Backbone
 
 TOP_KEYS = [
@@ -615,3 +615,17 @@ def test_a_key_written_twice_is_refused_not_the_last_kept(tmp_path, valid):
     path.write_text(text[:-1] + ', "modules": []}')
     with pytest.raises(StructureError, match=r"twice.json: the key 'modules' appears twice in one object"):
         Structure.load(path)
+
+
+def test_the_modules_digest_names_what_trains_not_when_the_file_was_written(tiny_t5, tmp_path):
+    """A retrain's resume checks its structure by this digest: a file without 'created' (the loader
+    stamps the time) or a preset saved again must stay the same structure; an edited alpha must not."""
+    s = builders.manual(tiny_t5, "lora")
+    d = json.loads(s.dumps())
+    del d["created"]
+    (tmp_path / "a.json").write_text(json.dumps(d))
+    first, second = Structure.load(tmp_path / "a.json"), Structure.load(tmp_path / "a.json")
+    assert first.modules_digest() == second.modules_digest() == s.modules_digest()
+    assert builders.manual(tiny_t5, "lora").modules_digest() == s.modules_digest()  # saved again
+    edited = [ModuleChoice(m.site, m.type, {**m.kwargs, "alpha": 1.0}, m.params) for m in s.modules]
+    assert Structure(**{**s.__dict__, "modules": tuple(edited)}).modules_digest() != s.modules_digest()

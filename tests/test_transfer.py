@@ -352,6 +352,11 @@ def test_a_preset_edited_by_hand_transfers_its_modules_not_the_whole_preset():
 def test_the_whole_preset_check_works_without_the_source_backbone_at_hand():
     """A source that cannot be planned (a local path gone, a hub id offline): the check falls back
     to every (stack, role, type, settings) of the preset on every layer."""
+    for name in ("bitfit", "lnfit", "ia3"):  # per-layer norms and final_norm share the role "norm"
+        preset = builders.manual(Backbone.plan("t5-base"), name)
+        info = preset.backbone.__class__(**{**preset.backbone.__dict__, "name_or_path": "/nowhere/t5-base"})
+        rebuilt = transfer(Structure(**{**preset.__dict__, "backbone": info}), Backbone.plan("flan-t5-large"))
+        assert rebuilt.provenance["rule"] == "preset rebuilt on the target", name
     preset = builders.manual(Backbone.plan("t5-base"), "lora")
     info = preset.backbone.__class__(**{**preset.backbone.__dict__, "name_or_path": "/nowhere/t5-base"})
     whole = Structure(**{**preset.__dict__, "backbone": info})

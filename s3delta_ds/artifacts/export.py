@@ -37,7 +37,7 @@ from ..structure import Budget, ModuleChoice, Structure
 from ..structure.builders import Backbone
 from ..structure.pafi import positions_in_deltas
 from ..util import atomic_write_text
-from .merge import merge, plan_merge
+from .merge import kept_in_fp32, merge, plan_merge
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 _STAGE_MARKER = ".s3delta-export-stage"
@@ -119,9 +119,7 @@ def save_hf(
     persistent = set(model.state_dict().keys())
     names += [(n, b) for n, b in model.named_buffers() if n in persistent and f".{SLOT_ATTR}." not in f".{n}"]
     main = zero.rank() == 0
-    # transformers keeps these in fp32 in a half-precision model (T5's "wo": its activations overflow
-    # fp16) and saves them so: rounding them to half would lose what its own save keeps
-    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    keep_fp32 = kept_in_fp32(model, dtype)
     if main:
         for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
             old.unlink()
@@ -226,6 +224,8 @@ def export_merged(
     """
     if dtype not in SAVE_DTYPES:
         raise StructureError(f"export dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ConfigError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
     quantize = None
     if (run / "config.yaml").is_file():
         model_cfg = load_run_config(run / "config.yaml").model

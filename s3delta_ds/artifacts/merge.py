@@ -85,6 +85,18 @@ def _enable_llama_bias(model: nn.Module, site_map: SiteMap, group: str) -> None:
                 )
 
 
+def kept_in_fp32(model: nn.Module, dtype: torch.dtype | None) -> set[str]:
+    """Module names transformers keeps (and saves) in fp32 in a model of ``dtype``, as it does:
+    ``_keep_in_fp32_modules`` under fp16 (T5's ``wo``: its activations overflow fp16), and
+    ``_keep_in_fp32_modules_strict`` under fp16 and bf16."""
+    keep: set[str] = set()
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return keep
+
+
 @torch.no_grad()
 def merge(model: nn.Module, site_map: SiteMap, *, gather=None, saved_in: torch.dtype | None = None) -> MergeReport:
     """Fold every mergeable delta into the backbone and remove it; returns what was kept. With
@@ -93,7 +105,7 @@ def merge(model: nn.Module, site_map: SiteMap, *, gather=None, saved_in: torch.d
     gather = gather or (lambda params, modifier_rank=None: contextlib.nullcontext())
     report = plan_merge(model, site_map)
     merged = set(report.merged)
-    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())  # saved in fp32 (save_hf): no rounding
+    keep_fp32 = kept_in_fp32(model, saved_in)  # saved in fp32 (save_hf): no rounding
     for site, slot in list(slots(model).items()):
         s = site_map.site(site)
         module = model.get_submodule(s.path)

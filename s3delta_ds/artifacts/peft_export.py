@@ -97,7 +97,10 @@ def export_peft(run: Path, out: Path, *, partial: bool = False) -> dict:
     with _staged(out) as stage:
         written = _write_peft(run, model, backbone, refused, stage)
         adapters = {name: str(out / Path(p).relative_to(stage)) for name, p in written.items()}
-        code = loading_code(adapters, base, backbone.family.name, num_labels)
+        # absolute: the code runs from wherever the user loads the model, not the export's directory
+        code = loading_code(
+            {k: str(Path(p).resolve()) for k, p in adapters.items()}, base, backbone.family.name, num_labels
+        )
         if zero.rank() == 0:
             atomic_write_text(
                 stage / "README.md",

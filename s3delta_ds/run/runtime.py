@@ -73,12 +73,12 @@ class Runtime:
         """What a checkpoint records so that a resumed launch can check it continues the same run
         (``check_resume_facts``): a fingerprint of the encoded train and validation rows, for a
         randomly initialised backbone whether ZeRO-3 drew its weights (partitioned, they come out
-        other than whole), and a retrain's structure by digest (its path is a config key; an alpha
-        or a dropout edited in the file since changes no tensor shape the checkpoint would catch)."""
+        other than whole), and a retrain's modules by digest (its path is a config key; an alpha or
+        a dropout edited in the file since changes no tensor shape the checkpoint would catch)."""
         digest = {split: rows_digest(self.data[split]) for split in ("train", "validation")}
         stage3 = zero.zero_stage(self.ds_config) == 3
         pooling = self.cfg.model.pooling if self.family.name == "bert" else None  # resolved: auto reads the model
-        structure = self.plan.structure.digest() if self.plan.structure is not None else None
+        structure = self.plan.structure.modules_digest() if self.plan.structure is not None else None
         return {
             "rows": digest,
             "zero3_init": stage3,
@@ -140,7 +140,7 @@ def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
         raise ConfigError(
             f"--resume: {rt.cfg.retrain.structure} is not the structure this run trained (digest "
             f"{saved['structure'][:19]}... then, {str(now['structure'])[:19]}... now): it was edited or replaced "
-            "since. Put the run's own back (a copy is its structure.json), or start a new run in another output_dir"
+            "since. Put back the file the run started with, or start a new run in another output_dir"
         )
     if saved.get("pooling") is not None and saved["pooling"] != now["pooling"]:
         raise ConfigError(

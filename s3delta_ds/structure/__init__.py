@@ -183,6 +183,13 @@ class Structure:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
+    def modules_digest(self) -> str:
+        """sha256 of what a retrain trains: the modules (site, type, settings, size), in order. Not
+        ``created``, versions, gates or provenance: a preset saved again, or a file without
+        ``created`` (the loader stamps it), is the same structure to train."""
+        blob = json.dumps([m.to_dict() for m in self.modules], sort_keys=True, separators=(",", ":")).encode()
+        return "sha256:" + hashlib.sha256(blob).hexdigest()
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> Structure:
         """Read and validate a structure file.

@@ -252,11 +252,13 @@ def _redrawn(source: Structure, target: Backbone, budget: float | None, provenan
 
 
 def _module_keys(modules, role_of: dict[str, str]) -> dict[tuple, set]:
-    """(stack, role, type, kwargs) -> the layers holding it."""
+    """(stack, role, stack-level?, type, kwargs) -> the layers holding it."""
     out: dict[tuple, set] = defaultdict(set)
     for m in modules:
         stack, layer, component = parse_site(m.site)
-        out[(stack, role_of.get(component, component), m.type, repr(sorted(m.kwargs.items())))].add(layer)
+        # a stack-level site (final_norm) apart from its role's per-layer ones (the layer norms)
+        key = (stack, role_of.get(component, component), layer is None, m.type, repr(sorted(m.kwargs.items())))
+        out[key].add(layer)
     return out
 
 
