@@ -116,11 +116,12 @@ def srun_args(tmp_path: Path, script: str, argv: list[str]) -> list[str]:
 def test_scripts_leave_deepspeed_to_the_run_config_unless_asked(script, argv, expected, tmp_path):
     args = srun_args(tmp_path, script, argv)
     # srun gets the job's CPUs explicitly (Slurm 22.05-23.02's srun does not inherit them)
-    # one task per node whatever --ntasks(-per-node) the job was submitted with
-    step = ["--kill-on-bad-exit=1", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--cpus-per-task=64"]
-    assert args[:7] == [*step, "python", "-m"]
-    assert args[7:9] == ["s3delta_ds.run.slurm", script.removesuffix(".sh")]
-    assert args[9:] == expected
+    # one task per node whatever --ntasks(-per-node) the job was submitted with, and the script's
+    # environment (its virtualenv, MASTER_ADDR) even under sbatch --export=NONE
+    step = ["--export=ALL", "--kill-on-bad-exit=1", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1"]
+    assert args[:8] == [*step, "--cpus-per-task=64", "python", "-m"]
+    assert args[8:10] == ["s3delta_ds.run.slurm", script.removesuffix(".sh")]
+    assert args[10:] == expected
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
