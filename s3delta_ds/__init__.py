@@ -25,9 +25,11 @@ _PUBLIC = {
     "enumerate_space": "method.space",
     "SPACES": "method.space",
     "S3DeltaError": "errors",
+    "RunStopped": "errors",
 }
 
 __all__ = [
+    "RunStopped",
     "S3DeltaError",
     "SPACES",
     "Backbone",
@@ -44,7 +46,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import attach, load, retrain, run_config, search  # search/retrain: callable modules at run time
-    from .errors import S3DeltaError
+    from .errors import RunStopped, S3DeltaError
     from .method.space import SPACES, enumerate_space
     from .structure import Structure
     from .structure.builders import Backbone

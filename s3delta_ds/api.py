@@ -148,6 +148,7 @@ def search(
         keys: the same as keyword arguments, ``section__key=value`` (``search__steps=50``).
     Raises:
         ConfigError: the run stopped at ``search.stop_after`` (continue it with ``resume=True``).
+        RunStopped: SIGTERM or SIGUSR1 stopped it after a checkpoint (continue it with ``resume=True``).
     """
     from .search import run_search
 

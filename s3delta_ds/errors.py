@@ -42,5 +42,14 @@ class TrainingError(S3DeltaError):
     """Training diverged (NaN/inf loss) or otherwise cannot continue."""
 
 
+class RunStopped(S3DeltaError):
+    """A signal (preemption, the time limit) stopped the run after it wrote a checkpoint: not a
+    failure of the input, and not a finished run either. Continue it with ``--resume``."""
+
+    def __init__(self, message: str, signum: int, step: int) -> None:
+        super().__init__(message)
+        self.signum, self.step = signum, step
+
+
 class FoldError(S3DeltaError):
     """A delta cannot be folded into its host module (a non-linear type, or no bias to hold it)."""

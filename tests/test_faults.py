@@ -213,3 +213,34 @@ def test_sigusr1_in_a_slurm_job_requeues_it(tmp_path, monkeypatch):
     (tmp_path / "called").unlink()
     requeue_after(signal.SIGUSR1, True, said.append)
     assert not (tmp_path / "called").exists()
+
+
+def test_a_signal_stopped_launch_exits_75_and_resumes_to_the_end(tmp_path):
+    """SIGUSR1 (the time limit is near) reaches the worker alone, as under Slurm's --signal (the
+    launcher ignores it): the launch checkpoints and exits with 75, never 0, so a job chained with
+    afterok does not start on a search without a structure; --resume then finishes with 0."""
+    out = tmp_path / "run"
+    args = [*FAULT, f"output_dir={out}", "search.checkpoint_every=0"]
+    log_path = tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            command("python", "search", args, 1), env=env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.time() + 300
+            while not _logged_step(out, 2):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "no step 2 within 300 s"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGUSR1)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert proc.returncode == 75, text[-3000:]
+    assert "SIGUSR1 received: stopped at step" in text and "error:" not in text
+    assert not (out / "structure.json").exists()
+    assert [p.name for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()]
+    resumed = run("python", "search", [*args, "--resume"], 1)
+    assert resumed.returncode == 0 and (out / "structure.json").exists()

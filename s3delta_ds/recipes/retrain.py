@@ -28,8 +28,7 @@ from ..run.plan import RunPlan
 from ..run.preflight import preflight_retrain
 from ..run.report import MetricsLog
 from ..run.runtime import check_resume_facts, model_source, prepare, released_on_failure
-from ..run.signals import StopRequest, requeue_after
-from ..run.signals import stop_note as signal_note
+from ..run.signals import StopRequest, stopped
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
 from .state import (
@@ -112,7 +111,8 @@ class RetrainRecipe:
             self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
 
     def train(self) -> bool:
-        """The retrain loop. Returns False when the launch stopped early (``retrain.stop_after``)."""
+        """The retrain loop. Returns False when the launch stopped early (``retrain.stop_after``);
+        raises RunStopped after a signal's checkpoint."""
         rc, state, rt, engine, module = self.cfg.retrain, self.state, self.rt, self.pipe.engine, self.pipe.module
         start, bar = state.step, progress_bar(rc, state, "retrain", rt.is_main)
         module.train()
@@ -134,9 +134,7 @@ class RetrainRecipe:
                     if checkpoint_due(rc, state.step, evaluated) or stop or signalled:
                         self.save_checkpoint()
                     if signalled:  # preemption or the time limit: this step's checkpoint is written
-                        rt.log(signal_note(signalled, state.step))
-                        requeue_after(signalled, rt.is_main, rt.log)
-                        return False
+                        raise stopped(signalled, state.step, rt.is_main, rt.log)
                     if stop:
                         rt.log(stop_note(rc, state.step))
                         return False

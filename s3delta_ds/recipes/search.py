@@ -21,8 +21,7 @@ from ..run.plan import RunPlan
 from ..run.preflight import preflight_search
 from ..run.report import MetricsLog, gates_csv, heatmap
 from ..run.runtime import check_resume_facts, model_source, prepare, released_on_failure
-from ..run.signals import StopRequest, requeue_after
-from ..run.signals import stop_note as signal_note
+from ..run.signals import StopRequest, stopped
 from ..structure import Structure, builders
 from ..util import atomic_write_text
 from .pipeline import build_pipeline
@@ -108,7 +107,8 @@ class SearchRecipe:
             self.metrics = MetricsLog(rt.out, rt.is_main, resumed_at=self.state.step if self.resume else None)
 
     def train(self) -> bool:
-        """The search loop. Returns False when the launch stopped early (``search.stop_after``)."""
+        """The search loop. Returns False when the launch stopped early (``search.stop_after``);
+        raises RunStopped after a signal's checkpoint."""
         sc, state, gates = self.cfg.search, self.state, self.gates
         start, bar = state.step, progress_bar(sc, state, "search", self.rt.is_main)
         self.pipe.module.train()
@@ -146,9 +146,7 @@ class SearchRecipe:
                     if checkpoint_due(sc, state.step, evaluated) or stop or signalled:
                         self.save_checkpoint()
                     if signalled:  # preemption or the time limit: this step's checkpoint is written
-                        self.rt.log(signal_note(signalled, state.step))
-                        requeue_after(signalled, self.rt.is_main, self.rt.log)
-                        return False
+                        raise stopped(signalled, state.step, self.rt.is_main, self.rt.log)
                     if stop:
                         self.rt.log(stop_note(sc, state.step))
                         return False

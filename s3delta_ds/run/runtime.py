@@ -528,7 +528,8 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
     """Shared argument handling of search.py / retrain.py (every launcher passes --local_rank)."""
     import argparse
 
-    from ..errors import S3DeltaError
+    from ..errors import RunStopped, S3DeltaError
+    from .signals import EXIT_STOPPED
 
     p = argparse.ArgumentParser(prog=prog, description="Keys of the YAML config can be overridden as section.key=value")
     p.add_argument("--config", help="YAML run config (see examples/)")
@@ -540,6 +541,8 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
         cfg = load_run_config(args.config, args.overrides)
         run(cfg, resume=args.resume)
         return 0
+    except RunStopped:  # said on rank 0 already; not 0, or an afterok job would start on an unfinished run
+        return EXIT_STOPPED
     except S3DeltaError as e:
         # Mistakes in the input (config, names, structure, data) are found alike on every rank:
         # say them once. Failures of the run itself may be one rank's: every rank says its own.

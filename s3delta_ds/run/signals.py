@@ -9,6 +9,11 @@ trainable state only: seconds even beside a 70B backbone) and the loop returns a
 does. After SIGUSR1 inside a Slurm job, rank 0 requeues the job (``scontrol requeue``), and the
 requeued start resumes the checkpoint by itself (:func:`run.slurm.run_args`);
 ``S3DELTA_REQUEUE=0`` leaves that to the user.
+
+A stopped launch exits with :data:`EXIT_STOPPED` (75, sysexits' EX_TEMPFAIL: "try again"), never 0:
+Slurm would record the job COMPLETED and start the jobs that depend on it with ``afterok`` (the
+retrain after the search) on a run that has no structure yet. torchrun reports any non-zero worker
+exit as its own exit code 1; the DeepSpeed launcher passes the 75 on.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import subprocess
 import threading
 
 from ..engine import zero
+from ..errors import RunStopped
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_STOPPED = 75
 
 
 class StopRequest:
@@ -54,6 +61,15 @@ class StopRequest:
 def stop_note(signum: int, step: int) -> str:
     name = signal.Signals(signum).name
     return f"{name} received: stopped at step {step} after writing its checkpoint; continue with --resume"
+
+
+def stopped(signum: int, step: int, is_main: bool, log) -> RunStopped:
+    """After the step's checkpoint: say so, requeue the Slurm job where that is asked for, and
+    return the error the loop raises (the launch exits with :data:`EXIT_STOPPED`)."""
+    note = stop_note(signum, step)
+    log(note)
+    requeue_after(signum, is_main, log)
+    return RunStopped(note, signum, step)
 
 
 def requeue_after(signum: int, is_main: bool, log) -> None:
