@@ -571,3 +571,38 @@ def test_a_run_config_given_for_a_model_or_a_structure_says_what_to_pass(capsys,
     broken.write_text("{")
     rc, _, err = run(capsys, "inspect", broken)
     assert rc == 2 and "looks like a run config" not in err
+
+
+@pytest.mark.parametrize(
+    "nproc, visible, cuda, flags",
+    [
+        (2, None, True, ["--num_gpus", "2"]),  # nothing set: devices 0..N-1
+        (2, "2,3", True, ["--include", "localhost:2,3"]),
+        (1, " 5, 7 ", True, ["--include", "localhost:5"]),  # the first N of the visible ones
+        (2, "2,3", False, ["--num_gpus", "2"]),  # the CPU accelerator: CUDA_VISIBLE_DEVICES means nothing
+    ],
+)
+def test_nproc_starts_on_the_visible_devices(nproc, visible, cuda, flags):
+    """DeepSpeed's launcher ignores CUDA_VISIBLE_DEVICES once --num_gpus is given and starts on
+    devices 0..N-1: CUDA_VISIBLE_DEVICES=2,3 s3delta search --nproc 2 ran on GPUs 0 and 1."""
+    from s3delta_ds.run.launch import device_selection
+
+    assert device_selection(nproc, visible, cuda) == flags
+
+
+def test_nproc_refuses_more_ranks_than_visible_devices_before_the_launcher(capsys, tmp_path, monkeypatch):
+    import s3delta_ds.run.launch as launch_mod
+
+    started = []
+    monkeypatch.setattr(launch_mod.subprocess, "call", lambda cmd, env: started.append(cmd) or 0)
+    monkeypatch.setattr(launch_mod, "_cuda", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    rc, _, err = run(capsys, "search", "--nproc", 2, "search.budget=0.02", f"output_dir={tmp_path / 'a'}")
+    assert (rc, err) == (0, "")
+    assert "--num_gpus" not in started[0] and started[0][started[0].index("--include") + 1] == "localhost:2,3"
+    rc, _, err = run(capsys, "search", "--nproc", 3, "search.budget=0.02", f"output_dir={tmp_path / 'b'}")
+    assert rc == 2 and len(started) == 1
+    assert "error: --nproc 3 but CUDA_VISIBLE_DEVICES=2,3 makes 2 device(s) visible" in err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f1c,GPU-2a9e")
+    rc, _, err = run(capsys, "search", "--nproc", 2, "search.budget=0.02", f"output_dir={tmp_path / 'c'}")
+    assert rc == 2 and len(started) == 1 and "by UUID or MIG id" in err and "torchrun" in err
