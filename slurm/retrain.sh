@@ -33,9 +33,9 @@
 #     MODEL and DS_CONFIG are read until the first section.key=value or --flag; a DS_CONFIG name
 #     (or a .json holding zero_optimization) in MODEL's place is the DS_CONFIG.
 # Environment (passed through): CONFIG (a YAML run config), OUTPUT_DIR (default: CONFIG's output_dir,
-# else runs/retrain-<jobid>), NPROC_PER_NODE (default: GPUs per node, else 2), MASTER_PORT (default:
-# from the job id), S3DELTA_MASTER_ADDR (default: the job's first node), S3DELTA_VENV (a virtualenv
-# to activate).
+# else runs/retrain-<jobid>), NPROC_PER_NODE (default: GPUs per node, else 2), S3DELTA_MASTER_PORT
+# (default: from the job id; an inherited MASTER_PORT is ignored), S3DELTA_MASTER_ADDR (default: the
+# job's first node), S3DELTA_VENV (a virtualenv to activate).
 # A requeued job (preemption, node failure) resumes from its newest checkpoint by itself. To continue
 # a run in a new job, point OUTPUT_DIR (or CONFIG's output_dir) at its directory and add --resume.
 set -euo pipefail

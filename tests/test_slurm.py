@@ -448,3 +448,24 @@ def test_the_scripts_hand_their_environment_to_the_ranks():
     for script in ("search.sh", "retrain.sh"):
         step = next(line for line in (ROOT / "slurm" / script).read_text().splitlines() if line.startswith("step=("))
         assert "--export=ALL" in step, script
+
+
+def test_the_rendezvous_port_ignores_an_inherited_master_port(monkeypatch):
+    """sbatch hands the submitting shell's environment on: a MASTER_PORT an earlier torchrun left
+    there gave every job on a node one port (the second job's rendezvous failed or joined the
+    first's). The port comes from the job id unless S3DELTA_MASTER_PORT names one."""
+    from s3delta_ds.errors import DistributedSetupError
+    from s3delta_ds.run.slurm import master_port
+
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("S3DELTA_MASTER_PORT", "")
+    monkeypatch.delenv("S3DELTA_MASTER_PORT")
+    assert master_port() == 20000 + 12345 % 12000
+    monkeypatch.setenv("SLURM_JOB_ID", "12346")
+    assert master_port() == 20000 + 12346 % 12000  # two jobs, two ports
+    monkeypatch.setenv("S3DELTA_MASTER_PORT", "23456")
+    assert master_port() == 23456
+    monkeypatch.setenv("S3DELTA_MASTER_PORT", "x")
+    with pytest.raises(DistributedSetupError, match=r"\$S3DELTA_MASTER_PORT must be a positive integer"):
+        master_port()

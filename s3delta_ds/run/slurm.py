@@ -72,10 +72,12 @@ def hostfile(nodelist: str | None = None, slots: int | None = None) -> str:
 
 
 def master_port() -> int:
-    """$MASTER_PORT, else a port derived from the job id (every node computes the same one), in
-    20000-31999: below Linux's ephemeral range (32768+), where a busy node may already use it."""
-    if os.environ.get("MASTER_PORT"):
-        return _int_env("MASTER_PORT")
+    """$S3DELTA_MASTER_PORT, else a port derived from the job id (every node computes the same one),
+    in 20000-31999: below Linux's ephemeral range (32768+), where a busy node may already use it.
+    Never an inherited $MASTER_PORT: sbatch passes the submitting shell's environment on, and a
+    MASTER_PORT left there by an earlier torchrun would give every job on the node the same port."""
+    if os.environ.get("S3DELTA_MASTER_PORT"):
+        return _int_env("S3DELTA_MASTER_PORT")
     return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 12000
 
 
