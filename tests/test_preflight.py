@@ -448,6 +448,7 @@ def test_resume_refuses_a_classifier_pooled_another_way():
             cfg=cfg,
             data={"train": [], "validation": []},
             ds_config={},
+            dtype="fp32",
             plan=SimpleNamespace(deepspeed="zero2", structure=None),
         )
         ns.family = SimpleNamespace(name=family)
@@ -460,3 +461,48 @@ def test_resume_refuses_a_classifier_pooled_another_way():
     with pytest.raises(ConfigError, match="trained on cls pooling and this launch pools by mean: .*model.pooling=cls"):
         check_resume_facts(rt("bert", "mean"), saved)
     check_resume_facts(rt("bert", "mean"), {k: v for k, v in saved.items() if k != "pooling"})  # older checkpoints
+
+
+def test_resume_refuses_another_resolved_dtype():
+    """model.dtype=auto resolved to bf16 on the first nodes and to fp32 (or fp16) after a requeue
+    onto nodes without bf16: the config key reads "auto" both times, so the resolved dtype is a
+    checkpoint fact. An explicit model.dtype that names the checkpoint's dtype resumes."""
+    from types import SimpleNamespace
+
+    from s3delta_ds.run.runtime import Runtime, check_resume_facts
+
+    def rt(setting: str, resolved: str):
+        cfg = _cfg(Path("/tmp"), f"model.dtype={setting}")
+        ns = SimpleNamespace(
+            cfg=cfg,
+            data={"train": [], "validation": []},
+            ds_config={},
+            dtype=resolved,
+            plan=SimpleNamespace(deepspeed="zero2", structure=None),
+        )
+        ns.family = SimpleNamespace(name="t5")
+        ns.resume_facts = Runtime.resume_facts.func(ns)
+        return ns
+
+    saved = rt("auto", "bf16").resume_facts
+    check_resume_facts(rt("auto", "bf16"), saved)
+    check_resume_facts(rt("bf16", "bf16"), saved)
+    with pytest.raises(
+        ConfigError, match="trained in bf16 and this launch resolves model.dtype=auto to fp32.*model.dtype=bf16"
+    ):
+        check_resume_facts(rt("auto", "fp32"), saved)
+    check_resume_facts(rt("auto", "fp32"), {k: v for k, v in saved.items() if k != "dtype"})  # older checkpoints
+
+
+def test_resume_config_leaves_an_auto_dtype_to_the_checkpoint(tmp_path):
+    from s3delta_ds.run.runtime import check_resume_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    from s3delta_ds.config import dump_yaml
+
+    (out / "config.yaml").write_text(dump_yaml(_cfg(tmp_path, "model.dtype=auto")))
+    check_resume_config(out, _cfg(tmp_path, "model.dtype=bf16"), "search")  # what auto resolved to: the facts decide
+    (out / "config.yaml").write_text(dump_yaml(_cfg(tmp_path, "model.dtype=fp16")))
+    with pytest.raises(ConfigError, match="model.dtype 'fp16' -> 'bf16'"):
+        check_resume_config(out, _cfg(tmp_path, "model.dtype=bf16"), "search")

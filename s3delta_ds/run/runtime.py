@@ -73,8 +73,10 @@ class Runtime:
         """What a checkpoint records so that a resumed launch can check it continues the same run
         (``check_resume_facts``): a fingerprint of the encoded train and validation rows, for a
         randomly initialised backbone whether ZeRO-3 drew its weights (partitioned, they come out
-        other than whole), and a retrain's modules by digest (its path is a config key; an alpha or
-        a dropout edited in the file since changes no tensor shape the checkpoint would catch)."""
+        other than whole), a retrain's modules by digest (its path is a config key; an alpha or
+        a dropout edited in the file since changes no tensor shape the checkpoint would catch), and
+        the resolved dtype (``model.dtype=auto`` follows the DeepSpeed config and the accelerator:
+        bf16 on an A100, fp16 or fp32 after a requeue onto older nodes)."""
         digest = {split: rows_digest(self.data[split]) for split in ("train", "validation")}
         stage3 = zero.zero_stage(self.ds_config) == 3
         pooling = self.cfg.model.pooling if self.family.name == "bert" else None  # resolved: auto reads the model
@@ -85,6 +87,7 @@ class Runtime:
             "deepspeed": self.plan.deepspeed,
             "pooling": pooling,
             "structure": structure,
+            "dtype": self.dtype,
         }
 
     def write_resolved_configs(self) -> None:
@@ -141,6 +144,12 @@ def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
             f"--resume: {rt.cfg.retrain.structure} is not the structure this run trained (digest "
             f"{saved['structure'][:19]}... then, {str(now['structure'])[:19]}... now): it was edited or replaced "
             "since. Put back the file the run started with, or start a new run in another output_dir"
+        )
+    if saved.get("dtype") is not None and saved["dtype"] != now["dtype"]:
+        raise ConfigError(
+            f"--resume: the checkpoint's run trained in {saved['dtype']} and this launch resolves "
+            f"model.dtype={rt.cfg.model.dtype} to {now['dtype']} (auto follows the DeepSpeed config's bf16/fp16 "
+            f"and whether the accelerator has bf16): resume with model.dtype={saved['dtype']}"
         )
     if saved.get("pooling") is not None and saved["pooling"] != now["pooling"]:
         raise ConfigError(
@@ -429,6 +438,8 @@ def check_resume_config(out: Path, cfg: RunConfig, kind: str) -> None:
 
     def same(k: str) -> bool:
         a, b = value(old, k), value(cfg, k)
+        if k == "model.dtype" and "auto" in (a, b):  # the dtype it resolves to is a checkpoint fact
+            return True
         if k in _RESUME_PATHS and a is not None and b is not None:  # ./s.json and /abs/s.json are one file
             return Path(a).resolve() == Path(b).resolve()
         return a == b
