@@ -107,9 +107,31 @@ def load(model: nn.Module, run_or_dir: str | os.PathLike, *, pafi_mask: str | No
 
     head = family_for(model.config).head_modules
     load_deltas(model, root / _DELTA_FILE, head_prefixes=head, structure_digest=structure.digest())
+    _warn_on_another_config(model, root / _DELTA_FILE)
     if head:
         _pool_as_trained(model, root)
     return model.eval()
+
+
+def _warn_on_another_config(model: nn.Module, path: Path) -> None:
+    """Shapes cannot tell two configs of one architecture apart (another activation, rope_theta,
+    norm epsilon): the deltas load and every output drifts. A warning, not an error: a config saved
+    by another transformers version can differ in keys that change nothing."""
+    import warnings
+
+    from .backbones.loading import config_hash
+    from .run.checkpoint import read_delta_metadata
+
+    meta = read_delta_metadata(path)
+    recorded, now = meta.get("config_hash"), config_hash(model.config)
+    if recorded is not None and recorded != now:
+        warnings.warn(
+            f"{path} was trained on {meta.get('backbone', 'another model')} (config {recorded[:19]}...), and this "
+            f"model's config differs ({now[:19]}...): the shapes match, but if it is another model (another "
+            "activation, rope_theta, or norm epsilon) its outputs will not be the run's",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _pool_as_trained(model: nn.Module, root: Path) -> None:

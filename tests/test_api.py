@@ -405,3 +405,25 @@ def test_the_embedded_models_load_with_from_pretrained_offline_for_the_api_examp
     assert isinstance(AutoModelForCausalLM.from_pretrained(s3delta_ds.embedded_model("tiny-llama")), torch.nn.Module)
     with pytest.raises(s3delta_ds.S3DeltaError, match="no embedded model 't5-base'; embedded: tiny-t5"):
         s3delta_ds.embedded_model("t5-base")
+
+
+def test_load_warns_when_the_deltas_were_trained_on_another_config_of_the_same_shapes(tmp_path):
+    """T5 with another activation has every shape of the original: the deltas loaded without a word
+    and every output changed. The delta file records the config it was trained on."""
+    import warnings
+
+    from s3delta_ds.backbones.loading import config_hash
+
+    trained = tiny_model("tiny-t5")
+    structure = manual(Backbone.from_model(trained), "lora")
+    structure.save(tmp_path / "structure.json")
+    s3delta_ds.attach(trained, tmp_path / "structure.json")
+    meta = {"structure": structure.digest(), "backbone": "tiny-t5", "config_hash": config_hash(trained.config)}
+    save_deltas(trained, tmp_path / "deltas.safetensors", metadata=meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)  # its own config: no warning
+    other = tiny_model("tiny-t5")
+    other.config.dense_act_fn = "gelu_new" if other.config.dense_act_fn != "gelu_new" else "relu"
+    with pytest.warns(UserWarning, match=r"trained on tiny-t5 \(config sha256:.*this model's config differs"):
+        s3delta_ds.load(other, tmp_path)
