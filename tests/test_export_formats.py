@@ -367,3 +367,39 @@ def test_a_half_precision_t5_export_keeps_what_transformers_keeps_in_fp32(tmp_pa
     reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float16)
     assert torch.equal(reloaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.float(),
                        model.encoder.block[0].layer[1].DenseReluDense.wo.weight)  # fmt: skip
+
+
+@pytest.mark.slow  # starts a process to stand for the other export
+def test_a_stage_another_live_export_writes_is_refused_not_removed(tmp_path):
+    """Two exports to one directory at once: the second removed the first's stage as a crash's
+    leftovers and both wrote shards into the new one. The stage's marker names its process."""
+    import socket
+    import subprocess
+    import sys
+
+    run = _run(tmp_path / "run", "tiny-llama", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})])
+    stage = tmp_path / ".merged.partial"
+    stage.mkdir()
+    (stage / "model-00001.safetensors.tmp").write_text("being written")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "s3delta", "export"])
+    try:
+        claim = {"slurm_job_id": "7", "host": socket.gethostname(), "pid": other.pid}  # one Slurm job: its process
+        (stage / export_mod._STAGE_MARKER).write_text(json.dumps(claim))
+        with pytest.raises(StructureError, match=rf"another export \(process {other.pid} on this host\) is writing"):
+            export_merged(run, tmp_path / "merged")
+        assert (stage / "model-00001.safetensors.tmp").read_text() == "being written"
+    finally:
+        other.kill()
+        other.wait()
+    export_merged(run, tmp_path / "merged")  # its process is gone: a crash's leftovers, removed
+    assert not stage.exists() and (tmp_path / "merged" / "model.safetensors").stat().st_size > 100
+
+
+def test_an_output_filled_while_the_export_ran_is_not_replaced(tmp_path):
+    stage, out = tmp_path / ".out.partial", tmp_path / "out"
+    stage.mkdir()
+    (stage / "model.safetensors").write_text("ours")
+    out.mkdir()
+    (out / "model.safetensors").write_text("theirs")
+    assert "was filled by something else" in export_mod._close_stage(stage, out)
+    assert (out / "model.safetensors").read_text() == "theirs" and not stage.exists()

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from ..engine.backbone import load_backbone, resolve_source
 from ..errors import CheckpointError, ConfigError, S3DeltaError, StructureError
 from ..method.supernet import SLOT_ATTR, attach
 from ..run.checkpoint import load_deltas, save_deltas
+from ..run.runtime import claim_info, live_owner
 from ..structure import Budget, ModuleChoice, Structure
 from ..structure.builders import Backbone
 from ..structure.pafi import positions_in_deltas
@@ -342,14 +344,10 @@ def _staged(out: Path) -> Iterator[Path]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StructureError(f"{out} is not an empty directory; choose a new one")
     stage = out.parent / f".{out.name}.partial"
-    if zero.rank() == 0:
-        if stage.exists():  # a crashed export's leftovers, removed only if the marker says they are
-            if not (stage / _STAGE_MARKER).is_file():
-                raise StructureError(f"{stage} exists and is not an unfinished export of s3delta_ds: move it away")
-            shutil.rmtree(stage)
-        stage.mkdir(parents=True)
-        (stage / _STAGE_MARKER).write_text("an unfinished s3delta export; removed when it completes or reruns\n")
-    zero.barrier()  # every rank checked ``out`` before rank 0 writes
+    refused = _open_stage(stage, out) if zero.rank() == 0 else None
+    refused = zero.broadcast_object(refused)  # every rank raises rank 0's refusal, none waits for it
+    if refused:
+        raise StructureError(refused)
     try:
         yield stage
     except BaseException:
@@ -357,13 +355,50 @@ def _staged(out: Path) -> Iterator[Path]:
             shutil.rmtree(stage, ignore_errors=True)
         raise
     zero.barrier()  # every rank's writes (rank 0's) are done
-    if zero.rank() == 0:
-        if out.exists():
-            out.rmdir()  # empty: checked above
-        os.replace(stage, out)
-        # the marker goes last: a rename that fails leaves a stage the rerun may still clear
-        (out / _STAGE_MARKER).unlink()
-    zero.barrier()
+    refused = zero.broadcast_object(_close_stage(stage, out) if zero.rank() == 0 else None)
+    if refused:
+        raise StructureError(refused)
+
+
+def _open_stage(stage: Path, out: Path) -> str | None:
+    """Rank 0: create ``stage``, claimed by this process (its marker holds ``claim_info``). Returns
+    why it cannot (None: created). A crashed export's leftovers are removed; a stage another live
+    export writes is not: removing it mixed two exports' shards in one folder."""
+    if stage.exists():
+        try:
+            text = (stage / _STAGE_MARKER).read_text()
+        except OSError:
+            return f"{stage} exists and is not an unfinished export of s3delta_ds: move it away"
+        try:
+            claim = json.loads(text)
+        except ValueError:
+            claim = {}  # an older version's marker: a crash's
+        claim = claim if isinstance(claim, dict) else {}
+        # on this host the process decides: two exports in one Slurm job share its id
+        owner = live_owner({**claim, "slurm_job_id": None} if claim.get("host") == socket.gethostname() else claim)
+        if owner:
+            return f"another export ({owner}) is writing {out} (through {stage}): wait for it, or choose another one"
+        shutil.rmtree(stage)
+    try:
+        stage.mkdir(parents=True)
+    except FileExistsError:
+        return f"another export started writing {out} (through {stage}) a moment ago: choose another directory"
+    atomic_write_text(stage / _STAGE_MARKER, json.dumps(claim_info()) + "\n")
+    return None
+
+
+def _close_stage(stage: Path, out: Path) -> str | None:
+    """Rank 0: rename the finished ``stage`` to ``out``. Returns why it cannot (None: done)."""
+    if out.exists():
+        try:
+            out.rmdir()  # empty when checked before the export
+        except OSError:
+            shutil.rmtree(stage, ignore_errors=True)
+            return f"{out} was filled by something else while this export ran; choose a new directory"
+    os.replace(stage, out)
+    # the marker goes last: a rename that fails leaves a stage the rerun may still clear
+    (out / _STAGE_MARKER).unlink()
+    return None
 
 
 LOST_WARNING = 0.1

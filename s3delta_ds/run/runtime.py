@@ -166,7 +166,8 @@ def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
         )
 
 
-def _claim_info() -> dict:
+def claim_info() -> dict:
+    """Who claims a directory: read back by ``live_owner``."""
     return {"slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid()}
 
 
@@ -179,12 +180,12 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """
     check_output_dir(out, resume=resume, overwrite=overwrite)
     if resume:
-        claim_run_dir(out, _claim_info(), replace=True)  # this job continues it now
+        claim_run_dir(out, claim_info(), replace=True)  # this job continues it now
         return
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)  # an earlier run's, and overwrite=true (check_output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not claim_run_dir(out, _claim_info()):
+    if not claim_run_dir(out, claim_info()):
         raise ConfigError(f"output directory {out} was claimed by another run a moment ago: use another output_dir")
 
 
