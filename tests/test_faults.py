@@ -244,3 +244,37 @@ def test_a_signal_stopped_launch_exits_75_and_resumes_to_the_end(tmp_path):
     assert [p.name for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()]
     resumed = run("python", "search", [*args, "--resume"], 1)
     assert resumed.returncode == 0 and (out / "structure.json").exists()
+
+
+def test_every_rank_waits_for_rank_0s_requeue_before_it_exits(tmp_path):
+    """Slurm's --signal=USR1 reaches every worker (torchrun ignores it). All ranks stop at one step,
+    and exit 75; a rank that exited while rank 0's `scontrol requeue` still ran made torchrun kill
+    rank 0's process group, scontrol with it: the job ended FAILED instead of requeued."""
+    out = tmp_path / "run"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    called = tmp_path / "called"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\nsleep 4\necho "$@" > {called}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    extra = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    args = [*FAULT, f"output_dir={out}", "search.checkpoint_every=0"]
+    log_path = tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            command("torchrun", "search", args), env=env(extra), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.time() + 300
+            while not _logged_step(out, 2):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "no step 2 within 300 s"
+                time.sleep(0.1)
+            for rank in (0, 1):
+                os.kill(_rank_pid(out, rank), signal.SIGUSR1)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert called.read_text() == "requeue 4242\n", text[-3000:]
+    assert "requeued job 4242" in text and proc.returncode != 0

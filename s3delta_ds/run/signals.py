@@ -69,6 +69,9 @@ def stopped(signum: int, step: int, is_main: bool, log) -> RunStopped:
     note = stop_note(signum, step)
     log(note)
     requeue_after(signum, is_main, log)
+    # Every rank waits for rank 0's requeue: a rank that exited first would make the launcher
+    # (torchrun, DeepSpeed's, srun --kill-on-bad-exit) kill rank 0 with its scontrol mid-call.
+    zero.barrier()
     return RunStopped(note, signum, step)
 
 
