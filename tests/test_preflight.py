@@ -463,7 +463,7 @@ def test_resume_refuses_a_classifier_pooled_another_way():
     check_resume_facts(rt("bert", "mean"), {k: v for k, v in saved.items() if k != "pooling"})  # older checkpoints
 
 
-def test_resume_refuses_another_resolved_dtype():
+def test_resume_refuses_another_resolved_dtype(tmp_path):
     """model.dtype=auto resolved to bf16 on the first nodes and to fp32 (or fp16) after a requeue
     onto nodes without bf16: the config key reads "auto" both times, so the resolved dtype is a
     checkpoint fact. An explicit model.dtype that names the checkpoint's dtype resumes."""
@@ -479,6 +479,7 @@ def test_resume_refuses_another_resolved_dtype():
             ds_config={},
             dtype=resolved,
             plan=SimpleNamespace(deepspeed="zero2", structure=None),
+            out=tmp_path,
         )
         ns.family = SimpleNamespace(name="t5")
         ns.resume_facts = Runtime.resume_facts.func(ns)
@@ -491,7 +492,15 @@ def test_resume_refuses_another_resolved_dtype():
         ConfigError, match="trained in bf16 and this launch resolves model.dtype=auto to fp32.*model.dtype=bf16"
     ):
         check_resume_facts(rt("auto", "fp32"), saved)
-    check_resume_facts(rt("auto", "fp32"), {k: v for k, v in saved.items() if k != "dtype"})  # older checkpoints
+    older = {k: v for k, v in saved.items() if k != "dtype"}  # a checkpoint from before the fact
+    check_resume_facts(rt("auto", "fp32"), older)  # no config.yaml to compare with
+    from s3delta_ds.config import dump_yaml
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(_cfg(tmp_path, "model.dtype=fp32")))
+    check_resume_facts(rt("fp32", "fp32"), older)
+    # check_resume_config let fp32 -> auto through for the fact to decide, and there is none
+    with pytest.raises(ConfigError, match="the run used model.dtype=fp32 and this launch model.dtype=auto"):
+        check_resume_facts(rt("auto", "bf16"), older)
 
 
 def test_resume_config_leaves_an_auto_dtype_to_the_checkpoint(tmp_path):

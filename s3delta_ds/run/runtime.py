@@ -149,8 +149,11 @@ def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
         raise ConfigError(
             f"--resume: the checkpoint's run trained in {saved['dtype']} and this launch resolves "
             f"model.dtype={rt.cfg.model.dtype} to {now['dtype']} (auto follows the DeepSpeed config's bf16/fp16 "
-            f"and whether the accelerator has bf16): resume with model.dtype={saved['dtype']}"
+            f"and whether the accelerator has bf16): resume with model.dtype={saved['dtype']}, on nodes that "
+            f"support {saved['dtype']}"
         )
+    if saved.get("dtype") is None:
+        _check_unrecorded_dtype(rt)
     if saved.get("pooling") is not None and saved["pooling"] != now["pooling"]:
         raise ConfigError(
             f"--resume: the checkpoint's classifier head was trained on {saved['pooling']} pooling and this launch "
@@ -163,6 +166,21 @@ def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
             f"--resume: model.random_init=true draws the frozen backbone's weights differently under ZeRO-3 "
             f"(partitioned) than whole, and the checkpoint's were drawn under {was}, this launch's under {is_}: "
             f"resume with {fix} (zero_stage= to match, if you set it)"
+        )
+
+
+def _check_unrecorded_dtype(rt: Runtime) -> None:
+    """A checkpoint written before the resolved dtype was recorded: ``check_resume_config`` lets a
+    ``model.dtype`` change to or from auto through (the fact decides), so here the setting itself
+    must be the run's (its config.yaml, not yet rewritten by this launch)."""
+    try:
+        before = load_run_config(rt.out / "config.yaml").model.dtype
+    except (ConfigError, OSError):
+        return
+    if before != rt.cfg.model.dtype:
+        raise ConfigError(
+            f"--resume: the run used model.dtype={before} and this launch model.dtype={rt.cfg.model.dtype}, and "
+            f"its checkpoint does not record the dtype that resolved to: resume with model.dtype={before}"
         )
 
 
