@@ -423,6 +423,11 @@ def test_load_warns_when_the_deltas_were_trained_on_another_config_of_the_same_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)  # its own config: no warning
+    quantized = tiny_model("tiny-t5")  # from_pretrained(quantization_config=...) adds it to the config
+    quantized.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s3delta_ds.load(quantized, tmp_path)  # the same model, quantized here: no warning
     other = tiny_model("tiny-t5")
     other.config.dense_act_fn = "gelu_new" if other.config.dense_act_fn != "gelu_new" else "relu"
     with pytest.warns(UserWarning, match=r"trained on tiny-t5 \(config sha256:.*this model's config differs"):

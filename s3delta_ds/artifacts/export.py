@@ -344,8 +344,7 @@ def _staged(out: Path) -> Iterator[Path]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StructureError(f"{out} is not an empty directory; choose a new one")
     stage = out.parent / f".{out.name}.partial"
-    refused = _open_stage(stage, out) if zero.rank() == 0 else None
-    refused = zero.broadcast_object(refused)  # every rank raises rank 0's refusal, none waits for it
+    refused = _on_rank_0(_open_stage, stage, out)  # every rank raises rank 0's refusal, none waits for it
     if refused:
         raise StructureError(refused)
     try:
@@ -355,9 +354,21 @@ def _staged(out: Path) -> Iterator[Path]:
             shutil.rmtree(stage, ignore_errors=True)
         raise
     zero.barrier()  # every rank's writes (rank 0's) are done
-    refused = zero.broadcast_object(_close_stage(stage, out) if zero.rank() == 0 else None)
+    refused = _on_rank_0(_close_stage, stage, out)
     if refused:
         raise StructureError(refused)
+
+
+def _on_rank_0(step, stage: Path, out: Path) -> str | None:
+    """``step`` on rank 0 (the one that writes); its refusal, or its error (a permission, a full
+    disk), reaches every rank, so none waits in the next collective for a rank that raised."""
+    said = None
+    if zero.rank() == 0:
+        try:
+            said = step(stage, out)
+        except OSError as e:
+            said = f"{out}: {e}"
+    return zero.broadcast_object(said)
 
 
 def _open_stage(stage: Path, out: Path) -> str | None:

@@ -25,7 +25,9 @@ DEMO_CONFIG = str(resources.files("s3delta_ds") / "assets" / "demo.yaml")
 def _run(script: str, args: list[str], nproc: int, what: str) -> None:
     rc = launch(script, ["--config", DEMO_CONFIG, *args], nproc)
     if rc == EXIT_STOPPED:
-        raise S3DeltaError(f"the demo's {what} was stopped by a signal (exit code {rc}); run the demo again with --overwrite")
+        raise S3DeltaError(
+            f"the demo's {what} was stopped by a signal (exit code {rc}); run the demo again with --overwrite"
+        )
     if rc != 0:
         raise S3DeltaError(f"the demo's {what} failed (exit code {rc}); its output is above")
 
