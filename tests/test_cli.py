@@ -606,3 +606,20 @@ def test_nproc_refuses_more_ranks_than_visible_devices_before_the_launcher(capsy
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f1c,GPU-2a9e")
     rc, _, err = run(capsys, "search", "--nproc", 2, "search.budget=0.02", f"output_dir={tmp_path / 'c'}")
     assert rc == 2 and len(started) == 1 and "by UUID or MIG id" in err and "torchrun" in err
+
+
+def test_nproc_reads_the_users_data_files_before_the_ranks(capsys, tmp_path, launches, monkeypatch):
+    """A missing file or column of the user's own data surfaced after ~30 s of launcher start-up."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.csv").write_text("sentence,label\n" + "good film,positive\nbad film,negative\n" * 8)
+    (tmp_path / "dev.csv").write_text("sentence,label\n" + "fine,positive\nawful,negative\n" * 4)
+    base = ["search", "--nproc", 2, "data.task=custom", "data.template=review: {text}",
+            "data.label_words=[negative, positive]", "model.name_or_path=tiny-t5", "search.budget=0.02",
+            "data.validation_file=dev.csv"]  # fmt: skip
+    rc, _, err = run(capsys, *base, "data.train_file=trian.csv", "output_dir=a")
+    assert (rc, launches) == (2, []) and "data.train_file trian.csv does not exist" in err
+    rc, _, err = run(capsys, *base, "data.train_file=train.csv", "output_dir=b")
+    assert (rc, launches) == (2, []) and "needs a column 'text'" in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    rc, _, err = run(capsys, *base, "data.train_file=train.csv", "data.template=review: {sentence}", "output_dir=c")
+    assert (rc, err) == (0, "") and len(launches) == 1

@@ -233,12 +233,14 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
 
 def check_before_launch(script: str, cfg: RunConfig, *, resume: bool) -> None:
     """What ``s3delta search|retrain --nproc N`` checks in its own process before it starts the
-    ranks: the preflight, a search's budget, and the output directory. A typo used to surface
+    ranks: the preflight, a search's budget, the output directory, and the user's own data files
+    (read and checked as the run reads them: paths, columns, labels). A typo used to surface
     after ~30 s of launcher start-up, once per rank, among the launcher's lines. The ranks check
     it all again (they may also be started by deepspeed, torchrun or srun, which run none of this).
 
     Raises:
-        ConfigError, StructureError, BackboneError, SearchSpaceError, BudgetError: as the run would.
+        ConfigError, StructureError, BackboneError, SearchSpaceError, BudgetError, DataError: as the
+            run would.
     """
     from .runtime import check_output_dir
 
@@ -254,6 +256,18 @@ def check_before_launch(script: str, cfg: RunConfig, *, resume: bool) -> None:
     else:
         cfg, _ = preflight_retrain(cfg, log=quiet)
     check_output_dir(Path(cfg.output_dir), resume=resume, overwrite=cfg.overwrite)
+    _check_local_data(cfg)
+
+
+def _check_local_data(cfg: RunConfig) -> None:
+    """Read the user's own files (``data.train_file``..., ``data.data_dir``) as rank 0 will: seconds
+    for a CSV, against half a minute of launcher start-up before a missing column was named. Shipped
+    and hub data are left to the ranks (known good; a hub load is the download itself)."""
+    from ..data import load_rows, resolve_task
+
+    task = resolve_task(cfg.data)
+    if task.files or cfg.data.data_dir is not None:
+        load_rows(task, cfg.data.data_dir, split_seed=cfg.data.split_seed)
 
 
 def _check_pafi_mask(cfg: RunConfig, structure: Structure, backbone) -> None:
