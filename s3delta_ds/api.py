@@ -98,6 +98,9 @@ def load(model: nn.Module, run_or_dir: str | os.PathLike, *, pafi_mask: str | No
     from .run.checkpoint import load_deltas
 
     root = Path(run_or_dir)
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise CheckpointError(f"{root} {what}: pass a retrain run")
     for name in ("structure.json", _DELTA_FILE):
         if not (root / name).is_file():
             raise CheckpointError(f"{root}: {name} is missing (expected a retrain output directory)")

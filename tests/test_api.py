@@ -271,6 +271,8 @@ def test_load_refuses_cls_trained_deltas_on_a_mean_pooled_model(tmp_path):
 
 
 def test_load_names_what_is_missing(tmp_path):
+    with pytest.raises(s3delta_ds.S3DeltaError, match="retrian does not exist: pass a retrain run"):
+        s3delta_ds.load(tiny_model("tiny-t5"), tmp_path / "retrian")  # a typo, not a run lacking a file
     with pytest.raises(s3delta_ds.S3DeltaError, match="deltas.safetensors is missing"):
         (tmp_path / "structure.json").write_text("{}")
         s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)

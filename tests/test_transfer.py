@@ -230,6 +230,21 @@ def test_transfer_errors(base, tmp_path):
     bad.write_text(json.dumps(d))
     with pytest.raises(StructureError, match=r"modules\[0\]: encoder.0.attn.z .* is not one of the structure's cand"):
         Structure.load(bad)  # a searched structure chooses among its candidates
+    site = d["modules"][0]["site"] = base.modules[0].site
+    d["modules"][0]["params"] = 999  # the field that was edited is the one named
+    bad.write_text(json.dumps(d))
+    with pytest.raises(
+        StructureError, match=rf"modules\[0\].params: 999, but the candidate {site} .* has [0-9,]+ param"
+    ):
+        Structure.load(bad)
+    d["modules"][0]["params"] = base.modules[0].params
+    i = next(i for i, m in enumerate(base.modules) if "alpha" in m.kwargs)
+    d["modules"][i]["kwargs"] = {**base.modules[i].kwargs, "alpha": 123.0}
+    bad.write_text(json.dumps(d))
+    with pytest.raises(StructureError, match=rf"modules\[{i}\].kwargs: .*'alpha': 123.0.*, but the candidate"):
+        Structure.load(bad)
+    d["modules"][i]["kwargs"] = dict(base.modules[i].kwargs)
+    d["modules"][0]["site"] = "encoder.0.attn.z"
     d["candidates"] = []  # a hand-made structure: its modules are all it has
     bad.write_text(json.dumps(d))
     with pytest.raises(StructureError, match="unknown on the target"):
@@ -392,3 +407,15 @@ def test_a_per_matrix_pafi_count_that_is_not_its_density_is_refused():
     # the count a per-matrix mask file writes is its density's, and stays accepted
     same = [ModuleChoice(m.site, m.type, {**m.kwargs, "count": m.params}, m.params) for m in preset.modules]
     Structure(**{**preset.__dict__, "modules": tuple(same)}).check_backbone(base.site_map)
+
+
+def test_a_tiny_models_random_baseline_onto_a_real_shape_says_to_pass_a_budget():
+    """The embedded models' 0.02 is no budget for t5-large: the error said to lower the budget,
+    not how (transfer keeps the source's relative budget unless --budget says otherwise)."""
+    from s3delta_ds.errors import BudgetError
+
+    tiny = Backbone.plan("tiny-t5")
+    src = builders.random_baseline(tiny.space("mixed"), tiny.info, 0.02, seed=0)
+    with pytest.raises(BudgetError, match=r"budget, 0.02, on google-t5/t5-large\): pass --budget"):
+        transfer(src, Backbone.plan("t5-large"))
+    assert transfer(src, Backbone.plan("t5-large"), budget=1e-4).budget.relative == 1e-4

@@ -368,7 +368,19 @@ class _Validator:
             # map the candidates only, so a module outside them (edited in by hand) would vanish
             offered = {(c.site, c.type): (dict(c.kwargs), c.params) for c in candidates}
             for i, m in enumerate(modules):
-                if offered.get((m.site, m.type)) != (dict(m.kwargs), m.params):
+                twin = offered.get((m.site, m.type))
+                if twin is not None and twin[0] != dict(m.kwargs):
+                    self.fail(
+                        f"modules[{i}].kwargs",
+                        f"{dict(m.kwargs)}, but the candidate {m.site} {m.type} has {twin[0]} (a structure with gates "
+                        "chooses among its candidates: edit the candidates too, or drop them to make a manual one)",
+                    )
+                if twin is not None and twin[1] != m.params:
+                    self.fail(
+                        f"modules[{i}].params",
+                        f"{m.params:,}, but the candidate {m.site} {m.type} {twin[0]} has {twin[1]:,} parameters",
+                    )
+                if twin is None:
                     self.fail(
                         f"modules[{i}]",
                         f"{m.site} {m.type} {dict(m.kwargs)} is not one of the structure's candidates (a structure "

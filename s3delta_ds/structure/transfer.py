@@ -30,7 +30,7 @@ from collections import defaultdict
 
 from ..backbones import parse_site
 from ..deltas import resolve
-from ..errors import S3DeltaError, SearchSpaceError, StructureError
+from ..errors import BudgetError, S3DeltaError, SearchSpaceError, StructureError
 from ..method.gates import discretise
 from ..method.space import Candidate, SearchSpace, rules_of
 from . import Budget, ModuleChoice, Structure
@@ -168,7 +168,15 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         "rule": RULE,
     }
     if redraw:
-        return _redrawn(source, target, budget, provenance)
+        try:
+            return _redrawn(source, target, budget, provenance)
+        except BudgetError as e:
+            if budget is not None:
+                raise
+            raise BudgetError(
+                f"{e} (the source's relative budget, {source.budget.relative:g}, on {target.info.name_or_path}): "
+                "pass --budget (budget= in Python) for the target, e.g. 1e-4"
+            ) from e
     if any(m.type == "pafi" and m.kwargs.get("count") for m in source.modules):
         # the counts are recounted from the densities below: one that is not its density's (set by
         # hand) would change size silently, so check them on the source's own backbone if at hand
