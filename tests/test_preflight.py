@@ -131,6 +131,20 @@ def test_search_defaults_are_the_embedded_ones():
     assert real.search.budget == 1.389e-4
 
 
+@pytest.mark.parametrize("space", ["lora", "bias", "mixed", "mergeable", "mixed+adapter"])
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama", "tiny-bert"])
+def test_the_embedded_default_budget_leaves_every_space_something_to_search(name, space):
+    """All of tiny-t5's LoRA candidates hold 1.98% of it: search.space=lora (what a PEFT export
+    asks for) was refused at the 2% default as "nothing to search"."""
+    from s3delta_ds.method.gates import check_budget
+
+    cfg = preflight_search(load_run_config(None, [f"model.name_or_path={name}", f"search.space={space}"]))
+    plan = builders.Backbone.plan(name)
+    n = plan.space(space).params
+    check_budget(n, cfg.search.budget * plan.info.num_params)  # raises BudgetError when impossible
+    assert cfg.search.budget == 0.02 or cfg.search.budget * plan.info.num_params < sum(n) / 1.9
+
+
 def test_an_unreachable_budget_names_the_range_that_fits():
     from s3delta_ds.errors import BudgetError
     from s3delta_ds.run.plan import RunPlan

@@ -28,6 +28,21 @@ DEFAULT_TASK = "tiny-sentiment"
 DEFAULT_BUDGET = 0.02  # of the embedded tiny-t5: ~3.6k parameters, as examples/tiny_t5.yaml
 
 
+def _embedded_budget(name: str, space: str) -> float:
+    """``DEFAULT_BUDGET``, or half of what the space's candidates hold on the tiny model when that
+    is less: every LoRA candidate of tiny-t5 together is 1.98%, so ``search.space=lora`` (the space
+    a PEFT export asks for) was refused at 2% as "nothing to search"."""
+    from ..errors import S3DeltaError
+    from ..structure.builders import Backbone
+
+    plan = Backbone.plan(name)
+    try:
+        share = sum(plan.space(space).params) / plan.info.num_params
+    except S3DeltaError:  # an unknown space: refused by name below
+        return DEFAULT_BUDGET
+    return DEFAULT_BUDGET if DEFAULT_BUDGET < share / 2 else float(f"{share / 2:.2g}")
+
+
 def log0(msg: str) -> None:
     """Print once per job: this runs before the process group exists, on every rank."""
     if os.environ.get("RANK", "0") == "0":
@@ -147,10 +162,11 @@ def preflight_search(cfg: RunConfig, log=log0) -> RunConfig:
     # the default budget is made for real backbones: below a tiny model's cheapest module, so an
     # embedded model named outright (model.name_or_path=tiny-t5) gets the same budget as unset
     if cfg.model.name_or_path in EMBEDDED and cfg.search.budget == SearchConfig().budget:
-        cfg = _replace(cfg, "search", budget=DEFAULT_BUDGET)
+        budget = _embedded_budget(cfg.model.name_or_path, cfg.search.space)
+        cfg = _replace(cfg, "search", budget=budget)
         said = "model.name_or_path not set: using" if unset else "model.name_or_path is"
         log(
-            f"[s3delta search] {said} the embedded {cfg.model.name_or_path} at search.budget={DEFAULT_BUDGET:g} "
+            f"[s3delta search] {said} the embedded {cfg.model.name_or_path} at search.budget={budget:g} "
             f"(the default {SearchConfig().budget:g} is for real backbones)"
         )
     if cfg.data.task is None:
