@@ -623,3 +623,12 @@ def test_nproc_reads_the_users_data_files_before_the_ranks(capsys, tmp_path, lau
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     rc, _, err = run(capsys, *base, "data.train_file=train.csv", "data.template=review: {sentence}", "output_dir=c")
     assert (rc, err) == (0, "") and len(launches) == 1
+
+
+def test_nproc_loads_the_tokenizer_before_the_ranks(capsys, tmp_path, launches, monkeypatch):
+    """A hub model whose shapes ship (the preflight passes) but that is not in the local cache,
+    offline: each rank said it after ~30 s of launcher start-up."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    rc, _, err = run(capsys, "search", "--nproc", 2, "model.name_or_path=google/flan-t5-base", "output_dir=a")
+    assert (rc, launches) == (2, []) and "cannot load a tokenizer from 'google/flan-t5-base'" in err, err

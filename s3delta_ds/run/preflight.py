@@ -249,8 +249,8 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
 
 def check_before_launch(script: str, cfg: RunConfig, *, resume: bool) -> None:
     """What ``s3delta search|retrain --nproc N`` checks in its own process before it starts the
-    ranks: the preflight, a search's budget, the output directory, and the user's own data files
-    (read and checked as the run reads them: paths, columns, labels). A typo used to surface
+    ranks: the preflight, a search's budget, the output directory, the tokenizer, and the user's
+    own data files (read and checked as the run reads them: paths, columns, labels). A typo used to surface
     after ~30 s of launcher start-up, once per rank, among the launcher's lines. The ranks check
     it all again (they may also be started by deepspeed, torchrun or srun, which run none of this).
 
@@ -272,15 +272,19 @@ def check_before_launch(script: str, cfg: RunConfig, *, resume: bool) -> None:
     else:
         cfg, _ = preflight_retrain(cfg, log=quiet)
     check_output_dir(Path(cfg.output_dir), resume=resume, overwrite=cfg.overwrite)
-    _check_local_data(cfg)
+    _check_inputs(cfg)
 
 
-def _check_local_data(cfg: RunConfig) -> None:
-    """Read the user's own files (``data.train_file``..., ``data.data_dir``) as rank 0 will: seconds
-    for a CSV, against half a minute of launcher start-up before a missing column was named. Shipped
-    and hub data are left to the ranks (known good; a hub load is the download itself)."""
-    from ..data import load_rows, resolve_task
+def _check_inputs(cfg: RunConfig) -> None:
+    """Load the tokenizer and read the user's own files (``data.train_file``..., ``data.data_dir``)
+    as rank 0 will: a second or two, against half a minute of launcher start-up before a missing
+    column, or a hub model with no local copy offline, was named. Shipped and hub data are left to
+    the ranks (known good; a hub load is the download itself)."""
+    from ..data import load_rows, load_tokenizer, resolve_task
+    from ..structure.builders import Backbone
 
+    family = Backbone.plan(cfg.model.name_or_path, cfg.model.gguf_file).site_map.family.name
+    load_tokenizer(family, cfg.model.name_or_path, cfg.model.tokenizer, cfg.model.gguf_file)
     task = resolve_task(cfg.data)
     if task.files or cfg.data.data_dir is not None:
         load_rows(task, cfg.data.data_dir, split_seed=cfg.data.split_seed)
