@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -416,6 +417,35 @@ def test_a_tiny_models_random_baseline_onto_a_real_shape_says_to_pass_a_budget()
 
     tiny = Backbone.plan("tiny-t5")
     src = builders.random_baseline(tiny.space("mixed"), tiny.info, 0.02, seed=0)
-    with pytest.raises(BudgetError, match=r"budget, 0.02, on google-t5/t5-large\): pass --budget"):
-        transfer(src, Backbone.plan("t5-large"))
-    assert transfer(src, Backbone.plan("t5-large"), budget=1e-4).budget.relative == 1e-4
+    large = Backbone.plan("t5-large")
+    with pytest.raises(BudgetError, match=r"budget, 0.02, on google-t5/t5-large\): pass --budget") as e:
+        transfer(src, large)
+    assert transfer(src, large, budget=1e-4).budget.relative == 1e-4
+    _check_the_range_it_names(str(e.value), src, large)
+
+
+def test_a_real_shapes_random_baseline_onto_a_tiny_model_names_budgets_that_fit():
+    """The other way round the source's budget is too small (below the tiny model's cheapest
+    candidate), and "e.g. 1e-4" was as wrong there as it was right above: the range is named."""
+    from s3delta_ds.errors import BudgetError
+
+    large = Backbone.plan("t5-large")
+    src = builders.random_baseline(large.space("mixed"), large.info, 1e-4, seed=0)
+    tiny = Backbone.plan("tiny-t5")
+    with pytest.raises(BudgetError, match=r"smaller than the cheapest candidate.*pass --budget") as e:
+        transfer(src, tiny)
+    _check_the_range_it_names(str(e.value), src, tiny)
+
+
+def _check_the_range_it_names(message: str, src, target):
+    """Both ends of the named range are right: its low end draws, and just under it (and its high
+    end) is refused."""
+    from s3delta_ds.errors import BudgetError
+
+    lo, hi = (float(x) for x in re.search(r"in \[([0-9.e+-]+), ([0-9.e+-]+)\)", message).groups())
+    assert not lo <= src.budget.relative < hi
+    assert transfer(src, target, budget=lo).modules
+    assert transfer(src, target, budget=hi * 0.999).modules
+    for outside in (lo * 0.99, hi * 1.01):
+        with pytest.raises(BudgetError):
+            transfer(src, target, budget=outside)

@@ -26,6 +26,7 @@ pafi-mask`` makes the target's).
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 
 from ..backbones import parse_site
@@ -173,9 +174,12 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         except BudgetError as e:
             if budget is not None:
                 raise
+            n = target.space(source.space).params
+            lo, hi = _sig3(min(n) / target.info.num_params, up=True), _sig3(sum(n) / target.info.num_params, up=False)
             raise BudgetError(
                 f"{e} (the source's relative budget, {source.budget.relative:g}, on {target.info.name_or_path}): "
-                "pass --budget (budget= in Python) for the target, e.g. 1e-4"
+                f"pass --budget (budget= in Python) for the target in [{lo:.3g}, {hi:.3g}) (from its cheapest "
+                "candidate up to all its candidates)"
             ) from e
     if any(m.type == "pafi" and m.kwargs.get("count") for m in source.modules):
         # the counts are recounted from the densities below: one that is not its density's (set by
@@ -231,6 +235,13 @@ def _is_random_draw(source: Structure) -> bool:
         and isinstance(seed, int)
         and not isinstance(seed, bool)
     )
+
+
+def _sig3(x: float, *, up: bool) -> float:
+    """``x`` to 3 significant digits, rounded up or down: the ends of a range a user copies must
+    stay inside it."""
+    scale = 10 ** (math.floor(math.log10(x)) - 2)
+    return (math.ceil if up else math.floor)(x / scale) * scale
 
 
 def _redrawn(source: Structure, target: Backbone, budget: float | None, provenance: dict) -> Structure:
