@@ -628,7 +628,12 @@ def test_nproc_reads_the_users_data_files_before_the_ranks(capsys, tmp_path, lau
 def test_nproc_loads_the_tokenizer_before_the_ranks(capsys, tmp_path, launches, monkeypatch):
     """A hub model whose shapes ship (the preflight passes) but that is not in the local cache,
     offline: each rank said it after ~30 s of launcher start-up."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    import transformers
+
+    def offline(*a, **k):  # what the hub client raises offline with no local copy (the env is read at import)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.chdir(tmp_path)
     rc, _, err = run(capsys, "search", "--nproc", 2, "model.name_or_path=google/flan-t5-base", "output_dir=a")
     assert (rc, launches) == (2, []) and "cannot load a tokenizer from 'google/flan-t5-base'" in err, err
