@@ -17,7 +17,7 @@ from ..errors import BudgetError
 from ..method.gates import check_budget
 from ..method.space import SearchSpace
 from ..structure import Structure
-from ..structure.builders import Backbone, absolute_budget
+from ..structure.builders import Backbone, absolute_budget, budget_range
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,7 +124,7 @@ def searchable_space(cfg: RunConfig, source: str) -> tuple[int, SearchSpace, flo
     except BudgetError as e:  # say it in the unit the user set
         if not space.params:
             raise
-        lo, hi = min(space.params) / num_params, space.total_params / num_params
+        lo, hi = budget_range(space.params, num_params)
         raise BudgetError(
             f"search.budget={cfg.search.budget:g} of {cfg.model.name_or_path}'s {num_params:,} parameters: "
             f"{e}. On this model and space ({cfg.search.space}) the budget must lie in [{lo:.3g}, {hi:.3g})"

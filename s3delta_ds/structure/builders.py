@@ -78,6 +78,18 @@ class Backbone:
         return enumerate_space(self.model, name, family=self.family, site_map=self.site_map)
 
 
+def budget_range(params: Sequence[int], num_params: int) -> tuple[float, float]:
+    """The relative budgets a search or a random draw over candidates of ``params`` can meet, as
+    [cheapest candidate, all of them), rounded inward to 3 significant digits: an error names them,
+    and either end copied from it must be accepted (0.000353 printed for 0.0003535 was not)."""
+
+    def sig3(x: float, rounding) -> float:
+        scale = 10 ** (math.floor(math.log10(x)) - 2)
+        return rounding(x / scale) * scale
+
+    return sig3(min(params) / num_params, math.ceil), sig3(sum(params) / num_params, math.floor)
+
+
 def absolute_budget(relative: float, num_params: int) -> float:
     """relative × backbone parameters, checked to be a fraction in (0, 1)."""
     if isinstance(relative, bool) or not isinstance(relative, (int, float)) or not math.isfinite(relative):

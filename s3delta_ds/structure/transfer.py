@@ -26,7 +26,6 @@ pafi-mask`` makes the target's).
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 
 from ..backbones import parse_site
@@ -35,7 +34,15 @@ from ..errors import BudgetError, S3DeltaError, SearchSpaceError, StructureError
 from ..method.gates import discretise
 from ..method.space import Candidate, SearchSpace, rules_of
 from . import Budget, ModuleChoice, Structure
-from .builders import MANUAL_PRESETS, Backbone, absolute_budget, from_indices, preset_modules, random_baseline
+from .builders import (
+    MANUAL_PRESETS,
+    Backbone,
+    absolute_budget,
+    budget_range,
+    from_indices,
+    preset_modules,
+    random_baseline,
+)
 
 RULE = "overlap-mean"
 
@@ -174,8 +181,7 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         except BudgetError as e:
             if budget is not None:
                 raise
-            n = target.space(source.space).params
-            lo, hi = _sig3(min(n) / target.info.num_params, up=True), _sig3(sum(n) / target.info.num_params, up=False)
+            lo, hi = budget_range(target.space(source.space).params, target.info.num_params)
             raise BudgetError(
                 f"{e} (the source's relative budget, {source.budget.relative:g}, on {target.info.name_or_path}): "
                 f"pass --budget (budget= in Python) for the target in [{lo:.3g}, {hi:.3g}) (from its cheapest "
@@ -235,13 +241,6 @@ def _is_random_draw(source: Structure) -> bool:
         and isinstance(seed, int)
         and not isinstance(seed, bool)
     )
-
-
-def _sig3(x: float, *, up: bool) -> float:
-    """``x`` to 3 significant digits, rounded up or down: the ends of a range a user copies must
-    stay inside it."""
-    scale = 10 ** (math.floor(math.log10(x)) - 2)
-    return (math.ceil if up else math.floor)(x / scale) * scale
 
 
 def _redrawn(source: Structure, target: Backbone, budget: float | None, provenance: dict) -> Structure:
