@@ -513,7 +513,7 @@ def launches(monkeypatch):
 @pytest.mark.parametrize(
     "argv, said",
     [
-        (["search", "search.budget=0.9"], "the budget must lie in [0.000354, 0.0455)"),
+        (["search", "search.budget=0.9"], "the budget must lie in [0.000354, 0.0455]"),
         (["search", "search.space=mixd"], "mixd"),
         (["search", "model.name_or_path=tiny-bret"], "tiny-bret"),
         (["retrain"], "retrain.structure must name a structure JSON"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -629,3 +630,38 @@ def test_the_modules_digest_names_what_trains_not_when_the_file_was_written(tiny
     assert builders.manual(tiny_t5, "lora").modules_digest() == s.modules_digest()  # saved again
     edited = [ModuleChoice(m.site, m.type, {**m.kwargs, "alpha": 1.0}, m.params) for m in s.modules]
     assert Structure(**{**s.__dict__, "modules": tuple(edited)}).modules_digest() != s.modules_digest()
+
+
+@pytest.mark.parametrize(
+    "params, num_params, printed",
+    [
+        ([3, 50], 10_000, (0.0003, 0.00529)),  # an exact ratio: 3e-4 × 10,000 is 2.9999999999999996 in floats
+        ([1, 50], 10_000, (0.0001, 0.00509)),  # 1e-4 / 1e-6 is 100.00000000000001: ceil made it 0.000101
+        ([803, 9000], 10**8, (8.03e-06, 9.8e-05)),  # the total exactly at 3 digits: one unit under it
+        ([64, 8_176], 181_056, (0.000354, 0.0455)),  # tiny-t5's mixed space: 0.0003535 printed 0.000353
+    ],
+)
+def test_a_budget_range_names_ends_that_both_fit(params, num_params, printed):
+    """Either end of the range an error prints, copied back, is a budget a search can meet, and
+    the next 3-digit number outside it is not."""
+    from s3delta_ds.errors import BudgetError
+    from s3delta_ds.method.gates import check_budget
+
+    lo, hi = builders.budget_range(params, num_params)
+    assert (float(f"{lo:.3g}"), float(f"{hi:.3g}")) == printed
+    for fits in (lo, hi):
+        check_budget(params, builders.absolute_budget(float(f"{fits:.3g}"), num_params))
+    for end, step in ((lo, -1), (hi, +1)):  # the next 3-digit number outside the range
+        outside = end + step * 10 ** (math.floor(math.log10(end)) - 2)
+        with pytest.raises(BudgetError):
+            check_budget(params, builders.absolute_budget(outside, num_params))
+
+
+def test_a_space_of_one_size_has_no_budget_range():
+    assert builders.budget_range([500], 10_000) is None
+    assert builders.budget_range([5, 5], 10_000) == (0.0005, 0.000999)  # not 0.00099: a digit of its own decade
+
+
+def test_a_budget_within_float_rounding_of_a_whole_count_is_that_count():
+    assert builders.absolute_budget(3e-4, 10_000) == 3.0
+    assert builders.absolute_budget(1e-3, 22_713_216) == pytest.approx(22_713.216)  # a real fraction stays one

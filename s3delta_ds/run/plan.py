@@ -124,10 +124,11 @@ def searchable_space(cfg: RunConfig, source: str) -> tuple[int, SearchSpace, flo
     except BudgetError as e:  # say it in the unit the user set
         if not space.params:
             raise
-        lo, hi = budget_range(space.params, num_params)
+        fits = budget_range(space.params, num_params)
+        where = f"the budget must lie in [{fits[0]:.3g}, {fits[1]:.3g}]" if fits else "no budget leaves a choice"
         raise BudgetError(
             f"search.budget={cfg.search.budget:g} of {cfg.model.name_or_path}'s {num_params:,} parameters: "
-            f"{e}. On this model and space ({cfg.search.space}) the budget must lie in [{lo:.3g}, {hi:.3g})"
+            f"{e}. On this model and space ({cfg.search.space}) {where}"
         ) from None
     return num_params, space, budget_params
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch.nn as nn
@@ -78,27 +79,44 @@ class Backbone:
         return enumerate_space(self.model, name, family=self.family, site_map=self.site_map)
 
 
-def budget_range(params: Sequence[int], num_params: int) -> tuple[float, float]:
-    """The relative budgets a search or a random draw over candidates of ``params`` can meet, as
-    [cheapest candidate, all of them), rounded inward to 3 significant digits: an error names them,
-    and either end copied from it must be accepted (0.000353 printed for 0.0003535 was not)."""
+def budget_range(params: Sequence[int], num_params: int) -> tuple[float, float] | None:
+    """The relative budgets a search or a random draw over candidates of ``params`` can meet (at
+    least the cheapest candidate, below all of them together), as a closed range of 3-significant-
+    digit numbers inside it, or None when there is none (a single candidate). An error names it,
+    and either end copied from it must be accepted: 0.000353 printed for 0.0003535 was not. Exact
+    (fractions), so 1e-4 for one parameter in 10,000 is not printed as 0.000101."""
+    total = Fraction(sum(params), num_params)
+    lo, hi = _sig3(Fraction(min(params), num_params), up=True), _sig3(total, up=False)
+    if hi == total:  # all of them is not a search: the 3-digit number just under it
+        hi = _sig3(total * (1 - Fraction(1, 10**6)), up=False)
+    return (float(lo), float(hi)) if lo <= hi else None
 
-    def sig3(x: float, rounding) -> float:
-        scale = 10 ** (math.floor(math.log10(x)) - 2)
-        return rounding(x / scale) * scale
 
-    return sig3(min(params) / num_params, math.ceil), sig3(sum(params) / num_params, math.floor)
+def _unit(x: Fraction) -> Fraction:
+    """One unit of ``x``'s third significant digit."""
+    k = math.floor(math.log10(x))
+    k += (Fraction(10) ** (k + 1) <= x) - (Fraction(10) ** k > x)  # log10 of a float may be off by one
+    return Fraction(10) ** (k - 2)
+
+
+def _sig3(x: Fraction, *, up: bool) -> Fraction:
+    unit = _unit(x)
+    return (math.ceil(x / unit) if up else math.floor(x / unit)) * unit
 
 
 def absolute_budget(relative: float, num_params: int) -> float:
-    """relative × backbone parameters, checked to be a fraction in (0, 1)."""
+    """relative × backbone parameters, checked to be a fraction in (0, 1). A product within float
+    rounding of a whole count is that count: 3e-4 × 10,000 is 2.9999999999999996 in floats, and a
+    candidate of 3 parameters must fit the budget that names it."""
     if isinstance(relative, bool) or not isinstance(relative, (int, float)) or not math.isfinite(relative):
         raise BudgetError(f"budget must be a number, got {relative!r}")
     if not 0 < relative < 1:
         raise BudgetError(
             f"budget {relative!r} must be a fraction of the backbone's parameters in (0, 1), e.g. 1e-4 for 0.01%"
         )
-    return relative * num_params
+    absolute = relative * num_params
+    whole = round(absolute)
+    return float(whole) if abs(absolute - whole) <= 1e-9 * max(absolute, 1.0) else absolute
 
 
 def from_indices(

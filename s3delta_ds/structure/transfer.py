@@ -181,11 +181,13 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
         except BudgetError as e:
             if budget is not None:
                 raise
-            lo, hi = budget_range(target.space(source.space).params, target.info.num_params)
+            fits = budget_range(target.space(source.space).params, target.info.num_params)
+            if fits is None:  # one candidate: nothing to draw at any budget
+                raise
             raise BudgetError(
                 f"{e} (the source's relative budget, {source.budget.relative:g}, on {target.info.name_or_path}): "
-                f"pass --budget (budget= in Python) for the target in [{lo:.3g}, {hi:.3g}) (from its cheapest "
-                "candidate up to all its candidates)"
+                f"pass --budget (budget= in Python) for the target in [{fits[0]:.3g}, {fits[1]:.3g}] (from its "
+                "cheapest candidate to just under all of them)"
             ) from e
     if any(m.type == "pafi" and m.kwargs.get("count") for m in source.modules):
         # the counts are recounted from the densities below: one that is not its density's (set by
