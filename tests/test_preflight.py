@@ -521,6 +521,10 @@ def test_resume_refuses_another_resolved_dtype(tmp_path):
     # check_resume_config let fp32 -> auto through for the fact to decide, and there is none
     with pytest.raises(ConfigError, match="the run used model.dtype=fp32 and this launch model.dtype=auto"):
         check_resume_facts(rt("auto", "bf16"), older)
+    # and a checkpoint older still, with no facts at all (the same hole)
+    with pytest.raises(ConfigError, match="the run used model.dtype=fp32 and this launch model.dtype=auto"):
+        check_resume_facts(rt("auto", "bf16"), None)
+    check_resume_facts(rt("fp32", "fp32"), None)
 
 
 def test_resume_config_leaves_an_auto_dtype_to_the_checkpoint(tmp_path):

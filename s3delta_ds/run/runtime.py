@@ -129,6 +129,7 @@ def check_resume_facts(rt: Runtime, saved: dict | None) -> None:
         ConfigError: a ``model.random_init`` backbone drawn under ZeRO-3 and now not (or the reverse).
     """
     if saved is None:  # a checkpoint written before these facts were recorded
+        _check_unrecorded_dtype(rt)
         return
     now = rt.resume_facts
     changed = [s for s, d in now["rows"].items() if saved["rows"].get(s) != d]
