@@ -50,6 +50,9 @@ class RunStopped(S3DeltaError):
         super().__init__(message)
         self.signum, self.step = signum, step
 
+    def __reduce__(self):  # pickled across processes (a pool, concurrent.futures) with its fields
+        return type(self), (str(self), self.signum, self.step)
+
 
 class FoldError(S3DeltaError):
     """A delta cannot be folded into its host module (a non-linear type, or no bias to hold it)."""

@@ -18,3 +18,14 @@ def test_signals_are_latched_inside_and_handlers_restored_outside():
         assert stop.received == signal.SIGUSR1 and stop.agreed() == signal.SIGUSR1  # the first one wins
     assert {sig: signal.getsignal(sig) for sig in before} == before
     assert "SIGUSR1 received: stopped at step 7" in stop_note(signal.SIGUSR1, 7)
+
+
+def test_run_stopped_survives_pickling_with_its_fields():
+    """A public exception raised inside a worker process (a pool, concurrent.futures) is pickled back
+    to the caller: RunStopped's extra arguments made unpickling fail with a TypeError instead."""
+    import pickle
+
+    from s3delta_ds.errors import RunStopped
+
+    back = pickle.loads(pickle.dumps(RunStopped("stopped by SIGTERM at step 10", 15, 10)))
+    assert (str(back), back.signum, back.step) == ("stopped by SIGTERM at step 10", 15, 10)
