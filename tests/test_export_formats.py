@@ -395,6 +395,54 @@ def test_a_stage_another_live_export_writes_is_refused_not_removed(tmp_path):
     assert not stage.exists() and (tmp_path / "merged" / "model.safetensors").stat().st_size > 100
 
 
+@pytest.mark.slow  # asks squeue (absent here: an ended job) about the other job
+@pytest.mark.parametrize("job", [None, "7"])
+def test_a_stage_claimed_on_another_host_stays_unless_slurm_says_its_job_ended(tmp_path, monkeypatch, job):
+    """A stage from another host (a shared file system) was removed as a crash's leftovers, though
+    nothing here can see that host's processes; in the same Slurm job (two exports of one
+    allocation on two nodes) the job id said "ours" and it was removed too."""
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    run = _run(tmp_path / "run", "tiny-llama", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})])
+    stage = tmp_path / ".merged.partial"
+    stage.mkdir()
+    (stage / "shard.tmp").write_text("being written")
+    claim = {"slurm_job_id": job, "host": "node-elsewhere-17", "pid": 4242}
+    (stage / export_mod._STAGE_MARKER).write_text(json.dumps(claim))
+    with pytest.raises(StructureError, match=r"belongs to an export on node-elsewhere-17 .*pid 4242.*remove"):
+        export_merged(run, tmp_path / "merged")
+    assert (stage / "shard.tmp").read_text() == "being written" and not (tmp_path / "merged").exists()
+    # another job, which squeue does not list (here: no squeue at all), has ended: its leftovers go
+    claim["slurm_job_id"] = "6"
+    (stage / export_mod._STAGE_MARKER).write_text(json.dumps(claim))
+    export_merged(run, tmp_path / "merged")
+    assert not stage.exists() and (tmp_path / "merged" / "model.safetensors").exists()
+    monkeypatch.delenv("SLURM_JOB_ID")
+
+
+def test_a_stage_whose_marker_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """A full disk at the marker left a stage without one, which the rerun then refused as
+    "not an unfinished export"; an unreadable (non-UTF-8) marker raised on rank 0 alone, the
+    other ranks waiting for it in the broadcast."""
+    run = _run(tmp_path / "run", "tiny-llama", [("decoder.0.attn.q", "lora", {"r": 2, "alpha": 4.0, "dropout": 0.0})])
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(export_mod, "atomic_write_text", full)
+        with pytest.raises(StructureError, match="No space left on device"):
+            export_merged(run, tmp_path / "merged")
+    assert not (tmp_path / ".merged.partial").exists()
+    assert export_mod._on_rank_0(lambda s, o: bytes([255]).decode(), tmp_path, tmp_path / "o").startswith(
+        f"{tmp_path / 'o'}: UnicodeDecodeError"
+    )
+    stage = tmp_path / ".merged.partial"
+    stage.mkdir()
+    (stage / export_mod._STAGE_MARKER).write_bytes(b"\xff\xfe{")  # garbage: a crash's, as an unparsable one is
+    export_merged(run, tmp_path / "merged")
+    assert not stage.exists()
+
+
 def test_an_output_filled_while_the_export_ran_is_not_replaced(tmp_path):
     stage, out = tmp_path / ".out.partial", tmp_path / "out"
     stage.mkdir()

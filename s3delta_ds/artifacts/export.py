@@ -366,36 +366,65 @@ def _on_rank_0(step, stage: Path, out: Path) -> str | None:
     if zero.rank() == 0:
         try:
             said = step(stage, out)
-        except OSError as e:
-            said = f"{out}: {e}"
+        except Exception as e:  # any: a rank that raised alone would leave the others in the broadcast
+            said = f"{out}: {type(e).__name__}: {e}"
     return zero.broadcast_object(said)
 
 
 def _open_stage(stage: Path, out: Path) -> str | None:
     """Rank 0: create ``stage``, claimed by this process (its marker holds ``claim_info``). Returns
     why it cannot (None: created). A crashed export's leftovers are removed; a stage another live
-    export writes is not: removing it mixed two exports' shards in one folder."""
+    export writes is not: removing it mixed two exports' shards in one folder. A stage claimed on
+    another host is removed only when Slurm says its job has ended: nothing else here can tell
+    whether a process there still writes it."""
     if stage.exists():
         try:
-            text = (stage / _STAGE_MARKER).read_text()
+            text = (stage / _STAGE_MARKER).read_bytes().decode(errors="replace")
         except OSError:
-            return f"{stage} exists and is not an unfinished export of s3delta_ds: move it away"
+            return (
+                f"{stage} exists without an export's marker: another export may be starting, or it is not an "
+                "unfinished export of s3delta_ds; move it away if no export is running"
+            )
         try:
             claim = json.loads(text)
         except ValueError:
             claim = {}  # an older version's marker: a crash's
         claim = claim if isinstance(claim, dict) else {}
-        # on this host the process decides: two exports in one Slurm job share its id
-        owner = live_owner({**claim, "slurm_job_id": None} if claim.get("host") == socket.gethostname() else claim)
-        if owner:
-            return f"another export ({owner}) is writing {out} (through {stage}): wait for it, or choose another one"
+        refused = _stage_owner(claim, stage, out)
+        if refused:
+            return refused
         shutil.rmtree(stage)
     try:
         stage.mkdir(parents=True)
     except FileExistsError:
         return f"another export started writing {out} (through {stage}) a moment ago: choose another directory"
-    atomic_write_text(stage / _STAGE_MARKER, json.dumps(claim_info()) + "\n")
+    try:
+        atomic_write_text(stage / _STAGE_MARKER, json.dumps(claim_info()) + "\n")
+    except BaseException:  # a stage without its marker would be refused as someone else's on the rerun
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     return None
+
+
+def _stage_owner(claim: dict, stage: Path, out: Path) -> str | None:
+    """Why a stage with this marker's claim must stay (another export may write it), or None when
+    it is a crash's leftovers."""
+    host, job = claim.get("host"), claim.get("slurm_job_id")
+    if host is None or host == socket.gethostname():  # an older marker, or this host: the process decides
+        owner = live_owner({**claim, "slurm_job_id": None})  # two exports in one Slurm job share its id
+    elif job and job != os.environ.get("SLURM_JOB_ID"):  # another job: squeue decides
+        owner = live_owner(claim)
+    else:
+        where = "in this Slurm job" if job else "outside Slurm"
+        return (
+            f"{stage} belongs to an export on {host} ({where}, pid {claim.get('pid')}), which this host cannot "
+            f"check: if it has ended, remove {stage}; if not, wait for it or choose another directory than {out}"
+        )
+    return (
+        f"another export ({owner}) is writing {out} (through {stage}): wait for it, or choose another one"
+        if owner
+        else None
+    )
 
 
 def _close_stage(stage: Path, out: Path) -> str | None:
