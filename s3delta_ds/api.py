@@ -120,18 +120,13 @@ def _warn_on_another_config(model: nn.Module, path: Path) -> None:
     """Shapes cannot tell two configs of one architecture apart (another activation, rope_theta,
     norm epsilon): the deltas load and every output drifts. A warning, not an error: a config saved
     by another transformers version can differ in keys that change nothing."""
-    import copy
     import warnings
 
     from .backbones.loading import config_hash
     from .run.checkpoint import read_delta_metadata
 
     meta = read_delta_metadata(path)
-    recorded, now = meta.get("config_hash"), config_hash(model.config)
-    if recorded is not None and recorded != now and hasattr(model.config, "quantization_config"):
-        plain = copy.copy(model.config)  # quantized by from_pretrained here, not where the run loaded it
-        del plain.quantization_config
-        now = config_hash(plain) if config_hash(plain) == recorded else now
+    recorded, now = meta.get("config_hash"), config_hash(model.config)  # quantized or not, on either side
     if recorded is not None and recorded != now:
         warnings.warn(
             f"{path} was trained on {meta.get('backbone', 'another model')} (config {recorded[:19]}...), and this "

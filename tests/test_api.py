@@ -430,6 +430,14 @@ def test_load_warns_when_the_deltas_were_trained_on_another_config_of_the_same_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         s3delta_ds.load(quantized, tmp_path)  # the same model, quantized here: no warning
+    # and the other way round, QLoRA's: trained quantized, loaded plain for inference
+    qlora = tmp_path / "qlora"
+    qlora.mkdir()
+    (qlora / "structure.json").write_bytes((tmp_path / "structure.json").read_bytes())
+    save_deltas(trained, qlora / "deltas.safetensors", metadata={**meta, "config_hash": config_hash(quantized.config)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s3delta_ds.load(tiny_model("tiny-t5"), qlora)
     other = tiny_model("tiny-t5")
     other.config.dense_act_fn = "gelu_new" if other.config.dense_act_fn != "gelu_new" else "relu"
     with pytest.warns(UserWarning, match=r"trained on tiny-t5 \(config sha256:.*this model's config differs"):

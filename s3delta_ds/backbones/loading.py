@@ -20,8 +20,11 @@ from ..errors import BackboneError
 from . import Family, family_for
 
 # Keys that do not change a model's shapes or numerics; left out of the config hash so that a
-# config re-saved by another transformers version (or under another name) hashes the same.
+# config re-saved by another transformers version (or under another name) hashes the same. And how
+# it was loaded: a QLoRA run's backbone, quantized by from_pretrained, is still the model its deltas
+# load into unquantized (a PaFi mask or a delta file recorded one hash, the other side another).
 _VOLATILE_KEYS = {
+    "quantization_config",
     "transformers_version",
     "architectures",
     "torch_dtype",
