@@ -539,3 +539,21 @@ def test_resume_config_leaves_an_auto_dtype_to_the_checkpoint(tmp_path):
     (out / "config.yaml").write_text(dump_yaml(_cfg(tmp_path, "model.dtype=fp16")))
     with pytest.raises(ConfigError, match="model.dtype 'fp16' -> 'bf16'"):
         check_resume_config(out, _cfg(tmp_path, "model.dtype=bf16"), "search")
+
+
+def test_the_demo_checks_its_overrides_and_budget_before_it_launches(tmp_path, monkeypatch):
+    """`s3delta demo search.space=lora`: the demo's YAML named 0.02, over all of tiny-t5's LoRA
+    candidates (1.98%), and the refusal came from the ranks after the launcher's start-up; the
+    random baseline drew at the unresolved budget."""
+    import s3delta_ds.run.demo as demo_mod
+    from s3delta_ds.errors import BudgetError
+    from s3delta_ds.run.preflight import _embedded_budget, checked_search
+
+    launched = []
+    monkeypatch.setattr(demo_mod, "launch", lambda *a: launched.append(a) or 1)
+    with pytest.raises(BudgetError, match=r"must lie in \[0.000354, 0.0455\]"):
+        demo_mod.run_demo(tmp_path / "out", overrides=["search.budget=0.9"])
+    assert launched == [] and not (tmp_path / "out").exists()
+    lora = checked_search(load_run_config(demo_mod.DEMO_CONFIG, ["search.space=lora"]))
+    assert lora.search.budget == _embedded_budget("tiny-t5", "lora") < 0.02
+    assert checked_search(load_run_config(demo_mod.DEMO_CONFIG, [])).search.budget == 0.02  # the README's demo

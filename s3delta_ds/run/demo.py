@@ -17,6 +17,7 @@ from ..errors import ConfigError, S3DeltaError
 from ..structure import Structure, builders
 from ..util import atomic_write_text
 from .launch import launch
+from .preflight import checked_search
 from .signals import EXIT_STOPPED
 
 DEMO_CONFIG = str(resources.files("s3delta_ds") / "assets" / "demo.yaml")
@@ -39,7 +40,9 @@ def _load(path: Path) -> dict:
 def run_demo(out: Path, *, nproc: int = 2, overwrite: bool = False, overrides: list[str] | None = None) -> dict:
     """Search, retrain, and a random baseline into ``out``. Returns the summary."""
     overrides = list(overrides or [])
-    cfg = load_run_config(DEMO_CONFIG, overrides)  # validate the overrides before any launch
+    # the overrides and the budget checked before anything is launched or removed; the resolved
+    # budget (the embedded model's, for the space) is the random baseline's too
+    cfg = checked_search(load_run_config(DEMO_CONFIG, overrides))
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out} is not empty: pass --overwrite to replace it (runs are never mixed)")

@@ -260,19 +260,27 @@ def check_before_launch(script: str, cfg: RunConfig, *, resume: bool) -> None:
     """
     from .runtime import check_output_dir
 
-    def quiet(msg: str) -> None:  # rank 0 says the resolved defaults once the run starts
-        return None
-
     if script == "search":
-        cfg = preflight_search(cfg, log=quiet)
-        from ..engine.backbone import resolve_source
-        from .plan import searchable_space
-
-        searchable_space(cfg, resolve_source(cfg.model))
+        cfg = checked_search(cfg)
     else:
-        cfg, _ = preflight_retrain(cfg, log=quiet)
+        cfg, _ = preflight_retrain(cfg, log=_quiet)
     check_output_dir(Path(cfg.output_dir), resume=resume, overwrite=cfg.overwrite)
     _check_inputs(cfg)
+
+
+def checked_search(cfg: RunConfig) -> RunConfig:
+    """The search's preflight and budget check, quietly (rank 0 says the resolved defaults once the
+    run starts). Returns the resolved config: its budget is the one the search will use."""
+    from ..engine.backbone import resolve_source
+    from .plan import searchable_space
+
+    cfg = preflight_search(cfg, log=_quiet)
+    searchable_space(cfg, resolve_source(cfg.model))
+    return cfg
+
+
+def _quiet(msg: str) -> None:
+    return None
 
 
 def _check_inputs(cfg: RunConfig) -> None:
