@@ -62,3 +62,7 @@ def test_a_zero_width_interval_says_it_has_no_spread():
     assert same.no_spread and same.verdict() == "tie (no spread)"
     assert welch_interval([0.7, 0.7], [0.8, 0.8]).verdict() == "loss (no spread)"
     assert not paired_t_interval([0.81, 0.82], [0.80, 0.80]).no_spread
+    # 11 rows of 1,000 on every seed, whose float differences are not all the same number
+    rows = paired_t_interval([0.919, 0.506, 0.69], [0.908, 0.495, 0.679])
+    assert 0 < rows.hi - rows.lo < 1e-12 and rows.verdict() == "win (no spread)"
+    assert not paired_t_interval([0.81, 0.8105], [0.8, 0.8]).no_spread  # one row of 2,000 apart is spread
