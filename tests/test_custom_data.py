@@ -476,3 +476,20 @@ def test_a_header_only_csv_says_it_has_no_rows(tmp_path):
     files = [f"data.train_file={tmp_path / 'train.csv'}", f"data.validation_file={tmp_path / 'dev.csv'}"]
     with pytest.raises(DataError, match=r"train.csv: has a header \(review,sentiment\) but no data rows"):
         load_rows(resolve_task(_cfg(tmp_path, *files, files=False)), None)
+
+
+def test_a_file_replaced_with_the_same_modification_time_is_read_again(tmp_path):
+    """datasets knows a local file by its path and modification time: rows replaced in place with
+    the old time kept (cp -p, rsync -t, an unpacked archive) read back as the old ones, silently."""
+    import os
+
+    data = _cfg(tmp_path)
+    train = tmp_path / "train.csv"
+    before = load_rows(resolve_task(data), None, split_seed=0)["train"]
+    stat = os.stat(train)
+    flipped = [(t, "negative" if lab == "positive" else "positive") for t, lab in REVIEWS * 4]
+    _csv(train, flipped)  # the same size: only the labels swap
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(train).st_size == stat.st_size
+    after = load_rows(resolve_task(data), None, split_seed=0)["train"]
+    assert [r["sentiment"] for r in after] == [1 - r["sentiment"] for r in before]

@@ -4,6 +4,7 @@ a task from the run config (``custom``). Registration is explicit: nothing regis
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -62,6 +63,19 @@ def _split_file(data_dir: Path, split: str) -> Path | None:
     return found[0] if found else None
 
 
+def _content_cache(path: Path) -> str:
+    """A datasets cache folder of the file's content: datasets knows a local file by its path and
+    modification time, so a file replaced by other rows with the same time (``cp -p``, ``rsync -t``,
+    an unpacked archive) read back the old rows, with no error."""
+    import datasets
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "s3delta-files" / h.hexdigest()[:16])
+
+
 def _read(path: Path) -> list[dict]:
     import datasets
 
@@ -76,7 +90,9 @@ def _read(path: Path) -> list[dict]:
     # null text and the label word "NA" no label. Only an empty cell is missing here.
     na = {"keep_default_na": False, "na_values": [""]} if path.suffix == ".csv" else {}
     try:
-        ds = datasets.load_dataset(_EXTENSIONS[path.suffix], data_files={"x": str(path)}, split="x", **na)
+        ds = datasets.load_dataset(
+            _EXTENSIONS[path.suffix], data_files={"x": str(path)}, split="x", cache_dir=_content_cache(path), **na
+        )
     except datasets.exceptions.DatasetGenerationError as e:
         # the parser's own error (which names the bad line) is wrapped in "An error occurred while
         # generating the dataset"
