@@ -20,14 +20,24 @@ def test_bad_test_at_is_named():
 
 
 @pytest.mark.slow
-def test_test_at_end_scores_the_selected_step_like_test_at_best(tmp_path):
-    plan = builders.Backbone.plan("tiny-t5")
+@pytest.mark.parametrize(
+    "model, deepspeed",
+    [
+        ("tiny-t5", "zero2"),
+        # the default's other paths: deltas reloaded into ZeRO-3's partitioned parameters, and a
+        # classifier head (trained whole, saved with the deltas) on mean pooling
+        ("tiny-bert", "zero3_cpu"),
+    ],
+)
+def test_test_at_end_scores_the_selected_step_like_test_at_best(tmp_path, model, deepspeed):
+    plan = builders.Backbone.plan(model)
     structure = builders.random_baseline(plan.space("mixed"), plan.info, 0.02, seed=0).save(tmp_path / "s.json")
-    # validation every 2 steps; lr 1.0 makes validation peak at step 4 of 8, so "end" must reload the
-    # step-4 deltas (the weights it ends with are another step's) to match the test scores "best" took
+    # validation every 2 steps; lr 1.0 makes validation peak before step 8, so "end" must reload the
+    # selected step's deltas (the weights it ends with are another step's) to match the test scores "best" took
     args = [
         *TINY,
-        "deepspeed=zero2",
+        f"model.name_or_path={model}",
+        f"deepspeed={deepspeed}",
         "retrain.steps=8",
         "retrain.eval_every=2",
         "retrain.lr=1.0",
