@@ -893,3 +893,16 @@ def test_a_search_and_a_retrain_run_on_a_gguf_file(tmp_path):
                               f"output_dir={tmp_path / 'r'}"], nproc=1)  # fmt: skip
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["params_used"] == sum(m["params"] for m in structure["modules"]) and summary["best_step"] > 0
+
+
+def test_materialising_an_embedded_model_prints_nothing(tmp_path, monkeypatch, capsys):
+    """Its save's progress bar came before the first thing a run or a refusal says: `s3delta search
+    --nproc 2 search.budget=0.9` on a fresh machine printed "Writing model shards" above its error."""
+    from s3delta_ds.engine.backbone import materialise_embedded
+
+    monkeypatch.setenv("S3DELTA_CACHE", str(tmp_path))
+    path = materialise_embedded("tiny-t5")
+    assert (path / "config.json").is_file() and path.is_relative_to(tmp_path)
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "")
+    monkeypatch.delenv("S3DELTA_CACHE")

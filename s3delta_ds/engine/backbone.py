@@ -54,7 +54,8 @@ def materialise_embedded(name: str, seed: int = 1234) -> Path:
     try:
         torch.manual_seed(seed)
         model = build_model(config)
-        model.save_pretrained(tmp, safe_serialization=True)
+        with _no_progress_bars():  # one tiny shard: its bar only stood before the run's own lines (or an error)
+            model.save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race: use its copy
@@ -62,6 +63,19 @@ def materialise_embedded(name: str, seed: int = 1234) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_source(cfg: ModelConfig) -> str:
