@@ -652,7 +652,7 @@ def test_a_budget_range_names_ends_that_both_fit(params, num_params, printed):
     for fits in (lo, hi):
         check_budget(params, builders.absolute_budget(float(f"{fits:.3g}"), num_params))
     for end, step in ((lo, -1), (hi, +1)):  # the next 3-digit number outside the range
-        outside = end + step * 10 ** (math.floor(math.log10(end)) - 2)
+        outside = float(f"{end + step * 10 ** (math.floor(math.log10(end)) - 2):.3g}")  # as a user types it
         with pytest.raises(BudgetError):
             check_budget(params, builders.absolute_budget(outside, num_params))
 
@@ -665,3 +665,14 @@ def test_a_space_of_one_size_has_no_budget_range():
 def test_a_budget_within_float_rounding_of_a_whole_count_is_that_count():
     assert builders.absolute_budget(3e-4, 10_000) == 3.0
     assert builders.absolute_budget(1e-3, 22_713_216) == pytest.approx(22_713.216)  # a real fraction stays one
+
+
+def test_a_printed_high_end_close_under_the_total_is_accepted():
+    """A tolerance that snapped budgets within 1e-9 of a whole count took 0.0455 of 100,000,989
+    (4,550,044.9995) up to the total, 4,550,045, and refused the range's own high end."""
+    from s3delta_ds.method.gates import check_budget
+
+    params, n = [1000, 4_549_045], 100_000_989
+    lo, hi = builders.budget_range(params, n)
+    assert f"{hi:.3g}" == "0.0455"
+    check_budget(params, builders.absolute_budget(hi, n))

@@ -105,18 +105,16 @@ def _sig3(x: Fraction, *, up: bool) -> Fraction:
 
 
 def absolute_budget(relative: float, num_params: int) -> float:
-    """relative × backbone parameters, checked to be a fraction in (0, 1). A product within float
-    rounding of a whole count is that count: 3e-4 × 10,000 is 2.9999999999999996 in floats, and a
-    candidate of 3 parameters must fit the budget that names it."""
+    """relative × backbone parameters, checked to be a fraction in (0, 1). Exact, for the decimal the
+    user wrote: 3e-4 × 10,000 is 2.9999999999999996 in floats, and a candidate of 3 parameters must
+    fit the budget that names it (so must either end of a ``budget_range``)."""
     if isinstance(relative, bool) or not isinstance(relative, (int, float)) or not math.isfinite(relative):
         raise BudgetError(f"budget must be a number, got {relative!r}")
     if not 0 < relative < 1:
         raise BudgetError(
             f"budget {relative!r} must be a fraction of the backbone's parameters in (0, 1), e.g. 1e-4 for 0.01%"
         )
-    absolute = relative * num_params
-    whole = round(absolute)
-    return float(whole) if abs(absolute - whole) <= 1e-9 * max(absolute, 1.0) else absolute
+    return float(Fraction(repr(float(relative))) * num_params)
 
 
 def from_indices(
