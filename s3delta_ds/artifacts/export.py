@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import socket
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from ..engine.backbone import load_backbone, resolve_source
 from ..errors import CheckpointError, ConfigError, S3DeltaError, StructureError
 from ..method.supernet import SLOT_ATTR, attach
 from ..run.checkpoint import load_deltas, save_deltas
-from ..run.runtime import claim_info, live_owner
+from ..run.runtime import claim_info, is_live, live_owner, slurm_job_state
 from ..structure import Budget, ModuleChoice, Structure
 from ..structure.builders import Backbone
 from ..structure.pafi import positions_in_deltas
@@ -367,6 +368,8 @@ def _on_rank_0(step, stage: Path, out: Path) -> str | None:
         try:
             said = step(stage, out)
         except Exception as e:  # any: a rank that raised alone would leave the others in the broadcast
+            if not isinstance(e, OSError):  # not the disk's: a bug, whose traceback must not be lost
+                traceback.print_exc()
             said = f"{out}: {type(e).__name__}: {e}"
     return zero.broadcast_object(said)
 
@@ -375,8 +378,8 @@ def _open_stage(stage: Path, out: Path) -> str | None:
     """Rank 0: create ``stage``, claimed by this process (its marker holds ``claim_info``). Returns
     why it cannot (None: created). A crashed export's leftovers are removed; a stage another live
     export writes is not: removing it mixed two exports' shards in one folder. A stage claimed on
-    another host is removed only when Slurm says its job has ended: nothing else here can tell
-    whether a process there still writes it."""
+    another host is removed only when squeue answers that its job has ended: nothing else here can
+    tell whether a process there still writes it."""
     if stage.exists():
         try:
             text = (stage / _STAGE_MARKER).read_bytes().decode(errors="replace")
@@ -412,14 +415,21 @@ def _stage_owner(claim: dict, stage: Path, out: Path) -> str | None:
     host, job = claim.get("host"), claim.get("slurm_job_id")
     if host is None or host == socket.gethostname():  # an older marker, or this host: the process decides
         owner = live_owner({**claim, "slurm_job_id": None})  # two exports in one Slurm job share its id
-    elif job and job != os.environ.get("SLURM_JOB_ID"):  # another job: squeue decides
-        owner = live_owner(claim)
     else:
-        where = "in this Slurm job" if job else "outside Slurm"
-        return (
-            f"{stage} belongs to an export on {host} ({where}, pid {claim.get('pid')}), which this host cannot "
-            f"check: if it has ended, remove {stage}; if not, wait for it or choose another directory than {out}"
-        )
+        state = slurm_job_state(job) if job and job != os.environ.get("SLURM_JOB_ID") else None
+        if state is None:  # this job on another node, no Slurm, or squeue cannot answer
+            where = (
+                "in this Slurm job"
+                if job == os.environ.get("SLURM_JOB_ID")
+                else f"Slurm job {job}"
+                if job
+                else "outside Slurm"
+            )
+            return (
+                f"{stage} belongs to an export on {host} ({where}, pid {claim.get('pid')}), which this host cannot "
+                f"check: if it has ended, remove {stage}; if not, wait for it or choose another directory than {out}"
+            )
+        owner = f"Slurm job {job} ({state})" if is_live(state) else None
     return (
         f"another export ({owner}) is writing {out} (through {stage}): wait for it, or choose another one"
         if owner

@@ -215,6 +215,24 @@ _LIVE_SLURM_STATES = {
 }  # fmt: skip
 
 
+def slurm_job_state(job: str) -> str | None:
+    """The job's state as ``squeue`` says it; "" when squeue answers and does not list it (ended,
+    or purged: "Invalid job id"); None when squeue cannot be asked (absent, timed out, or another
+    error, such as an unreachable controller)."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return "" if "invalid job id" in proc.stderr.lower() else None
+    lines = proc.stdout.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def is_live(state: str | None) -> bool:
+    return state in _LIVE_SLURM_STATES
+
+
 def live_owner(claim: dict) -> str | None:
     """Who still runs on a claimed directory, or None: another Slurm job that ``squeue`` lists as
     active (a requeued one resumes the directory by itself), or an s3delta process on this host.
@@ -223,14 +241,8 @@ def live_owner(claim: dict) -> str | None:
     if job:
         if job == here:
             return None  # this job (requeued): its own directory
-        try:
-            proc = subprocess.run(
-                ["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=20
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        state = proc.stdout.strip().splitlines()[0].strip() if proc.returncode == 0 and proc.stdout.strip() else ""
-        return f"Slurm job {job} ({state})" if state in _LIVE_SLURM_STATES else None
+        state = slurm_job_state(job)
+        return f"Slurm job {job} ({state})" if is_live(state) else None
     pid = claim.get("pid")
     if claim.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
         return None
