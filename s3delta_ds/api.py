@@ -127,6 +127,8 @@ def _warn_on_another_config(model: nn.Module, path: Path) -> None:
 
     meta = read_delta_metadata(path)
     recorded, now = meta.get("config_hash"), config_hash(model.config)  # quantized or not, on either side
+    if recorded == config_hash(model.config, legacy=True):  # written by a quantized run before the hash left it out
+        return
     if recorded is not None and recorded != now:
         warnings.warn(
             f"{path} was trained on {meta.get('backbone', 'another model')} (config {recorded[:19]}...), and this "

@@ -438,6 +438,15 @@ def test_load_warns_when_the_deltas_were_trained_on_another_config_of_the_same_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         s3delta_ds.load(tiny_model("tiny-t5"), qlora)
+    # a file a quantized run wrote before the hash left quantization out, loaded as it was trained
+    legacy = {**meta, "config_hash": config_hash(quantized.config, legacy=True)}
+    assert legacy["config_hash"] != config_hash(quantized.config)
+    save_deltas(trained, qlora / "deltas.safetensors", metadata=legacy)
+    again = tiny_model("tiny-t5")
+    again.config.quantization_config = quantized.config.quantization_config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s3delta_ds.load(again, qlora)
     other = tiny_model("tiny-t5")
     other.config.dense_act_fn = "gelu_new" if other.config.dense_act_fn != "gelu_new" else "relu"
     with pytest.warns(UserWarning, match=r"trained on tiny-t5 \(config sha256:.*this model's config differs"):

@@ -164,9 +164,11 @@ def load_config(model_or_config: str | os.PathLike, gguf_file: str | None = None
     return config
 
 
-def config_hash(config) -> str:
-    """sha256 over the shape-relevant fields of a config (stable across transformers versions)."""
-    d = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_KEYS}
+def config_hash(config, *, legacy: bool = False) -> str:
+    """sha256 over the shape-relevant fields of a config (stable across transformers versions).
+    ``legacy``: as files written before 2026-12-04 hashed it, ``quantization_config`` included."""
+    volatile = _VOLATILE_KEYS - {"quantization_config"} if legacy else _VOLATILE_KEYS
+    d = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in volatile}
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
