@@ -51,7 +51,7 @@ class RunStopped(S3DeltaError):
         self.signum, self.step = signum, step
 
     def __reduce__(self):  # pickled across processes (a pool, concurrent.futures) with its fields
-        return type(self), (str(self), self.signum, self.step)
+        return type(self), (str(self), self.signum, self.step), self.__dict__
 
 
 class FoldError(S3DeltaError):

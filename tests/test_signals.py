@@ -27,5 +27,8 @@ def test_run_stopped_survives_pickling_with_its_fields():
 
     from s3delta_ds.errors import RunStopped
 
-    back = pickle.loads(pickle.dumps(RunStopped("stopped by SIGTERM at step 10", 15, 10)))
+    stopped = RunStopped("stopped by SIGTERM at step 10", 15, 10)
+    stopped.add_note("requeued by rank 0")
+    back = pickle.loads(pickle.dumps(stopped))
     assert (str(back), back.signum, back.step) == ("stopped by SIGTERM at step 10", 15, 10)
+    assert back.__notes__ == ["requeued by rank 0"]

@@ -64,16 +64,18 @@ def _split_file(data_dir: Path, split: str) -> Path | None:
 
 
 def _content_cache(path: Path) -> str:
-    """A datasets cache folder of the file's content: datasets knows a local file by its path and
-    modification time, so a file replaced by other rows with the same time (``cp -p``, ``rsync -t``,
-    an unpacked archive) read back the old rows, with no error."""
+    """A datasets cache folder of this version of the file: datasets knows a local file by its path
+    and modification time, so a file replaced by other rows with the same time (``cp -p``,
+    ``rsync -t``, an unpacked archive) read back the old rows, with no error. The inode change time
+    moves on every write and rename and cannot be set back, and costs no read of a large file (on
+    every rank); a chmod only makes a new cache."""
     import datasets
 
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return str(Path(datasets.config.HF_DATASETS_CACHE) / "s3delta-files" / h.hexdigest()[:16])
+    st = path.resolve().stat()
+    key = f"{path.resolve()}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    return str(
+        Path(datasets.config.HF_DATASETS_CACHE) / "s3delta-files" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    )
 
 
 def _read(path: Path) -> list[dict]:
