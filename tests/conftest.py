@@ -48,6 +48,32 @@ def pytest_runtest_call(item):
         yield
 
 
+# pytest's own, and what importing OpenMP-linked libraries (sklearn, datasets' torch) sets once
+_SET_BY_OTHERS = frozenset({"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"})
+
+
+@pytest.fixture(autouse=True)
+def _environment_is_left_as_found(request):
+    """A test that leaves ``os.environ`` changed fails: a leaked variable reaches every later test
+    of its worker and every process those start (a leaked SLURM_JOB_ID once made a later launch
+    call ``scontrol requeue``). Autouse and function-scoped, it is torn down after the test's own
+    fixtures (monkeypatch included) have put things back."""
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    changed = sorted(
+        k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in _SET_BY_OTHERS
+    )
+    if changed:
+        os.environ.clear()
+        os.environ.update(before)
+        pytest.fail(
+            f"{request.node.nodeid} left the environment changed ({', '.join(changed)}): "
+            "set variables with monkeypatch.setenv",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def zero3_search(tmp_path_factory):
     """One 2-rank ZeRO-3 search (deepspeed launcher, the tiny default, micro-batch 2) that several

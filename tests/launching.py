@@ -39,7 +39,10 @@ TINY = [
 
 
 def env(extra: dict | None = None) -> dict:
-    e = dict(os.environ)
+    """The launches' environment: this one, on CPU and offline, without an outer Slurm allocation's
+    variables (a suite run inside salloc would otherwise launch as that job: per-job output
+    directories, ``scontrol requeue`` on SIGUSR1); a test that means Slurm passes them in ``extra``."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     e.update(
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",

@@ -165,12 +165,12 @@ def test_run_args_default_output_dir_is_per_job_and_never_overrides_the_config(t
     assert run_args("retrain", ["--config", str(config)])[1] == ["output_dir=runs/retrain-42"]
 
 
-def _run_dir(out: Path, *, checkpoint: bool, job: str = "42") -> None:
+def _run_dir(out: Path, monkeypatch, *, checkpoint: bool, job: str = "42") -> None:
     """A run's directory as prepare_output_dir leaves it, claimed by Slurm job ``job``."""
     from s3delta_ds.run.checkpoint import COMPLETE
     from s3delta_ds.run.runtime import prepare_output_dir
 
-    os.environ["SLURM_JOB_ID"] = job  # restored by monkeypatch in the caller
+    monkeypatch.setenv("SLURM_JOB_ID", job)
     prepare_output_dir(out, resume=False, overwrite=False)
     (out / "config.yaml").write_text("x")
     (out / "ds_config.json").write_text("{}")
@@ -195,7 +195,7 @@ def test_run_args_requeued_job_resumes_or_starts_over(tmp_path, monkeypatch, res
     _job(monkeypatch, restarts)
     out = tmp_path / "run"
     if state != "none":
-        _run_dir(out, checkpoint=state != "started", job="7" if state == "other job" else "42")
+        _run_dir(out, monkeypatch, checkpoint=state != "started", job="7" if state == "other job" else "42")
         monkeypatch.setenv("SLURM_JOB_ID", "42")
     args = ["retrain.structure=s.json", f"output_dir={out}"]
     assert run_args("retrain", args) == ([*args, *added], added)
@@ -255,7 +255,7 @@ def test_a_directory_another_live_job_owns_cannot_be_resumed_or_overwritten(tmp_
     from s3delta_ds.run.runtime import check_output_dir
 
     out = tmp_path / "run"
-    _run_dir(out, checkpoint=True, job="100")
+    _run_dir(out, monkeypatch, checkpoint=True, job="100")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "squeue").write_text(f'#!/bin/sh\n[ "$3" = 100 ] && printf "{state}\\n"\nexit 0\n')
