@@ -48,8 +48,11 @@ def pytest_runtest_call(item):
         yield
 
 
-# pytest's own, and what importing OpenMP-linked libraries (sklearn, datasets' torch) sets once
-_SET_BY_OTHERS = frozenset({"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"})
+# pytest's own; what OpenMP-linked libraries (sklearn, datasets' torch) set on import; and the
+# cache folder torch's inductor records the first time it is asked for it
+_SET_BY_OTHERS = frozenset(
+    {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "TORCHINDUCTOR_CACHE_DIR"}
+)
 
 
 @pytest.fixture(autouse=True)

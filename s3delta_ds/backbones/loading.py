@@ -78,6 +78,19 @@ def hub_id(spec: str) -> str:
     return spec
 
 
+def _field_errors() -> tuple[type[Exception], ...]:
+    """What a config field of the wrong type ("d_model": "x") raises: transformers 5's strict
+    dataclass configs raise huggingface_hub's validation error, which is no ValueError."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, StrictDataclassError)
+
+
+_CONFIG_FIELD_ERRORS = _field_errors()
+
+
 def _config_from_dict(d: dict, source: str):
     from transformers import AutoConfig
 
@@ -87,7 +100,7 @@ def _config_from_dict(d: dict, source: str):
         raise BackboneError(f"{source}: config has no 'model_type' field, so its architecture is unknown")
     try:
         return AutoConfig.for_model(model_type, **d)
-    except ValueError as e:
+    except _CONFIG_FIELD_ERRORS as e:
         raise BackboneError(f"{source}: {e}") from e
 
 
@@ -127,8 +140,8 @@ def load_config(model_or_config: str | os.PathLike, gguf_file: str | None = None
             raise BackboneError(f"{spec}/{gguf_file}: cannot read the GGUF file's metadata ({e})") from e
     elif path.is_file():
         try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             from ..config import run_config_hint
 
             raise BackboneError(f"{spec}: not a readable JSON config ({e}){run_config_hint(path, 'model')}") from e
@@ -142,7 +155,7 @@ def load_config(model_or_config: str | os.PathLike, gguf_file: str | None = None
             raise BackboneError(f"{spec}: directory has no config.json{hint}")
         try:
             config = AutoConfig.from_pretrained(spec)
-        except (OSError, ValueError) as e:
+        except (OSError, *_CONFIG_FIELD_ERRORS) as e:
             raise BackboneError(f"{spec}: cannot read its config.json ({e})") from e
     elif spec in builtin_shapes():
         config = _config_from_dict(json.loads(builtin_shapes()[spec].read_text()), spec)

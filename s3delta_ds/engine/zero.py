@@ -59,8 +59,10 @@ def read_ds_config(name_or_path: str) -> tuple[dict, str]:
             )
         path = shipped[key]
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read DeepSpeed config {path}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
@@ -249,6 +251,17 @@ def resolve_dtype(model_dtype: str, template: dict) -> str:
     if template.get("bf16", {}).get("enabled") == "auto":
         return "bf16" if accelerator_has_bf16() else "fp32"
     return "fp32"
+
+
+def check_dtype_supported(dtype: str, model_dtype: str) -> None:
+    """Refuse fp16 where DeepSpeed cannot train in it (the CPU): its own refusal is a traceback from
+    every rank, raised after the output directory was claimed."""
+    if dtype == "fp16" and not get_accelerator().is_fp16_supported():
+        said = "model.dtype=fp16" if model_dtype == "fp16" else "the DeepSpeed config's fp16 (model.dtype=auto)"
+        raise ConfigError(
+            f"{said}: DeepSpeed has no fp16 training on the {device_type()} accelerator; "
+            "use model.dtype=fp32 (or bf16) here"
+        )
 
 
 # -- distributed setup -------------------------------------------------------------------------

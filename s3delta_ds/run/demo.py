@@ -30,11 +30,35 @@ def _run(script: str, args: list[str], nproc: int, what: str) -> None:
             f"the demo's {what} was stopped by a signal (exit code {rc}); run the demo again with --overwrite"
         )
     if rc != 0:
-        raise S3DeltaError(f"the demo's {what} failed (exit code {rc}); its output is above")
+        raise S3DeltaError(
+            f"the demo's {what} failed (exit code {rc}); its output is above. Run the demo again with --overwrite"
+        )
 
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+#: Everything a demo writes into its directory: --overwrite deletes nothing else.
+DEMO_NAMES = frozenset(
+    {"search", "retrain", "random", "structure.json", "heatmap.png", "random_structure.json", "summary.json"}
+)
+
+
+def _check_replaceable(out: Path) -> None:
+    """--overwrite deletes the whole directory: only ever an earlier demo's (``--out .`` or a data
+    folder must not go with it)."""
+    if not out.is_dir():
+        raise ConfigError(f"{out} is not a directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in DEMO_NAMES)
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ConfigError(
+            f"{out} holds files the demo did not write ({shown}): --overwrite only replaces a demo's "
+            "directory; pick another --out"
+        )
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"--overwrite would delete {out}, which holds the current directory")
 
 
 def run_demo(out: Path, *, nproc: int = 2, overwrite: bool = False, overrides: list[str] | None = None) -> dict:
@@ -46,6 +70,7 @@ def run_demo(out: Path, *, nproc: int = 2, overwrite: bool = False, overrides: l
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out} is not empty: pass --overwrite to replace it (runs are never mixed)")
+        _check_replaceable(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 

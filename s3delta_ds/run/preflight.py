@@ -192,6 +192,12 @@ def preflight_retrain(cfg: RunConfig, log=log0) -> tuple[RunConfig, Structure | 
     rc = cfg.retrain
     if rc.structure is None and not rc.full_finetune:
         raise ConfigError("retrain.structure must name a structure JSON (or set retrain.full_finetune=true)")
+    if rc.full_finetune and (rc.structure or rc.pafi_mask):
+        given = "retrain.structure" if rc.structure else "retrain.pafi_mask"
+        raise ConfigError(
+            f"retrain.full_finetune=true trains every backbone weight, so {given} would be ignored: set "
+            f"{given}=null for the full fine-tuning baseline, or drop retrain.full_finetune to retrain the structure"
+        )
     structure = Structure.load(rc.structure) if rc.structure else None
     searched_task = (structure.search.get("task") if structure else None) or None
     if structure is not None and not structure.modules:

@@ -375,6 +375,7 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
     family = family_for(config)
     template, ds_source = zero.read_ds_config(plan.deepspeed)
     dtype = zero.resolve_dtype(cfg.model.dtype, template)
+    zero.check_dtype_supported(dtype, cfg.model.dtype)
     ds_config = zero.resolve_ds_config(
         template,
         micro_batch=train.micro_batch_size,
@@ -496,6 +497,10 @@ def _output_dir(out: Path, rank: int, *, resume: bool, overwrite: bool, cfg=None
                 check_resume_config(out, cfg, kind)
         except ConfigError as e:
             err = str(e)
+        except OSError as e:  # on rank 0 alone: the other ranks would wait in the broadcast
+            err = f"cannot set up output directory {out}: {e.strerror or e}" + (
+                f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
+            )
     err = zero.broadcast_object(err)
     if err:
         raise ConfigError(err)
@@ -513,6 +518,8 @@ def release_unstarted(out: Path) -> None:
     if RUN_MARKER in names and names <= UNSTARTED:
         for name in names:
             (out / name).unlink()
+        with contextlib.suppress(OSError):  # the directory itself too, unless something else came in
+            out.rmdir()
 
 
 @contextlib.contextmanager
@@ -571,7 +578,7 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
     """Shared argument handling of search.py / retrain.py (every launcher passes --local_rank)."""
     import argparse
 
-    from ..errors import RunStopped, S3DeltaError
+    from ..errors import RunStopped, S3DeltaError, TrainingError
     from .signals import EXIT_STOPPED
 
     p = argparse.ArgumentParser(prog=prog, description="Keys of the YAML config can be overridden as section.key=value")
@@ -590,10 +597,14 @@ def script_main(run, argv: list[str] | None, prog: str) -> int:
         # Mistakes in the input (config, names, structure, data) are found alike on every rank:
         # say them once. Failures of the run itself may be one rank's: every rank says its own.
         rank = int(os.environ.get("RANK", "0"))
+        said = str(e)
+        if isinstance(e, TrainingError) and not args.resume and (Path(cfg.output_dir) / RUN_MARKER).is_file():
+            # the fix (a lower learning rate) is another run: the directory of this one would refuse it
+            said += f" (this run's files stay in {cfg.output_dir}: start the fixed run there with overwrite=true)"
         if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {said}", file=sys.stderr, flush=True)
         elif not isinstance(e, INPUT_ERRORS):
-            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+            print(f"[rank {rank}] error: {said}", file=sys.stderr, flush=True)
         return 2
     finally:
         zero.destroy()
