@@ -151,3 +151,39 @@ def test_a_diverged_run_says_how_to_start_the_fixed_one(tmp_path, capsys, monkey
 
     assert script_main(refused, [f"output_dir={out}"], "search") == 2
     assert "overwrite=true" not in capsys.readouterr().err  # only a run that trained says it
+
+
+def test_a_delta_file_holding_nan_is_refused_not_merged(tmp_path):
+    """`export --merge` of a damaged delta file exited 0 with NaN in every weight a delta touched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import s3delta_ds
+    from s3delta_ds.errors import CheckpointError
+    from s3delta_ds.run.checkpoint import save_deltas
+
+    from .helpers import tiny_model
+
+    trained = tiny_model("tiny-t5")
+    structure = builders.manual(builders.Backbone.from_model(trained), "lora")
+    structure.save(tmp_path / "structure.json")
+    s3delta_ds.attach(trained, tmp_path / "structure.json")
+    path = save_deltas(trained, tmp_path / "deltas.safetensors")
+    s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)  # as written: loads
+    with safe_open(str(path), framework="pt") as f:
+        values, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = sorted(values)[1]
+    values[name][0, 0] = float("nan")
+    save_file(values, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"deltas\.safetensors: non-finite values \(NaN or inf\) in {name}"):
+        s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)
+
+
+@pytest.mark.parametrize("template", ["{text:>{x}}", "{text!z}", "review: {text!r}", "{text:10}"])
+def test_a_template_with_a_format_spec_is_refused_before_the_ranks_start(template):
+    """The spec reached every rank's encoder and failed there as a KeyError/ValueError traceback."""
+    from s3delta_ds.data.custom import placeholders
+
+    with pytest.raises(ConfigError, match="placeholders are plain column names"):
+        placeholders(template)
+    assert placeholders("a {{literal}} {text} and {title}") == ("text", "title")

@@ -16,9 +16,19 @@ _SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 def placeholders(template: str) -> tuple[str, ...]:
     """The ``{column}`` names of a template, in order, each once."""
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parsed = [(f, spec, conversion) for _, f, spec, conversion in string.Formatter().parse(template)]
     except ValueError as e:
         raise ConfigError(f"data.template {template!r} is not a valid template: {e}") from None
+    names = [f for f, _, _ in parsed if f is not None]
+    # a spec or conversion ({text:>{x}}, {text!z}) failed in every rank's encoder, as a traceback
+    formatted = [
+        f"{{{f}{'!' + c if c else ''}{':' + s if s else ''}}}" for f, s, c in parsed if f is not None and (s or c)
+    ]
+    if formatted:
+        raise ConfigError(
+            f"data.template {template!r}: placeholders are plain column names, e.g. {{text}}; "
+            f"format specs and conversions are not read ({', '.join(formatted)}). Write a literal brace as {{{{ or }}}}"
+        )
     bad = [n for n in names if not n or not n.isidentifier()]
     if bad:
         raise ConfigError(f"data.template {template!r}: placeholders must name columns, e.g. {{text}}; got {bad}")

@@ -148,6 +148,12 @@ def load_deltas(
         )
     with safe_open(str(path), framework="pt") as f:
         values = {k: f.get_tensor(k) for k in f.keys()}
+    # training refuses a non-finite loss, so NaN here is a damaged file: merged, it would write NaN
+    # into every weight the delta touches, and exit 0
+    broken = [k for k, v in values.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise CheckpointError(f"{path}: non-finite values (NaN or inf) in {shown}: the file is damaged")
     params = [p for _, p in named]
     with zero.gathered(params, modifier_rank=0), torch.no_grad():
         for k, p in named:
