@@ -39,6 +39,7 @@ def load_tokenizer(family: str, name_or_path: str, tokenizer: str | None = None,
             return tok
         return BertTokenizer.from_pretrained(path)
     kwargs = {"gguf_file": gguf_file} if gguf_file and tokenizer is None else {}  # model.tokenizer: its own files
+    _check_has_tokenizer_files(source, gguf=bool(kwargs))
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
@@ -46,6 +47,27 @@ def load_tokenizer(family: str, name_or_path: str, tokenizer: str | None = None,
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+#: Files a tokenizer is built from (any one is enough for AutoTokenizer).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "vocab.txt", "vocab.json",
+)  # fmt: skip
+
+
+def _check_has_tokenizer_files(source: str, *, gguf: bool) -> None:
+    """A model directory without tokenizer files: transformers builds an empty-vocabulary tokenizer
+    from its config.json alone, and the run failed later on "label words become the same tokens"."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if gguf or not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES):
+        return
+    raise DataError(
+        f"{source} holds no tokenizer ({', '.join(TOKENIZER_FILES[:4])}, ...): copy the model's tokenizer files "
+        "there, or name a tokenizer directory with model.tokenizer=DIR"
+    )
 
 
 def _shape_hint(family: str, source: str) -> str:
