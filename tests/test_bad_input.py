@@ -213,3 +213,22 @@ def test_writing_a_file_over_a_directory_names_the_path_given(tmp_path, monkeypa
         atomic_write_text(given, "{}")
     assert e.value.filename == ("runs" if given else ".") and ".tmp" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not any((tmp_path / "runs").iterdir())
+
+
+def test_transfer_onto_a_model_without_layers_is_refused_not_written(tmp_path):
+    """It wrote a structure of 0 modules that `s3delta inspect` then refused (depths must be positive)."""
+    from s3delta_ds.errors import StructureError
+    from s3delta_ds.structure.transfer import transfer
+
+    source = builders.manual(builders.Backbone.plan("tiny-t5"), "lora")
+    shape = {"model_type": "t5", "d_model": 8, "num_heads": 2, "d_kv": 4, "d_ff": 16, "vocab_size": 100}
+
+    def target(encoder: int, decoder: int):
+        folder = tmp_path / f"t5-{encoder}-{decoder}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**shape, "num_layers": encoder, "num_decoder_layers": decoder}))
+        return builders.Backbone.plan(str(folder))
+
+    assert transfer(source, target(1, 1)).modules  # one layer each: the preset maps
+    with pytest.raises(StructureError, match="has no layers in its decoder and encoder stacks"):
+        transfer(source, target(0, 0))

@@ -153,10 +153,23 @@ def transfer(source: Structure, target: Backbone, budget: float | None = None) -
     source's relative budget).
 
     Raises:
-        StructureError: other family, a missing stack, sites the target does not have, or a source
-            without gate probabilities asked to meet a new budget.
+        StructureError: other family, a missing stack, a stack without layers, sites the target
+            does not have, a source without gate probabilities asked to meet a new budget, or
+            nothing mapped (a structure with no modules would only be refused by the retrain).
         BudgetError: the budget is impossible on the target.
     """
+    name = target.info.name_or_path
+    empty = sorted(stack for stack, depth in target.info.depths.items() if depth < 1)
+    if empty:  # the file written would not load again (depths must be positive)
+        stacks = " and ".join(empty) + (" stacks" if len(empty) > 1 else " stack")
+        raise StructureError(f"{name} has no layers in its {stacks}: nothing to transfer onto")
+    out = _transfer(source, target, budget)
+    if not out.modules:
+        raise StructureError(f"no module of the source structure maps onto {name}: the transferred structure is empty")
+    return out
+
+
+def _transfer(source: Structure, target: Backbone, budget: float | None) -> Structure:
     _check_compatible(source, target)
     redraw = _is_random_draw(source)
     if not source.candidates and budget is not None and not redraw:  # manual: no probabilities to re-discretise
