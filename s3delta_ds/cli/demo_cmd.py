@@ -9,7 +9,9 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="run a real search and retrain on the embedded tiny default (CPU, 2 ranks)")
     p.add_argument("--out", required=True, help="output directory (refused if not empty, unless --overwrite)")
     p.add_argument("--nproc", type=int, default=2, help="local DeepSpeed ranks (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo's directory (never one holding other files)"
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. search.steps=50")
     p.set_defaults(func=run)
 
