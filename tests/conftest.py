@@ -48,25 +48,28 @@ def pytest_runtest_call(item):
         yield
 
 
-# pytest's own; what OpenMP-linked libraries (sklearn, datasets' torch) set on import; and the
-# cache folder torch's inductor records the first time it is asked for it
-_SET_BY_OTHERS = frozenset(
-    {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "TORCHINDUCTOR_CACHE_DIR"}
-)
+# What this package, its launchers and the libraries it drives read: a leak of one changes what a
+# later test (or every process it starts) does. Variables that libraries set for themselves on
+# import or first use (deepspeed's PYTORCH_NVML_BASED_CUDA_CHECK, OpenMP's KMP_*, inductor's cache
+# folder) depend on which test imported them first, and are not watched.
+_WATCHED_PREFIXES = ("SLURM_", "S3DELTA_", "HF_", "DS_", "TORCH_", "NCCL_", "CUDA_", "MASTER_", "LOCAL_", "OMP_")
+_WATCHED_NAMES = frozenset({"PATH", "PYTHONPATH", "RANK", "WORLD_SIZE", "TOKENIZERS_PARALLELISM"})
+
+
+def _watched(name: str) -> bool:
+    return name in _WATCHED_NAMES or name.startswith(_WATCHED_PREFIXES)
 
 
 @pytest.fixture(autouse=True)
 def _environment_is_left_as_found(request):
-    """A test that leaves ``os.environ`` changed fails: a leaked variable reaches every later test
+    """A test that leaves a watched variable changed fails: a leaked one reaches every later test
     of its worker and every process those start (a leaked SLURM_JOB_ID once made a later launch
     call ``scontrol requeue``). Autouse and function-scoped, it is torn down after the test's own
     fixtures (monkeypatch included) have put things back."""
     before = dict(os.environ)
     yield
     after = dict(os.environ)
-    changed = sorted(
-        k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in _SET_BY_OTHERS
-    )
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and _watched(k))
     if changed:
         os.environ.clear()
         os.environ.update(before)

@@ -459,6 +459,9 @@ def test_console_script_error_exit_code_and_offline_speed(tmp_path):
     [
         (["inspect", "{s}", "--plot", "{tmp}/p.png"], "error: --plot works with --budgets"),
         (["inspect", "{s}", "--write", "{tmp}/sweep"], "error: --write works with --budgets"),
+        # a budget of 0 was "no structure" on stderr and an exit of 0 (the sweep's other rows printed)
+        (["inspect", "{s}", "--budgets", "0,0.01", "--write", "{tmp}/w"], "each between 0 and 1 (e.g. 1e-4); got 0.0"),
+        (["inspect", "{s}", "--budgets", "0.01,1.5,nan"], "got 1.5, nan"),
         (
             ["export", "{tmp}", "--peft", "--keep-unmergeable", "-o", "{tmp}/o"],
             "--keep-unmergeable does not apply to --peft",

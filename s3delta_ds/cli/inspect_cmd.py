@@ -31,6 +31,11 @@ def _budgets(text: str) -> list[float]:
         raise ConfigError(f"--budgets must be comma-separated numbers, e.g. 1e-4,5e-5; got {text!r}") from None
     if not values:
         raise ConfigError("--budgets is empty")
+    bad = [v for v in values if not 0 < v < 1]  # nan too
+    if bad:
+        raise ConfigError(
+            f"--budgets are fractions of the backbone, each between 0 and 1 (e.g. 1e-4); got {', '.join(map(str, bad))}"
+        )
     return values
 
 
