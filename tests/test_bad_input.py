@@ -65,14 +65,15 @@ class _Accelerator:
 
 def test_fp16_where_deepspeed_cannot_train_it_is_refused_before_anything_is_written(monkeypatch):
     monkeypatch.setattr(zero, "get_accelerator", lambda: _Accelerator(False))
-    with pytest.raises(ConfigError, match="model.dtype=fp16: DeepSpeed has no fp16 training on the cpu"):
-        zero.check_dtype_supported("fp16", "fp16")
-    with pytest.raises(ConfigError, match="the DeepSpeed config's fp16 \\(model.dtype=auto\\)"):
-        zero.check_dtype_supported(zero.resolve_dtype("auto", {"fp16": {"enabled": True}}), "auto")
+    with pytest.raises(ConfigError, match=r"model.dtype=fp16: DeepSpeed has no fp16 training on the cpu .*bf16\)$"):
+        zero.check_dtype_supported("fp16", "fp16", {})
+    pinned = {"fp16": {"enabled": True}}  # model.dtype=fp32 alone would be refused next: say both
+    with pytest.raises(ConfigError, match='fp16 \\(model.dtype=auto\\).*and fp16.enabled to "auto" in the DeepSpeed'):
+        zero.check_dtype_supported(zero.resolve_dtype("auto", pinned), "auto", pinned)
     for dtype in ("fp32", "bf16"):
-        zero.check_dtype_supported(dtype, dtype)
+        zero.check_dtype_supported(dtype, dtype, {})
     monkeypatch.setattr(zero, "get_accelerator", lambda: _Accelerator(True))
-    zero.check_dtype_supported("fp16", "fp16")
+    zero.check_dtype_supported("fp16", "fp16", pinned)
 
 
 def test_an_output_directory_that_cannot_be_made_is_a_config_error_not_a_rank_traceback(tmp_path):
@@ -84,13 +85,26 @@ def test_an_output_directory_that_cannot_be_made_is_a_config_error_not_a_rank_tr
         _output_dir(blocker / "run", 0, resume=False, overwrite=False)
 
 
-def test_a_run_that_never_started_gives_its_directory_back_whole(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    for name in (RUN_MARKER, "config.yaml", "ds_config.json"):
-        (out / name).write_text("{}")
-    release_unstarted(out)
-    assert not out.exists()  # an empty directory left behind made `ls` show a run that never was
+def test_a_run_that_never_started_gives_back_the_directory_it_made(tmp_path, monkeypatch):
+    from s3delta_ds.run.runtime import prepare_output_dir
+
+    def unstarted(out):
+        prepare_output_dir(out, resume=False, overwrite=False)
+        for name in ("config.yaml", "ds_config.json"):
+            (out / name).write_text("{}")
+        release_unstarted(out)
+
+    made = tmp_path / "made" / "run"
+    unstarted(made)
+    assert not made.exists()  # an empty directory left behind looked like a run that never was
+    mine = tmp_path / "mine"  # made by the user (a job's folder, the cwd): emptied, never removed
+    mine.mkdir()
+    unstarted(mine)
+    assert mine.is_dir() and not any(mine.iterdir())
+    prepare_output_dir(tmp_path / "here", resume=False, overwrite=False)  # the run made it, but it is the cwd
+    monkeypatch.chdir(tmp_path / "here")
+    release_unstarted(tmp_path / "here")
+    assert (tmp_path / "here").is_dir()
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / RUN_MARKER).write_text("{}")
@@ -179,14 +193,16 @@ def test_a_delta_file_holding_nan_is_refused_not_merged(tmp_path):
         s3delta_ds.load(tiny_model("tiny-t5"), tmp_path)
 
 
-@pytest.mark.parametrize("template", ["{text:>{x}}", "{text!z}", "review: {text!r}", "{text:10}"])
-def test_a_template_with_a_format_spec_is_refused_before_the_ranks_start(template):
-    """The spec reached every rank's encoder and failed there as a KeyError/ValueError traceback."""
+@pytest.mark.parametrize("template", ["{text:>{x}}", "{text!z}", "ok {title} {text:{w}}"])
+def test_a_template_that_cannot_be_formatted_is_refused_before_the_ranks_start(template):
+    """A nested field or an unknown conversion reached every rank's encoder and failed there as a
+    KeyError/ValueError traceback; specs and conversions str.format takes still work."""
     from s3delta_ds.data.custom import placeholders
 
-    with pytest.raises(ConfigError, match="placeholders are plain column names"):
+    with pytest.raises(ConfigError, match="cannot be formatted"):
         placeholders(template)
-    assert placeholders("a {{literal}} {text} and {title}") == ("text", "title")
+    for fine in ("a {{literal}} {text} and {title}", "review: {text:.20}", "{text!r}", "{text!s} / {n:>3}"):
+        assert placeholders(fine)[0] == "text"
 
 
 def test_a_model_directory_without_a_tokenizer_says_so(tmp_path):

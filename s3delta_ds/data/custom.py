@@ -20,14 +20,17 @@ def placeholders(template: str) -> tuple[str, ...]:
     except ValueError as e:
         raise ConfigError(f"data.template {template!r} is not a valid template: {e}") from None
     names = [f for f, _, _ in parsed if f is not None]
-    # a spec or conversion ({text:>{x}}, {text!z}) failed in every rank's encoder, as a traceback
-    formatted = [
-        f"{{{f}{'!' + c if c else ''}{':' + s if s else ''}}}" for f, s, c in parsed if f is not None and (s or c)
+    # {text:.200} and {text!r} format as str.format does; a nested field ({text:>{x}}) or another
+    # conversion ({text!z}) failed in every rank's encoder, as a traceback
+    unformattable = [
+        f"{{{f}{'!' + c if c else ''}{':' + s if s else ''}}}"
+        for f, s, c in parsed
+        if f is not None and ("{" in (s or "") or (c or "r") not in "rsa")
     ]
-    if formatted:
+    if unformattable:
         raise ConfigError(
-            f"data.template {template!r}: placeholders are plain column names, e.g. {{text}}; "
-            f"format specs and conversions are not read ({', '.join(formatted)}). Write a literal brace as {{{{ or }}}}"
+            f"data.template {template!r}: {', '.join(unformattable)} cannot be formatted (a format spec may not hold "
+            "another {field}, and a conversion is !r, !s or !a). Write a literal brace as {{ or }}"
         )
     bad = [n for n in names if not n or not n.isidentifier()]
     if bad:

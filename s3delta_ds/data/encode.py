@@ -52,7 +52,7 @@ def load_tokenizer(family: str, name_or_path: str, tokenizer: str | None = None,
 #: Files a tokenizer is built from (any one is enough for AutoTokenizer).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-    "vocab.txt", "vocab.json",
+    "vocab.txt", "vocab.json", "tekken.json",
 )  # fmt: skip
 
 

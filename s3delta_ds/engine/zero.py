@@ -253,14 +253,17 @@ def resolve_dtype(model_dtype: str, template: dict) -> str:
     return "fp32"
 
 
-def check_dtype_supported(dtype: str, model_dtype: str) -> None:
+def check_dtype_supported(dtype: str, model_dtype: str, template: dict) -> None:
     """Refuse fp16 where DeepSpeed cannot train in it (the CPU): its own refusal is a traceback from
     every rank, raised after the output directory was claimed."""
     if dtype == "fp16" and not get_accelerator().is_fp16_supported():
         said = "model.dtype=fp16" if model_dtype == "fp16" else "the DeepSpeed config's fp16 (model.dtype=auto)"
+        # a config that pins fp16.enabled=true would refuse model.dtype=fp32 next (resolve_ds_config)
+        pinned = template.get("fp16", {}).get("enabled") is True
+        also = ', and fp16.enabled to "auto" in the DeepSpeed config' if pinned else ""
         raise ConfigError(
             f"{said}: DeepSpeed has no fp16 training on the {device_type()} accelerator; "
-            "use model.dtype=fp32 (or bf16) here"
+            f"set model.dtype=fp32 (or bf16){also}"
         )
 
 

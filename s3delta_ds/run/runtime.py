@@ -201,10 +201,13 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     if resume:
         claim_run_dir(out, claim_info(), replace=True)  # this job continues it now
         return
+    made = not out.exists()
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)  # an earlier run's, and overwrite=true (check_output_dir)
+        made = True
     out.mkdir(parents=True, exist_ok=True)
-    if not claim_run_dir(out, claim_info()):
+    # made_dir: release_unstarted gives back a directory this run made, never one the user made
+    if not claim_run_dir(out, {**claim_info(), "made_dir": made}):
         raise ConfigError(f"output directory {out} was claimed by another run a moment ago: use another output_dir")
 
 
@@ -375,7 +378,7 @@ def prepare(cfg: RunConfig, train: TrainConfig, *, resume: bool, kind: str, plan
     family = family_for(config)
     template, ds_source = zero.read_ds_config(plan.deepspeed)
     dtype = zero.resolve_dtype(cfg.model.dtype, template)
-    zero.check_dtype_supported(dtype, cfg.model.dtype)
+    zero.check_dtype_supported(dtype, cfg.model.dtype, template)
     ds_config = zero.resolve_ds_config(
         template,
         micro_batch=train.micro_batch_size,
@@ -516,10 +519,12 @@ def release_unstarted(out: Path) -> None:
     after the fix must not find it "not empty". A directory holding anything more is left alone."""
     names = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if RUN_MARKER in names and names <= UNSTARTED:
+        made = (read_run_claim(out) or {}).get("made_dir") is True
         for name in names:
             (out / name).unlink()
-        with contextlib.suppress(OSError):  # the directory itself too, unless something else came in
-            out.rmdir()
+        if made and out.resolve() != Path.cwd().resolve():
+            with contextlib.suppress(OSError):  # the directory too, unless something else came in
+                out.rmdir()
 
 
 @contextlib.contextmanager
