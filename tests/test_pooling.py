@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from importlib import resources
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ def _sentence_transformers_dir(tmp_path, **modes):
     """The embedded tiny BERT re-saved as a sentence-transformers checkpoint with ``modes``."""
     out = tmp_path / "st-model"
     shutil.copytree(materialise_embedded("tiny-bert"), out)
+    # a sentence-transformers directory carries its tokenizer (without one, a run is refused)
+    shutil.copy(resources.files("s3delta_ds") / "assets" / "tiny" / "bert" / "vocab.txt", out / "vocab.txt")
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
