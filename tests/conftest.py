@@ -53,7 +53,7 @@ def pytest_runtest_call(item):
 # import or first use (deepspeed's PYTORCH_NVML_BASED_CUDA_CHECK, OpenMP's KMP_*, inductor's cache
 # folder) depend on which test imported them first, and are not watched.
 _WATCHED_PREFIXES = ("SLURM_", "S3DELTA_", "HF_", "DS_", "TORCH_", "NCCL_", "CUDA_", "MASTER_", "LOCAL_", "OMP_")
-_WATCHED_NAMES = frozenset({"PATH", "PYTHONPATH", "RANK", "WORLD_SIZE", "TOKENIZERS_PARALLELISM"})
+_WATCHED_NAMES = frozenset({"PATH", "PYTHONPATH", "RANK", "WORLD_SIZE"})
 
 
 def _watched(name: str) -> bool:
